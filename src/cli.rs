@@ -1,0 +1,314 @@
+//! The command line (product contract, section 1).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config;
+use crate::policy::{self, Decision, EvalOptions, Outcome, Runtime, StepResult};
+
+/// portcullis: external authorization decisions for Envoy ext_authz v3.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Compile the config and print a summary; every error is reported with its path (exit 2).
+    Validate {
+        /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Evaluate one request offline and explain every check (exit 0 allow, 1 deny, 2 error).
+    Check {
+        /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Full URL, e.g. https://api.example.com/orders/1?x=1.
+        #[arg(long)]
+        url: String,
+        /// A request header, `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The caller's address (the TCP peer Envoy would report).
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
+        /// Client certificate, PEM file.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// An Envoy context extension, `key=value` (repeatable).
+        #[arg(long = "context-extension")]
+        context_extensions: Vec<String>,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a subscription key on stdin and print `sha256:<hex>` for the config.
+    HashKey,
+}
+
+fn config_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("portcullis.yaml"))
+}
+
+/// Runs the command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(&config_path(config)),
+        Command::Validate { config } => validate(&config_path(config)),
+        Command::Check { config, method, url, headers, source, cert, context_extensions, json } => {
+            let req = CheckArgs { method, url, headers, source, cert, context_extensions, json };
+            check(&config_path(config), req)
+        }
+        Command::HashKey => hash_key(),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn serve(path: &Path) -> ExitCode {
+    // Logging needs the config's format and level; a config that does not load is still reported.
+    let (format, level) = match config::load(path) {
+        Ok(src) => (
+            if src.file.telemetry.log_format.as_deref() == Some("json") { policy::LogFormat::Json } else { policy::LogFormat::Text },
+            src.file.telemetry.log_level.clone().unwrap_or_else(|| "info".into()),
+        ),
+        Err(_) => (policy::LogFormat::Text, "info".into()),
+    };
+    crate::telemetry::init_logging(format, &level);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(async {
+        let running = match crate::server::start(path).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match running.wait().await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn validate(path: &Path) -> ExitCode {
+    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::offline()));
+    match compiled {
+        Ok((policy, settings)) => {
+            println!("{}: valid", path.display());
+            println!("  {}", policy.summary);
+            println!("  gRPC listener {}{}", settings.grpc, settings.http.map(|h| format!(", HTTP listener {h}")).unwrap_or_default());
+            for name in policy.api_names() {
+                println!("  api {name}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            eprintln!("{}: {} error{}", path.display(), errs.0.len(), if errs.0.len() == 1 { "" } else { "s" });
+            for e in &errs.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+struct CheckArgs {
+    method: String,
+    url: String,
+    headers: Vec<String>,
+    source: Option<std::net::IpAddr>,
+    cert: Option<PathBuf>,
+    context_extensions: Vec<String>,
+    json: bool,
+}
+
+fn check(path: &Path, args: CheckArgs) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(2)
+    };
+    let uri: http::Uri = match args.url.parse() {
+        Ok(u) => u,
+        Err(e) => return fail(format!("--url `{}`: {e}", args.url)),
+    };
+    let host = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    let target = uri.path_and_query().map_or("/".to_string(), |pq| pq.as_str().to_string());
+    let mut headers: policy::Headers = HashMap::new();
+    for h in &args.headers {
+        let Some((name, value)) = h.split_once(':') else {
+            return fail(format!("-H `{h}`: write `name: value`"));
+        };
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim().as_bytes();
+        headers
+            .entry(name)
+            .and_modify(|v| {
+                v.push(b',');
+                v.extend_from_slice(value);
+            })
+            .or_insert_with(|| value.to_vec());
+    }
+    let mut ce = HashMap::new();
+    for kv in &args.context_extensions {
+        let Some((k, v)) = kv.split_once('=') else {
+            return fail(format!("--context-extension `{kv}`: write `key=value`"));
+        };
+        ce.insert(k.to_string(), v.to_string());
+    }
+    let cert = match &args.cert {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(pem) => percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC).to_string(),
+            Err(e) => return fail(format!("--cert {}: {e}", p.display())),
+        },
+        None => String::new(),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::offline()));
+    let (policy, _) = match compiled {
+        Ok(c) => c,
+        Err(errs) => return fail(format!("{} is invalid:\n{errs}", path.display())),
+    };
+    let input = policy::CheckInput {
+        method: &args.method,
+        host: &host,
+        path: &target,
+        headers: &headers,
+        peer: args.source,
+        peer_certificate: &cert,
+        context_extensions: if ce.is_empty() { None } else { Some(&ce) },
+    };
+    let decision = rt.block_on(policy.decide(&input, EvalOptions { explain: true, ..Default::default() }));
+    if args.json {
+        println!("{}", explain_json(&decision));
+    } else {
+        print!("{}", explain_text(&decision));
+    }
+    if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// The human-readable explanation `portcullis check` prints. Credentials are never shown.
+pub fn explain_text(d: &Decision) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    match &d.outcome {
+        Outcome::Allow if d.waived.is_some() => {
+            let _ = writeln!(s, "decision: allow (shadow mode; would deny: {})", d.waived.map(|r| r.as_str()).unwrap_or(""));
+        }
+        Outcome::Allow => {
+            let _ = writeln!(s, "decision: allow");
+        }
+        Outcome::Deny(den) => {
+            let _ = writeln!(s, "decision: deny\nstatus: {}\nreason: {}\nmessage: {}", den.status, den.reason, den.message);
+            if let Some(c) = &den.www_authenticate {
+                let _ = writeln!(s, "www-authenticate: {c}");
+            }
+        }
+    }
+    let _ = writeln!(s, "api: {}", d.api.as_deref().unwrap_or("(none)"));
+    let _ = writeln!(s, "checks:");
+    for step in &d.steps {
+        let result = match step.result {
+            StepResult::Pass => "pass".to_string(),
+            StepResult::Skip => "skip".to_string(),
+            StepResult::Fail(r) => format!("FAIL {r}"),
+        };
+        let _ = writeln!(s, "  {:<20} {:<38} {}", step.check, result, step.detail);
+    }
+    if d.is_allow() {
+        let _ = writeln!(s, "headers to set upstream:");
+        for h in &d.upstream_headers {
+            let _ = writeln!(s, "  {}: {}", h.name, if h.sensitive { "<redacted credential>" } else { &h.value });
+        }
+        if !d.remove_headers.is_empty() {
+            let _ = writeln!(s, "headers to remove: {}", d.remove_headers.join(", "));
+        }
+        if !d.remove_query.is_empty() {
+            let _ = writeln!(s, "query parameters to remove: {}", d.remove_query.join(", "));
+        }
+    }
+    s
+}
+
+fn explain_json(d: &Decision) -> String {
+    let steps: Vec<_> = d
+        .steps
+        .iter()
+        .map(|s| {
+            let (result, reason) = match s.result {
+                StepResult::Pass => ("pass", None),
+                StepResult::Skip => ("skip", None),
+                StepResult::Fail(r) => ("fail", Some(r.as_str())),
+            };
+            serde_json::json!({"check": s.check, "result": result, "reason": reason, "detail": s.detail})
+        })
+        .collect();
+    let (status, message) = match &d.outcome {
+        Outcome::Allow => (200, None),
+        Outcome::Deny(den) => (den.status, Some(den.message.clone())),
+    };
+    serde_json::json!({
+        "decision": if d.is_allow() { "allow" } else { "deny" },
+        "status": status,
+        "reason": d.reason().map(|r| r.as_str()),
+        "message": message,
+        "api": d.api.as_deref(),
+        "shadow": d.waived.is_some(),
+        "checks": steps,
+        "headers_to_set": d.upstream_headers.iter().map(|h| serde_json::json!({"name": h.name, "value": if h.sensitive { "<redacted credential>" } else { h.value.as_str() }})).collect::<Vec<_>>(),
+        "headers_to_remove": d.remove_headers,
+        "query_parameters_to_remove": d.remove_query,
+    })
+    .to_string()
+}
+
+fn hash_key() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("error: cannot read stdin: {e}");
+        return ExitCode::from(2);
+    }
+    let key = input.trim_end_matches(['\r', '\n']);
+    if key.is_empty() {
+        eprintln!("error: no key on stdin");
+        return ExitCode::from(2);
+    }
+    println!("{}", policy::subscription::format_hash(&policy::subscription::hash_key(key)));
+    ExitCode::SUCCESS
+}

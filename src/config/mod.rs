@@ -1,0 +1,261 @@
+//! Loading the configuration file: YAML, `${env:NAME}` / `${file:PATH}` substitution, and structural
+//! errors, every one reported with its path.
+//!
+//! Loading stops at the shape of the file; [`crate::policy::compile`] checks the meaning of every value.
+
+mod types;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+use sha2::{Digest, Sha256};
+
+pub use types::*;
+
+/// One thing wrong with a configuration, located by its path in the file (`apis[2].jwt.audiences`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where in the file: `apis[2].jwt.audiences[0]`; empty for the file as a whole.
+    pub path: String,
+    /// What is wrong. Never contains a secret value.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every error found in a configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// Records an error at `path`.
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError { path: path.into(), message: message.into() });
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A string that must never be printed: client secrets, keys, tokens.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A loaded (but not yet compiled) configuration.
+#[derive(Debug)]
+pub struct Source {
+    /// The file's contents, shaped.
+    pub file: ConfigFile,
+    /// Paths whose value came from `${env:...}` or `${file:...}`.
+    pub substituted: HashSet<String>,
+    /// Directory relative file references (`${file:...}`, `jwks_file`, TLS files) resolve against.
+    pub base_dir: PathBuf,
+    /// SHA-256 of the raw file, to tell a real change from a touch.
+    pub digest: [u8; 32],
+}
+
+impl Source {
+    /// Resolves a path written in the config relative to the config file's directory.
+    pub fn resolve(&self, path: &str) -> PathBuf {
+        self.base_dir.join(path)
+    }
+}
+
+/// Reads and loads the file at `path`.
+pub fn load(path: &Path) -> Result<Source, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut errs = ConfigErrors::default();
+        errs.push("", format!("cannot read config file {}: {e}", path.display()));
+        errs
+    })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &base_dir)
+}
+
+/// Loads a configuration from text; relative file references resolve against `base_dir`.
+pub fn parse(text: &str, base_dir: &Path) -> Result<Source, ConfigErrors> {
+    parse_with_env(text, base_dir, &|name| std::env::var(name).ok())
+}
+
+/// Like [`parse`], with the environment given as a lookup function (tests, embedding).
+pub fn parse_with_env(text: &str, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Source, ConfigErrors> {
+    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    let mut errs = ConfigErrors::default();
+    let mut value: Value = match serde_yaml::from_str(text) {
+        Ok(Value::Null) => Value::Mapping(Default::default()),
+        Ok(v) => v,
+        Err(e) => {
+            errs.push("", format!("not valid YAML: {e}"));
+            return Err(errs);
+        }
+    };
+    let mut substituted = HashSet::new();
+    substitute(&mut value, String::new(), base_dir, env, &mut substituted, &mut errs);
+
+    // serde stops at the first error. To report every structural error at once, record it, remove
+    // the offending value and try again; a field that is required but missing ends the search.
+    let mut seen = HashSet::new();
+    let file = loop {
+        match serde_path_to_error::deserialize::<_, ConfigFile>(value.clone()) {
+            Ok(file) => break Some(file),
+            Err(e) => {
+                let path = display_path(e.path());
+                let message = clean_serde_message(&e.inner().to_string());
+                if !seen.insert((path.clone(), message.clone())) {
+                    break None;
+                }
+                let removable = !message.starts_with("missing field") && remove_at(&mut value, e.path());
+                errs.push(path, message);
+                if !removable || errs.0.len() > 200 {
+                    break None;
+                }
+            }
+        }
+    };
+    match file {
+        Some(file) if errs.is_empty() => Ok(Source { file, substituted, base_dir: base_dir.to_path_buf(), digest }),
+        _ => Err(errs),
+    }
+}
+
+fn display_path(path: &serde_path_to_error::Path) -> String {
+    let s = path.to_string();
+    if s == "." { String::new() } else { s }
+}
+
+/// serde_yaml appends " at line N column M" which is meaningless for a re-serialized tree.
+fn clean_serde_message(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Removes the value at `path`; true if something was removed. Sequence elements are replaced by
+/// nothing only when they are the last segment's parent map entry, so indices of later errors stay put.
+fn remove_at(root: &mut Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = root;
+    for seg in parents {
+        node = match (seg, node) {
+            (Segment::Seq { index }, Value::Sequence(seq)) => match seq.get_mut(*index) {
+                Some(n) => n,
+                None => return false,
+            },
+            (Segment::Map { key }, Value::Mapping(map)) => match map.get_mut(key.as_str()) {
+                Some(n) => n,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, node) {
+        (Segment::Map { key }, Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
+        _ => false,
+    }
+}
+
+/// Replaces whole-value `${env:NAME}` and `${file:PATH}` strings, recording which paths were replaced.
+fn substitute(
+    value: &mut Value,
+    path: String,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    done: &mut HashSet<String>,
+    errs: &mut ConfigErrors,
+) {
+    match value {
+        Value::String(s) => {
+            let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) else {
+                return;
+            };
+            let resolved = if let Some(name) = inner.strip_prefix("env:") {
+                env(name).ok_or_else(|| format!("environment variable {name} is not set"))
+            } else if let Some(file) = inner.strip_prefix("file:") {
+                let p = base_dir.join(file);
+                std::fs::read_to_string(&p)
+                    .map(|t| t.trim_end_matches(['\r', '\n']).to_string())
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+            } else {
+                Err(format!("unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"))
+            };
+            match resolved {
+                Ok(v) => {
+                    *s = v;
+                    done.insert(path);
+                }
+                Err(msg) => errs.push(path, msg),
+            }
+        }
+        Value::Sequence(seq) => {
+            for (i, v) in seq.iter_mut().enumerate() {
+                substitute(v, format!("{path}[{i}]"), base_dir, env, done, errs);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let key = match k {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+                };
+                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
+                substitute(v, child, base_dir, env, done, errs);
+            }
+        }
+        Value::Tagged(t) => substitute(&mut t.value, path, base_dir, env, done, errs),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

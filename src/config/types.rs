@@ -1,0 +1,313 @@
+//! The configuration file as the user writes it (product contract, section 2).
+//!
+//! These types describe the YAML and nothing more: no defaults are resolved, no values are validated
+//! beyond their shape. [`crate::policy::compile`] turns them into the runtime policy set. Leaf values
+//! whose meaning needs checking (durations, addresses, hashes) stay strings here so that compile can
+//! report every bad value at once, each with its path.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::Secret;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub telemetry: Telemetry,
+    #[serde(default)]
+    pub client_ip: ClientIp,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub identity_providers: Vec<IdentityProvider>,
+    #[serde(default)]
+    pub subscriptions: Subscriptions,
+    #[serde(default)]
+    pub products: Vec<Product>,
+    #[serde(default)]
+    pub credentials: Vec<Credential>,
+    pub store: Option<Store>,
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub apis: Vec<Api>,
+    pub unmatched: Option<String>,
+}
+
+/// `listen`: where the service accepts connections.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub grpc: Option<String>,
+    pub http: Option<String>,
+    pub tls: Option<Tls>,
+}
+
+/// `listen.tls`: TLS (and mTLS with `client_ca_file`) on the gRPC listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_ca_file: Option<String>,
+}
+
+/// `telemetry`: logs, traces, metrics, decision log.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` (default) or `http/protobuf`.
+    pub otlp_protocol: Option<String>,
+    pub decision_log: Option<bool>,
+    /// Whether decision records carry the client IP (default true).
+    pub decision_log_client_ip: Option<bool>,
+}
+
+/// `client_ip`: where the caller's address comes from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIp {
+    pub from: Option<String>,
+    pub trusted_hops: Option<u32>,
+}
+
+/// `limits`: caps on untrusted input.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Total bytes of request header names and values a check accepts.
+    pub max_header_bytes: Option<usize>,
+    /// Largest token accepted before any parsing or crypto.
+    pub max_token_bytes: Option<usize>,
+    /// Largest client certificate (PEM, URL-encoded) accepted.
+    pub max_certificate_bytes: Option<usize>,
+    /// Checks evaluated at once; past it, checks are shed with UNAVAILABLE.
+    pub max_concurrent_checks: Option<usize>,
+}
+
+/// One `identity_providers[]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityProvider {
+    pub name: String,
+    pub issuer: String,
+    /// Discovery document URL; default `{issuer}/.well-known/openid-configuration`.
+    pub discovery_url: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub jwks_file: Option<String>,
+    pub keys: Option<Vec<serde_json::Value>>,
+    pub cache_ttl: Option<String>,
+    pub min_refetch_interval: Option<String>,
+    pub fetch_timeout: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+}
+
+/// `subscriptions`: subscription keys and where callers send them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscriptions {
+    pub header: Option<String>,
+    pub query: Option<String>,
+    /// Remove the key header and query parameter before the request goes upstream (default true).
+    pub remove_key: Option<bool>,
+    #[serde(default)]
+    pub keys: Vec<SubscriptionKey>,
+}
+
+/// One subscription with its key pair.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionKey {
+    pub id: String,
+    pub scope: Option<String>,
+    pub state: Option<String>,
+    pub primary: Option<Secret>,
+    pub secondary: Option<Secret>,
+}
+
+/// A product groups APIs; product-scoped keys grant access to its APIs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Product {
+    pub name: String,
+    #[serde(default)]
+    pub apis: Vec<String>,
+    /// An open product (false) lets requests without a key reach its APIs.
+    pub subscription_required: Option<bool>,
+}
+
+/// One backend credential kept in the token cache.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    pub name: String,
+    pub grant: String,
+    pub token_url: Option<String>,
+    pub authorize_url: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    pub client_auth: Option<String>,
+    pub scope: Option<String>,
+    pub resource: Option<String>,
+    pub audience: Option<String>,
+    pub refresh_before_expiry: Option<String>,
+    pub timeout: Option<String>,
+    /// `static`: the bearer secret.
+    pub token: Option<Secret>,
+    /// `basic`: username and password.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// `refresh_token`: an initial refresh token for the default connection.
+    pub refresh_token: Option<Secret>,
+}
+
+/// `store`: the encrypted persistent store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    pub path: String,
+    pub key: Secret,
+}
+
+/// `admin`: the admin API on the HTTP listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub token: Secret,
+}
+
+/// One `apis[]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: Match,
+    pub subscription_required: Option<bool>,
+    pub ip_filter: Option<IpFilter>,
+    pub client_certificate: Option<ClientCertificate>,
+    pub jwt: Option<Jwt>,
+    #[serde(default)]
+    pub on_allow: OnAllow,
+    pub mode: Option<String>,
+}
+
+/// `apis[].match`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub hosts: Option<Vec<String>>,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub context_extensions: Option<BTreeMap<String, String>>,
+}
+
+/// `apis[].ip_filter`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpFilter {
+    pub action: String,
+    pub addresses: Vec<String>,
+}
+
+/// `apis[].client_certificate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificate {
+    #[serde(default)]
+    pub identities: Vec<CertificateIdentity>,
+    pub validate_not_before: Option<bool>,
+    pub validate_not_after: Option<bool>,
+    /// Also read the certificate from `x-forwarded-client-cert` (only behind a proxy that sets it).
+    pub trust_forwarded_client_cert: Option<bool>,
+}
+
+/// One identity: passes when every field given matches.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateIdentity {
+    pub thumbprint: Option<String>,
+    pub subject: Option<String>,
+    pub issuer_subject: Option<String>,
+    pub common_name: Option<String>,
+    pub serial_number: Option<String>,
+    pub dns_name: Option<String>,
+}
+
+/// `apis[].jwt`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    pub providers: Vec<String>,
+    pub from: Option<TokenSource>,
+    pub audiences: Option<Vec<String>>,
+    pub issuers: Option<Vec<String>>,
+    pub scopes: Option<Scopes>,
+    #[serde(default)]
+    pub required_claims: Vec<RequiredClaim>,
+    pub clock_skew: Option<String>,
+    pub require_expiration_time: Option<bool>,
+    pub failed_status: Option<u16>,
+    pub failed_message: Option<String>,
+}
+
+/// Where the token is read from: exactly one of the fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSource {
+    pub header: Option<String>,
+    pub scheme: Option<String>,
+    pub query: Option<String>,
+    pub cookie: Option<String>,
+}
+
+/// `scopes: {all: [...]}` or `{any: [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scopes {
+    pub all: Option<Vec<String>>,
+    pub any: Option<Vec<String>>,
+}
+
+/// One `required_claims[]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequiredClaim {
+    pub name: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(rename = "match")]
+    pub match_: Option<String>,
+    pub separator: Option<String>,
+}
+
+/// `apis[].on_allow`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnAllow {
+    #[serde(default)]
+    pub set_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove_headers: Vec<String>,
+    pub backend_credential: Option<BackendCredential>,
+}
+
+/// `apis[].on_allow.backend_credential`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendCredential {
+    pub name: String,
+    pub header: Option<String>,
+    pub format: Option<String>,
+    /// Per-user connection, e.g. `{jwt.sub}`; default: the credential's shared connection.
+    pub connection: Option<String>,
+}

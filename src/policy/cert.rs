@@ -1,0 +1,314 @@
+//! Client certificates: where they come from (Envoy's `source.certificate` or a trusted
+//! `x-forwarded-client-cert`), and matching them against configured identities.
+
+use std::time::SystemTime;
+
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::*;
+
+/// A client certificate, parsed once per request, with everything identities compare.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// SHA-1 of the DER (API Management's "thumbprint").
+    pub sha1: [u8; 20],
+    /// SHA-256 of the DER.
+    pub sha256: [u8; 32],
+    /// Subject as a normalised attribute list.
+    pub subject: Dn,
+    /// Issuer subject, normalised.
+    pub issuer: Dn,
+    /// Common names of the subject, lower-case.
+    pub common_names: Vec<String>,
+    /// Serial number as lower-case hex without leading zeros.
+    pub serial: String,
+    /// DNS subject alternative names, lower-case.
+    pub dns_names: Vec<String>,
+    /// Validity, seconds since the epoch.
+    pub not_before: i64,
+    /// Validity, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl ClientCert {
+    /// The SHA-1 thumbprint in API Management's form: upper-case hex.
+    pub fn thumbprint(&self) -> String {
+        hex::encode_upper(self.sha1)
+    }
+}
+
+/// Why a certificate could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CertError {
+    /// Larger than the configured cap.
+    #[error("certificate is larger than {0} bytes")]
+    TooLarge(usize),
+    /// Not PEM, or the PEM holds no certificate.
+    #[error("certificate is not PEM")]
+    NotPem,
+    /// PEM that holds no valid X.509 certificate.
+    #[error("certificate is not valid X.509")]
+    NotX509,
+    /// The forwarded-client-cert header is malformed.
+    #[error("x-forwarded-client-cert is malformed")]
+    BadXfcc,
+}
+
+/// Parses the URL-encoded PEM Envoy puts in `source.certificate` (or an XFCC `Cert=`).
+pub fn parse_url_encoded_pem(encoded: &str, max_bytes: usize) -> Result<ClientCert, CertError> {
+    if encoded.len() > max_bytes {
+        return Err(CertError::TooLarge(max_bytes));
+    }
+    let pem_bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
+    parse_pem(&pem_bytes)
+}
+
+/// Parses the first certificate of a PEM document.
+pub fn parse_pem(pem: &[u8]) -> Result<ClientCert, CertError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|_| CertError::NotPem)?;
+    if pem.label != "CERTIFICATE" {
+        return Err(CertError::NotPem);
+    }
+    from_der(&pem.contents)
+}
+
+/// Reads a DER certificate.
+pub fn from_der(der: &[u8]) -> Result<ClientCert, CertError> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|_| CertError::NotX509)?;
+    if !rest.is_empty() {
+        return Err(CertError::NotX509);
+    }
+    let tbs = &cert.tbs_certificate;
+    let mut dns_names = Vec::new();
+    if let Ok(Some(san)) = tbs.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(d) = name {
+                dns_names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    let common_names = tbs
+        .subject
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_lowercase)
+        .collect();
+    Ok(ClientCert {
+        sha1: Sha1::digest(der).into(),
+        sha256: Sha256::digest(der).into(),
+        subject: Dn::from_x509(&tbs.subject),
+        issuer: Dn::from_x509(&tbs.issuer),
+        common_names,
+        serial: normalize_serial(&tbs.raw_serial_as_string()).unwrap_or_default(),
+        dns_names,
+        not_before: tbs.validity.not_before.timestamp(),
+        not_after: tbs.validity.not_after.timestamp(),
+    })
+}
+
+/// A distinguished name as a sorted list of `(TYPE, lower-case value)`. Compared as a set: `CN=a,O=b`
+/// and `O=b, CN=a` name the same subject whichever order the CA encoded it in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Dn(Vec<(String, String)>);
+
+impl Dn {
+    fn from_x509(name: &X509Name<'_>) -> Dn {
+        let mut attrs = Vec::new();
+        for rdn in name.iter() {
+            for attr in rdn.iter() {
+                let oid = attr.attr_type();
+                let registry = x509_parser::objects::oid_registry();
+                let ty = x509_parser::objects::oid2abbrev(oid, registry)
+                    .map(str::to_string)
+                    .unwrap_or_else(|_| oid.to_id_string());
+                let value = attr.as_str().map(str::to_string).unwrap_or_else(|_| hex::encode(attr.attr_value().data));
+                attrs.push((normalize_attr_type(&ty), value.to_lowercase()));
+            }
+        }
+        attrs.sort();
+        Dn(attrs)
+    }
+
+    /// Parses a DN as written in the config (RFC 4514 style: `CN=partner, O="Contoso, Inc."`).
+    pub fn parse(s: &str) -> Result<Dn, String> {
+        let mut attrs = Vec::new();
+        for part in split_unquoted(s, &[',', ';', '+']) {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let (ty, value) = part.split_once('=').ok_or_else(|| format!("`{part}` is not TYPE=value"))?;
+            let ty = ty.trim();
+            if ty.is_empty() || !ty.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+                return Err(format!("`{ty}` is not an attribute type"));
+            }
+            attrs.push((normalize_attr_type(ty), unquote(value.trim()).to_lowercase()));
+        }
+        if attrs.is_empty() {
+            return Err("empty distinguished name".into());
+        }
+        attrs.sort();
+        Ok(Dn(attrs))
+    }
+}
+
+fn normalize_attr_type(ty: &str) -> String {
+    let up = ty.to_ascii_uppercase();
+    match up.as_str() {
+        "EMAILADDRESS" | "EMAIL" | "1.2.840.113549.1.9.1" => "E".into(),
+        "S" | "STATEORPROVINCENAME" | "2.5.4.8" => "ST".into(),
+        "COMMONNAME" | "2.5.4.3" => "CN".into(),
+        "ORGANIZATIONNAME" | "2.5.4.10" => "O".into(),
+        "ORGANIZATIONALUNITNAME" | "2.5.4.11" => "OU".into(),
+        "COUNTRYNAME" | "2.5.4.6" => "C".into(),
+        "LOCALITYNAME" | "2.5.4.7" => "L".into(),
+        _ => up,
+    }
+}
+
+/// Splits at any of `seps` outside double quotes, honouring backslash escapes.
+fn split_unquoted<'a>(s: &'a str, seps: &[char]) -> Vec<&'a str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in s.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            quoted = !quoted;
+        } else if !quoted && seps.contains(&c) {
+            parts.push(&s[start..i]);
+            start = i + c.len_utf8();
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+fn unquote(v: &str) -> String {
+    let inner = v.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(v);
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `01:AB:cd` -> `1abcd`; `None` if it is not hex.
+pub fn normalize_serial(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| !matches!(c, ':' | ' ')).collect::<String>().to_ascii_lowercase();
+    if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() { "0".into() } else { trimmed.into() })
+}
+
+/// One configured identity: every field given must match.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// SHA-1 (20 bytes) or SHA-256 (32 bytes) of the DER.
+    pub thumbprint: Option<Vec<u8>>,
+    /// Normalised subject.
+    pub subject: Option<Dn>,
+    /// Normalised issuer subject.
+    pub issuer_subject: Option<Dn>,
+    /// Lower-case common name.
+    pub common_name: Option<String>,
+    /// Normalised serial.
+    pub serial_number: Option<String>,
+    /// Lower-case DNS SAN.
+    pub dns_name: Option<String>,
+}
+
+impl Identity {
+    /// Parses a configured thumbprint: hex of SHA-1 or SHA-256, separators and case ignored.
+    pub fn parse_thumbprint(s: &str) -> Result<Vec<u8>, String> {
+        let hex: String = s.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+        let bytes = hex::decode(&hex).map_err(|_| format!("`{s}` is not hex"))?;
+        match bytes.len() {
+            20 | 32 => Ok(bytes),
+            n => Err(format!("a thumbprint is 20 (SHA-1) or 32 (SHA-256) bytes, this one is {n}")),
+        }
+    }
+
+    /// Whether the certificate has every field this identity names.
+    pub fn matches(&self, c: &ClientCert) -> bool {
+        self.thumbprint.as_deref().is_none_or(|t| t == c.sha1.as_slice() || t == c.sha256.as_slice())
+            && self.subject.as_ref().is_none_or(|s| *s == c.subject)
+            && self.issuer_subject.as_ref().is_none_or(|s| *s == c.issuer)
+            && self.common_name.as_ref().is_none_or(|cn| c.common_names.contains(cn))
+            && self.serial_number.as_ref().is_none_or(|s| *s == c.serial)
+            && self.dns_name.as_ref().is_none_or(|d| c.dns_names.contains(d))
+    }
+}
+
+/// The client-certificate policy of an API.
+#[derive(Debug, Clone)]
+pub struct CertPolicy {
+    /// Any one must match; empty = any certificate passes the identity step.
+    pub identities: Vec<Identity>,
+    /// Refuse certificates whose not-before lies ahead.
+    pub validate_not_before: bool,
+    /// Refuse expired certificates.
+    pub validate_not_after: bool,
+    /// Read `x-forwarded-client-cert` when Envoy sent no peer certificate.
+    pub trust_xfcc: bool,
+}
+
+/// The failure of the certificate step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertFailure {
+    /// No identity matches.
+    NotMatched,
+    /// Past not-after.
+    Expired,
+    /// Before not-before.
+    NotYetValid,
+}
+
+impl CertPolicy {
+    /// Checks a parsed certificate at `now`.
+    pub fn check(&self, cert: &ClientCert, now: SystemTime) -> Result<(), CertFailure> {
+        let now = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        if self.validate_not_after && now > cert.not_after {
+            return Err(CertFailure::Expired);
+        }
+        if self.validate_not_before && now < cert.not_before {
+            return Err(CertFailure::NotYetValid);
+        }
+        if self.identities.is_empty() || self.identities.iter().any(|i| i.matches(cert)) {
+            Ok(())
+        } else {
+            Err(CertFailure::NotMatched)
+        }
+    }
+}
+
+/// Reads the `Cert=` of the last element of an `x-forwarded-client-cert` header: the one the
+/// nearest (trusted) proxy added. Returns `Ok(None)` when that element carries no certificate.
+pub fn xfcc_cert(header: &[u8]) -> Result<Option<String>, CertError> {
+    let header = std::str::from_utf8(header).map_err(|_| CertError::BadXfcc)?;
+    let elements = split_unquoted(header, &[',']);
+    let last = elements.last().ok_or(CertError::BadXfcc)?;
+    for pair in split_unquoted(last, &[';']) {
+        let (k, v) = pair.split_once('=').ok_or(CertError::BadXfcc)?;
+        if k.trim().eq_ignore_ascii_case("cert") {
+            let v = v.trim();
+            let v = v.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(v);
+            return Ok(Some(v.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,533 @@
+//! `compile()`: the configuration file becomes an immutable [`PolicySet`]. Every value is checked
+//! here, every error is collected with its path, and nothing is left for the request path to parse.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{self, ConfigErrors, Source};
+use crate::credentials;
+use crate::identity;
+
+use super::cert::{CertPolicy, Dn, Identity, normalize_serial};
+use super::ip::{self, ClientIpSource, IpSet};
+use super::matcher::{ApiIndex, HostPattern, Matcher, normalize_path};
+use super::subscription::{self, Scope, State, Subscription, SubscriptionStore};
+use super::template::Template;
+use super::{Api, IpFilter, Limits, PolicySet, Summary};
+
+/// State that outlives one policy set: key caches and token caches survive reloads, so a reload
+/// costs no JWKS or token fetch for providers and credentials whose settings did not change.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    /// Identity providers and their key caches.
+    pub identity: identity::Registry,
+    /// Backend credentials and their token caches.
+    pub credentials: credentials::Registry,
+}
+
+impl Runtime {
+    /// A runtime for offline use (`validate`, `check`): nothing is fetched in the background.
+    pub fn offline() -> Self {
+        Runtime::default()
+    }
+}
+
+/// Process settings from the same file: listeners and telemetry. Changing them needs a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// gRPC listener.
+    pub grpc: SocketAddr,
+    /// Optional HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// Optional TLS on the gRPC listener.
+    pub tls: Option<TlsFiles>,
+    /// `json` or `text`.
+    pub log_format: LogFormat,
+    /// A tracing filter directive such as `info`.
+    pub log_level: String,
+    /// OTLP collector endpoint.
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    pub otlp_protocol: String,
+    /// Write one record per decision.
+    pub decision_log: bool,
+    /// Include the client IP in decision records.
+    pub decision_log_client_ip: bool,
+    /// Admin API bearer token digest (SHA-256), when the admin API is on.
+    pub admin_token_sha256: Option<[u8; 32]>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+/// TLS file paths, resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Server certificate chain (PEM).
+    pub cert_file: std::path::PathBuf,
+    /// Server private key (PEM).
+    pub key_file: std::path::PathBuf,
+    /// CA bundle for client certificates; mTLS when set.
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+/// Parses a duration such as `250ms`, `30s`, `5m`, `1h`.
+pub(crate) fn duration(s: &str, path: &str, errs: &mut ConfigErrors) -> Option<Duration> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.push(path, format!("`{s}` is not a duration ({e}); write e.g. 250ms, 30s, 5m, 1h"));
+            None
+        }
+    }
+}
+
+/// Compiles a loaded configuration. Every error is reported, each with its path.
+pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings), ConfigErrors> {
+    let f = &src.file;
+    let mut errs = ConfigErrors::default();
+    let settings = compile_settings(src, &mut errs);
+
+    let client_ip = match (f.client_ip.from.as_deref(), f.client_ip.trusted_hops) {
+        (None | Some("peer"), None) => ClientIpSource::Peer,
+        (None | Some("peer"), Some(_)) => {
+            errs.push("client_ip.trusted_hops", "only meaningful with `from: x-forwarded-for`");
+            ClientIpSource::Peer
+        }
+        (Some("x-forwarded-for"), hops) => ClientIpSource::ForwardedFor { trusted_hops: hops.unwrap_or(0) },
+        (Some(other), _) => {
+            errs.push("client_ip.from", format!("`{other}`: use `peer` or `x-forwarded-for`"));
+            ClientIpSource::Peer
+        }
+    };
+
+    let d = Limits::default();
+    let limits = Limits {
+        max_header_bytes: positive(f.limits.max_header_bytes, d.max_header_bytes, "limits.max_header_bytes", &mut errs),
+        max_token_bytes: positive(f.limits.max_token_bytes, d.max_token_bytes, "limits.max_token_bytes", &mut errs),
+        max_certificate_bytes: positive(f.limits.max_certificate_bytes, d.max_certificate_bytes, "limits.max_certificate_bytes", &mut errs),
+        max_concurrent_checks: positive(f.limits.max_concurrent_checks, d.max_concurrent_checks, "limits.max_concurrent_checks", &mut errs),
+    };
+
+    // Names first: products and keys refer to APIs by name.
+    let mut api_names: HashMap<&str, usize> = HashMap::new();
+    for (i, api) in f.apis.iter().enumerate() {
+        if api.name.trim().is_empty() {
+            errs.push(format!("apis[{i}].name"), "must not be empty");
+        } else if let Some(first) = api_names.insert(&api.name, i) {
+            errs.push(format!("apis[{i}].name"), format!("`{}` is already the name of apis[{first}]", api.name));
+        }
+    }
+
+    let mut product_apis: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut open_apis: HashSet<usize> = HashSet::new();
+    for (i, p) in f.products.iter().enumerate() {
+        let path = format!("products[{i}]");
+        let mut members = Vec::new();
+        for (j, name) in p.apis.iter().enumerate() {
+            match api_names.get(name.as_str()) {
+                Some(&idx) => members.push(idx),
+                None => errs.push(format!("{path}.apis[{j}]"), format!("no API is named `{name}`")),
+            }
+        }
+        members.sort_unstable();
+        members.dedup();
+        if p.subscription_required == Some(false) {
+            open_apis.extend(members.iter().copied());
+        }
+        if product_apis.insert(&p.name, members).is_some() {
+            errs.push(format!("{path}.name"), format!("`{}` names two products", p.name));
+        }
+    }
+
+    let subscriptions = compile_subscriptions(src, &api_names, &product_apis, &mut errs);
+    let providers = identity::compile_providers(src, &runtime.identity, &mut errs);
+    let credentials = credentials::compile_credentials(src, &runtime.credentials, &mut errs);
+
+    let mut apis = Vec::with_capacity(f.apis.len());
+    for (i, a) in f.apis.iter().enumerate() {
+        if let Some(api) = compile_api(i, a, &open_apis, &providers, &credentials, &mut errs) {
+            apis.push(api);
+        }
+    }
+
+    let unmatched_allow = match f.unmatched.as_deref() {
+        None | Some("deny") => false,
+        Some("allow") => true,
+        Some(other) => {
+            errs.push("unmatched", format!("`{other}`: use `deny` or `allow`"));
+            false
+        }
+    };
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let (subs, keys) = subscriptions.counts();
+    let summary = Summary {
+        apis: apis.len(),
+        providers: f.identity_providers.len(),
+        subscriptions: subs,
+        keys,
+        credentials: f.credentials.len(),
+        products: f.products.len(),
+    };
+    let index = ApiIndex::build(apis.iter().map(|a: &Api| a.matcher.path_prefix.as_deref()));
+    let policy = PolicySet { apis, index, unmatched_allow, client_ip, subscriptions, limits, summary };
+    // `compile` returns both only when there were no errors.
+    Ok((policy, settings.expect("settings are Some when no error was recorded")))
+}
+
+fn positive(v: Option<usize>, default: usize, path: &str, errs: &mut ConfigErrors) -> usize {
+    match v {
+        Some(0) => {
+            errs.push(path, "must be greater than 0");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    }
+}
+
+fn compile_settings(src: &Source, errs: &mut ConfigErrors) -> Option<Settings> {
+    let f = &src.file;
+    let addr = |s: &str, path: &str, errs: &mut ConfigErrors| -> Option<SocketAddr> {
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(path, format!("`{s}` is not an address like 127.0.0.1:9191 or [::]:9191"));
+                None
+            }
+        }
+    };
+    let grpc = addr(f.listen.grpc.as_deref().unwrap_or("127.0.0.1:9191"), "listen.grpc", errs);
+    let http = f.listen.http.as_deref().map(|h| addr(h, "listen.http", errs));
+    let tls = f.listen.tls.as_ref().map(|t| TlsFiles {
+        cert_file: src.resolve(&t.cert_file),
+        key_file: src.resolve(&t.key_file),
+        client_ca_file: t.client_ca_file.as_deref().map(|c| src.resolve(c)),
+    });
+    if let Some(t) = &tls {
+        for (p, file) in [("listen.tls.cert_file", Some(&t.cert_file)), ("listen.tls.key_file", Some(&t.key_file)), ("listen.tls.client_ca_file", t.client_ca_file.as_ref())] {
+            if let Some(file) = file {
+                if !file.is_file() {
+                    errs.push(p, format!("{} does not exist", file.display()));
+                }
+            }
+        }
+    }
+    let log_format = match f.telemetry.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(o) => {
+            errs.push("telemetry.log_format", format!("`{o}`: use `json` or `text`"));
+            LogFormat::Text
+        }
+    };
+    let log_level = f.telemetry.log_level.clone().unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        errs.push("telemetry.log_level", format!("`{log_level}` is not a level or filter (error, warn, info, debug, trace)"));
+    }
+    let otlp_protocol = f.telemetry.otlp_protocol.clone().unwrap_or_else(|| "grpc".into());
+    if !matches!(otlp_protocol.as_str(), "grpc" | "http/protobuf") {
+        errs.push("telemetry.otlp_protocol", format!("`{otlp_protocol}`: use `grpc` or `http/protobuf`"));
+    }
+    if let Some(ep) = &f.telemetry.otlp_endpoint {
+        if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+            errs.push("telemetry.otlp_endpoint", format!("`{ep}` must be an http:// or https:// URL"));
+        }
+    }
+    let admin_token_sha256 = f.admin.as_ref().map(|a| {
+        if a.token.expose().len() < 16 {
+            errs.push("admin.token", "must be at least 16 characters");
+        }
+        subscription::hash_key(a.token.expose())
+    });
+    Some(Settings {
+        grpc: grpc?,
+        http: match http {
+            Some(h) => Some(h?),
+            None => None,
+        },
+        tls,
+        log_format,
+        log_level,
+        otlp_endpoint: f.telemetry.otlp_endpoint.clone(),
+        otlp_protocol,
+        decision_log: f.telemetry.decision_log.unwrap_or(false),
+        decision_log_client_ip: f.telemetry.decision_log_client_ip.unwrap_or(true),
+        admin_token_sha256,
+    })
+}
+
+fn compile_subscriptions(
+    src: &Source,
+    api_names: &HashMap<&str, usize>,
+    product_apis: &HashMap<&str, Vec<usize>>,
+    errs: &mut ConfigErrors,
+) -> SubscriptionStore {
+    let s = &src.file.subscriptions;
+    let header = s.header.as_deref().unwrap_or("ocp-apim-subscription-key").to_ascii_lowercase();
+    let query = s.query.clone().unwrap_or_else(|| "subscription-key".into());
+    if header.is_empty() || !header.bytes().all(is_token_char) {
+        errs.push("subscriptions.header", format!("`{header}` is not a header name"));
+    }
+    if query.is_empty() {
+        errs.push("subscriptions.query", "must not be empty");
+    }
+    let mut store = SubscriptionStore::new(header, query, s.remove_key.unwrap_or(true));
+    let mut ids = HashSet::new();
+    for (i, k) in s.keys.iter().enumerate() {
+        let path = format!("subscriptions.keys[{i}]");
+        if !ids.insert(k.id.as_str()) {
+            errs.push(format!("{path}.id"), format!("`{}` is used by two subscriptions", k.id));
+        }
+        let scope = match k.scope.as_deref().unwrap_or("all") {
+            "all" => Some(Scope::All),
+            other => match other.split_once(':') {
+                Some(("product", name)) => match product_apis.get(name) {
+                    Some(apis) => Some(Scope::Apis(apis.clone())),
+                    None => {
+                        errs.push(format!("{path}.scope"), format!("no product is named `{name}`"));
+                        None
+                    }
+                },
+                Some(("api", name)) => match api_names.get(name) {
+                    Some(&idx) => Some(Scope::Apis(vec![idx])),
+                    None => {
+                        errs.push(format!("{path}.scope"), format!("no API is named `{name}`"));
+                        None
+                    }
+                },
+                _ => {
+                    errs.push(format!("{path}.scope"), format!("`{other}`: use `all`, `product:NAME` or `api:NAME`"));
+                    None
+                }
+            },
+        };
+        let state = match k.state.as_deref().unwrap_or("active") {
+            "active" => State::Active,
+            "suspended" | "cancelled" | "expired" | "submitted" | "rejected" => State::Inactive,
+            other => {
+                errs.push(format!("{path}.state"), format!("`{other}`: use active, suspended, cancelled or expired"));
+                State::Inactive
+            }
+        };
+        let mut hashes = Vec::new();
+        for (field, value) in [("primary", &k.primary), ("secondary", &k.secondary)] {
+            let Some(value) = value else { continue };
+            let fpath = format!("{path}.{field}");
+            let v = value.expose();
+            if let Some(h) = subscription::parse_hash(v) {
+                hashes.push(h);
+            } else if v.starts_with("sha256:") {
+                errs.push(&fpath, "a hash is `sha256:` followed by 64 hex digits");
+            } else if src.substituted.contains(&fpath) {
+                if v.is_empty() || v.len() > 256 {
+                    errs.push(&fpath, "a key is 1 to 256 characters");
+                } else {
+                    hashes.push(subscription::hash_key(v));
+                }
+            } else {
+                errs.push(&fpath, "plain keys must not be written in the file: store `sha256:<hex>` (portcullis hash-key) or read the key with ${env:NAME} or ${file:PATH}");
+            }
+        }
+        if hashes.is_empty() {
+            errs.push(&path, "a subscription needs a primary or a secondary key");
+        }
+        if let Some(scope) = scope {
+            let sub = Subscription { id: Arc::from(k.id.as_str()), state, scope };
+            if let Err(other) = store.insert(sub, &hashes) {
+                errs.push(&path, format!("a key of this subscription is also a key of `{other}`"));
+            }
+        }
+    }
+    store
+}
+
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn compile_api(
+    i: usize,
+    a: &config::Api,
+    open_apis: &HashSet<usize>,
+    providers: &identity::ProviderSet,
+    credentials: &credentials::CredentialSet,
+    errs: &mut ConfigErrors,
+) -> Option<Api> {
+    let path = format!("apis[{i}]");
+    let before = errs.0.len();
+
+    let mut hosts = Vec::new();
+    for (j, h) in a.matcher.hosts.iter().flatten().enumerate() {
+        match HostPattern::parse(h) {
+            Ok(p) => hosts.push(p),
+            Err(e) => errs.push(format!("{path}.match.hosts[{j}]"), e),
+        }
+    }
+    let path_prefix = a.matcher.path_prefix.as_deref().map(|p| {
+        if !p.starts_with('/') {
+            errs.push(format!("{path}.match.path_prefix"), format!("`{p}` must start with `/`"));
+        }
+        if p.contains(['?', '#']) {
+            errs.push(format!("{path}.match.path_prefix"), "a path prefix has no query or fragment");
+        }
+        let mut n = normalize_path(p).into_owned();
+        if p.ends_with('/') && !n.ends_with('/') {
+            n.push('/');
+        }
+        n
+    });
+    let mut methods = Vec::new();
+    for (j, m) in a.matcher.methods.iter().flatten().enumerate() {
+        if m.is_empty() || !m.bytes().all(is_token_char) {
+            errs.push(format!("{path}.match.methods[{j}]"), format!("`{m}` is not an HTTP method"));
+        }
+        methods.push(m.to_ascii_uppercase());
+    }
+    let context_extensions: Vec<(String, String)> = a.matcher.context_extensions.clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>().into_iter().collect();
+
+    let ip_filter = a.ip_filter.as_ref().and_then(|f| {
+        let forbid = match f.action.as_str() {
+            "allow" => false,
+            "forbid" => true,
+            other => {
+                errs.push(format!("{path}.ip_filter.action"), format!("`{other}`: use `allow` or `forbid`"));
+                false
+            }
+        };
+        if f.addresses.is_empty() {
+            errs.push(format!("{path}.ip_filter.addresses"), "list at least one address, CIDR or range");
+        }
+        let mut ranges = Vec::with_capacity(f.addresses.len());
+        for (j, entry) in f.addresses.iter().enumerate() {
+            match ip::parse_entry(entry) {
+                Ok(r) => ranges.push(r),
+                Err(e) => errs.push(format!("{path}.ip_filter.addresses[{j}]"), e),
+            }
+        }
+        Some(IpFilter { forbid, set: IpSet::from_ranges(ranges) })
+    });
+
+    let cert = a.client_certificate.as_ref().map(|c| {
+        let mut identities = Vec::new();
+        for (j, id) in c.identities.iter().enumerate() {
+            let ipath = format!("{path}.client_certificate.identities[{j}]");
+            let mut identity = Identity::default();
+            if let Some(t) = &id.thumbprint {
+                match Identity::parse_thumbprint(t) {
+                    Ok(t) => identity.thumbprint = Some(t),
+                    Err(e) => errs.push(format!("{ipath}.thumbprint"), e),
+                }
+            }
+            for (field, value, slot) in [("subject", &id.subject, &mut identity.subject), ("issuer_subject", &id.issuer_subject, &mut identity.issuer_subject)] {
+                if let Some(v) = value {
+                    match Dn::parse(v) {
+                        Ok(dn) => *slot = Some(dn),
+                        Err(e) => errs.push(format!("{ipath}.{field}"), e),
+                    }
+                }
+            }
+            if let Some(s) = &id.serial_number {
+                match normalize_serial(s) {
+                    Some(s) => identity.serial_number = Some(s),
+                    None => errs.push(format!("{ipath}.serial_number"), format!("`{s}` is not a hex serial number")),
+                }
+            }
+            identity.common_name = id.common_name.as_ref().map(|s| s.to_lowercase());
+            identity.dns_name = id.dns_name.as_ref().map(|s| s.to_ascii_lowercase());
+            if id.thumbprint.is_none() && id.subject.is_none() && id.issuer_subject.is_none() && id.common_name.is_none() && id.serial_number.is_none() && id.dns_name.is_none() {
+                errs.push(&ipath, "an identity needs at least one field");
+            }
+            identities.push(identity);
+        }
+        CertPolicy {
+            identities,
+            validate_not_before: c.validate_not_before.unwrap_or(true),
+            validate_not_after: c.validate_not_after.unwrap_or(true),
+            trust_xfcc: c.trust_forwarded_client_cert.unwrap_or(false),
+        }
+    });
+
+    let jwt = a.jwt.as_ref().and_then(|j| identity::compile_jwt(j, &format!("{path}.jwt"), &a.name, providers, errs));
+
+    let mut set_headers = Vec::new();
+    for (name, value) in &a.on_allow.set_headers {
+        let hpath = format!("{path}.on_allow.set_headers.{name}");
+        let lname = name.to_ascii_lowercase();
+        if lname.is_empty() || !lname.bytes().all(is_token_char) {
+            errs.push(&hpath, format!("`{name}` is not a header name"));
+            continue;
+        }
+        if lname == "host" || lname.starts_with(':') {
+            errs.push(&hpath, "the host and pseudo-headers cannot be set");
+            continue;
+        }
+        match Template::parse(value) {
+            Ok(t) => {
+                if t.uses_claims() && a.jwt.is_none() {
+                    errs.push(&hpath, "uses {jwt.*} but the API has no `jwt` section");
+                }
+                if t.uses_cert() && a.client_certificate.is_none() {
+                    errs.push(&hpath, "uses {cert.*} but the API has no `client_certificate` section");
+                }
+                set_headers.push((lname, t));
+            }
+            Err(e) => errs.push(&hpath, e),
+        }
+    }
+    let mut remove_headers = Vec::new();
+    for (j, h) in a.on_allow.remove_headers.iter().enumerate() {
+        let l = h.to_ascii_lowercase();
+        if l.is_empty() || !l.bytes().all(is_token_char) {
+            errs.push(format!("{path}.on_allow.remove_headers[{j}]"), format!("`{h}` is not a header name (Envoy cannot remove pseudo-headers or host)"));
+        } else if l == "host" {
+            errs.push(format!("{path}.on_allow.remove_headers[{j}]"), "Envoy does not remove `host`");
+        } else {
+            remove_headers.push(l);
+        }
+    }
+    let backend_credential = a
+        .on_allow
+        .backend_credential
+        .as_ref()
+        .and_then(|b| credentials::compile_backend_credential(b, &format!("{path}.on_allow.backend_credential"), a.jwt.is_some(), credentials, errs));
+
+    let shadow = match a.mode.as_deref() {
+        None | Some("enforce") => false,
+        Some("shadow") => true,
+        Some(o) => {
+            errs.push(format!("{path}.mode"), format!("`{o}`: use `enforce` or `shadow`"));
+            false
+        }
+    };
+    let subscription = match (a.subscription_required, open_apis.contains(&i)) {
+        (Some(true), true) => Some(false),
+        (other, _) => other,
+    };
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(Api {
+        name: Arc::from(a.name.as_str()),
+        matcher: Matcher { hosts, path_prefix, methods, context_extensions },
+        subscription,
+        ip_filter,
+        cert,
+        jwt,
+        set_headers,
+        remove_headers,
+        backend_credential,
+        shadow,
+    })
+}

@@ -1,0 +1,425 @@
+//! The compiled policy set and how a request is evaluated against it.
+//!
+//! Order inside one API (product contract, section 3): match -> ip_filter -> subscription key ->
+//! client certificate -> JWT -> backend credential -> allow. The first failing check decides.
+
+pub mod cert;
+mod compile;
+pub mod decision;
+pub mod ip;
+pub mod matcher;
+pub mod reason;
+pub mod request;
+pub mod subscription;
+pub mod template;
+#[cfg(test)]
+pub(crate) mod testutil;
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::FutureExt;
+
+use crate::credentials::BackendCredentialPolicy;
+use crate::identity::JwtPolicy;
+pub use compile::{LogFormat, Runtime, Settings, TlsFiles, compile};
+pub use decision::{Decision, Denial, Header, Outcome, Step, StepResult};
+pub use reason::Reason;
+pub use request::{CheckInput, Headers};
+
+use cert::{CertFailure, CertPolicy, ClientCert};
+use ip::{ClientIpSource, IpSet};
+use matcher::{ApiIndex, Matcher, Target};
+use subscription::{KeyCheck, SubscriptionStore};
+use template::Template;
+
+/// Caps on untrusted input.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Total header bytes of one request.
+    pub max_header_bytes: usize,
+    /// Largest token.
+    pub max_token_bytes: usize,
+    /// Largest client certificate (URL-encoded PEM).
+    pub max_certificate_bytes: usize,
+    /// Checks evaluated at once.
+    pub max_concurrent_checks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_header_bytes: 96 * 1024, max_token_bytes: 16 * 1024, max_certificate_bytes: 32 * 1024, max_concurrent_checks: 4096 }
+    }
+}
+
+/// An immutable, precomputed policy set. Swapped whole on reload.
+#[derive(Debug)]
+pub struct PolicySet {
+    apis: Vec<Api>,
+    index: ApiIndex,
+    unmatched_allow: bool,
+    client_ip: ClientIpSource,
+    subscriptions: SubscriptionStore,
+    /// Input caps.
+    pub limits: Limits,
+    /// Counts for `validate` and logs.
+    pub summary: Summary,
+}
+
+/// What a policy set holds, for `portcullis validate` and the reload log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// APIs.
+    pub apis: usize,
+    /// Identity providers.
+    pub providers: usize,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Subscription keys (primary and secondary).
+    pub keys: usize,
+    /// Backend credentials.
+    pub credentials: usize,
+    /// Products.
+    pub products: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} APIs, {} identity providers, {} subscriptions ({} keys), {} products, {} credentials",
+            self.apis, self.providers, self.subscriptions, self.keys, self.products, self.credentials
+        )
+    }
+}
+
+/// One compiled API.
+#[derive(Debug)]
+pub(crate) struct Api {
+    pub name: Arc<str>,
+    pub matcher: Matcher,
+    /// `None`: subscription keys are not looked at; `Some(required)`: a present key is validated,
+    /// and a missing one is refused when required.
+    pub subscription: Option<bool>,
+    pub ip_filter: Option<IpFilter>,
+    pub cert: Option<CertPolicy>,
+    pub jwt: Option<JwtPolicy>,
+    pub set_headers: Vec<(String, Template)>,
+    pub remove_headers: Vec<String>,
+    pub backend_credential: Option<BackendCredentialPolicy>,
+    pub shadow: bool,
+}
+
+/// A compiled `ip_filter`.
+#[derive(Debug)]
+pub(crate) struct IpFilter {
+    pub forbid: bool,
+    pub set: IpSet,
+}
+
+/// How to evaluate.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    /// The time checks compare against.
+    pub now: SystemTime,
+    /// Record every step (for `portcullis check`).
+    pub explain: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions { now: SystemTime::now(), explain: false }
+    }
+}
+
+impl PolicySet {
+    /// Decides on a request. Never panics and never allows by accident: a panic anywhere in the
+    /// evaluation becomes a deny with reason `Internal`.
+    pub async fn decide(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Decision {
+        deny_on_panic(self.evaluate(input, opts)).await
+    }
+
+    async fn evaluate(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Decision {
+        let mut d = Decision::new();
+        let mut ev = Evaluation { d: &mut d, explain: opts.explain };
+        if let Some(tp) = input.header("traceparent").and_then(|v| std::str::from_utf8(v).ok()) {
+            ev.d.facts.traceparent = Some(tp.to_string());
+        }
+        let client_ip = ip::client_ip(self.client_ip, input.peer, input.header("x-forwarded-for"));
+        ev.d.facts.client_ip = client_ip;
+
+        let header_bytes = input.header_bytes();
+        if header_bytes > self.limits.max_header_bytes {
+            ev.fail("limits", Reason::RequestHeadersTooLarge, || format!("{header_bytes} header bytes, limit {}", self.limits.max_header_bytes));
+            ev.d.outcome = Outcome::Deny(Denial::new(Reason::RequestHeadersTooLarge));
+            return d;
+        }
+
+        let path = matcher::normalize_path(input.path);
+        let target = Target {
+            method: input.method,
+            host: matcher::strip_port(input.host),
+            path: &path,
+            context_extensions: input.context_extensions,
+        };
+        let Some(api) = self.index.candidates(&path).map(|i| (i, &self.apis[i])).find(|(_, a)| a.matcher.matches(&target)) else {
+            if self.unmatched_allow {
+                ev.pass("match", || format!("no API matches {} {}{}; unmatched: allow", input.method, target.host, path));
+                ev.d.upstream_headers.push(decision_id_header(&ev.d.id));
+            } else {
+                ev.fail("match", Reason::NoMatchingApi, || format!("no API matches {} {}{}", input.method, target.host, path));
+                ev.d.outcome = Outcome::Deny(Denial::new(Reason::NoMatchingApi));
+            }
+            return d;
+        };
+        let (api_index, api) = api;
+        ev.d.api = Some(api.name.clone());
+        ev.pass("match", || format!("API `{}`", api.name));
+
+        match self.evaluate_api(api_index, api, input, client_ip, opts, &mut ev).await {
+            Ok(()) => {}
+            Err(denial) if api.shadow => {
+                tracing::info!(api = %api.name, reason = %denial.reason, decision_id = %ev.d.id, "shadow mode: deny not enforced");
+                ev.d.waived = Some(denial.reason);
+                // Only what was already decided to be safe upstream stays: the key removal.
+                ev.d.upstream_headers.retain(|h| !h.sensitive);
+            }
+            Err(denial) => {
+                ev.d.upstream_headers.clear();
+                ev.d.remove_headers.clear();
+                ev.d.remove_query.clear();
+                ev.d.outcome = Outcome::Deny(denial);
+                return d;
+            }
+        }
+        ev.d.upstream_headers.push(decision_id_header(&ev.d.id));
+        d
+    }
+
+    async fn evaluate_api(
+        &self,
+        api_index: usize,
+        api: &Api,
+        input: &CheckInput<'_>,
+        client_ip: Option<IpAddr>,
+        opts: EvalOptions,
+        ev: &mut Evaluation<'_>,
+    ) -> Result<(), Denial> {
+        // 1. Caller address.
+        match &api.ip_filter {
+            None => ev.skip("ip_filter"),
+            Some(f) => {
+                let Some(ip) = client_ip else {
+                    return Err(ev.deny("ip_filter", Reason::FailedToParseCallerIp, || "the caller's address could not be established".into()));
+                };
+                let listed = f.set.contains(ip);
+                match (f.forbid, listed) {
+                    (false, false) => {
+                        let msg = format!("Caller IP address {ip} is not allowed. Access denied.");
+                        return Err(ev.deny_with("ip_filter", Denial::new(Reason::CallerIpNotAllowed).with_message(msg), || format!("{ip} is not listed (action: allow)")));
+                    }
+                    (true, true) => return Err(ev.deny("ip_filter", Reason::CallerIpBlocked, || format!("{ip} is listed (action: forbid)"))),
+                    _ => ev.pass("ip_filter", || format!("{ip} passes")),
+                }
+            }
+        }
+
+        // 2. Subscription key.
+        let mut subscription_id: Option<Arc<str>> = None;
+        match api.subscription {
+            None => ev.skip("subscription"),
+            Some(required) => {
+                let store = &self.subscriptions;
+                let header_key = input.header(&store.header).filter(|v| !v.is_empty());
+                let query_key = subscription::query_param(input.path, &store.query);
+                let key = header_key.or(query_key.as_deref());
+                let challenge = || format!("AzureApiManagementKey realm=\"{}\",name=\"{}\",type=\"header\"", api.name, store.header);
+                match store.check(api_index, key, required) {
+                    KeyCheck::Valid(sub) => {
+                        ev.pass("subscription", || format!("subscription `{}`", sub.id));
+                        subscription_id = Some(sub.id.clone());
+                    }
+                    KeyCheck::NotNeeded => ev.pass("subscription", || "no key, none required".into()),
+                    KeyCheck::Missing => {
+                        let denial = Denial::new(Reason::SubscriptionKeyNotFound).with_challenge(challenge());
+                        return Err(ev.deny_with("subscription", denial, || format!("no `{}` header or `{}` query parameter", store.header, store.query)));
+                    }
+                    KeyCheck::Invalid => {
+                        let denial = Denial::new(Reason::SubscriptionKeyInvalid).with_challenge(challenge());
+                        return Err(ev.deny_with("subscription", denial, || "the key is unknown, inactive or not for this API".into()));
+                    }
+                }
+                if store.remove_key {
+                    if input.header(&store.header).is_some() {
+                        ev.d.remove_headers.push(store.header.clone());
+                    }
+                    if query_key.is_some() {
+                        ev.d.remove_query.push(store.query.clone());
+                    }
+                }
+            }
+        }
+        ev.d.facts.subscription_id = subscription_id.clone();
+
+        // 3. Client certificate.
+        let mut client_cert: Option<ClientCert> = None;
+        match &api.cert {
+            None => ev.skip("client_certificate"),
+            Some(policy) => {
+                let cert = self.read_certificate(policy, input).map_err(|(reason, detail)| ev.deny("client_certificate", reason, move || detail))?;
+                match policy.check(&cert, opts.now) {
+                    Ok(()) => ev.pass("client_certificate", || format!("thumbprint {}", cert.thumbprint())),
+                    Err(CertFailure::NotMatched) => {
+                        return Err(ev.deny("client_certificate", Reason::ClientCertificateIdentityNotMatched, || format!("thumbprint {} matches no identity", cert.thumbprint())));
+                    }
+                    Err(CertFailure::Expired) => return Err(ev.deny("client_certificate", Reason::ClientCertificateExpired, || "past not-after".into())),
+                    Err(CertFailure::NotYetValid) => return Err(ev.deny("client_certificate", Reason::ClientCertificateNotYetValid, || "before not-before".into())),
+                }
+                client_cert = Some(cert);
+            }
+        }
+
+        // 4. JWT.
+        let mut token = None;
+        match &api.jwt {
+            None => ev.skip("jwt"),
+            Some(jwt) => match jwt.validate(input, opts.now, &api.name, self.limits.max_token_bytes).await {
+                Ok(valid) => {
+                    ev.pass("jwt", || valid.describe());
+                    ev.d.facts.subject = valid.subject().map(str::to_string);
+                    token = Some(valid);
+                }
+                Err(failure) => {
+                    let detail = failure.detail.clone();
+                    return Err(ev.deny_with("jwt", failure.denial, move || detail));
+                }
+            },
+        }
+
+        // 5. Headers for upstream, built before the credential so a refused value costs no token.
+        let ctx = template::Context {
+            claims: token.as_ref().map(|t| t.claims()),
+            subscription_id: subscription_id.as_deref(),
+            client_ip,
+            cert: client_cert.as_ref(),
+            api: &api.name,
+            raw_token: token.as_ref().map(|t| t.raw()),
+        };
+        for (name, tpl) in &api.set_headers {
+            match tpl.render(&ctx) {
+                Ok(value) => ev.d.upstream_headers.push(Header { name: name.clone(), value, sensitive: false }),
+                // The caller must not be able to supply the header we would have set.
+                Err(template::RenderError::Missing) => ev.d.remove_headers.push(name.clone()),
+                Err(template::RenderError::ControlCharacter) => {
+                    return Err(ev.deny("on_allow", Reason::HeaderValueNotAllowed, || format!("the value for `{name}` contains control characters")));
+                }
+            }
+        }
+        ev.d.remove_headers.extend(api.remove_headers.iter().cloned());
+
+        // 6. Backend credential.
+        match &api.backend_credential {
+            None => ev.skip("backend_credential"),
+            Some(bc) => match bc.header_for(&ctx, ev.explain).await {
+                Ok(header) => {
+                    ev.pass("backend_credential", || format!("`{}` would carry credential `{}`", header.name, bc.credential_name()));
+                    ev.d.upstream_headers.retain(|h| h.name != header.name);
+                    ev.d.remove_headers.retain(|h| *h != header.name);
+                    ev.d.upstream_headers.push(header);
+                }
+                Err(failure) => {
+                    let detail = failure.detail.clone();
+                    return Err(ev.deny_with("backend_credential", failure.denial, move || detail));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn read_certificate(&self, policy: &CertPolicy, input: &CheckInput<'_>) -> Result<ClientCert, (Reason, String)> {
+        let max = self.limits.max_certificate_bytes;
+        if !input.peer_certificate.is_empty() {
+            return cert::parse_url_encoded_pem(input.peer_certificate, max)
+                .map_err(|e| (Reason::ClientCertificateInvalid, format!("peer certificate: {e}")));
+        }
+        if policy.trust_xfcc {
+            if let Some(xfcc) = input.header("x-forwarded-client-cert") {
+                if xfcc.len() > max * 2 {
+                    return Err((Reason::ClientCertificateInvalid, "x-forwarded-client-cert is too large".into()));
+                }
+                return match cert::xfcc_cert(xfcc) {
+                    Ok(Some(encoded)) => cert::parse_url_encoded_pem(&encoded, max)
+                        .map_err(|e| (Reason::ClientCertificateInvalid, format!("x-forwarded-client-cert: {e}"))),
+                    Ok(None) => Err((Reason::ClientCertificateMissing, "x-forwarded-client-cert carries no Cert".into())),
+                    Err(e) => Err((Reason::ClientCertificateInvalid, e.to_string())),
+                };
+            }
+        }
+        Err((Reason::ClientCertificateMissing, "no client certificate was presented".into()))
+    }
+
+    /// Names of every API, in file order.
+    pub fn api_names(&self) -> impl Iterator<Item = &str> {
+        self.apis.iter().map(|a| &*a.name)
+    }
+
+    /// The backend credentials the APIs use, to fetch them before the first request.
+    pub fn backend_credentials(&self) -> impl Iterator<Item = &BackendCredentialPolicy> {
+        self.apis.iter().filter_map(|a| a.backend_credential.as_ref())
+    }
+}
+
+/// Runs an evaluation; a panic inside it becomes a deny with reason `Internal` instead of a dropped
+/// stream (which the proxy might turn into an allow under `failure_mode_allow`).
+pub(crate) async fn deny_on_panic(evaluation: impl std::future::Future<Output = Decision>) -> Decision {
+    match std::panic::AssertUnwindSafe(evaluation).catch_unwind().await {
+        Ok(d) => d,
+        Err(_) => {
+            tracing::error!("panic while evaluating a check; denied with Internal");
+            Decision::internal(None)
+        }
+    }
+}
+
+fn decision_id_header(id: &str) -> Header {
+    Header { name: decision::DECISION_ID_HEADER.to_string(), value: id.to_string(), sensitive: false }
+}
+
+/// Records steps when asked to.
+struct Evaluation<'d> {
+    d: &'d mut Decision,
+    explain: bool,
+}
+
+impl Evaluation<'_> {
+    // Details are closures: formatting them costs allocations a normal check must not pay.
+    fn step(&mut self, check: &'static str, result: StepResult, detail: impl FnOnce() -> String) {
+        if self.explain {
+            self.d.steps.push(Step { check, result, detail: detail() });
+        }
+    }
+
+    fn pass(&mut self, check: &'static str, detail: impl FnOnce() -> String) {
+        self.step(check, StepResult::Pass, detail);
+    }
+
+    fn skip(&mut self, check: &'static str) {
+        self.step(check, StepResult::Skip, || "not configured".into());
+    }
+
+    fn fail(&mut self, check: &'static str, reason: Reason, detail: impl FnOnce() -> String) {
+        self.step(check, StepResult::Fail(reason), detail);
+    }
+
+    fn deny(&mut self, check: &'static str, reason: Reason, detail: impl FnOnce() -> String) -> Denial {
+        self.deny_with(check, Denial::new(reason), detail)
+    }
+
+    fn deny_with(&mut self, check: &'static str, denial: Denial, detail: impl FnOnce() -> String) -> Denial {
+        self.fail(check, denial.reason, detail);
+        denial
+    }
+}

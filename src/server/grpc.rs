@@ -1,0 +1,161 @@
+//! The gRPC adapter: `CheckRequest` -> [`CheckInput`] -> [`Decision`] -> `CheckResponse`.
+//! This file is the one place that maps a decision onto Envoy's ext_authz messages.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::policy::{CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, Reason};
+use crate::proto::auth::authorization_server::Authorization;
+use crate::proto::auth::{self, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, attribute_context};
+use crate::proto::core::{HeaderValue, HeaderValueOption, address};
+use crate::proto::envoy::r#type::v3::HttpStatus;
+use crate::proto::google::rpc;
+
+use super::State;
+
+/// `envoy.service.auth.v3.Authorization`.
+#[derive(Clone)]
+pub struct AuthorizationService {
+    state: Arc<State>,
+}
+
+impl AuthorizationService {
+    /// A service deciding with the state's current policy.
+    pub fn new(state: Arc<State>) -> Self {
+        AuthorizationService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthorizationService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        // Shed load instead of queueing without bound: UNAVAILABLE lets the proxy apply its failure mode.
+        let Some(_permit) = self.state.try_admit() else {
+            return Err(Status::unavailable("portcullis is overloaded"));
+        };
+        let started = std::time::Instant::now();
+        let req = request.into_inner();
+        let policy = self.state.policy();
+        let decision = match input_parts(&req) {
+            Ok(parts) => {
+                let input = parts.input(&req);
+                policy.decide(&input, EvalOptions::default()).await
+            }
+            Err(detail) => {
+                let mut d = Decision::new();
+                d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(format!("The authorization request is incomplete: {detail}.")));
+                d
+            }
+        };
+        self.state.record(&decision, started.elapsed());
+        Ok(Response::new(to_check_response(&decision)))
+    }
+}
+
+/// What the adapter computes before borrowing the request as a [`CheckInput`].
+struct Parts<'r> {
+    headers: Cow<'r, Headers>,
+    peer: Option<IpAddr>,
+}
+
+impl<'r> Parts<'r> {
+    fn input(&'r self, req: &'r CheckRequest) -> CheckInput<'r> {
+        // input_parts checked that these exist.
+        let attrs = req.attributes.as_ref();
+        let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let source = attrs.and_then(|a| a.source.as_ref());
+        CheckInput {
+            method: http.map_or("", |h| h.method.as_str()),
+            host: http.map_or("", |h| h.host.as_str()),
+            path: http.map_or("", |h| h.path.as_str()),
+            headers: &self.headers,
+            peer: self.peer,
+            peer_certificate: source.map_or("", |s| s.certificate.as_str()),
+            context_extensions: attrs.map(|a| &a.context_extensions),
+        }
+    }
+}
+
+fn input_parts(req: &CheckRequest) -> Result<Parts<'_>, &'static str> {
+    let attrs = req.attributes.as_ref().ok_or("no attributes")?;
+    let http = attrs.request.as_ref().and_then(|r| r.http.as_ref()).ok_or("no HTTP request attributes")?;
+    if http.method.is_empty() || http.path.is_empty() {
+        return Err("no method or path");
+    }
+    let headers = if http.headers.is_empty() && http.header_map.is_some() {
+        // `encode_raw_headers: true`: headers arrive as a list with raw byte values.
+        Cow::Owned(header_map_to_headers(http))
+    } else {
+        Cow::Borrowed(&http.headers)
+    };
+    let peer = attrs.source.as_ref().and_then(peer_ip);
+    Ok(Parts { headers, peer })
+}
+
+fn header_map_to_headers(http: &attribute_context::HttpRequest) -> Headers {
+    let mut out: HashMap<String, Vec<u8>> = HashMap::new();
+    for h in http.header_map.iter().flat_map(|m| m.headers.iter()) {
+        let value = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value };
+        out.entry(h.key.to_ascii_lowercase())
+            .and_modify(|v| {
+                v.push(b',');
+                v.extend_from_slice(value);
+            })
+            .or_insert_with(|| value.to_vec());
+    }
+    out
+}
+
+fn peer_ip(peer: &attribute_context::Peer) -> Option<IpAddr> {
+    match peer.address.as_ref()?.address.as_ref()? {
+        address::Address::SocketAddress(sa) => sa.address.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Maps a decision onto the wire. Headers always carry `append` explicitly (false = overwrite),
+/// because Envoy versions differ on the default (envoy#42857).
+pub fn to_check_response(d: &Decision) -> CheckResponse {
+    match &d.outcome {
+        Outcome::Allow => CheckResponse {
+            status: Some(rpc::Status { code: 0, message: String::new(), details: vec![] }),
+            http_response: Some(auth::check_response::HttpResponse::OkResponse(OkHttpResponse {
+                headers: d.upstream_headers.iter().map(|h| header(&h.name, &h.value)).collect(),
+                headers_to_remove: d.remove_headers.clone(),
+                query_parameters_to_remove: d.remove_query.clone(),
+                ..Default::default()
+            })),
+            dynamic_metadata: None,
+        },
+        Outcome::Deny(denial) => {
+            let mut headers = vec![
+                header("content-type", "application/json"),
+                header(crate::policy::decision::DECISION_ID_HEADER, &d.id),
+            ];
+            if let Some(challenge) = &denial.www_authenticate {
+                headers.push(header("www-authenticate", challenge));
+            }
+            CheckResponse {
+                status: Some(rpc::Status { code: denial.reason.grpc_code(), message: denial.reason.as_str().to_string(), details: vec![] }),
+                http_response: Some(auth::check_response::HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus { code: i32::from(denial.status) }),
+                    headers,
+                    body: denial.body(&d.id),
+                })),
+                dynamic_metadata: None,
+            }
+        }
+    }
+}
+
+fn header(name: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue { key: name.to_string(), value: value.to_string(), raw_value: vec![] }),
+        append: Some(false),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,144 @@
+//! The HTTP listener: `/healthz`, `/readyz`, `/metrics`, and forward-auth under `/authz/` for Envoy's
+//! `http_service`, nginx `auth_request` and Traefik `forwardAuth`. This file is the one place that
+//! maps a decision onto an HTTP response.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State as AxState};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use super::State;
+use crate::policy::{CheckInput, Decision, EvalOptions, Headers, Outcome};
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(state: Arc<State>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+    let app = router(state);
+    if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await {
+        tracing::error!(error = %e, "HTTP listener failed");
+    }
+}
+
+/// The HTTP routes.
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/authz", axum::routing::any(forward_auth))
+        .route("/authz/", axum::routing::any(forward_auth))
+        .route("/authz/{*rest}", axum::routing::any(forward_auth))
+        .with_state(state)
+}
+
+async fn readyz(AxState(state): AxState<Arc<State>>) -> Response {
+    if state.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(AxState(state): AxState<Arc<State>>) -> Response {
+    let body = state.telemetry.prometheus_text();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Headers that describe the hop to portcullis, not the original request.
+const HOP_HEADERS: &[&str] = &["connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "content-length"];
+
+async fn forward_auth(AxState(state): AxState<Arc<State>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    let Some(_permit) = state.try_admit() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "overloaded\n").into_response();
+    };
+    let started = std::time::Instant::now();
+    let (parts, _body) = req.into_parts();
+    let h = &parts.headers;
+    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+
+    let method = get("x-forwarded-method").or_else(|| get("x-original-method")).unwrap_or(parts.method.as_str()).to_string();
+    let host = get("x-forwarded-host").or_else(|| get("host")).unwrap_or("").to_string();
+    // Envoy's http_service prefixes the original path with its `path_prefix` (/authz); nginx and
+    // Traefik send the original target in a header.
+    let own_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let path = match get("x-forwarded-uri").or_else(|| get("x-original-uri")) {
+        Some(p) => p.to_string(),
+        None => {
+            let rest = own_target.strip_prefix("/authz").unwrap_or(own_target);
+            if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") }
+        }
+    };
+    let headers = to_headers(h);
+    let input = CheckInput {
+        method: &method,
+        host: &host,
+        path: &path,
+        headers: &headers,
+        peer: Some(peer.ip()),
+        peer_certificate: "",
+        context_extensions: None,
+    };
+    let decision = state.policy().decide(&input, EvalOptions::default()).await;
+    state.record(&decision, started.elapsed());
+    to_http_response(&decision)
+}
+
+fn to_headers(h: &HeaderMap) -> Headers {
+    let mut out: HashMap<String, Vec<u8>> = HashMap::with_capacity(h.len());
+    for (name, value) in h {
+        if HOP_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        out.entry(name.as_str().to_string())
+            .and_modify(|v| {
+                v.push(b',');
+                v.extend_from_slice(value.as_bytes());
+            })
+            .or_insert_with(|| value.as_bytes().to_vec());
+    }
+    out
+}
+
+/// Maps a decision onto a forward-auth response: 200 with the headers to add upstream (and
+/// `x-envoy-auth-headers-to-remove` for Envoy), or the deny status, headers and JSON body.
+pub fn to_http_response(d: &Decision) -> Response {
+    let mut resp = match &d.outcome {
+        Outcome::Allow => {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::OK;
+            for h in &d.upstream_headers {
+                insert(r.headers_mut(), &h.name, &h.value);
+            }
+            let mut remove: Vec<&str> = d.remove_headers.iter().map(String::as_str).collect();
+            remove.sort_unstable();
+            remove.dedup();
+            if !remove.is_empty() {
+                insert(r.headers_mut(), "x-envoy-auth-headers-to-remove", &remove.join(", "));
+            }
+            r
+        }
+        Outcome::Deny(denial) => {
+            let mut r = Response::new(Body::from(denial.body(&d.id)));
+            *r.status_mut() = StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN);
+            insert(r.headers_mut(), "content-type", "application/json");
+            if let Some(c) = &denial.www_authenticate {
+                insert(r.headers_mut(), "www-authenticate", c);
+            }
+            r
+        }
+    };
+    insert(resp.headers_mut(), crate::policy::decision::DECISION_ID_HEADER, &d.id);
+    resp
+}
+
+fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        headers.insert(n, v);
+    }
+}

@@ -1,0 +1,304 @@
+//! Running the service: listeners, hot reload, graceful shutdown.
+
+pub mod grpc;
+pub mod http;
+mod reload;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config;
+use crate::policy::{self, Decision, PolicySet, Runtime, Settings};
+use crate::proto::auth::authorization_server::AuthorizationServer;
+
+/// How long in-flight checks may take to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file is invalid.
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] config::ConfigErrors),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS files could not be read.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Everything the adapters share.
+pub struct State {
+    policy: ArcSwap<PolicySet>,
+    /// Key and token caches, kept across reloads.
+    pub runtime: Arc<Runtime>,
+    /// Settings the process started with.
+    pub settings: Settings,
+    config_path: PathBuf,
+    config_digest: std::sync::Mutex<[u8; 32]>,
+    admission: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    /// Decision log, metrics and traces.
+    pub telemetry: crate::telemetry::Telemetry,
+}
+
+impl State {
+    /// The current policy set.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<PolicySet>> {
+        self.policy.load()
+    }
+
+    /// A permit to evaluate one check, or `None` when too many are in flight.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.admission.clone().try_acquire_owned().ok()
+    }
+
+    /// Records a decision in logs and metrics.
+    pub fn record(&self, d: &Decision, elapsed: Duration) {
+        self.telemetry.record(d, elapsed);
+    }
+
+    /// Whether the service is draining.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// The config file being served.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+}
+
+/// The addresses a running service listens on (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// gRPC listener.
+    pub grpc: SocketAddr,
+    /// HTTP listener, if configured.
+    pub http: Option<SocketAddr>,
+}
+
+/// A service started in the background (tests, embedding).
+pub struct Running {
+    /// Where it listens.
+    pub addrs: BoundAddrs,
+    /// Shared state (for reload and inspection).
+    pub state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), StartError>>,
+}
+
+impl Running {
+    /// Triggers a graceful shutdown and waits for it.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        let _ = self.shutdown.send(true);
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the service stops (SIGTERM/SIGINT or [`Running::shutdown`]).
+    pub async fn wait(self) -> Result<(), StartError> {
+        let _keep_sender = self.shutdown;
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Re-reads and recompiles the config file now.
+    pub async fn reload(&self) -> Result<policy::Summary, config::ConfigErrors> {
+        reload::reload(&self.state, true)
+    }
+}
+
+/// Loads and compiles the config file, binds the listeners and serves in the background.
+pub async fn start(config_path: &Path) -> Result<Running, StartError> {
+    let src = config::load(config_path)?;
+    let runtime = Arc::new(Runtime::default());
+    let (policy, settings) = policy::compile(&src, &runtime)?;
+    let telemetry = crate::telemetry::Telemetry::new(&settings);
+    let admission = Arc::new(Semaphore::new(policy.limits.max_concurrent_checks));
+    let state = Arc::new(State {
+        policy: ArcSwap::from_pointee(policy),
+        runtime,
+        settings: settings.clone(),
+        config_path: config_path.to_path_buf(),
+        config_digest: std::sync::Mutex::new(src.digest),
+        admission,
+        shutting_down: AtomicBool::new(false),
+        telemetry,
+    });
+    tracing::info!(summary = %state.policy().summary, config = %config_path.display(), "configuration loaded");
+
+    let grpc_listener = TcpListener::bind(settings.grpc).await.map_err(|source| StartError::Bind { addr: settings.grpc, source })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: settings.grpc, source })?;
+    let http_listener = match settings.http {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let tls = settings.tls.as_ref().map(load_tls).transpose()?;
+
+    // Signal handlers exist before the listeners are announced: a SIGTERM sent right after the
+    // "listening" line must drain, not be lost.
+    let signals = Signals::install();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let task_state = state.clone();
+    let task = tokio::spawn(async move { serve(task_state, grpc_listener, http_listener, tls, signals, shutdown_rx).await });
+    tracing::info!(listener = "grpc", addr = %grpc_addr, tls = settings.tls.is_some(), mtls = settings.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "listening (ext_authz v3 Check, grpc.health.v1, reflection)");
+    if let Some(addr) = http_addr {
+        tracing::info!(listener = "http", addr = %addr, "listening (/healthz /readyz /metrics /authz/)");
+    }
+    Ok(Running { addrs: BoundAddrs { grpc: grpc_addr, http: http_addr }, state, shutdown: shutdown_tx, task })
+}
+
+fn load_tls(t: &policy::TlsFiles) -> Result<ServerTlsConfig, StartError> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())));
+    let cert = read(&t.cert_file)?;
+    let key = read(&t.key_file)?;
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &t.client_ca_file {
+        // With a client CA, tonic requires a verified client certificate on every connection.
+        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(cfg)
+}
+
+async fn serve(
+    state: Arc<State>,
+    grpc_listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    tls: Option<ServerTlsConfig>,
+    signals: Signals,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AuthorizationServer<grpc::AuthorizationService>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Tls(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Tls(format!("reflection: {e}")))?;
+
+    let watcher = reload::watch(state.clone());
+
+    // One signal fans out to both listeners.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let signal_state = state.clone();
+    let reporter = health_reporter.clone();
+    tokio::spawn(async move {
+        wait_for_shutdown(&signal_state, signals, &mut shutdown).await;
+        signal_state.shutting_down.store(true, Ordering::Relaxed);
+        reporter.set_not_serving::<AuthorizationServer<grpc::AuthorizationService>>().await;
+        reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        tracing::info!("shutting down: draining in-flight checks");
+        let _ = drain_tx.send(true);
+    });
+
+    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30))).tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let auth = AuthorizationServer::new(grpc::AuthorizationService::new(state.clone()));
+    let mut grpc_drain = drain_rx.clone();
+    let grpc = builder
+        .add_service(auth)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
+            let _ = grpc_drain.wait_for(|v| *v).await;
+        });
+
+    let http = async {
+        if let Some(listener) = http_listener {
+            let mut http_drain = drain_rx.clone();
+            http::serve(state.clone(), listener, async move {
+                let _ = http_drain.wait_for(|v| *v).await;
+            })
+            .await;
+        }
+    };
+
+    let mut deadline_rx = drain_rx.clone();
+    let deadline = async move {
+        let _ = deadline_rx.wait_for(|v| *v).await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    let result = tokio::select! {
+        (g, ()) = async { tokio::join!(grpc, http) } => g.map_err(StartError::from),
+        () = deadline => {
+            tracing::warn!("in-flight checks did not finish within {DRAIN_TIMEOUT:?}; exiting");
+            Ok(())
+        }
+    };
+    drop(watcher);
+    result
+}
+
+/// The process signals the service reacts to.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let s = Signals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok(), hup: signal(SignalKind::hangup()).ok() };
+        if s.term.is_none() || s.int.is_none() || s.hup.is_none() {
+            tracing::error!("cannot install signal handlers; SIGTERM/SIGINT/SIGHUP may not be handled");
+        }
+        s
+    }
+}
+
+async fn recv(sig: &mut Option<tokio::signal::unix::Signal>) {
+    match sig {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once the flag is true (or its sender is gone), holding no borrow of the channel.
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await.map(|_| ());
+}
+
+/// Waits for SIGTERM, SIGINT or a programmatic shutdown; SIGHUP reloads the config meanwhile.
+async fn wait_for_shutdown(state: &Arc<State>, mut signals: Signals, shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = recv(&mut signals.term) => return,
+            _ = recv(&mut signals.int) => return,
+            () = until_true(shutdown) => return,
+            _ = recv(&mut signals.hup) => {
+                tracing::info!("SIGHUP: reloading configuration");
+                let s = state.clone();
+                let _ = tokio::task::spawn_blocking(move || reload::reload(&s, true)).await;
+            }
+        }
+    }
+}

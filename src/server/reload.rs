@@ -1,0 +1,93 @@
+//! Hot reload: the config file is watched (and SIGHUP forces a reload). A new version is compiled
+//! whole and swapped in atomically; a broken one is logged with every error while the last good
+//! policy keeps serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::State;
+use crate::config::{self, ConfigErrors};
+use crate::policy::{self, Summary};
+
+/// Editors and ConfigMap updates produce bursts of events; wait for the burst to end.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Reloads the config file. Without `force`, an unchanged file (same SHA-256) is not recompiled.
+pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> {
+    let result = try_reload(state, force);
+    match &result {
+        Ok(Some(summary)) => {
+            state.telemetry.config_reload(true);
+            tracing::info!(summary = %summary, "configuration reloaded");
+        }
+        Ok(None) => {}
+        Err(errs) => {
+            state.telemetry.config_reload(false);
+            let errors: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+            tracing::error!(errors = ?errors, "configuration rejected; the last good configuration keeps serving");
+        }
+    }
+    result.map(|s| s.unwrap_or_else(|| state.policy().summary.clone()))
+}
+
+fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Summary>, ConfigErrors> {
+    let src = config::load(state.config_path())?;
+    {
+        let digest = state.config_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if !force && *digest == src.digest {
+            return Ok(None);
+        }
+    }
+    let (policy, settings) = policy::compile(&src, &state.runtime)?;
+    if settings != state.settings {
+        tracing::warn!("listen or telemetry settings changed: they apply after a restart");
+    }
+    let summary = policy.summary.clone();
+    state.policy.store(Arc::new(policy));
+    *state.config_digest.lock().unwrap_or_else(|p| p.into_inner()) = src.digest;
+    Ok(Some(summary))
+}
+
+/// Watches the config file's directory (so atomic renames and Kubernetes ConfigMap symlink swaps
+/// are seen) and reloads on change. The returned watcher must be kept alive.
+pub fn watch(state: Arc<State>) -> Option<notify::RecommendedWatcher> {
+    let path = state.config_path().to_path_buf();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watched_name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res {
+            let relevant = event.paths.iter().any(|p| {
+                p.file_name().map(|n| n.to_os_string()) == watched_name || p.to_string_lossy().contains("..data")
+            });
+            if relevant && !matches!(event.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
+        return None;
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: collect the rest of the burst.
+            tokio::time::sleep(DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
+            let s = state.clone();
+            let _ = tokio::task::spawn_blocking(move || reload(&s, false)).await;
+        }
+    });
+    Some(watcher)
+}

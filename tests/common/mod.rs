@@ -1,0 +1,147 @@
+//! Helpers for integration tests: start the real server on 127.0.0.1:0 and talk gRPC to it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use portcullis::proto::auth::authorization_client::AuthorizationClient;
+use portcullis::proto::auth::{AttributeContext, CheckRequest, CheckResponse, attribute_context};
+use portcullis::proto::core::{Address, SocketAddress, address};
+use portcullis::server::{self, Running};
+use tonic::transport::Channel;
+
+/// A server running on a temporary config file.
+pub struct TestServer {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl TestServer {
+    pub async fn start(yaml: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("portcullis.yaml");
+        std::fs::write(&config, with_listen(yaml)).unwrap();
+        let running = server::start(&config).await.unwrap_or_else(|e| panic!("start: {e}"));
+        TestServer { running, dir, config }
+    }
+
+    pub async fn client(&self) -> AuthorizationClient<Channel> {
+        AuthorizationClient::connect(format!("http://{}", self.running.addrs.grpc)).await.unwrap()
+    }
+
+    pub fn write_config(&self, yaml: &str) {
+        // Write-then-rename, as editors and ConfigMaps do, so the watcher never sees half a file.
+        let tmp = self.dir.path().join(".portcullis.yaml.tmp");
+        std::fs::write(&tmp, with_listen(yaml)).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+}
+
+fn with_listen(yaml: &str) -> String {
+    if yaml.contains("listen:") { yaml.to_string() } else { format!("listen: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}\n{yaml}") }
+}
+
+/// A request as Envoy would send it.
+pub struct Http {
+    pub method: &'static str,
+    pub host: &'static str,
+    pub path: String,
+    pub headers: HashMap<String, Vec<u8>>,
+    pub peer: &'static str,
+    pub certificate: String,
+    pub context_extensions: HashMap<String, String>,
+}
+
+pub fn get(path: &str) -> Http {
+    Http {
+        method: "GET",
+        host: "api.example.com",
+        path: path.to_string(),
+        headers: HashMap::new(),
+        peer: "10.1.2.3",
+        certificate: String::new(),
+        context_extensions: HashMap::new(),
+    }
+}
+
+impl Http {
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.insert(k.to_string(), v.as_bytes().to_vec());
+        self
+    }
+
+    pub fn request(&self) -> CheckRequest {
+        let mut headers = self.headers.clone();
+        headers.insert(":method".into(), self.method.as_bytes().to_vec());
+        headers.insert(":path".into(), self.path.as_bytes().to_vec());
+        headers.insert(":authority".into(), self.host.as_bytes().to_vec());
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(attribute_context::Peer {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: self.peer.to_string(),
+                            port_specifier: Some(portcullis::proto::core::socket_address::PortSpecifier::PortValue(40000)),
+                            ..Default::default()
+                        })),
+                    }),
+                    certificate: self.certificate.clone(),
+                    ..Default::default()
+                }),
+                request: Some(attribute_context::Request {
+                    time: None,
+                    http: Some(attribute_context::HttpRequest {
+                        id: "1".into(),
+                        method: self.method.into(),
+                        headers,
+                        path: self.path.clone(),
+                        host: self.host.into(),
+                        scheme: "http".into(),
+                        protocol: "HTTP/1.1".into(),
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: self.context_extensions.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// What a user sees of a CheckResponse.
+#[derive(Debug)]
+pub struct Seen {
+    pub code: i32,
+    pub status: Option<i32>,
+    pub headers: HashMap<String, (String, Option<bool>)>,
+    pub body: Option<serde_json::Value>,
+    pub removed: Vec<String>,
+    pub removed_query: Vec<String>,
+}
+
+pub fn seen(r: &CheckResponse) -> Seen {
+    use portcullis::proto::auth::check_response::HttpResponse;
+    let code = r.status.as_ref().map_or(0, |s| s.code);
+    let mut s = Seen { code, status: None, headers: HashMap::new(), body: None, removed: vec![], removed_query: vec![] };
+    match &r.http_response {
+        Some(HttpResponse::OkResponse(ok)) => {
+            for h in &ok.headers {
+                let hv = h.header.as_ref().unwrap();
+                s.headers.insert(hv.key.clone(), (hv.value.clone(), h.append));
+            }
+            s.removed = ok.headers_to_remove.clone();
+            s.removed_query = ok.query_parameters_to_remove.clone();
+        }
+        Some(HttpResponse::DeniedResponse(d)) => {
+            s.status = d.status.as_ref().map(|st| st.code);
+            for h in &d.headers {
+                let hv = h.header.as_ref().unwrap();
+                s.headers.insert(hv.key.clone(), (hv.value.clone(), h.append));
+            }
+            s.body = serde_json::from_str(&d.body).ok();
+        }
+        _ => {}
+    }
+    s
+}

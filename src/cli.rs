@@ -64,7 +64,8 @@ enum Command {
 }
 
 fn config_path(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("portcullis.yaml"))
+    arg.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("portcullis.yaml"))
 }
 
 /// Runs the command line.
@@ -73,8 +74,25 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config_path(config)),
         Command::Validate { config } => validate(&config_path(config)),
-        Command::Check { config, method, url, headers, source, cert, context_extensions, json } => {
-            let req = CheckArgs { method, url, headers, source, cert, context_extensions, json };
+        Command::Check {
+            config,
+            method,
+            url,
+            headers,
+            source,
+            cert,
+            context_extensions,
+            json,
+        } => {
+            let req = CheckArgs {
+                method,
+                url,
+                headers,
+                source,
+                cert,
+                context_extensions,
+                json,
+            };
             check(&config_path(config), req)
         }
         Command::HashKey => hash_key(),
@@ -82,15 +100,25 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn serve(path: &Path) -> ExitCode {
     // Logging needs the config's format and level; a config that does not load is still reported.
     let (format, level) = match config::load(path) {
         Ok(src) => (
-            if src.file.telemetry.log_format.as_deref() == Some("json") { policy::LogFormat::Json } else { policy::LogFormat::Text },
-            src.file.telemetry.log_level.clone().unwrap_or_else(|| "info".into()),
+            if src.file.telemetry.log_format.as_deref() == Some("json") {
+                policy::LogFormat::Json
+            } else {
+                policy::LogFormat::Text
+            },
+            src.file
+                .telemetry
+                .log_level
+                .clone()
+                .unwrap_or_else(|| "info".into()),
         ),
         Err(_) => (policy::LogFormat::Text, "info".into()),
     };
@@ -130,14 +158,26 @@ fn validate(path: &Path) -> ExitCode {
         Ok((policy, settings)) => {
             println!("{}: valid", path.display());
             println!("  {}", policy.summary);
-            println!("  gRPC listener {}{}", settings.grpc, settings.http.map(|h| format!(", HTTP listener {h}")).unwrap_or_default());
+            println!(
+                "  gRPC listener {}{}",
+                settings.grpc,
+                settings
+                    .http
+                    .map(|h| format!(", HTTP listener {h}"))
+                    .unwrap_or_default()
+            );
             for name in policy.api_names() {
                 println!("  api {name}");
             }
             ExitCode::SUCCESS
         }
         Err(errs) => {
-            eprintln!("{}: {} error{}", path.display(), errs.0.len(), if errs.0.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "{}: {} error{}",
+                path.display(),
+                errs.0.len(),
+                if errs.0.len() == 1 { "" } else { "s" }
+            );
             for e in &errs.0 {
                 eprintln!("  {e}");
             }
@@ -165,8 +205,13 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         Ok(u) => u,
         Err(e) => return fail(format!("--url `{}`: {e}", args.url)),
     };
-    let host = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-    let target = uri.path_and_query().map_or("/".to_string(), |pq| pq.as_str().to_string());
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let target = uri
+        .path_and_query()
+        .map_or("/".to_string(), |pq| pq.as_str().to_string());
     let mut headers: policy::Headers = HashMap::new();
     for h in &args.headers {
         let Some((name, value)) = h.split_once(':') else {
@@ -191,7 +236,10 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
     }
     let cert = match &args.cert {
         Some(p) => match std::fs::read_to_string(p) {
-            Ok(pem) => percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC).to_string(),
+            Ok(pem) => {
+                percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            }
             Err(e) => return fail(format!("--cert {}: {e}", p.display())),
         },
         None => String::new(),
@@ -214,13 +262,23 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         peer_certificate: &cert,
         context_extensions: if ce.is_empty() { None } else { Some(&ce) },
     };
-    let decision = rt.block_on(policy.decide(&input, EvalOptions { explain: true, ..Default::default() }));
+    let decision = rt.block_on(policy.decide(
+        &input,
+        EvalOptions {
+            explain: true,
+            ..Default::default()
+        },
+    ));
     if args.json {
         println!("{}", explain_json(&decision));
     } else {
         print!("{}", explain_text(&decision));
     }
-    if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if decision.is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// The human-readable explanation `portcullis check` prints. Credentials are never shown.
@@ -229,13 +287,21 @@ pub fn explain_text(d: &Decision) -> String {
     let mut s = String::new();
     match &d.outcome {
         Outcome::Allow if d.waived.is_some() => {
-            let _ = writeln!(s, "decision: allow (shadow mode; would deny: {})", d.waived.map(|r| r.as_str()).unwrap_or(""));
+            let _ = writeln!(
+                s,
+                "decision: allow (shadow mode; would deny: {})",
+                d.waived.map(|r| r.as_str()).unwrap_or("")
+            );
         }
         Outcome::Allow => {
             let _ = writeln!(s, "decision: allow");
         }
         Outcome::Deny(den) => {
-            let _ = writeln!(s, "decision: deny\nstatus: {}\nreason: {}\nmessage: {}", den.status, den.reason, den.message);
+            let _ = writeln!(
+                s,
+                "decision: deny\nstatus: {}\nreason: {}\nmessage: {}",
+                den.status, den.reason, den.message
+            );
             if let Some(c) = &den.www_authenticate {
                 let _ = writeln!(s, "www-authenticate: {c}");
             }
@@ -254,13 +320,26 @@ pub fn explain_text(d: &Decision) -> String {
     if d.is_allow() {
         let _ = writeln!(s, "headers to set upstream:");
         for h in &d.upstream_headers {
-            let _ = writeln!(s, "  {}: {}", h.name, if h.sensitive { "<redacted credential>" } else { &h.value });
+            let _ = writeln!(
+                s,
+                "  {}: {}",
+                h.name,
+                if h.sensitive {
+                    "<redacted credential>"
+                } else {
+                    &h.value
+                }
+            );
         }
         if !d.remove_headers.is_empty() {
             let _ = writeln!(s, "headers to remove: {}", d.remove_headers.join(", "));
         }
         if !d.remove_query.is_empty() {
-            let _ = writeln!(s, "query parameters to remove: {}", d.remove_query.join(", "));
+            let _ = writeln!(
+                s,
+                "query parameters to remove: {}",
+                d.remove_query.join(", ")
+            );
         }
     }
     s
@@ -309,6 +388,9 @@ fn hash_key() -> ExitCode {
         eprintln!("error: no key on stdin");
         return ExitCode::from(2);
     }
-    println!("{}", policy::subscription::format_hash(&policy::subscription::hash_key(key)));
+    println!(
+        "{}",
+        policy::subscription::format_hash(&policy::subscription::hash_key(key))
+    );
     ExitCode::SUCCESS
 }

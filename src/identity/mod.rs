@@ -59,21 +59,43 @@ impl ValidToken {
 
 impl JwtPolicy {
     /// Validates the request's token against this API's rules.
-    pub async fn validate(&self, _input: &CheckInput<'_>, _now: SystemTime, _api: &str, _max: usize) -> Result<ValidToken, JwtFailure> {
-        Err(JwtFailure { denial: Denial::new(crate::policy::Reason::Internal), detail: "JWT validation is not available".into() })
+    pub async fn validate(
+        &self,
+        _input: &CheckInput<'_>,
+        _now: SystemTime,
+        _api: &str,
+        _max: usize,
+    ) -> Result<ValidToken, JwtFailure> {
+        Err(JwtFailure {
+            denial: Denial::new(crate::policy::Reason::Internal),
+            detail: "JWT validation is not available".into(),
+        })
     }
 }
 
 /// Compiles `identity_providers`.
-pub fn compile_providers(src: &Source, _registry: &Registry, errs: &mut ConfigErrors) -> ProviderSet {
+pub fn compile_providers(
+    src: &Source,
+    _registry: &Registry,
+    errs: &mut ConfigErrors,
+) -> ProviderSet {
     if !src.file.identity_providers.is_empty() {
-        errs.push("identity_providers", "JWT validation is not available in this build");
+        errs.push(
+            "identity_providers",
+            "JWT validation is not available in this build",
+        );
     }
     ProviderSet::default()
 }
 
 /// Compiles one API's `jwt` section.
-pub fn compile_jwt(_cfg: &config::Jwt, path: &str, _api: &str, _providers: &ProviderSet, errs: &mut ConfigErrors) -> Option<JwtPolicy> {
+pub fn compile_jwt(
+    _cfg: &config::Jwt,
+    path: &str,
+    _api: &str,
+    _providers: &ProviderSet,
+    errs: &mut ConfigErrors,
+) -> Option<JwtPolicy> {
     errs.push(path, "JWT validation is not available in this build");
     None
 }

@@ -1,23 +1,274 @@
-//! Backend credentials: the token cache, grants and the encrypted store.
+//! Backend credentials, modelled on API Management's credential manager: grants (client
+//! credentials, refresh-token connections obtained by consent, RFC 8693 token exchange, static and
+//! basic), a token cache with refresh ahead of expiry, an encrypted store for refresh tokens, and
+//! the header injected upstream on allow.
 //!
-//! (Placeholder until the credential manager lands: a `credentials` section is a config error.)
+//! Lifetimes: a [`Registry`] lives as long as the process (in [`crate::policy::Runtime`]); each
+//! compiled config gets a [`CredentialSet`] whose credentials are reused from the registry when their
+//! settings did not change, so a reload keeps cached tokens. Connection slots (tokens of refresh-token
+//! connections) live in the registry keyed by credential name and connection id, so two versions of
+//! one credential never refresh the same connection at once (which would spend a rotated refresh
+//! token twice).
+
+mod cache;
+pub mod clock;
+mod consent;
+mod credential;
+pub mod endpoint;
+pub mod spec;
+pub mod store;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
 
 use crate::config::{self, ConfigErrors, Source};
-use crate::policy::template::Context;
-use crate::policy::{Denial, Header};
+use crate::policy::template::{Context, RenderError, Template};
+use crate::policy::{Denial, Header, PolicySet, Reason};
+
+use cache::{Counters, Slot};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use consent::{AdminError, CallbackOutcome};
+use credential::{Credential, DEFAULT_CONNECTION, Kind, Unavailable};
+pub use spec::GrantKind;
+use spec::StoreSpec;
+pub use store::{ConnectionRecord, ConnectionState, Store, StoreError};
+
+/// How long start-up waits for the credentials the config uses (each fetch is also bounded by its
+/// credential's `timeout`; a slower one finishes in the background).
+const PREFETCH_WAIT: Duration = Duration::from_secs(5);
 
 /// Credentials and their token caches; lives across reloads.
-#[derive(Debug, Default)]
-pub struct Registry {}
+#[derive(Debug, Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+/// What every credential of every config version shares.
+pub(crate) struct Shared {
+    pub(crate) clock: Arc<dyn Clock>,
+    http: OnceLock<Result<reqwest::Client, String>>,
+    store: OnceLock<Arc<Store>>,
+    /// Slots by credential name, then connection id.
+    slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
+    counters: Mutex<HashMap<String, Arc<Counters>>>,
+    by_fingerprint: Mutex<HashMap<[u8; 32], Weak<Credential>>>,
+    /// The credentials of the config in force (published after it compiled without error).
+    current: Mutex<Arc<SetInner>>,
+    pub(crate) consents: Mutex<HashMap<String, consent::PendingConsent>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("clock", &self.clock)
+            .field("store", &self.store.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::with_clock(Arc::new(SystemClock))
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every value behind these locks is replaced whole; a panic elsewhere cannot leave it torn.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
+        self.store.get()
+    }
+
+    /// The slot of a connection, created on first use.
+    pub(crate) fn slot(&self, credential: &str, connection: &str) -> Arc<Slot> {
+        if let Some(s) = self.existing_slot(credential, connection) {
+            return s;
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(credential.to_string())
+            .or_default()
+            .entry(connection.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn existing_slot(&self, credential: &str, connection: &str) -> Option<Arc<Slot>> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots
+            .get(credential)
+            .and_then(|c| c.get(connection))
+            .cloned()
+    }
+
+    fn counters(&self, credential: &str) -> Arc<Counters> {
+        locked(&self.counters)
+            .entry(credential.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Writes a connection record durably, off the async threads.
+    pub(crate) async fn persist(
+        &self,
+        credential: &str,
+        connection: &str,
+        record: ConnectionRecord,
+    ) -> Result<(), String> {
+        let store = self
+            .store()
+            .cloned()
+            .ok_or_else(|| "the store is not open".to_string())?;
+        let (c, k) = (credential.to_string(), connection.to_string());
+        tokio::task::spawn_blocking(move || store.put(&c, &k, &record))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    fn current(&self) -> Arc<SetInner> {
+        locked(&self.current).clone()
+    }
+}
+
+impl Registry {
+    /// A registry whose token lifetimes are judged by `clock` (tests inject a [`ManualClock`]).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Registry {
+        Registry {
+            shared: Arc::new(Shared {
+                clock,
+                http: OnceLock::new(),
+                store: OnceLock::new(),
+                slots: RwLock::new(HashMap::new()),
+                counters: Mutex::new(HashMap::new()),
+                by_fingerprint: Mutex::new(HashMap::new()),
+                current: Mutex::new(Arc::new(SetInner::default())),
+                consents: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Makes `set` the credentials in force (called once its config compiled without error).
+    pub fn publish(&self, set: &CredentialSet) {
+        if let (Some(open), Some(spec)) = (self.shared.store(), &set.inner.store) {
+            if open.path() != spec.path {
+                tracing::warn!(store = %spec.path.display(), open = %open.path().display(), "`store` changed: it applies after a restart");
+            }
+        }
+        {
+            let mut slots = self.shared.slots.write().unwrap_or_else(|p| p.into_inner());
+            slots.retain(|name, _| set.inner.by_name.contains_key(name));
+        }
+        *locked(&self.shared.current) = set.inner.clone();
+    }
+
+    /// Opens the store (when configured) and obtains the tokens the APIs of `policy` use, so the
+    /// first request does not pay for them. Fetch failures are logged, not fatal: the cache retries.
+    /// A store that cannot be opened (wrong key, corrupt file, in use) is fatal.
+    pub async fn start(&self, policy: &PolicySet) -> Result<(), StoreError> {
+        let current = self.shared.current();
+        if let (Some(spec), None) = (&current.store, self.shared.store()) {
+            let spec = spec.clone();
+            let path = spec.path.clone();
+            let store = tokio::task::spawn_blocking(move || Store::open(&spec.path, &spec.key))
+                .await
+                .map_err(|e| StoreError::Io {
+                    path,
+                    detail: e.to_string(),
+                })??;
+            tracing::info!(store = %store.path().display(), connections = store_len(&store, &current), "store opened");
+            let _ = self.shared.store.set(Arc::new(store));
+        }
+        for cred in current.by_name.values() {
+            cred.seed_configured_refresh_token().await;
+        }
+        let tasks: Vec<_> = policy
+            .backend_credentials()
+            .map(|bc| {
+                let bc = bc.prefetch_handle();
+                tokio::spawn(async move { bc.prefetch().await })
+            })
+            .collect();
+        let _ = tokio::time::timeout(PREFETCH_WAIT, futures::future::join_all(tasks)).await;
+        Ok(())
+    }
+
+    /// Opens the store directly (tests and tools); `start` does this from the config.
+    pub fn open_store(&self, path: &std::path::Path, key: &[u8; 32]) -> Result<(), StoreError> {
+        let store = Store::open(path, key)?;
+        let _ = self.shared.store.set(Arc::new(store));
+        Ok(())
+    }
+
+    /// `portcullis.token_cache.requests` by credential and result (`hit`, `miss`, `refresh`, `error`).
+    pub fn token_cache_requests(&self) -> Vec<(String, &'static str, u64)> {
+        let counters = locked(&self.shared.counters);
+        let mut out: Vec<_> = counters
+            .iter()
+            .flat_map(|(name, c)| {
+                c.snapshot()
+                    .into_iter()
+                    .map(move |(r, n)| (name.clone(), r, n))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The same as Prometheus text.
+    pub fn prometheus_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::from("# TYPE portcullis_token_cache_requests_total counter\n");
+        for (name, result, n) in self.token_cache_requests() {
+            let _ = writeln!(
+                s,
+                "portcullis_token_cache_requests_total{{credential=\"{name}\",result=\"{result}\"}} {n}"
+            );
+        }
+        s
+    }
+}
+
+fn store_len(store: &Store, set: &SetInner) -> usize {
+    set.by_name.keys().map(|n| store.count(n)).sum()
+}
 
 /// The credentials of one compiled config.
+#[derive(Debug, Default, Clone)]
+pub struct CredentialSet {
+    inner: Arc<SetInner>,
+}
+
 #[derive(Debug, Default)]
-pub struct CredentialSet {}
+struct SetInner {
+    by_name: BTreeMap<String, Arc<Credential>>,
+    store: Option<StoreSpec>,
+}
 
 /// `on_allow.backend_credential` of one API.
 #[derive(Debug)]
 pub struct BackendCredentialPolicy {
-    name: String,
+    credential: Arc<Credential>,
+    header: String,
+    /// The header value is `prefix + token + suffix` (`format` split at `{token}`).
+    prefix: String,
+    suffix: String,
+    connection: ConnectionRef,
+}
+
+#[derive(Debug, Clone)]
+enum ConnectionRef {
+    /// The credential has no connections (client credentials, token exchange, static, basic).
+    None,
+    /// One configured connection of a refresh-token credential.
+    Fixed { id: String, slot: Arc<Slot> },
+    /// The caller's own connection, e.g. `{jwt.sub}`.
+    PerUser(Template),
 }
 
 /// Why no credential could be injected.
@@ -32,46 +283,365 @@ pub struct CredentialFailure {
 impl BackendCredentialPolicy {
     /// The configured credential's name.
     pub fn credential_name(&self) -> &str {
-        &self.name
+        self.credential.name()
+    }
+
+    fn header(&self, token: &str) -> Header {
+        let mut value = String::with_capacity(self.prefix.len() + token.len() + self.suffix.len());
+        value.push_str(&self.prefix);
+        value.push_str(token);
+        value.push_str(&self.suffix);
+        Header {
+            name: self.header.clone(),
+            value,
+            sensitive: true,
+        }
+    }
+
+    fn fail(&self, reason: Reason, detail: impl std::fmt::Display) -> CredentialFailure {
+        CredentialFailure {
+            denial: Denial::new(reason),
+            detail: format!("credential `{}`: {detail}", self.credential.name()),
+        }
     }
 
     /// The header carrying the credential. With `dry_run`, nothing is fetched and the value is a
     /// placeholder (for `portcullis check`).
     pub async fn header_for(
         &self,
-        _ctx: &Context<'_>,
-        _dry_run: bool,
+        ctx: &Context<'_>,
+        dry_run: bool,
     ) -> Result<Header, CredentialFailure> {
-        Err(CredentialFailure {
-            denial: Denial::new(crate::policy::Reason::BackendCredentialUnavailable),
-            detail: "not available".into(),
-        })
+        let connection: Option<Cow<'_, str>> = match &self.connection {
+            ConnectionRef::None => None,
+            ConnectionRef::Fixed { id, .. } => Some(Cow::Borrowed(id)),
+            ConnectionRef::PerUser(t) => match t.render(ctx) {
+                Ok(id) if spec::valid_connection_id(&id) => Some(Cow::Owned(id)),
+                Ok(_) | Err(RenderError::ControlCharacter) => {
+                    return Err(self.fail(
+                        Reason::BackendCredentialConsentRequired,
+                        "the caller's connection id is not usable",
+                    ));
+                }
+                Err(RenderError::Missing) => {
+                    return Err(self.fail(
+                        Reason::BackendCredentialConsentRequired,
+                        "the caller's token has no claim naming a connection",
+                    ));
+                }
+            },
+        };
+        if dry_run {
+            // `check` shows that a credential would be injected, never a value, and fetches nothing.
+            return Ok(Header {
+                name: self.header.clone(),
+                value: String::new(),
+                sensitive: true,
+            });
+        }
+        let cred = &self.credential;
+        let result = match &cred.kind {
+            Kind::Fixed(v) => return Ok(self.header(v)),
+            Kind::ClientCredentials(slot) => cred.slot_token(slot, DEFAULT_CONNECTION).await,
+            Kind::RefreshToken => {
+                self.connection_token(connection.as_deref().unwrap_or(DEFAULT_CONNECTION))
+                    .await
+            }
+            Kind::TokenExchange { .. } => match ctx.raw_token {
+                Some(subject) => {
+                    let exp = ctx
+                        .claims
+                        .and_then(|c| c.get("exp"))
+                        .and_then(endpoint::claim_time);
+                    cred.exchange(subject, exp).await
+                }
+                None => Err(Unavailable::Failed(
+                    "token exchange needs the caller's validated token".into(),
+                )),
+            },
+        };
+        match result {
+            Ok(token) => Ok(self.header(&token.value)),
+            Err(Unavailable::Failed(d)) => Err(self.fail(Reason::BackendCredentialUnavailable, d)),
+            Err(Unavailable::NeedsConsent(d)) => {
+                let per_user = matches!(self.connection, ConnectionRef::PerUser(_));
+                let reason = if per_user {
+                    Reason::BackendCredentialConsentRequired
+                } else {
+                    Reason::BackendCredentialUnavailable
+                };
+                let id = connection.as_deref().unwrap_or(DEFAULT_CONNECTION);
+                Err(self.fail(
+                    reason,
+                    format_args!("connection `{id}` needs consent ({d})"),
+                ))
+            }
+        }
+    }
+
+    async fn connection_token(&self, id: &str) -> Result<Arc<cache::Token>, Unavailable> {
+        let cred = &self.credential;
+        let shared = &cred.shared;
+        let slot = match &self.connection {
+            ConnectionRef::Fixed { slot, .. } => Some(slot.clone()),
+            _ => shared.existing_slot(cred.name(), id),
+        };
+        let now = shared.clock.now();
+        let cached = slot
+            .as_ref()
+            .is_some_and(|s| s.valid(&cred.fingerprint, now).is_some());
+        if !cached {
+            let Some(store) = shared.store() else {
+                return Err(Unavailable::Failed(
+                    "the store is not open (a `store` added by a reload applies after a restart)"
+                        .into(),
+                ));
+            };
+            let usable = |r: Option<ConnectionRecord>| {
+                r.is_some_and(|r| {
+                    r.state != ConnectionState::NeedsConsent && r.refresh_token.is_some()
+                })
+            };
+            if !usable(store.get(cred.name(), id)) {
+                if id == DEFAULT_CONNECTION && cred.spec.refresh_token.is_some() {
+                    cred.seed_configured_refresh_token().await;
+                }
+                if !usable(store.get(cred.name(), id)) {
+                    return Err(Unavailable::NeedsConsent("no refresh token".into()));
+                }
+            }
+        }
+        let slot = slot.unwrap_or_else(|| shared.slot(cred.name(), id));
+        cred.slot_token(&slot, id).await
+    }
+
+    fn prefetch_handle(&self) -> Prefetch {
+        Prefetch {
+            credential: self.credential.clone(),
+            connection: self.connection.clone(),
+        }
+    }
+}
+
+/// A credential to obtain at start.
+struct Prefetch {
+    credential: Arc<Credential>,
+    connection: ConnectionRef,
+}
+
+impl Prefetch {
+    async fn prefetch(self) {
+        let cred = &self.credential;
+        let result = match (&cred.kind, &self.connection) {
+            (Kind::ClientCredentials(slot), _) => {
+                Some(cred.slot_token(slot, DEFAULT_CONNECTION).await)
+            }
+            (Kind::RefreshToken, ConnectionRef::Fixed { id, slot }) => {
+                let connected = cred.shared.store().is_some_and(|s| {
+                    s.get(cred.name(), id)
+                        .is_some_and(|r| r.state != ConnectionState::NeedsConsent)
+                });
+                if connected {
+                    Some(cred.slot_token(slot, id).await)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        if let Some(Err(e)) = result {
+            tracing::warn!(credential = %cred.name(), problem = ?e, "backend credential not obtained at start; requests will retry");
+        }
     }
 }
 
 /// Compiles `credentials` and `store`.
 pub fn compile_credentials(
     src: &Source,
-    _registry: &Registry,
+    registry: &Registry,
     errs: &mut ConfigErrors,
 ) -> CredentialSet {
-    if !src.file.credentials.is_empty() {
-        errs.push(
-            "credentials",
-            "backend credentials are not available in this build",
-        );
+    let store = spec::compile_store(src, errs);
+    let has_store = src.file.store.is_some();
+    let shared = &registry.shared;
+    let mut by_name = BTreeMap::new();
+    let mut by_fp = locked(&shared.by_fingerprint);
+    by_fp.retain(|_, w| w.strong_count() > 0);
+    for (i, c) in src.file.credentials.iter().enumerate() {
+        let Some(spec) = spec::compile_credential(i, c, has_store, errs) else {
+            continue;
+        };
+        if by_name.contains_key(&spec.name) {
+            errs.push(
+                format!("credentials[{i}].name"),
+                format!("`{}` names two credentials", spec.name),
+            );
+            continue;
+        }
+        let fp = spec.fingerprint();
+        // Unchanged settings: the same credential, with its cached tokens.
+        let cred = match by_fp.get(&fp).and_then(Weak::upgrade) {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(Credential::new(spec.clone(), shared.clone()));
+                by_fp.insert(fp, Arc::downgrade(&c));
+                c
+            }
+        };
+        by_name.insert(spec.name, cred);
     }
-    CredentialSet::default()
+    CredentialSet {
+        inner: Arc::new(SetInner { by_name, store }),
+    }
 }
 
 /// Compiles one API's `on_allow.backend_credential`.
 pub fn compile_backend_credential(
-    _cfg: &config::BackendCredential,
+    cfg: &config::BackendCredential,
     path: &str,
-    _api_has_jwt: bool,
-    _set: &CredentialSet,
+    api_has_jwt: bool,
+    set: &CredentialSet,
     errs: &mut ConfigErrors,
 ) -> Option<BackendCredentialPolicy> {
-    errs.push(path, "backend credentials are not available in this build");
-    None
+    let before = errs.0.len();
+    let Some(credential) = set.inner.by_name.get(&cfg.name).cloned() else {
+        errs.push(
+            format!("{path}.name"),
+            format!("no credential is named `{}`", cfg.name),
+        );
+        return None;
+    };
+    let header = cfg
+        .header
+        .as_deref()
+        .unwrap_or("authorization")
+        .to_ascii_lowercase();
+    if header.is_empty()
+        || !header
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        errs.push(
+            format!("{path}.header"),
+            format!("`{header}` is not a header name"),
+        );
+    } else if header == "host" || header == crate::policy::decision::DECISION_ID_HEADER {
+        errs.push(
+            format!("{path}.header"),
+            format!("`{header}` cannot carry a credential"),
+        );
+    }
+    let default_format = if credential.grant() == GrantKind::Basic {
+        "Basic {token}"
+    } else {
+        "Bearer {token}"
+    };
+    let (prefix, suffix) = match parse_format(cfg.format.as_deref().unwrap_or(default_format)) {
+        Ok(p) => p,
+        Err(e) => {
+            errs.push(format!("{path}.format"), e);
+            (String::new(), String::new())
+        }
+    };
+    let connection = match (&cfg.connection, credential.grant()) {
+        (None, GrantKind::RefreshToken) => ConnectionRef::Fixed {
+            id: DEFAULT_CONNECTION.into(),
+            slot: credential
+                .shared
+                .slot(credential.name(), DEFAULT_CONNECTION),
+        },
+        (None, _) => ConnectionRef::None,
+        (Some(_), g) if g != GrantKind::RefreshToken => {
+            errs.push(
+                format!("{path}.connection"),
+                format!(
+                    "only `refresh_token` credentials have connections; `{}` is `{}`",
+                    cfg.name,
+                    g.as_str()
+                ),
+            );
+            ConnectionRef::None
+        }
+        (Some(c), _) => match Template::parse(c) {
+            Ok(t) if t.uses_claims() || t.uses_cert() || c.contains('{') => {
+                if t.uses_claims() && !api_has_jwt {
+                    errs.push(
+                        format!("{path}.connection"),
+                        "uses {jwt.*} but the API has no `jwt` section",
+                    );
+                }
+                ConnectionRef::PerUser(t)
+            }
+            Ok(_) if spec::valid_connection_id(c) => ConnectionRef::Fixed {
+                id: c.clone(),
+                slot: credential.shared.slot(credential.name(), c),
+            },
+            Ok(_) => {
+                errs.push(
+                    format!("{path}.connection"),
+                    "a connection id is 1 to 256 characters without control characters",
+                );
+                ConnectionRef::None
+            }
+            Err(e) => {
+                errs.push(format!("{path}.connection"), e);
+                ConnectionRef::None
+            }
+        },
+    };
+    if let ConnectionRef::Fixed { slot, .. } = &connection {
+        // A shared connection is kept warm: refreshed ahead of expiry even without traffic.
+        slot.proactive
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if credential.grant() == GrantKind::TokenExchange && !api_has_jwt {
+        errs.push(path, format!("credential `{}` exchanges the caller's token, but the API has no `jwt` section to validate one", cfg.name));
+    }
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(BackendCredentialPolicy {
+        credential,
+        header,
+        prefix,
+        suffix,
+        connection,
+    })
 }
+
+/// Splits `format` at its one `{token}`; `{{` and `}}` are literal braces.
+fn parse_format(format: &str) -> Result<(String, String), String> {
+    let mut parts = vec![String::new()];
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                parts.last_mut().map(|p| p.push('{'));
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                parts.last_mut().map(|p| p.push('}'));
+            }
+            '{' => {
+                let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                if name.trim() != "token" {
+                    return Err(format!("`{{{name}}}`: the only placeholder is {{token}}"));
+                }
+                parts.push(String::new());
+            }
+            '}' => return Err("unmatched `}` (write `}}` for a literal brace)".into()),
+            c if c.is_control() => return Err("must not contain control characters".into()),
+            c => {
+                parts.last_mut().map(|p| p.push(c));
+            }
+        }
+    }
+    match <[String; 2]>::try_from(parts) {
+        Ok([prefix, suffix]) => Ok((prefix, suffix)),
+        Err(_) => Err("must contain {token} exactly once, e.g. \"Bearer {token}\"".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -212,6 +212,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
     if !errs.is_empty() {
         return Err(errs);
     }
+    runtime.credentials.publish(&credentials);
     let (subs, keys) = subscriptions.counts();
     let summary = Summary {
         apis: apis.len(),

@@ -37,14 +37,21 @@ pub async fn serve(
 
 /// The HTTP routes.
 pub fn router(state: Arc<State>) -> Router {
-    Router::new()
+    // The admin API exists only when `admin.token` is configured; otherwise /admin is a plain 404.
+    let admin = state.settings.admin_token_sha256.is_some();
+    let routes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/authz", axum::routing::any(forward_auth))
         .route("/authz/", axum::routing::any(forward_auth))
-        .route("/authz/{*rest}", axum::routing::any(forward_auth))
-        .with_state(state)
+        .route("/authz/{*rest}", axum::routing::any(forward_auth));
+    let routes = if admin {
+        routes.nest("/admin", super::admin::router())
+    } else {
+        routes
+    };
+    routes.with_state(state)
 }
 
 async fn readyz(AxState(state): AxState<Arc<State>>) -> Response {

@@ -1,5 +1,6 @@
 //! Running the service: listeners, hot reload, graceful shutdown.
 
+pub mod admin;
 pub mod grpc;
 pub mod http;
 mod reload;
@@ -42,6 +43,9 @@ pub enum StartError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The credential store cannot be opened (wrong key, corrupt file, in use).
+    #[error("{0}")]
+    Store(#[from] crate::credentials::StoreError),
 }
 
 /// Everything the adapters share.
@@ -129,6 +133,9 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     let src = config::load(config_path)?;
     let runtime = Arc::new(Runtime::default());
     let (policy, settings) = policy::compile(&src, &runtime)?;
+    // Opens the credential store and obtains the backend credentials the APIs use, so that the
+    // first request does not pay for them.
+    runtime.credentials.start(&policy).await?;
     let telemetry = crate::telemetry::Telemetry::new(&settings);
     let admission = Arc::new(Semaphore::new(policy.limits.max_concurrent_checks));
     let state = Arc::new(State {

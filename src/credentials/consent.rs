@@ -1,0 +1,401 @@
+//! Connections and consent, as API Management's credential manager runs them: an operator asks for
+//! a login URL for a connection, the user consents at the provider, the provider redirects to
+//! `/admin/callback` with a code, and portcullis redeems it (PKCE S256) and stores the refresh token
+//! encrypted. The HTTP side is `server::admin`; this is the logic, with answers as JSON values.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::cache::Token;
+use super::clock::{rfc3339, unix_secs};
+use super::credential::{Credential, Kind};
+use super::endpoint;
+use super::spec::{self, GrantKind};
+use super::store::{ConnectionRecord, ConnectionState};
+use super::{Registry, locked};
+
+/// How long a login URL (its `state` and PKCE verifier) stays redeemable.
+pub const CONSENT_TTL: Duration = Duration::from_secs(600);
+/// Consents pending at once; more are refused rather than growing memory without bound.
+const MAX_PENDING: usize = 1_000;
+
+/// A consent in progress, kept server-side under its `state`.
+pub(crate) struct PendingConsent {
+    credential: String,
+    connection: String,
+    verifier: String,
+    expires_at: SystemTime,
+    redirect_after: Option<String>,
+}
+
+/// Why an admin request failed; the message is safe to return.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No such credential or connection.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is not valid for this credential.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The provider or the store failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl AdminError {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            AdminError::NotFound(_) => 404,
+            AdminError::BadRequest(_) => 400,
+            AdminError::Unavailable(_) => 502,
+        }
+    }
+}
+
+/// What the callback achieved.
+#[derive(Debug)]
+pub struct CallbackOutcome {
+    /// The credential.
+    pub credential: String,
+    /// The connection now connected.
+    pub connection: String,
+    /// Where the operator asked to be sent afterwards.
+    pub redirect_after: Option<String>,
+}
+
+fn token_json(t: Option<&Token>, now: SystemTime) -> Value {
+    match t.filter(|t| t.valid_at(now)) {
+        Some(t) => {
+            json!({"obtained_at": rfc3339(t.obtained_at), "refresh_at": rfc3339(t.fresh_until), "expires_at": rfc3339(t.expires_at)})
+        }
+        None => Value::Null,
+    }
+}
+
+fn secs_json(s: Option<u64>) -> Value {
+    s.map_or(Value::Null, |s| {
+        Value::String(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s)))
+    })
+}
+
+impl Registry {
+    fn credential(&self, name: &str) -> Result<Arc<Credential>, AdminError> {
+        self.shared
+            .current()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AdminError::NotFound(format!("no credential is named `{name}`")))
+    }
+
+    /// `GET /admin/credentials`: every credential, its grant, state and token times; never a secret.
+    pub fn admin_credentials(&self) -> Value {
+        let now = self.shared.clock.now();
+        let current = self.shared.current();
+        let list: Vec<Value> = current
+            .by_name
+            .values()
+            .map(|c| {
+                let mut v = json!({"name": c.name(), "grant": c.grant().as_str()});
+                match &c.kind {
+                    Kind::Fixed(_) => v["state"] = json!("connected"),
+                    Kind::ClientCredentials(slot) => {
+                        let token = slot.valid(&c.fingerprint, now);
+                        let error = slot.meta().last_error.clone();
+                        v["state"] = json!(match (&token, &error) {
+                            (Some(_), _) => "connected",
+                            (None, Some(_)) => "error",
+                            (None, None) => "idle",
+                        });
+                        v["token"] = token_json(token.as_deref(), now);
+                        v["last_error"] = json!(error);
+                    }
+                    Kind::RefreshToken => {
+                        let records = self
+                            .shared
+                            .store()
+                            .map(|s| s.list(c.name()))
+                            .unwrap_or_default();
+                        let count = |st: ConnectionState| {
+                            records.iter().filter(|(_, r)| r.state == st).count()
+                        };
+                        let (ok, consent, error) = (
+                            count(ConnectionState::Connected),
+                            count(ConnectionState::NeedsConsent),
+                            count(ConnectionState::Error),
+                        );
+                        v["state"] = json!(if records.is_empty() || consent > 0 {
+                            "needs_consent"
+                        } else if error > 0 {
+                            "error"
+                        } else {
+                            "connected"
+                        });
+                        v["connections"] =
+                            json!({"connected": ok, "needs_consent": consent, "error": error});
+                    }
+                    Kind::TokenExchange { .. } => {
+                        v["state"] = json!("connected");
+                        v["cached_tokens"] = json!(c.exchange_entries());
+                    }
+                }
+                v
+            })
+            .collect();
+        json!({ "credentials": list })
+    }
+
+    /// `GET /admin/credentials/{name}/connections`.
+    pub fn admin_connections(&self, name: &str) -> Result<Value, AdminError> {
+        let c = self.credential(name)?;
+        let now = self.shared.clock.now();
+        let list: Vec<Value> = match &c.kind {
+            Kind::RefreshToken => {
+                let store = self
+                    .shared
+                    .store()
+                    .ok_or_else(|| AdminError::Unavailable("the store is not open".into()))?;
+                store
+                    .list(name)
+                    .into_iter()
+                    .map(|(id, r)| {
+                        let token = self
+                            .shared
+                            .existing_slot(name, &id)
+                            .and_then(|s| s.valid(&c.fingerprint, now));
+                        json!({
+                            "id": id,
+                            "state": r.state.as_str(),
+                            "error": r.error,
+                            "access_token": token_json(token.as_deref(), now),
+                            "refresh_token_expires_at": secs_json(r.refresh_token_expires_at),
+                            "created_at": secs_json(Some(r.created_at)),
+                            "updated_at": secs_json(Some(r.updated_at)),
+                        })
+                    })
+                    .collect()
+            }
+            Kind::ClientCredentials(slot) => {
+                let token = slot.valid(&c.fingerprint, now);
+                let error = slot.meta().last_error.clone();
+                vec![
+                    json!({"id": "default", "state": if token.is_some() { "connected" } else if error.is_some() { "error" } else { "idle" }, "error": error, "access_token": token_json(token.as_deref(), now)}),
+                ]
+            }
+            Kind::Fixed(_) | Kind::TokenExchange { .. } => {
+                vec![json!({"id": "default", "state": "connected"})]
+            }
+        };
+        Ok(json!({ "credential": name, "grant": c.grant().as_str(), "connections": list }))
+    }
+
+    /// `POST /admin/credentials/{name}/connections/{id}/consent`: a login URL at the provider with a
+    /// fresh `state` and PKCE S256 challenge; `state` and verifier stay here for 10 minutes.
+    pub fn start_consent(
+        &self,
+        name: &str,
+        connection: &str,
+        redirect_after: Option<String>,
+    ) -> Result<Value, AdminError> {
+        let c = self.credential(name)?;
+        if c.grant() != GrantKind::RefreshToken {
+            return Err(AdminError::BadRequest(format!(
+                "`{name}` is a `{}` credential: only `refresh_token` credentials take consent",
+                c.grant().as_str()
+            )));
+        }
+        let (Some(authorize_url), Some(redirect_uri)) =
+            (&c.spec.authorize_url, &c.spec.redirect_uri)
+        else {
+            return Err(AdminError::BadRequest(format!(
+                "`{name}` has no `authorize_url` and `redirect_uri`: consent is not configured"
+            )));
+        };
+        if !spec::valid_connection_id(connection) {
+            return Err(AdminError::BadRequest(
+                "a connection id is 1 to 256 characters without control characters".into(),
+            ));
+        }
+        if let Some(r) = &redirect_after {
+            if !(r.starts_with("https://") || r.starts_with("http://")) {
+                return Err(AdminError::BadRequest(
+                    "`redirect_after` must be an http(s) URL".into(),
+                ));
+            }
+        }
+        if self.shared.store().is_none() {
+            return Err(AdminError::Unavailable("the store is not open".into()));
+        }
+        let now = self.shared.clock.now();
+        let state = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let verifier = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let mut url =
+            url::Url::parse(authorize_url).map_err(|e| AdminError::BadRequest(e.to_string()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("response_type", "code");
+            q.append_pair("client_id", c.spec.client_id.as_deref().unwrap_or_default());
+            q.append_pair("redirect_uri", redirect_uri);
+            if let Some(scope) = &c.spec.scope {
+                q.append_pair("scope", scope);
+            }
+            if let Some(resource) = &c.spec.resource {
+                q.append_pair("resource", resource);
+            }
+            q.append_pair("state", &state);
+            q.append_pair("code_challenge", &challenge);
+            q.append_pair("code_challenge_method", "S256");
+            // Providers issue refresh tokens (offline_access) only after an explicit consent screen.
+            q.append_pair("prompt", "consent");
+        }
+        let expires_at = now + CONSENT_TTL;
+        {
+            let mut pending = locked(&self.shared.consents);
+            pending.retain(|_, p| p.expires_at > now);
+            if pending.len() >= MAX_PENDING {
+                return Err(AdminError::Unavailable(
+                    "too many consents are pending; try again in a few minutes".into(),
+                ));
+            }
+            pending.insert(
+                state,
+                PendingConsent {
+                    credential: name.into(),
+                    connection: connection.into(),
+                    verifier,
+                    expires_at,
+                    redirect_after,
+                },
+            );
+        }
+        Ok(
+            json!({"credential": name, "connection": connection, "login_url": url.as_str(), "expires_at": rfc3339(expires_at)}),
+        )
+    }
+
+    /// `GET /admin/callback?code&state`: redeems the code of a pending consent, stores the refresh
+    /// token encrypted and marks the connection connected. `state` is single-use.
+    pub async fn complete_consent(
+        &self,
+        state: Option<&str>,
+        code: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<CallbackOutcome, AdminError> {
+        let now = self.shared.clock.now();
+        let state = state.ok_or_else(|| AdminError::BadRequest("no `state`".into()))?;
+        let pending = {
+            let mut p = locked(&self.shared.consents);
+            p.remove(state).filter(|p| p.expires_at > now)
+        };
+        let pending = pending.ok_or_else(|| {
+            AdminError::BadRequest("unknown or expired `state`: start the consent again".into())
+        })?;
+        if let Some(e) = error {
+            let e: String = e
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(64)
+                .collect();
+            return Err(AdminError::BadRequest(format!(
+                "the provider refused the consent ({e})"
+            )));
+        }
+        let code = code.ok_or_else(|| AdminError::BadRequest("no `code`".into()))?;
+        let c = self.credential(&pending.credential)?;
+        let client = self
+            .shared
+            .http
+            .get_or_init(endpoint::http_client)
+            .as_ref()
+            .map_err(|e| AdminError::Unavailable(e.clone()))?;
+        let slot = self.shared.slot(&pending.credential, &pending.connection);
+        // No refresh of this connection runs while its tokens are replaced.
+        let _one_fetch = slot.fetch.lock().await;
+        let issued = endpoint::request(
+            client,
+            &c.spec,
+            endpoint::code_form(&c.spec, code, &pending.verifier),
+            now,
+            false,
+        )
+        .await
+        .map_err(|e| AdminError::Unavailable(format!("redeeming the code failed: {e}")))?;
+        let Some(refresh_token) = issued.refresh_token.clone() else {
+            return Err(AdminError::Unavailable(
+                "the provider returned no refresh token (does `scope` ask for offline_access?)"
+                    .into(),
+            ));
+        };
+        let created_at = self
+            .shared
+            .store()
+            .and_then(|s| s.get(&pending.credential, &pending.connection))
+            .map_or(unix_secs(now), |r| r.created_at);
+        let record = ConnectionRecord {
+            state: ConnectionState::Connected,
+            refresh_token: Some(refresh_token),
+            refresh_token_expires_at: issued.refresh_token_expires_at.map(unix_secs),
+            error: None,
+            seeded_from: None,
+            created_at,
+            updated_at: unix_secs(now),
+        };
+        // Stored before the access token is used.
+        self.shared
+            .persist(&pending.credential, &pending.connection, record)
+            .await
+            .map_err(|e| AdminError::Unavailable(format!("cannot store the connection: {e}")))?;
+        let token = Arc::new(Token::issued(
+            &issued,
+            c.fingerprint,
+            now,
+            c.spec.refresh_before_expiry,
+        ));
+        c.install(&slot, token, &pending.connection);
+        tracing::info!(credential = %pending.credential, connection = %pending.connection, "connection connected by consent");
+        Ok(CallbackOutcome {
+            credential: pending.credential,
+            connection: pending.connection,
+            redirect_after: pending.redirect_after,
+        })
+    }
+
+    /// `DELETE /admin/credentials/{name}/connections/{id}`.
+    pub async fn delete_connection(&self, name: &str, connection: &str) -> Result<(), AdminError> {
+        let c = self.credential(name)?;
+        if c.grant() != GrantKind::RefreshToken {
+            return Err(AdminError::BadRequest(format!(
+                "`{name}` is a `{}` credential: it has no connections to delete",
+                c.grant().as_str()
+            )));
+        }
+        let store = self
+            .shared
+            .store()
+            .cloned()
+            .ok_or_else(|| AdminError::Unavailable("the store is not open".into()))?;
+        let slot = self.shared.slot(name, connection);
+        let _one_fetch = slot.fetch.lock().await;
+        let (n, k) = (name.to_string(), connection.to_string());
+        let existed = tokio::task::spawn_blocking(move || store.delete(&n, &k))
+            .await
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+        slot.clear();
+        if existed {
+            tracing::info!(credential = %name, connection = %connection, "connection deleted");
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(format!(
+                "credential `{name}` has no connection `{connection}`"
+            )))
+        }
+    }
+}

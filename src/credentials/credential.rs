@@ -1,0 +1,548 @@
+//! One credential at runtime: obtaining tokens by its grant, the cache rules (single-flight,
+//! refresh ahead, backoff, serve until expiry), and persisting rotated refresh tokens.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use backon::Retryable;
+
+use sha2::{Digest, Sha256};
+
+use super::Shared;
+use super::cache::{Counters, Gate, Slot, Token};
+use super::clock::unix_secs;
+use super::endpoint::{self, Issued, TokenError};
+use super::spec::{CredentialSpec, GrantKind};
+use super::store::{ConnectionRecord, ConnectionState};
+
+/// Token-exchange results kept at most (one per caller token).
+const EXCHANGE_CACHE_CAPACITY: u64 = 10_000;
+/// The connection of a credential that is not per user.
+pub const DEFAULT_CONNECTION: &str = "default";
+
+/// Why a request gets no credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No token can be had now (503).
+    Failed(String),
+    /// The connection does not exist or needs consent again.
+    NeedsConsent(String),
+}
+
+/// A credential with its caches.
+pub struct Credential {
+    pub(super) spec: CredentialSpec,
+    pub(super) fingerprint: [u8; 32],
+    pub(super) shared: Arc<Shared>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) kind: Kind,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("name", &self.spec.name)
+            .field("grant", &self.spec.grant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the grant needs at runtime.
+pub(super) enum Kind {
+    /// `static` and `basic`: the header value's token part, fixed.
+    Fixed(String),
+    /// `client_credentials`: one shared slot.
+    ClientCredentials(Arc<Slot>),
+    /// `refresh_token`: slots per connection live in the registry (shared across reloads, so two
+    /// versions of the config never refresh one connection at once).
+    RefreshToken,
+    /// `token_exchange`: results per caller token.
+    TokenExchange {
+        cache: moka::future::Cache<[u8; 32], Arc<Token>>,
+        gate: Mutex<Gate>,
+    },
+}
+
+/// Expires token-exchange results when they stop being fresh by the injected clock (memory
+/// hygiene; every read checks freshness itself).
+struct FreshFor(Arc<dyn super::Clock>);
+
+impl moka::Expiry<[u8; 32], Arc<Token>> for FreshFor {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<Token>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .fresh_until
+                .duration_since(self.0.now())
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+}
+
+impl Credential {
+    pub(super) fn new(spec: CredentialSpec, shared: Arc<Shared>) -> Credential {
+        let fingerprint = spec.fingerprint();
+        let counters = shared.counters(&spec.name);
+        let kind = match spec.grant {
+            GrantKind::Static | GrantKind::Basic => Kind::Fixed(
+                spec.fixed_value
+                    .as_ref()
+                    .map(|s| s.expose().to_string())
+                    .unwrap_or_default(),
+            ),
+            GrantKind::ClientCredentials => {
+                Kind::ClientCredentials(shared.slot(&spec.name, DEFAULT_CONNECTION))
+            }
+            GrantKind::RefreshToken => Kind::RefreshToken,
+            GrantKind::TokenExchange => Kind::TokenExchange {
+                cache: moka::future::Cache::builder()
+                    .max_capacity(EXCHANGE_CACHE_CAPACITY)
+                    .expire_after(FreshFor(shared.clock.clone()))
+                    .build(),
+                gate: Mutex::new(Gate::default()),
+            },
+        };
+        Credential {
+            spec,
+            fingerprint,
+            shared,
+            counters,
+            kind,
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The grant.
+    pub fn grant(&self) -> GrantKind {
+        self.spec.grant
+    }
+
+    fn now(&self) -> SystemTime {
+        self.shared.clock.now()
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, TokenError> {
+        self.shared
+            .http
+            .get_or_init(endpoint::http_client)
+            .as_ref()
+            .map_err(|e| TokenError::Client(e.clone()))
+    }
+
+    /// The token of a slot: from the cache when valid, else fetched once for all concurrent
+    /// callers. `connection` names the refresh-token connection (ignored by client credentials).
+    pub(super) async fn slot_token(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        connection: &str,
+    ) -> Result<Arc<Token>, Unavailable> {
+        let now = self.now();
+        if let Some(t) = slot.valid(&self.fingerprint, now) {
+            Counters::count(&self.counters.hit);
+            if !t.fresh_at(now) {
+                self.spawn_refresh(slot, connection);
+            }
+            return Ok(t);
+        }
+        Counters::count(&self.counters.miss);
+        let _one_fetch = slot.fetch.lock().await;
+        let now = self.now();
+        // Whoever held the lock before us may have fetched it.
+        if let Some(t) = slot.valid(&self.fingerprint, now) {
+            return Ok(t);
+        }
+        if let Some(until) = slot.meta().gate.closed_until(now) {
+            let last = slot
+                .meta()
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the last attempt failed".into());
+            return Err(Unavailable::Failed(format!(
+                "{last}; next attempt in {}",
+                wait(now, until)
+            )));
+        }
+        match self.fetch(connection, now).await {
+            Ok(token) => {
+                let token = Arc::new(token);
+                self.install(slot, token.clone(), connection);
+                Ok(token)
+            }
+            Err(e) => Err(self.failed(slot, &e, now)),
+        }
+    }
+
+    /// Stores a token and, for shared connections, schedules its refresh ahead of expiry.
+    pub(super) fn install(self: &Arc<Self>, slot: &Arc<Slot>, token: Arc<Token>, connection: &str) {
+        slot.set(token.clone());
+        if !slot.proactive.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let slot = slot.clone();
+        let clock = self.shared.clock.clone();
+        let connection = connection.to_string();
+        rt.spawn(async move {
+            clock.sleep_until(token.fresh_until).await;
+            // Only if this token is still the current one, and the credential still configured.
+            let current = slot.token.load_full();
+            if current.is_some_and(|c| Arc::ptr_eq(&c, &token)) {
+                if let Some(cred) = weak.upgrade() {
+                    cred.spawn_refresh(&slot, &connection);
+                }
+            }
+        });
+    }
+
+    fn failed(&self, slot: &Slot, e: &TokenError, now: SystemTime) -> Unavailable {
+        Counters::count(&self.counters.error);
+        let mut m = slot.meta();
+        let until = m.gate.fail(now);
+        m.last_error = Some(e.to_string());
+        tracing::warn!(credential = %self.spec.name, error = %e, retry_in = %wait(now, until), "backend credential: token request failed");
+        match e {
+            TokenError::RefreshTokenRejected(_) => Unavailable::NeedsConsent(e.to_string()),
+            _ => Unavailable::Failed(format!("{e}; next attempt in {}", wait(now, until))),
+        }
+    }
+
+    /// Refreshes in the background (once at a time per slot), retrying with backoff while the
+    /// current token is still valid. The request that noticed is not delayed.
+    fn spawn_refresh(self: &Arc<Self>, slot: &Arc<Slot>, connection: &str) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !slot.begin_refresh() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let slot = slot.clone();
+        let connection = connection.to_string();
+        let clock = self.shared.clock.clone();
+        let fingerprint = self.fingerprint;
+        rt.spawn(async move {
+            refresh_with_backoff(weak, slot.clone(), connection, clock, fingerprint).await;
+            slot.end_refresh();
+        });
+    }
+
+    /// Obtains a new token by the grant. For refresh tokens, a rotated refresh token is persisted
+    /// before this returns, so the new access token is never used unless the rotation is durable.
+    pub(super) async fn fetch(
+        &self,
+        connection: &str,
+        now: SystemTime,
+    ) -> Result<Token, TokenError> {
+        let client = self.client()?;
+        let issued = match self.spec.grant {
+            GrantKind::ClientCredentials => {
+                endpoint::request(
+                    client,
+                    &self.spec,
+                    endpoint::client_credentials_form(&self.spec),
+                    now,
+                    false,
+                )
+                .await?
+            }
+            GrantKind::RefreshToken => self.refresh(client, connection, now).await?,
+            _ => {
+                return Err(TokenError::Client(
+                    "this grant has no cached connection".into(),
+                ));
+            }
+        };
+        Ok(Token::issued(
+            &issued,
+            self.fingerprint,
+            now,
+            self.spec.refresh_before_expiry,
+        ))
+    }
+
+    async fn refresh(
+        &self,
+        client: &reqwest::Client,
+        connection: &str,
+        now: SystemTime,
+    ) -> Result<Issued, TokenError> {
+        let store = self
+            .shared
+            .store()
+            .ok_or_else(|| TokenError::Client("the store is not open".into()))?;
+        let mut record = store
+            .get(&self.spec.name, connection)
+            .ok_or_else(|| TokenError::RefreshTokenRejected("no connection".into()))?;
+        let rt = match (&record.state, &record.refresh_token) {
+            (ConnectionState::NeedsConsent, _) | (_, None) => {
+                return Err(TokenError::RefreshTokenRejected("no refresh token".into()));
+            }
+            (_, Some(rt)) => rt.clone(),
+        };
+        let result = endpoint::request(
+            client,
+            &self.spec,
+            endpoint::refresh_form(&self.spec, &rt),
+            now,
+            true,
+        )
+        .await;
+        match result {
+            Ok(issued) => {
+                let rotated = issued.refresh_token.as_ref().is_some_and(|new| *new != rt);
+                let changed = rotated || record.state != ConnectionState::Connected;
+                if changed {
+                    if let Some(new) = &issued.refresh_token {
+                        record.refresh_token = Some(new.clone());
+                    }
+                    if let Some(exp) = issued.refresh_token_expires_at {
+                        record.refresh_token_expires_at = Some(unix_secs(exp));
+                    }
+                    record.state = ConnectionState::Connected;
+                    record.error = None;
+                    record.updated_at = unix_secs(now);
+                    self.shared
+                        .persist(&self.spec.name, connection, record)
+                        .await
+                        .map_err(|e| {
+                            TokenError::Client(format!(
+                                "the rotated refresh token could not be stored: {e}"
+                            ))
+                        })?;
+                }
+                Ok(issued)
+            }
+            Err(e) => {
+                let (state, error) = match &e {
+                    TokenError::RefreshTokenRejected(_) => {
+                        (ConnectionState::NeedsConsent, e.to_string())
+                    }
+                    e if !e.is_transient() => (ConnectionState::Error, e.to_string()),
+                    // Transient trouble at the provider does not change the connection.
+                    _ => return Err(e),
+                };
+                record.state = state;
+                record.error = Some(error);
+                record.updated_at = unix_secs(now);
+                if let Err(pe) = self
+                    .shared
+                    .persist(&self.spec.name, connection, record)
+                    .await
+                {
+                    tracing::error!(credential = %self.spec.name, error = %pe, "cannot record the connection's state");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// RFC 8693: exchanges the caller's validated token; results are cached per caller token and
+    /// never outlive it.
+    pub(super) async fn exchange(
+        &self,
+        subject: &str,
+        subject_exp: Option<SystemTime>,
+    ) -> Result<Arc<Token>, Unavailable> {
+        let Kind::TokenExchange { cache, gate } = &self.kind else {
+            return Err(Unavailable::Failed(
+                "not a token exchange credential".into(),
+            ));
+        };
+        let now = self.now();
+        if subject_exp.is_some_and(|e| e <= now) {
+            return Err(Unavailable::Failed("the caller's token has expired".into()));
+        }
+        // The audience is part of the credential's settings, so the caller token's hash is the key.
+        let key: [u8; 32] = Sha256::digest(subject.as_bytes()).into();
+        if let Some(t) = cache.get(&key).await {
+            if t.fingerprint == self.fingerprint && t.fresh_at(now) {
+                Counters::count(&self.counters.hit);
+                return Ok(t);
+            }
+            cache.invalidate(&key).await;
+        }
+        Counters::count(&self.counters.miss);
+        if let Some(until) = lock(gate).closed_until(now) {
+            return Err(Unavailable::Failed(format!(
+                "token exchange failed recently; next attempt in {}",
+                wait(now, until)
+            )));
+        }
+        let fetch = async {
+            let client = self.client()?;
+            let issued = endpoint::request(
+                client,
+                &self.spec,
+                endpoint::exchange_form(&self.spec, subject),
+                now,
+                false,
+            )
+            .await?;
+            let expires_at = subject_exp.map_or(issued.expires_at, |e| e.min(issued.expires_at));
+            Ok::<_, TokenError>(Arc::new(Token::new(
+                issued.access_token,
+                self.fingerprint,
+                now,
+                expires_at,
+                self.spec.refresh_before_expiry,
+            )))
+        };
+        // Concurrent misses for the same caller token share one exchange.
+        match cache.try_get_with(key, fetch).await {
+            Ok(t) => {
+                lock(gate).reset();
+                Ok(t)
+            }
+            Err(e) => {
+                Counters::count(&self.counters.error);
+                // A refused caller token is the caller's problem, not the provider's: no backoff.
+                if e.is_transient() {
+                    lock(gate).fail(now);
+                }
+                tracing::warn!(credential = %self.spec.name, error = %e, "backend credential: token exchange failed");
+                Err(Unavailable::Failed(e.to_string()))
+            }
+        }
+    }
+
+    /// Number of cached token-exchange results.
+    pub(super) fn exchange_entries(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::TokenExchange { cache, .. } => Some(cache.entry_count()),
+            _ => None,
+        }
+    }
+
+    /// Seeds the `default` connection from a configured `refresh_token`, unless the store already
+    /// holds one seeded from the same value (then the store's, possibly rotated, token wins).
+    pub(super) async fn seed_configured_refresh_token(&self) {
+        let Some(rt) = &self.spec.refresh_token else {
+            return;
+        };
+        let Some(store) = self.shared.store() else {
+            return;
+        };
+        let digest = hex::encode(Sha256::digest(rt.expose().as_bytes()));
+        if store
+            .get(&self.spec.name, DEFAULT_CONNECTION)
+            .is_some_and(|r| r.seeded_from.as_deref() == Some(digest.as_str()))
+        {
+            return;
+        }
+        let now = unix_secs(self.now());
+        let record = ConnectionRecord {
+            state: ConnectionState::Connected,
+            refresh_token: Some(rt.expose().to_string()),
+            refresh_token_expires_at: None,
+            error: None,
+            seeded_from: Some(digest),
+            created_at: now,
+            updated_at: now,
+        };
+        let slot = self.shared.slot(&self.spec.name, DEFAULT_CONNECTION);
+        let _one_fetch = slot.fetch.lock().await;
+        match self
+            .shared
+            .persist(&self.spec.name, DEFAULT_CONNECTION, record)
+            .await
+        {
+            Ok(()) => {
+                slot.clear();
+                tracing::info!(credential = %self.spec.name, "connection `default` seeded from the configured refresh_token");
+            }
+            Err(e) => {
+                tracing::error!(credential = %self.spec.name, error = %e, "cannot store the configured refresh_token")
+            }
+        }
+    }
+}
+
+/// Retries a background refresh with exponential backoff and jitter (`backon`), on the injected
+/// clock, while the error is transient and the current token still valid; after that, requests take
+/// over (and deny rather than serve an expired token).
+async fn refresh_with_backoff(
+    weak: Weak<Credential>,
+    slot: Arc<Slot>,
+    connection: String,
+    clock: Arc<dyn super::Clock>,
+    fingerprint: [u8; 32],
+) {
+    let attempt = {
+        let slot = slot.clone();
+        move || refresh_attempt(weak.clone(), slot.clone(), connection.clone())
+    };
+    let _ = attempt
+        .retry(super::cache::backoff())
+        .sleep(clock_sleeper(clock.clone()))
+        .when(while_valid(slot, clock, fingerprint))
+        .await;
+}
+
+fn clock_sleeper(
+    clock: Arc<dyn super::Clock>,
+) -> impl Fn(Duration) -> super::clock::Sleep + Send + Sync + 'static {
+    move |d| clock.sleep_until(clock.now() + d)
+}
+
+fn while_valid(
+    slot: Arc<Slot>,
+    clock: Arc<dyn super::Clock>,
+    fingerprint: [u8; 32],
+) -> impl FnMut(&TokenError) -> bool + Send + 'static {
+    move |e| e.is_transient() && slot.valid(&fingerprint, clock.now()).is_some()
+}
+
+async fn refresh_attempt(
+    weak: Weak<Credential>,
+    slot: Arc<Slot>,
+    connection: String,
+) -> Result<(), TokenError> {
+    // A reload that changed the credential's settings ends the refresh of the old version.
+    let Some(cred) = weak.upgrade() else {
+        return Ok(());
+    };
+    let _one_fetch = slot.fetch.lock().await;
+    let now = cred.now();
+    if slot
+        .valid(&cred.fingerprint, now)
+        .is_some_and(|t| t.fresh_at(now))
+    {
+        return Ok(());
+    }
+    Counters::count(&cred.counters.refresh);
+    match cred.fetch(&connection, now).await {
+        Ok(token) => {
+            cred.install(&slot, Arc::new(token), &connection);
+            Ok(())
+        }
+        Err(e) => {
+            cred.failed(&slot, &e, now);
+            Err(e)
+        }
+    }
+}
+
+fn lock(gate: &Mutex<Gate>) -> std::sync::MutexGuard<'_, Gate> {
+    // Plain data; a panic while it was held cannot leave it inconsistent.
+    gate.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// "3s" for messages.
+fn wait(now: SystemTime, until: SystemTime) -> String {
+    let d = until.duration_since(now).unwrap_or(Duration::ZERO);
+    humantime::format_duration(Duration::from_millis(
+        d.as_millis().min(u128::from(u64::MAX)) as u64 / 100 * 100,
+    ))
+    .to_string()
+}

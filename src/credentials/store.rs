@@ -1,0 +1,669 @@
+//! The persistent store: connections and their refresh tokens, encrypted, in one embedded file.
+//!
+//! The file is a [`redb`] database (crash-safe: a committed write transaction is durable, so a write
+//! that was acknowledged survives a `kill -9`). Every value is sealed with AES-256-GCM under
+//! `store.key` with a fresh random nonce per write and the record's identity (table and key) as
+//! associated data, so a record cannot be moved to another connection or credential undetected.
+//!
+//! Opening never resets anything. A key-check record (a known plaintext sealed under the key) tells
+//! a wrong key from a corrupt file, and both are startup errors that leave the file as it was: the
+//! file is first read through a read-only handle; only after the key and every record verified is
+//! it opened for writing.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use redb::{
+    Database, DatabaseError, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
+const KEY_CHECK: &str = "key_check";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"portcullis store v1";
+/// Format of a sealed value: version byte, 96-bit nonce, ciphertext with the GCM tag.
+const SEAL_VERSION: u8 = 1;
+const NONCE_LEN: usize = 12;
+
+/// Why the store cannot be used. Messages name the file and the cause; never the key.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The key does not open the file's key-check record.
+    #[error(
+        "store {path}: wrong key: `store.key` does not decrypt this store (the file was left untouched)"
+    )]
+    WrongKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is damaged, altered or not a portcullis store.
+    #[error(
+        "store {path}: the file is corrupt or not a portcullis store: {detail} (the file was left untouched)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+    /// Another process holds the file.
+    #[error("store {path}: the file is in use by another process")]
+    Locked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file cannot be read or written.
+    #[error("store {path}: {detail}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        detail: String,
+    },
+}
+
+/// How far a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    /// Holds a refresh token that worked the last time.
+    Connected,
+    /// Consent is needed (first, or again after the refresh token was refused).
+    NeedsConsent,
+    /// The last refresh failed for another reason; `error` says which.
+    Error,
+}
+
+impl ConnectionState {
+    /// As shown by the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Connected => "connected",
+            ConnectionState::NeedsConsent => "needs_consent",
+            ConnectionState::Error => "error",
+        }
+    }
+}
+
+/// What is persisted for one connection (sealed as a whole).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// Connected, needs consent or error.
+    pub state: ConnectionState,
+    /// The current refresh token.
+    pub refresh_token: Option<String>,
+    /// When the refresh token expires, if the provider said (Unix seconds).
+    pub refresh_token_expires_at: Option<u64>,
+    /// A safe description of the last failure.
+    pub error: Option<String>,
+    /// SHA-256 (hex) of the configured `refresh_token` this record was seeded from, so a new value
+    /// in the config replaces a rotated one while an unchanged one does not.
+    pub seeded_from: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+impl std::fmt::Debug for ConnectionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionRecord")
+            .field("state", &self.state)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("error", &self.error)
+            .field("updated_at", &self.updated_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The open store. Reads come from an in-memory copy (the request path never touches the disk);
+/// writes go to the file first and to the copy once committed.
+pub struct Store {
+    db: Database,
+    cipher: Aes256Gcm,
+    path: PathBuf,
+    records: Mutex<BTreeMap<(String, String), ConnectionRecord>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decodes `store.key`: 32 bytes in base64 (standard or URL-safe alphabet, padding optional).
+pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let t = text.trim();
+    let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|e| e.decode(t).ok())
+        .ok_or_else(|| {
+            "is not base64; generate a key with `openssl rand -base64 32`".to_string()
+        })?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| format!("must be 32 bytes (256 bits) in base64, this is {} bytes; generate one with `openssl rand -base64 32`", bytes.len()))
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (mode 0600) when the file does not exist.
+    pub fn open(path: &Path, key: &[u8; 32]) -> Result<Store, StoreError> {
+        let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| StoreError::Io {
+            path: path.into(),
+            detail: "invalid key length".into(),
+        })?;
+        let io = |e: std::io::Error| StoreError::Io {
+            path: path.into(),
+            detail: e.to_string(),
+        };
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Store::create(path, cipher);
+            }
+            Err(e) => return Err(io(e)),
+            Ok(m) if !m.is_file() => {
+                return Err(StoreError::Io {
+                    path: path.into(),
+                    detail: "is not a regular file".into(),
+                });
+            }
+            // An empty file is not a store that was never written: refuse rather than initialise it.
+            Ok(m) if m.len() == 0 => {
+                return Err(StoreError::Corrupt {
+                    path: path.into(),
+                    detail: "the file is empty".into(),
+                });
+            }
+            Ok(_) => {}
+        }
+        match open_read_only(path) {
+            Ok(ro) => {
+                verify(&ro, &cipher, path)?;
+                drop(ro);
+            }
+            // After an unclean stop (kill -9) redb must repair the file before reading it, which
+            // writes. Verify the key on a copy first so a wrong key still leaves the file untouched.
+            Err(DatabaseError::RepairAborted) => verify_copy(path, &cipher)?,
+            Err(e) => return Err(classify(e, path)),
+        }
+        let db = guarded(|| Database::open(path)).map_err(|e| classify(e, path))?;
+        let records = load(&db, &cipher, path)?;
+        Ok(Store {
+            db,
+            cipher,
+            path: path.into(),
+            records: Mutex::new(records),
+        })
+    }
+
+    fn create(path: &Path, cipher: Aes256Gcm) -> Result<Store, StoreError> {
+        let io = |e: std::io::Error| StoreError::Io {
+            path: path.into(),
+            detail: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Only the service user may read the (encrypted) tokens.
+            opts.mode(0o600);
+        }
+        let file = opts.open(path).map_err(io)?;
+        let backend = redb::backends::FileBackend::new(file).map_err(|e| classify(e, path))?;
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| classify(e, path))?;
+        let store = Store {
+            db,
+            cipher,
+            path: path.into(),
+            records: Mutex::new(BTreeMap::new()),
+        };
+        let sealed = store.seal(&aad("meta", KEY_CHECK), KEY_CHECK_PLAINTEXT);
+        store.write(|txn| {
+            txn.open_table(META)?.insert(KEY_CHECK, sealed.as_slice())?;
+            txn.open_table(CONNECTIONS)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One connection's record.
+    pub fn get(&self, credential: &str, connection: &str) -> Option<ConnectionRecord> {
+        self.lock()
+            .get(&(credential.to_string(), connection.to_string()))
+            .cloned()
+    }
+
+    /// Whether a connection exists.
+    pub fn contains(&self, credential: &str, connection: &str) -> bool {
+        self.lock()
+            .contains_key(&(credential.to_string(), connection.to_string()))
+    }
+
+    /// Every connection of a credential, by id.
+    pub fn list(&self, credential: &str) -> Vec<(String, ConnectionRecord)> {
+        self.lock()
+            .iter()
+            .filter(|((c, _), _)| c == credential)
+            .map(|((_, id), r)| (id.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Number of connections of a credential.
+    pub fn count(&self, credential: &str) -> usize {
+        self.lock().keys().filter(|(c, _)| c == credential).count()
+    }
+
+    /// Writes a record durably (blocking: fsync). Returns once the write is committed.
+    pub fn put(
+        &self,
+        credential: &str,
+        connection: &str,
+        record: &ConnectionRecord,
+    ) -> Result<(), StoreError> {
+        let key = record_key(credential, connection);
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        let sealed = self.seal(&aad("connections", &key), &json);
+        self.write(|txn| {
+            txn.open_table(CONNECTIONS)?
+                .insert(key.as_str(), sealed.as_slice())?;
+            Ok(())
+        })?;
+        self.lock().insert(
+            (credential.to_string(), connection.to_string()),
+            record.clone(),
+        );
+        Ok(())
+    }
+
+    /// Deletes a record durably. Returns whether it existed.
+    pub fn delete(&self, credential: &str, connection: &str) -> Result<bool, StoreError> {
+        let key = record_key(credential, connection);
+        let mut existed = false;
+        self.write(|txn| {
+            existed = txn.open_table(CONNECTIONS)?.remove(key.as_str())?.is_some();
+            Ok(())
+        })?;
+        self.lock()
+            .remove(&(credential.to_string(), connection.to_string()));
+        Ok(existed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), ConnectionRecord>> {
+        // The map is only ever replaced whole per entry; a panic elsewhere cannot leave it torn.
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        let err = |e: redb::Error| StoreError::Io {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        };
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        f(&txn).map_err(err)?;
+        // Durability::Immediate (the default): commit returns after the data is on disk.
+        txn.commit().map_err(|e| err(e.into()))
+    }
+
+    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        let nonce = Nonce::from(nonce_bytes);
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + 16);
+        out.push(SEAL_VERSION);
+        out.extend_from_slice(&nonce_bytes);
+        // Encryption with a valid key and nonce cannot fail for inputs far below GCM's 64 GiB limit;
+        // an empty value would only make the record unreadable (detected at open), never leak.
+        let ct = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .unwrap_or_default();
+        out.extend_from_slice(&ct);
+        out
+    }
+}
+
+fn record_key(credential: &str, connection: &str) -> String {
+    // Credential names are [A-Za-z0-9._-] and connection ids carry no control characters, so NUL
+    // separates them unambiguously.
+    format!("{credential}\u{0}{connection}")
+}
+
+fn aad(table: &str, key: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(table.len() + key.len() + 1);
+    v.extend_from_slice(table.as_bytes());
+    v.push(0);
+    v.extend_from_slice(key.as_bytes());
+    v
+}
+
+fn open_sealed(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != SEAL_VERSION {
+        return None;
+    }
+    let nonce_bytes: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().ok()?;
+    cipher
+        .decrypt(
+            &Nonce::from(nonce_bytes),
+            Payload {
+                msg: &sealed[1 + NONCE_LEN..],
+                aad,
+            },
+        )
+        .ok()
+}
+
+/// redb checks its own invariants with assertions that may panic on a damaged file; a damaged file
+/// must be an error, not a crash.
+fn guarded<T>(f: impl FnOnce() -> Result<T, DatabaseError>) -> Result<T, DatabaseError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(DatabaseError::Storage(redb::StorageError::Corrupted(
+            "the file's structure is damaged".into(),
+        )))
+    })
+}
+
+fn open_read_only(path: &Path) -> Result<ReadOnlyDatabase, DatabaseError> {
+    guarded(|| ReadOnlyDatabase::open(path))
+}
+
+fn classify(e: DatabaseError, path: &Path) -> StoreError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            StoreError::Locked { path: path.into() }
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() != std::io::ErrorKind::InvalidData
+                && io.kind() != std::io::ErrorKind::UnexpectedEof =>
+        {
+            StoreError::Io {
+                path: path.into(),
+                detail: io.to_string(),
+            }
+        }
+        other => StoreError::Corrupt {
+            path: path.into(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Checks the key-check record and that every record opens, through any readable handle.
+fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result<(), StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.into(),
+        detail,
+    };
+    let txn = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
+    let meta = txn
+        .open_table(META)
+        .map_err(|e| corrupt(format!("no key-check record ({e})")))?;
+    let check = meta
+        .get(KEY_CHECK)
+        .map_err(|e| corrupt(e.to_string()))?
+        .ok_or_else(|| corrupt("no key-check record".into()))?;
+    match open_sealed(cipher, &aad("meta", KEY_CHECK), check.value()) {
+        Some(p) if p == KEY_CHECK_PLAINTEXT => {}
+        Some(_) => return Err(corrupt("the key-check record is altered".into())),
+        None => return Err(StoreError::WrongKey { path: path.into() }),
+    }
+    let table = txn
+        .open_table(CONNECTIONS)
+        .map_err(|e| corrupt(e.to_string()))?;
+    for entry in table.iter().map_err(|e| corrupt(e.to_string()))? {
+        let (k, v) = entry.map_err(|e| corrupt(e.to_string()))?;
+        let key = k.value();
+        let plain = open_sealed(cipher, &aad("connections", key), v.value()).ok_or_else(|| {
+            corrupt(format!(
+                "record {:?} does not decrypt",
+                key.replace('\0', "/")
+            ))
+        })?;
+        serde_json::from_slice::<ConnectionRecord>(&plain)
+            .map_err(|e| corrupt(format!("record {:?}: {e}", key.replace('\0', "/"))))?;
+    }
+    Ok(())
+}
+
+fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Io {
+        path: path.into(),
+        detail: e.to_string(),
+    };
+    let copy = std::env::temp_dir().join(format!(
+        "portcullis-store-verify-{:032x}.db",
+        rand::random::<u128>()
+    ));
+    std::fs::copy(path, &copy).map_err(io)?;
+    let result = guarded(|| Database::open(&copy))
+        .map_err(|e| classify(e, path))
+        .and_then(|db| verify(&db, cipher, path));
+    let _ = std::fs::remove_file(&copy);
+    result
+}
+
+fn load(
+    db: &Database,
+    cipher: &Aes256Gcm,
+    path: &Path,
+) -> Result<BTreeMap<(String, String), ConnectionRecord>, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.into(),
+        detail,
+    };
+    let txn = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
+    let table = txn
+        .open_table(CONNECTIONS)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for entry in table.iter().map_err(|e| corrupt(e.to_string()))? {
+        let (k, v) = entry.map_err(|e| corrupt(e.to_string()))?;
+        let key = k.value();
+        let plain = open_sealed(cipher, &aad("connections", key), v.value())
+            .ok_or_else(|| corrupt("a record does not decrypt".into()))?;
+        let record: ConnectionRecord =
+            serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
+        let (cred, conn) = key
+            .split_once('\0')
+            .ok_or_else(|| corrupt("a record key is malformed".into()))?;
+        out.insert((cred.to_string(), conn.to_string()), record);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(rt: &str) -> ConnectionRecord {
+        ConnectionRecord {
+            state: ConnectionState::Connected,
+            refresh_token: Some(rt.into()),
+            refresh_token_expires_at: None,
+            error: None,
+            seeded_from: None,
+            created_at: 1,
+            updated_at: 2,
+        }
+    }
+
+    fn sha(path: &Path) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+    }
+
+    #[test]
+    fn records_survive_reopen_and_are_not_stored_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/store.db");
+        let key = [7u8; 32];
+        {
+            let s = Store::open(&path, &key).unwrap();
+            s.put("crm", "alice", &record("rt-secret-value-1")).unwrap();
+            s.put("crm", "bob", &record("rt-secret-value-2")).unwrap();
+            assert!(s.delete("crm", "bob").unwrap());
+            assert!(!s.delete("crm", "nobody").unwrap());
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(17).any(|w| w == b"rt-secret-value-1"),
+            "the refresh token is encrypted on disk"
+        );
+        let s = Store::open(&path, &key).unwrap();
+        assert_eq!(
+            s.get("crm", "alice").unwrap().refresh_token.as_deref(),
+            Some("rt-secret-value-1")
+        );
+        assert!(s.get("crm", "bob").is_none());
+        assert_eq!(s.list("crm").len(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_is_an_error_and_the_file_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        Store::open(&path, &[1u8; 32])
+            .unwrap()
+            .put("crm", "alice", &record("rt"))
+            .unwrap();
+        let before = sha(&path);
+        let err = Store::open(&path, &[2u8; 32]).unwrap_err();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains("wrong key"));
+        assert_eq!(sha(&path), before);
+        // The right key still opens it.
+        assert!(
+            Store::open(&path, &[1u8; 32])
+                .unwrap()
+                .get("crm", "alice")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_file_is_an_error_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        std::fs::write(
+            &path,
+            b"this is not a database at all, just some bytes".repeat(200),
+        )
+        .unwrap();
+        let before = sha(&path);
+        let err = Store::open(&path, &[1u8; 32]).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert_eq!(sha(&path), before);
+
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            Store::open(&empty, &[1u8; 32]).unwrap_err(),
+            StoreError::Corrupt { .. }
+        ));
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_record_moved_to_another_identity_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = [3u8; 32];
+        {
+            let s = Store::open(&path, &key).unwrap();
+            s.put("crm", "alice", &record("rt-a")).unwrap();
+            // Copy alice's sealed value under bob's key, as an attacker with file access could.
+            let sealed = {
+                let txn = s.db.begin_read().unwrap();
+                let t = txn.open_table(CONNECTIONS).unwrap();
+                t.get(record_key("crm", "alice").as_str())
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec()
+            };
+            s.write(|txn| {
+                txn.open_table(CONNECTIONS)?
+                    .insert(record_key("crm", "bob").as_str(), sealed.as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        let err = Store::open(&path, &key).unwrap_err();
+        assert!(err.to_string().contains("does not decrypt"), "{err}");
+    }
+
+    #[test]
+    fn every_write_uses_a_fresh_nonce() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.db"), &[9u8; 32]).unwrap();
+        let a = s.seal(b"x", b"same plaintext");
+        let b = s.seal(b"x", b"same plaintext");
+        assert_ne!(a, b);
+        assert_eq!(open_sealed(&s.cipher, b"x", &a).unwrap(), b"same plaintext");
+        assert!(
+            open_sealed(&s.cipher, b"y", &a).is_none(),
+            "associated data is bound"
+        );
+    }
+
+    #[test]
+    fn key_format() {
+        assert!(decode_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_ok());
+        assert!(decode_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").is_ok());
+        assert!(decode_key("short").unwrap_err().contains("base64"));
+        assert!(decode_key("AAAA").unwrap_err().contains("3 bytes"));
+        assert!(decode_key("not base64 !!").is_err());
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let _first = Store::open(&path, &[1u8; 32]).unwrap();
+        let err = Store::open(&path, &[1u8; 32]).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Locked { .. } | StoreError::Corrupt { .. }),
+            "{err}"
+        );
+    }
+}

@@ -95,7 +95,11 @@ impl Credential {
                     .unwrap_or_default(),
             ),
             GrantKind::ClientCredentials => {
-                Kind::ClientCredentials(shared.slot(&spec.name, DEFAULT_CONNECTION))
+                let slot = shared.slot(&spec.name, DEFAULT_CONNECTION);
+                // One token shared by every request: kept warm, refreshed ahead of expiry.
+                slot.proactive
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Kind::ClientCredentials(slot)
             }
             GrantKind::RefreshToken => Kind::RefreshToken,
             GrantKind::TokenExchange => Kind::TokenExchange {
@@ -159,12 +163,14 @@ impl Credential {
         if let Some(t) = slot.valid(&self.fingerprint, now) {
             return Ok(t);
         }
-        if let Some(until) = slot.meta().gate.closed_until(now) {
-            let last = slot
-                .meta()
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "the last attempt failed".into());
+        let gate = {
+            let m = slot.meta();
+            m.gate
+                .closed_until(now)
+                .map(|until| (until, m.last_error.clone()))
+        };
+        if let Some((until, last)) = gate {
+            let last = last.unwrap_or_else(|| "the last attempt failed".into());
             return Err(Unavailable::Failed(format!(
                 "{last}; next attempt in {}",
                 wait(now, until)
@@ -373,7 +379,8 @@ impl Credential {
             cache.invalidate(&key).await;
         }
         Counters::count(&self.counters.miss);
-        if let Some(until) = lock(gate).closed_until(now) {
+        let closed = lock(gate).closed_until(now);
+        if let Some(until) = closed {
             return Err(Unavailable::Failed(format!(
                 "token exchange failed recently; next attempt in {}",
                 wait(now, until)

@@ -20,6 +20,9 @@ use portcullis::config;
 use portcullis::credentials::{Clock, ManualClock, Registry};
 use portcullis::policy::{self, CheckInput, Decision, EvalOptions, Outcome, PolicySet, Runtime};
 
+/// (authorization header, form body) of one token request.
+type Form = (Option<String>, String);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Ok,
@@ -40,7 +43,7 @@ struct Fake {
     hits: Arc<AtomicUsize>,
     mode: Arc<Mutex<Mode>>,
     expires_in: Arc<AtomicU64>,
-    forms: Arc<Mutex<Vec<(Option<String>, String)>>>,
+    forms: Arc<Mutex<Vec<Form>>>,
     server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -113,7 +116,8 @@ impl Fake {
     async fn set(&self, mode: Mode) {
         let was = std::mem::replace(&mut *self.mode.lock().unwrap(), mode);
         if mode == Mode::Down && was != Mode::Down {
-            if let Some(t) = self.server.lock().unwrap().take() {
+            let task = self.server.lock().unwrap().take();
+            if let Some(t) = task {
                 t.abort();
                 let _ = t.await;
             }

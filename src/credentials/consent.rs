@@ -140,7 +140,7 @@ impl Registry {
                         v["connections"] =
                             json!({"connected": ok, "needs_consent": consent, "error": error});
                     }
-                    Kind::TokenExchange { .. } => {
+                    Kind::TokenExchange(_) => {
                         v["state"] = json!("connected");
                         v["cached_tokens"] = json!(c.exchange_entries());
                     }
@@ -188,7 +188,7 @@ impl Registry {
                     json!({"id": "default", "state": if token.is_some() { "connected" } else if error.is_some() { "error" } else { "idle" }, "error": error, "access_token": token_json(token.as_deref(), now)}),
                 ]
             }
-            Kind::Fixed(_) | Kind::TokenExchange { .. } => {
+            Kind::Fixed(_) | Kind::TokenExchange(_) => {
                 vec![json!({"id": "default", "state": "connected"})]
             }
         };
@@ -222,12 +222,12 @@ impl Registry {
                 "a connection id is 1 to 256 characters without control characters".into(),
             ));
         }
-        if let Some(r) = &redirect_after {
-            if !(r.starts_with("https://") || r.starts_with("http://")) {
-                return Err(AdminError::BadRequest(
-                    "`redirect_after` must be an http(s) URL".into(),
-                ));
-            }
+        if let Some(r) = &redirect_after
+            && !(r.starts_with("https://") || r.starts_with("http://"))
+        {
+            return Err(AdminError::BadRequest(
+                "`redirect_after` must be an http(s) URL".into(),
+            ));
         }
         if self.shared.store().is_none() {
             return Err(AdminError::Unavailable("the store is not open".into()));

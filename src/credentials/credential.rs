@@ -57,10 +57,13 @@ pub(super) enum Kind {
     /// versions of the config never refresh one connection at once).
     RefreshToken,
     /// `token_exchange`: results per caller token.
-    TokenExchange {
-        cache: moka::future::Cache<[u8; 32], Arc<Token>>,
-        gate: Mutex<Gate>,
-    },
+    TokenExchange(Box<Exchange>),
+}
+
+/// Token-exchange results per caller token, and the backoff after provider failures.
+pub(super) struct Exchange {
+    cache: moka::future::Cache<[u8; 32], Arc<Token>>,
+    gate: Mutex<Gate>,
 }
 
 /// Expires token-exchange results when they stop being fresh by the injected clock (memory
@@ -102,13 +105,13 @@ impl Credential {
                 Kind::ClientCredentials(slot)
             }
             GrantKind::RefreshToken => Kind::RefreshToken,
-            GrantKind::TokenExchange => Kind::TokenExchange {
+            GrantKind::TokenExchange => Kind::TokenExchange(Box::new(Exchange {
                 cache: moka::future::Cache::builder()
                     .max_capacity(EXCHANGE_CACHE_CAPACITY)
                     .expire_after(FreshFor(shared.clock.clone()))
                     .build(),
                 gate: Mutex::new(Gate::default()),
-            },
+            })),
         };
         Credential {
             spec,
@@ -203,10 +206,10 @@ impl Credential {
             clock.sleep_until(token.fresh_until).await;
             // Only if this token is still the current one, and the credential still configured.
             let current = slot.token.load_full();
-            if current.is_some_and(|c| Arc::ptr_eq(&c, &token)) {
-                if let Some(cred) = weak.upgrade() {
-                    cred.spawn_refresh(&slot, &connection);
-                }
+            if current.is_some_and(|c| Arc::ptr_eq(&c, &token))
+                && let Some(cred) = weak.upgrade()
+            {
+                cred.spawn_refresh(&slot, &connection);
             }
         });
     }
@@ -360,11 +363,12 @@ impl Credential {
         subject: &str,
         subject_exp: Option<SystemTime>,
     ) -> Result<Arc<Token>, Unavailable> {
-        let Kind::TokenExchange { cache, gate } = &self.kind else {
+        let Kind::TokenExchange(ex) = &self.kind else {
             return Err(Unavailable::Failed(
                 "not a token exchange credential".into(),
             ));
         };
+        let (cache, gate) = (&ex.cache, &ex.gate);
         let now = self.now();
         if subject_exp.is_some_and(|e| e <= now) {
             return Err(Unavailable::Failed("the caller's token has expired".into()));
@@ -426,7 +430,7 @@ impl Credential {
     /// Number of cached token-exchange results.
     pub(super) fn exchange_entries(&self) -> Option<u64> {
         match &self.kind {
-            Kind::TokenExchange { cache, .. } => Some(cache.entry_count()),
+            Kind::TokenExchange(ex) => Some(ex.cache.entry_count()),
             _ => None,
         }
     }

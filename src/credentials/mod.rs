@@ -155,10 +155,10 @@ impl Registry {
 
     /// Makes `set` the credentials in force (called once its config compiled without error).
     pub fn publish(&self, set: &CredentialSet) {
-        if let (Some(open), Some(spec)) = (self.shared.store(), &set.inner.store) {
-            if open.path() != spec.path {
-                tracing::warn!(store = %spec.path.display(), open = %open.path().display(), "`store` changed: it applies after a restart");
-            }
+        if let (Some(open), Some(spec)) = (self.shared.store(), &set.inner.store)
+            && open.path() != spec.path
+        {
+            tracing::warn!(store = %spec.path.display(), open = %open.path().display(), "`store` changed: it applies after a restart");
         }
         {
             let mut slots = self.shared.slots.write().unwrap_or_else(|p| p.into_inner());
@@ -347,7 +347,7 @@ impl BackendCredentialPolicy {
                 self.connection_token(connection.as_deref().unwrap_or(DEFAULT_CONNECTION))
                     .await
             }
-            Kind::TokenExchange { .. } => match ctx.raw_token {
+            Kind::TokenExchange(_) => match ctx.raw_token {
                 Some(subject) => {
                     let exp = ctx
                         .claims
@@ -611,34 +611,33 @@ pub fn compile_backend_credential(
 
 /// Splits `format` at its one `{token}`; `{{` and `}}` are literal braces.
 fn parse_format(format: &str) -> Result<(String, String), String> {
-    let mut parts = vec![String::new()];
+    let mut done: Vec<String> = Vec::new();
+    let mut cur = String::new();
     let mut chars = format.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '{' if chars.peek() == Some(&'{') => {
                 chars.next();
-                parts.last_mut().map(|p| p.push('{'));
+                cur.push('{');
             }
             '}' if chars.peek() == Some(&'}') => {
                 chars.next();
-                parts.last_mut().map(|p| p.push('}'));
+                cur.push('}');
             }
             '{' => {
                 let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
                 if name.trim() != "token" {
                     return Err(format!("`{{{name}}}`: the only placeholder is {{token}}"));
                 }
-                parts.push(String::new());
+                done.push(std::mem::take(&mut cur));
             }
             '}' => return Err("unmatched `}` (write `}}` for a literal brace)".into()),
             c if c.is_control() => return Err("must not contain control characters".into()),
-            c => {
-                parts.last_mut().map(|p| p.push(c));
-            }
+            c => cur.push(c),
         }
     }
-    match <[String; 2]>::try_from(parts) {
-        Ok([prefix, suffix]) => Ok((prefix, suffix)),
+    match <[String; 1]>::try_from(done) {
+        Ok([prefix]) => Ok((prefix, cur)),
         Err(_) => Err("must contain {token} exactly once, e.g. \"Bearer {token}\"".into()),
     }
 }

@@ -326,13 +326,13 @@ pub fn compile_credential(
             ClientAuth::Basic
         }
     };
-    if let Some(id) = &c.client_id {
-        if id.is_empty() || id.chars().any(char::is_control) {
-            errs.push(
-                format!("{path}.client_id"),
-                "must be non-empty text without control characters",
-            );
-        }
+    if let Some(id) = &c.client_id
+        && (id.is_empty() || id.chars().any(char::is_control))
+    {
+        errs.push(
+            format!("{path}.client_id"),
+            "must be non-empty text without control characters",
+        );
     }
     let duration =
         |field: &str, v: &Option<String>, default: Duration, errs: &mut ConfigErrors| match v {

@@ -50,10 +50,11 @@ fn error(e: &AdminError) -> Response {
     json(status, &serde_json::json!({"error": e.to_string()}))
 }
 
-/// Checks the bearer token against the configured digest, in constant time.
-fn authorize(state: &State, headers: &HeaderMap) -> Result<(), Response> {
+/// Checks the bearer token against the configured digest, in constant time; the refusal to send
+/// when it does not match.
+fn refuse(state: &State, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = state.settings.admin_token_sha256 else {
-        return Err(StatusCode::NOT_FOUND.into_response());
+        return Some(StatusCode::NOT_FOUND.into_response());
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -66,7 +67,7 @@ fn authorize(state: &State, headers: &HeaderMap) -> Result<(), Response> {
         bool::from(digest.ct_eq(&expected))
     });
     if ok {
-        Ok(())
+        None
     } else {
         let mut r = json(
             StatusCode::UNAUTHORIZED,
@@ -76,12 +77,12 @@ fn authorize(state: &State, headers: &HeaderMap) -> Result<(), Response> {
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
         );
-        Err(r)
+        Some(r)
     }
 }
 
 async fn list_credentials(AxState(state): AxState<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
+    if let Some(r) = refuse(&state, &headers) {
         return r;
     }
     json(
@@ -95,7 +96,7 @@ async fn list_connections(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
+    if let Some(r) = refuse(&state, &headers) {
         return r;
     }
     match state.runtime.credentials.admin_connections(&name) {
@@ -117,7 +118,7 @@ async fn start_consent(
     Path((name, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
+    if let Some(r) = refuse(&state, &headers) {
         return r;
     }
     let body: ConsentBody = if body.iter().all(u8::is_ascii_whitespace) {
@@ -147,7 +148,7 @@ async fn delete_connection(
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
+    if let Some(r) = refuse(&state, &headers) {
         return r;
     }
     match state

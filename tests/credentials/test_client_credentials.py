@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, denied, eventually, grant_count, injected_token, start_idp, verify
+from credentials_harness import BIN, denied, eventually, grant_count, injected_token, start_idp, verify
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import (ADMIN_TOKEN, OTHER_KEY, IdpError, admin, denied, drive_consent, eventually, free_port,
+from credentials_harness import (ADMIN_TOKEN, OTHER_KEY, IdpError, admin, denied, drive_consent, eventually, free_port,
                       grant_count, injected_token, start_idp, verify)
 
 WEB_SECRET = "web-app-secret"

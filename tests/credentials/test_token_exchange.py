@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, grant_count, injected_token, start_idp, verify
+from credentials_harness import BIN, grant_count, injected_token, start_idp, verify
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 

@@ -200,7 +200,8 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::offline()));
+    // Signing keys may be fetched (once, when the JWT step needs them); nothing else leaves the process.
+    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::on_demand()));
     let (policy, _) = match compiled {
         Ok(c) => c,
         Err(errs) => return fail(format!("{} is invalid:\n{errs}", path.display())),

@@ -16,7 +16,7 @@ fn validate_the_bundled_example() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("valid"), "{stdout}");
-    assert!(stdout.contains("3 APIs"), "{stdout}");
+    assert!(stdout.contains("4 APIs"), "{stdout}");
 }
 
 #[test]

@@ -51,8 +51,17 @@ impl Verified {
         alg: super::jose::Algorithm,
         token_len: usize,
     ) -> Self {
-        let weight = u32::try_from(token_len.saturating_mul(2).saturating_add(256)).unwrap_or(u32::MAX);
-        Verified { provider_id, key_fingerprint, claims: Arc::new(claims), exp, nbf, alg, weight }
+        let weight =
+            u32::try_from(token_len.saturating_mul(2).saturating_add(256)).unwrap_or(u32::MAX);
+        Verified {
+            provider_id,
+            key_fingerprint,
+            claims: Arc::new(claims),
+            exp,
+            nbf,
+            alg,
+            weight,
+        }
     }
 }
 
@@ -63,17 +72,26 @@ pub struct TokenCache {
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCache").field("entries", &self.inner.entry_count()).finish()
+        f.debug_struct("TokenCache")
+            .field("entries", &self.inner.entry_count())
+            .finish()
     }
 }
 
 struct UntilExp;
 
 impl moka::Expiry<[u8; 32], Arc<Verified>> for UntilExp {
-    fn expire_after_create(&self, _key: &[u8; 32], v: &Arc<Verified>, _now: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        v: &Arc<Verified>,
+        _now: Instant,
+    ) -> Option<Duration> {
         let age = match v.exp {
             Some(exp) => {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
                 // Lifetime is checked on every use anyway; this only frees memory. A little slack
                 // keeps entries for `exp + clock_skew` useful without tracking each API's skew.
                 Duration::try_from_secs_f64((exp - now).max(0.0) + 60.0).unwrap_or(MAX_AGE)
@@ -88,7 +106,11 @@ impl TokenCache {
     /// An empty cache holding at most `max_bytes` (estimated).
     pub fn new(max_bytes: u64) -> Self {
         TokenCache {
-            inner: moka::sync::Cache::builder().max_capacity(max_bytes).weigher(|_k, v: &Arc<Verified>| v.weight).expire_after(UntilExp).build(),
+            inner: moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_k, v: &Arc<Verified>| v.weight)
+                .expire_after(UntilExp)
+                .build(),
         }
     }
 

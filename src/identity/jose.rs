@@ -102,7 +102,12 @@ impl Algorithm {
     pub const fn key_kind(self) -> KeyKind {
         match self {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => KeyKind::Hmac,
-            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => KeyKind::Rsa,
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => KeyKind::Rsa,
             Algorithm::ES256 => KeyKind::P256,
             Algorithm::ES384 => KeyKind::P384,
             Algorithm::EdDSA => KeyKind::Ed25519,
@@ -170,10 +175,20 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, ParseError> {
     }
     let mut parts = token.splitn(3, '.');
     // Three segments were just counted, so each `next()` yields one; `unwrap_or_default` is never hit.
-    let (h, p, s) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-    let header_bytes = URL_SAFE_NO_PAD.decode(h).map_err(|_| ParseError::Base64("header"))?;
-    let payload_bytes = URL_SAFE_NO_PAD.decode(p).map_err(|_| ParseError::Base64("payload"))?;
-    let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| ParseError::Base64("signature"))?;
+    let (h, p, s) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let header_bytes = URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|_| ParseError::Base64("header"))?;
+    let payload_bytes = URL_SAFE_NO_PAD
+        .decode(p)
+        .map_err(|_| ParseError::Base64("payload"))?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| ParseError::Base64("signature"))?;
 
     let header = strict_object(&header_bytes).map_err(|e| ParseError::Json("header", e))?;
     let claims = strict_object(&payload_bytes).map_err(|e| ParseError::Json("payload", e))?;
@@ -190,10 +205,20 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, ParseError> {
     if header.contains_key("crit") {
         return Err(ParseError::Critical);
     }
-    if header.get("cty").and_then(Value::as_str).is_some_and(|c| c.eq_ignore_ascii_case("JWT")) {
+    if header
+        .get("cty")
+        .and_then(Value::as_str)
+        .is_some_and(|c| c.eq_ignore_ascii_case("JWT"))
+    {
         return Err(ParseError::Nested);
     }
-    Ok(Parsed { alg, kid, claims, signing_input: &token.as_bytes()[..h.len() + 1 + p.len()], signature })
+    Ok(Parsed {
+        alg,
+        kid,
+        claims,
+        signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
+        signature,
+    })
 }
 
 /// Decodes JSON that must be an object, refusing duplicate member names at any depth.
@@ -287,7 +312,11 @@ mod tests {
 
     #[test]
     fn parses_a_well_formed_token() {
-        let t = token(r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#, r#"{"sub":"alice","n":{"a":[1,2]}}"#, "c2ln");
+        let t = token(
+            r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#,
+            r#"{"sub":"alice","n":{"a":[1,2]}}"#,
+            "c2ln",
+        );
         let p = parse(&t).unwrap();
         assert_eq!(p.alg, "RS256");
         assert_eq!(p.kid.as_deref(), Some("k1"));
@@ -308,13 +337,28 @@ mod tests {
     fn refuses_padding_and_non_base64url() {
         let h = b64(r#"{"alg":"RS256"}"#);
         let p = b64(r#"{"sub":"a"}"#);
-        assert_eq!(parse(&format!("{h}=.{p}.c2ln")).unwrap_err(), ParseError::Base64("header"));
-        assert_eq!(parse(&format!("{h}.{p}.c2ln=")).unwrap_err(), ParseError::Base64("signature"));
-        assert_eq!(parse(&format!("{h}.{p}+/.c2ln")).unwrap_err(), ParseError::Base64("payload"));
-        assert_eq!(parse(&format!("{h}.{p}.c2l*")).unwrap_err(), ParseError::Base64("signature"));
+        assert_eq!(
+            parse(&format!("{h}=.{p}.c2ln")).unwrap_err(),
+            ParseError::Base64("header")
+        );
+        assert_eq!(
+            parse(&format!("{h}.{p}.c2ln=")).unwrap_err(),
+            ParseError::Base64("signature")
+        );
+        assert_eq!(
+            parse(&format!("{h}.{p}+/.c2ln")).unwrap_err(),
+            ParseError::Base64("payload")
+        );
+        assert_eq!(
+            parse(&format!("{h}.{p}.c2l*")).unwrap_err(),
+            ParseError::Base64("signature")
+        );
         // Non-canonical trailing bits: `YR` and `YQ` would otherwise both decode to "a".
         assert!(parse(&format!("{h}.{p}.YQ")).is_ok());
-        assert_eq!(parse(&format!("{h}.{p}.YR")).unwrap_err(), ParseError::Base64("signature"));
+        assert_eq!(
+            parse(&format!("{h}.{p}.YR")).unwrap_err(),
+            ParseError::Base64("signature")
+        );
     }
 
     #[test]
@@ -326,21 +370,56 @@ mod tests {
             (r#"{"alg":"RS256"}"#, r#"{"x":[{"a":1,"a":2}]}"#),
         ] {
             let err = parse(&token(h, p, "c2ln")).unwrap_err();
-            assert!(matches!(err, ParseError::Json(_, ref m) if m.contains("duplicate")), "{h} {p}: {err}");
+            assert!(
+                matches!(err, ParseError::Json(_, ref m) if m.contains("duplicate")),
+                "{h} {p}: {err}"
+            );
         }
     }
 
     #[test]
     fn refuses_crit_nested_and_odd_headers() {
-        assert_eq!(parse(&token(r#"{"alg":"RS256","crit":["exp"],"exp":1}"#, "{}", "c2ln")).unwrap_err(), ParseError::Critical);
-        assert_eq!(parse(&token(r#"{"alg":"RS256","crit":[]}"#, "{}", "c2ln")).unwrap_err(), ParseError::Critical);
-        assert_eq!(parse(&token(r#"{"alg":"RS256","cty":"jwt"}"#, "{}", "c2ln")).unwrap_err(), ParseError::Nested);
-        assert_eq!(parse(&token(r#"{"kid":"a"}"#, "{}", "c2ln")).unwrap_err(), ParseError::NoAlgorithm);
-        assert_eq!(parse(&token(r#"{"alg":1}"#, "{}", "c2ln")).unwrap_err(), ParseError::NoAlgorithm);
-        assert_eq!(parse(&token(r#"{"alg":"RS256","kid":7}"#, "{}", "c2ln")).unwrap_err(), ParseError::KidNotString);
-        assert!(matches!(parse(&token(r#"["alg"]"#, "{}", "c2ln")).unwrap_err(), ParseError::Json("header", _)));
-        assert!(matches!(parse(&token(r#"{"alg":"RS256"}"#, "\"str\"", "c2ln")).unwrap_err(), ParseError::Json("payload", _)));
-        assert!(matches!(parse(&token(r#"{"alg":"RS256"} x"#, "{}", "c2ln")).unwrap_err(), ParseError::Json("header", _)));
+        assert_eq!(
+            parse(&token(
+                r#"{"alg":"RS256","crit":["exp"],"exp":1}"#,
+                "{}",
+                "c2ln"
+            ))
+            .unwrap_err(),
+            ParseError::Critical
+        );
+        assert_eq!(
+            parse(&token(r#"{"alg":"RS256","crit":[]}"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::Critical
+        );
+        assert_eq!(
+            parse(&token(r#"{"alg":"RS256","cty":"jwt"}"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::Nested
+        );
+        assert_eq!(
+            parse(&token(r#"{"kid":"a"}"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::NoAlgorithm
+        );
+        assert_eq!(
+            parse(&token(r#"{"alg":1}"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::NoAlgorithm
+        );
+        assert_eq!(
+            parse(&token(r#"{"alg":"RS256","kid":7}"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::KidNotString
+        );
+        assert!(matches!(
+            parse(&token(r#"["alg"]"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::Json("header", _)
+        ));
+        assert!(matches!(
+            parse(&token(r#"{"alg":"RS256"}"#, "\"str\"", "c2ln")).unwrap_err(),
+            ParseError::Json("payload", _)
+        ));
+        assert!(matches!(
+            parse(&token(r#"{"alg":"RS256"} x"#, "{}", "c2ln")).unwrap_err(),
+            ParseError::Json("header", _)
+        ));
     }
 
     #[test]

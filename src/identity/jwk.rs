@@ -31,7 +31,10 @@ pub struct VerifyingKey {
 }
 
 enum Material {
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     /// Uncompressed point `0x04 || x || y`.
     P256(Vec<u8>),
     P384(Vec<u8>),
@@ -42,7 +45,11 @@ enum Material {
 impl fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the material: for `oct` keys it is a secret.
-        f.debug_struct("VerifyingKey").field("kid", &self.kid).field("kind", &self.kind()).field("alg", &self.alg).finish()
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("kind", &self.kind())
+            .field("alg", &self.alg)
+            .finish()
     }
 }
 
@@ -94,26 +101,36 @@ impl VerifyingKey {
     /// Parses one JWK. `allow_secret`: whether `kty: oct` is acceptable (configuration only).
     pub fn from_jwk(v: &Value, allow_secret: bool) -> Result<VerifyingKey, JwkError> {
         let obj = v.as_object().ok_or(JwkError::NotAnObject)?;
-        let text = |name: &'static str| obj.get(name).and_then(Value::as_str).ok_or(JwkError::Missing(name));
+        let text = |name: &'static str| {
+            obj.get(name)
+                .and_then(Value::as_str)
+                .ok_or(JwkError::Missing(name))
+        };
         let bytes = |name: &'static str| -> Result<Vec<u8>, JwkError> {
             let s = text(name)?;
             // Some publishers pad; the key's value is the same either way.
-            URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).map_err(|_| JwkError::Base64(name))
+            URL_SAFE_NO_PAD
+                .decode(s.trim_end_matches('='))
+                .map_err(|_| JwkError::Base64(name))
         };
-        if let Some(u) = obj.get("use") {
-            if u.as_str() != Some("sig") {
-                return Err(JwkError::NotForSigning);
-            }
+        if let Some(u) = obj.get("use")
+            && u.as_str() != Some("sig")
+        {
+            return Err(JwkError::NotForSigning);
         }
         if let Some(ops) = obj.get("key_ops") {
-            let verifies = ops.as_array().is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));
+            let verifies = ops
+                .as_array()
+                .is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));
             if !verifies {
                 return Err(JwkError::NotForSigning);
             }
         }
         let alg = match obj.get("alg") {
             None => None,
-            Some(Value::String(a)) => Some(Algorithm::parse(a).ok_or_else(|| JwkError::Algorithm(a.clone()))?),
+            Some(Value::String(a)) => {
+                Some(Algorithm::parse(a).ok_or_else(|| JwkError::Algorithm(a.clone()))?)
+            }
             Some(_) => return Err(JwkError::Missing("alg")),
         };
         let kid = match obj.get("kid") {
@@ -130,7 +147,11 @@ impl VerifyingKey {
                 if !(2048..=8192).contains(&bits) {
                     return Err(JwkError::RsaSize(bits));
                 }
-                if e.is_empty() || e.len() > 5 || e.last().is_some_and(|b| b & 1 == 0) || (e.len() == 1 && e[0] < 3) {
+                if e.is_empty()
+                    || e.len() > 5
+                    || e.last().is_some_and(|b| b & 1 == 0)
+                    || (e.len() == 1 && e[0] < 3)
+                {
                     return Err(JwkError::RsaExponent);
                 }
                 Material::Rsa { n, e }
@@ -146,7 +167,11 @@ impl VerifyingKey {
                 point.push(0x04);
                 point.extend(left_pad(bytes("x")?, size).ok_or(JwkError::Length("x"))?);
                 point.extend(left_pad(bytes("y")?, size).ok_or(JwkError::Length("y"))?);
-                if size == 32 { Material::P256(point) } else { Material::P384(point) }
+                if size == 32 {
+                    Material::P256(point)
+                } else {
+                    Material::P384(point)
+                }
             }
             "OKP" => match text("crv")? {
                 "Ed25519" => {
@@ -170,11 +195,16 @@ impl VerifyingKey {
             }
             other => return Err(JwkError::KeyType(other.to_string())),
         };
-        let mut key = VerifyingKey { kid, alg, material, fingerprint: [0; 32] };
-        if let Some(a) = alg {
-            if a.key_kind() != key.kind() {
-                return Err(JwkError::AlgorithmMismatch(a));
-            }
+        let mut key = VerifyingKey {
+            kid,
+            alg,
+            material,
+            fingerprint: [0; 32],
+        };
+        if let Some(a) = alg
+            && a.key_kind() != key.kind()
+        {
+            return Err(JwkError::AlgorithmMismatch(a));
         }
         key.fingerprint = key.compute_fingerprint();
         Ok(key)
@@ -210,18 +240,44 @@ impl VerifyingKey {
             return false;
         }
         let rsa = |params: &'static signature::RsaParameters, n: &Vec<u8>, e: &Vec<u8>| {
-            signature::RsaPublicKeyComponents { n, e }.verify(params, message, sig).is_ok()
+            signature::RsaPublicKeyComponents { n, e }
+                .verify(params, message, sig)
+                .is_ok()
         };
         match (&self.material, alg) {
-            (Material::Rsa { n, e }, Algorithm::RS256) => rsa(&signature::RSA_PKCS1_2048_8192_SHA256, n, e),
-            (Material::Rsa { n, e }, Algorithm::RS384) => rsa(&signature::RSA_PKCS1_2048_8192_SHA384, n, e),
-            (Material::Rsa { n, e }, Algorithm::RS512) => rsa(&signature::RSA_PKCS1_2048_8192_SHA512, n, e),
-            (Material::Rsa { n, e }, Algorithm::PS256) => rsa(&signature::RSA_PSS_2048_8192_SHA256, n, e),
-            (Material::Rsa { n, e }, Algorithm::PS384) => rsa(&signature::RSA_PSS_2048_8192_SHA384, n, e),
-            (Material::Rsa { n, e }, Algorithm::PS512) => rsa(&signature::RSA_PSS_2048_8192_SHA512, n, e),
-            (Material::P256(p), Algorithm::ES256) => signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, p).verify(message, sig).is_ok(),
-            (Material::P384(p), Algorithm::ES384) => signature::UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, p).verify(message, sig).is_ok(),
-            (Material::Ed25519(x), Algorithm::EdDSA) => signature::UnparsedPublicKey::new(&signature::ED25519, x).verify(message, sig).is_ok(),
+            (Material::Rsa { n, e }, Algorithm::RS256) => {
+                rsa(&signature::RSA_PKCS1_2048_8192_SHA256, n, e)
+            }
+            (Material::Rsa { n, e }, Algorithm::RS384) => {
+                rsa(&signature::RSA_PKCS1_2048_8192_SHA384, n, e)
+            }
+            (Material::Rsa { n, e }, Algorithm::RS512) => {
+                rsa(&signature::RSA_PKCS1_2048_8192_SHA512, n, e)
+            }
+            (Material::Rsa { n, e }, Algorithm::PS256) => {
+                rsa(&signature::RSA_PSS_2048_8192_SHA256, n, e)
+            }
+            (Material::Rsa { n, e }, Algorithm::PS384) => {
+                rsa(&signature::RSA_PSS_2048_8192_SHA384, n, e)
+            }
+            (Material::Rsa { n, e }, Algorithm::PS512) => {
+                rsa(&signature::RSA_PSS_2048_8192_SHA512, n, e)
+            }
+            (Material::P256(p), Algorithm::ES256) => {
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, p)
+                    .verify(message, sig)
+                    .is_ok()
+            }
+            (Material::P384(p), Algorithm::ES384) => {
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, p)
+                    .verify(message, sig)
+                    .is_ok()
+            }
+            (Material::Ed25519(x), Algorithm::EdDSA) => {
+                signature::UnparsedPublicKey::new(&signature::ED25519, x)
+                    .verify(message, sig)
+                    .is_ok()
+            }
             (Material::Hmac(k), Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
                 let algorithm = match alg {
                     Algorithm::HS256 => hmac::HMAC_SHA256,
@@ -249,7 +305,9 @@ impl VerifyingKey {
                 field(&mut h, n);
                 field(&mut h, e);
             }
-            Material::P256(p) | Material::P384(p) | Material::Ed25519(p) | Material::Hmac(p) => field(&mut h, p),
+            Material::P256(p) | Material::P384(p) | Material::Ed25519(p) | Material::Hmac(p) => {
+                field(&mut h, p)
+            }
         }
         h.finalize().into()
     }
@@ -282,16 +340,25 @@ pub struct ParsedJwks {
 /// (encryption keys, unknown curves) skipped.
 pub fn parse_jwks(bytes: &[u8]) -> Result<ParsedJwks, JwksError> {
     let doc = super::jose::strict_object(bytes).map_err(JwksError::Shape)?;
-    let keys = doc.get("keys").and_then(Value::as_array).ok_or_else(|| JwksError::Shape("no `keys` array".into()))?;
+    let keys = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| JwksError::Shape("no `keys` array".into()))?;
     if keys.len() > MAX_KEYS {
         return Err(JwksError::TooMany(keys.len()));
     }
-    let mut parsed = ParsedJwks { keys: Vec::new(), skipped: Vec::new() };
+    let mut parsed = ParsedJwks {
+        keys: Vec::new(),
+        skipped: Vec::new(),
+    };
     for (i, k) in keys.iter().enumerate() {
         match VerifyingKey::from_jwk(k, false) {
             Ok(key) => parsed.keys.push(key),
             Err(e) => {
-                let name = k.get("kid").and_then(Value::as_str).map_or_else(|| format!("keys[{i}]"), |kid| format!("kid `{kid}`"));
+                let name = k
+                    .get("kid")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("keys[{i}]"), |kid| format!("kid `{kid}`"));
                 parsed.skipped.push((name, e));
             }
         }

@@ -54,7 +54,10 @@ pub(crate) struct Shared {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("mode", &self.mode).field("providers", &self.live_providers().len()).finish_non_exhaustive()
+        f.debug_struct("Registry")
+            .field("mode", &self.mode)
+            .field("providers", &self.live_providers().len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -106,7 +109,11 @@ impl Registry {
         Registry {
             mode,
             providers: Mutex::new(HashMap::new()),
-            shared: Arc::new(Shared { cache: TokenCache::new(cache::MAX_BYTES), signature_checks: AtomicU64::new(0), cache_hits: AtomicU64::new(0) }),
+            shared: Arc::new(Shared {
+                cache: TokenCache::new(cache::MAX_BYTES),
+                signature_checks: AtomicU64::new(0),
+                cache_hits: AtomicU64::new(0),
+            }),
             http: OnceLock::new(),
         }
     }
@@ -135,7 +142,9 @@ impl Registry {
 
     /// Whether every provider attempted its first fetch (for a readiness probe).
     pub fn first_fetch_attempted(&self) -> bool {
-        self.live_providers().iter().all(|p| p.first_fetch_attempted())
+        self.live_providers()
+            .iter()
+            .all(|p| p.first_fetch_attempted())
     }
 
     fn live_providers(&self) -> Vec<Arc<Provider>> {
@@ -176,7 +185,10 @@ pub struct ProviderSet {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TokenLocation {
     /// A header; with a scheme (`Authorization: Bearer <token>`) or bare.
-    Header { name: String, scheme: Option<String> },
+    Header {
+        name: String,
+        scheme: Option<String>,
+    },
     /// A query parameter.
     Query(String),
     /// A cookie.
@@ -231,7 +243,10 @@ struct TokenInner {
 impl std::fmt::Debug for ValidToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token itself.
-        f.debug_struct("ValidToken").field("subject", &self.subject()).field("provider", &self.0.provider).finish_non_exhaustive()
+        f.debug_struct("ValidToken")
+            .field("subject", &self.subject())
+            .field("provider", &self.0.provider)
+            .finish_non_exhaustive()
     }
 }
 
@@ -272,7 +287,11 @@ impl ValidToken {
             self.subject().unwrap_or("?"),
             self.0.alg,
             self.0.provider,
-            if self.0.from_cache { " (verified earlier, cached)" } else { "" }
+            if self.0.from_cache {
+                " (verified earlier, cached)"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -289,19 +308,43 @@ enum Extracted<'a> {
 impl JwtPolicy {
     /// Validates the request's token against this API's rules. `now` is the check's clock: the
     /// token's lifetime and the re-fetch interval are measured on it.
-    pub async fn validate(&self, input: &CheckInput<'_>, now: SystemTime, api: &str, max_token_bytes: usize) -> Result<ValidToken, JwtFailure> {
-        self.run(input, now, max_token_bytes).await.map_err(|(reason, detail)| self.failure(reason, detail, api))
+    pub async fn validate(
+        &self,
+        input: &CheckInput<'_>,
+        now: SystemTime,
+        api: &str,
+        max_token_bytes: usize,
+    ) -> Result<ValidToken, JwtFailure> {
+        self.run(input, now, max_token_bytes)
+            .await
+            .map_err(|(reason, detail)| self.failure(reason, detail, api))
     }
 
-    async fn run(&self, input: &CheckInput<'_>, now: SystemTime, max_token_bytes: usize) -> Result<ValidToken, Refusal> {
+    async fn run(
+        &self,
+        input: &CheckInput<'_>,
+        now: SystemTime,
+        max_token_bytes: usize,
+    ) -> Result<ValidToken, Refusal> {
         let token = match self.extract(input) {
-            Extracted::Missing => return Err((Reason::TokenNotPresent, format!("no token in {}", self.location_name()))),
+            Extracted::Missing => {
+                return Err((
+                    Reason::TokenNotPresent,
+                    format!("no token in {}", self.location_name()),
+                ));
+            }
             Extracted::Invalid(why) => return Err((Reason::JwtInvalid, why)),
             Extracted::Token(t) => t,
         };
         // Before any parsing, hashing or crypto: an oversized token costs nothing.
         if token.len() > max_token_bytes {
-            return Err((Reason::JwtInvalid, format!("the token has {} bytes, more than limits.max_token_bytes ({max_token_bytes})", token.len())));
+            return Err((
+                Reason::JwtInvalid,
+                format!(
+                    "the token has {} bytes, more than limits.max_token_bytes ({max_token_bytes})",
+                    token.len()
+                ),
+            ));
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let (verified, provider, from_cache) = match self.cached(&hash) {
@@ -333,7 +376,9 @@ impl JwtPolicy {
     fn cached(&self, hash: &[u8; 32]) -> Option<(Arc<Verified>, Arc<Provider>)> {
         let v = self.shared.cache.get(hash)?;
         let provider = self.providers.iter().find(|p| p.id == v.provider_id)?;
-        let key_present = provider.keys().is_some_and(|ks| ks.contains(&v.key_fingerprint));
+        let key_present = provider
+            .keys()
+            .is_some_and(|ks| ks.contains(&v.key_fingerprint));
         if !key_present {
             // The key was rotated out: the token must be verified again (and will fail).
             self.shared.cache.remove(hash);
@@ -342,15 +387,26 @@ impl JwtPolicy {
         Some((v, provider.clone()))
     }
 
-    async fn verify(&self, token: &str, now: SystemTime) -> Result<(Verified, Arc<Provider>), Refusal> {
+    async fn verify(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(Verified, Arc<Provider>), Refusal> {
         let parsed = jose::parse(token).map_err(|e| (Reason::JwtInvalid, e.to_string()))?;
         let Some(alg) = Algorithm::parse(&parsed.alg) else {
             let shown = printable(&parsed.alg);
-            return Err((Reason::JwtInvalid, format!("algorithm `{shown}` is not accepted")));
+            return Err((
+                Reason::JwtInvalid,
+                format!("algorithm `{shown}` is not accepted"),
+            ));
         };
-        let providers: Vec<&Arc<Provider>> = self.providers.iter().filter(|p| p.allows(alg)).collect();
+        let providers: Vec<&Arc<Provider>> =
+            self.providers.iter().filter(|p| p.allows(alg)).collect();
         if providers.is_empty() {
-            return Err((Reason::JwtInvalid, format!("algorithm {alg} is not allowed by the API's identity providers")));
+            return Err((
+                Reason::JwtInvalid,
+                format!("algorithm {alg} is not allowed by the API's identity providers"),
+            ));
         }
         let exp = numeric_date(&parsed.claims, "exp")?;
         let nbf = numeric_date(&parsed.claims, "nbf")?;
@@ -366,19 +422,38 @@ impl JwtPolicy {
                     unavailable.push(p.name.clone());
                     continue;
                 };
-                for key in keys.keys.iter().filter(|k| k.usable_for(alg) && (kid.is_none() || k.kid.as_deref() == kid)) {
+                for key in keys
+                    .keys
+                    .iter()
+                    .filter(|k| k.usable_for(alg) && (kid.is_none() || k.kid.as_deref() == kid))
+                {
                     candidates += 1;
                     self.shared.signature_checks.fetch_add(1, Ordering::Relaxed);
                     if key.verify(alg, parsed.signing_input, &parsed.signature) {
-                        let v = Verified::new(p.id, key.fingerprint, parsed.claims, exp, nbf, alg, token.len());
+                        let v = Verified::new(
+                            p.id,
+                            key.fingerprint,
+                            parsed.claims,
+                            exp,
+                            nbf,
+                            alg,
+                            token.len(),
+                        );
                         return Ok((v, (*p).clone()));
                     }
                 }
             }
             if candidates > 0 {
-                return Err((Reason::TokenSignatureInvalid, format!("no {} key{} verifies the signature", alg, kid_note(kid))));
+                return Err((
+                    Reason::TokenSignatureInvalid,
+                    format!("no {} key{} verifies the signature", alg, kid_note(kid)),
+                ));
             }
-            let refetchable: Vec<(&&Arc<Provider>, u64)> = providers.iter().zip(seen).filter(|(p, _)| p.can_refetch()).collect();
+            let refetchable: Vec<(&&Arc<Provider>, u64)> = providers
+                .iter()
+                .zip(seen)
+                .filter(|(p, _)| p.can_refetch())
+                .collect();
             if refetched || refetchable.is_empty() {
                 // APIM: "If no keys match the claim, API Management will attempt each specified
                 // key": keys without a `kid` of the right kind get their chance.
@@ -386,46 +461,99 @@ impl JwtPolicy {
                     let mut tried = 0usize;
                     for p in &providers {
                         let Some(keys) = p.keys() else { continue };
-                        for key in keys.keys.iter().filter(|k| k.kid.is_none() && k.usable_for(alg)) {
+                        for key in keys
+                            .keys
+                            .iter()
+                            .filter(|k| k.kid.is_none() && k.usable_for(alg))
+                        {
                             tried += 1;
                             self.shared.signature_checks.fetch_add(1, Ordering::Relaxed);
                             if key.verify(alg, parsed.signing_input, &parsed.signature) {
-                                let v = Verified::new(p.id, key.fingerprint, parsed.claims, exp, nbf, alg, token.len());
+                                let v = Verified::new(
+                                    p.id,
+                                    key.fingerprint,
+                                    parsed.claims,
+                                    exp,
+                                    nbf,
+                                    alg,
+                                    token.len(),
+                                );
                                 return Ok((v, (*p).clone()));
                             }
                         }
                     }
                     if tried > 0 {
-                        return Err((Reason::TokenSignatureInvalid, format!("no key has{} and no key without a `kid` verifies the signature", kid_note(kid))));
+                        return Err((
+                            Reason::TokenSignatureInvalid,
+                            format!(
+                                "no key has{} and no key without a `kid` verifies the signature",
+                                kid_note(kid)
+                            ),
+                        ));
                     }
                 }
                 if !unavailable.is_empty() {
                     let names: Vec<&str> = unavailable.iter().map(|n| &**n).collect();
-                    return Err((Reason::IdentityProviderUnavailable, format!("the signing keys of provider `{}` have not been obtained", names.join("`, `"))));
+                    return Err((
+                        Reason::IdentityProviderUnavailable,
+                        format!(
+                            "the signing keys of provider `{}` have not been obtained",
+                            names.join("`, `")
+                        ),
+                    ));
                 }
-                return Err((Reason::TokenSignatureKeyNotFound, format!("no {alg} key{}", kid_note(kid))));
+                return Err((
+                    Reason::TokenSignatureKeyNotFound,
+                    format!("no {alg} key{}", kid_note(kid)),
+                ));
             }
             // Unknown key: one re-fetch per provider (single flight, rate-limited), then look again.
-            futures::future::join_all(refetchable.iter().map(|(p, seen)| p.refetch_for_check(now, *seen))).await;
+            futures::future::join_all(
+                refetchable
+                    .iter()
+                    .map(|(p, seen)| p.refetch_for_check(now, *seen)),
+            )
+            .await;
             refetched = true;
         }
     }
 
     fn check_lifetime(&self, v: &Verified, now: SystemTime) -> Result<(), Refusal> {
-        let now_s = now.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let now_s = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let skew = self.clock_skew.as_secs_f64();
         match v.exp {
-            None if self.require_exp => return Err((Reason::JwtInvalid, "the token has no `exp` and require_expiration_time is on".into())),
+            None if self.require_exp => {
+                return Err((
+                    Reason::JwtInvalid,
+                    "the token has no `exp` and require_expiration_time is on".into(),
+                ));
+            }
             // Microsoft.IdentityModel's rule, which APIM applies: expired when exp < now - skew.
             Some(exp) if exp < now_s - skew => {
-                return Err((Reason::TokenExpired, format!("expired {}s ago (clock_skew {}s)", (now_s - exp).floor(), self.clock_skew.as_secs())));
+                return Err((
+                    Reason::TokenExpired,
+                    format!(
+                        "expired {}s ago (clock_skew {}s)",
+                        (now_s - exp).floor(),
+                        self.clock_skew.as_secs()
+                    ),
+                ));
             }
             _ => {}
         }
-        if let Some(nbf) = v.nbf {
-            if nbf > now_s + skew {
-                return Err((Reason::TokenNotYetValid, format!("valid only in {}s (clock_skew {}s)", (nbf - now_s).ceil(), self.clock_skew.as_secs())));
-            }
+        if let Some(nbf) = v.nbf
+            && nbf > now_s + skew
+        {
+            return Err((
+                Reason::TokenNotYetValid,
+                format!(
+                    "valid only in {}s (clock_skew {}s)",
+                    (nbf - now_s).ceil(),
+                    self.clock_skew.as_secs()
+                ),
+            ));
         }
         Ok(())
     }
@@ -439,7 +567,14 @@ impl JwtPolicy {
                 _ => false,
             };
             if !ok {
-                return Err((Reason::TokenAudienceNotAllowed, format!("audience {} is not one of {}", shown_claim(claims.get("aud")), audiences.join(", "))));
+                return Err((
+                    Reason::TokenAudienceNotAllowed,
+                    format!(
+                        "audience {} is not one of {}",
+                        shown_claim(claims.get("aud")),
+                        audiences.join(", ")
+                    ),
+                ));
             }
         }
         let iss = claims.get("iss").and_then(Value::as_str);
@@ -451,33 +586,77 @@ impl JwtPolicy {
             (None, Some(iss)) => iss == provider.issuer,
         };
         if !issuer_ok {
-            return Err((Reason::TokenIssuerNotAllowed, format!("issuer {} is not allowed", shown_claim(claims.get("iss")))));
+            return Err((
+                Reason::TokenIssuerNotAllowed,
+                format!("issuer {} is not allowed", shown_claim(claims.get("iss"))),
+            ));
         }
         if let Some(rule) = &self.scopes {
             let granted = token_scopes(claims);
-            let ok = if rule.all { rule.values.iter().all(|s| granted.contains(&s.as_str())) } else { rule.values.iter().any(|s| granted.contains(&s.as_str())) };
+            let ok = if rule.all {
+                rule.values.iter().all(|s| granted.contains(&s.as_str()))
+            } else {
+                rule.values.iter().any(|s| granted.contains(&s.as_str()))
+            };
             if !ok {
                 let want = if rule.all { "all of" } else { "one of" };
-                return Err((Reason::InsufficientScope, format!("the token's scopes [{}] do not include {want} [{}]", granted.join(" "), rule.values.join(" "))));
+                return Err((
+                    Reason::InsufficientScope,
+                    format!(
+                        "the token's scopes [{}] do not include {want} [{}]",
+                        granted.join(" "),
+                        rule.values.join(" ")
+                    ),
+                ));
             }
         }
         self.check_claims(claims)
     }
 
     fn check_claims(&self, claims: &Map<String, Value>) -> Result<(), Refusal> {
-        let values: Vec<Option<Vec<String>>> = self.claims.iter().map(|r| claim_values(claims, &r.name, r.separator.as_deref())).collect();
-        let missing: Vec<&str> = self.claims.iter().zip(&values).filter(|(_, v)| v.is_none()).map(|(r, _)| r.name.as_str()).collect();
+        let values: Vec<Option<Vec<String>>> = self
+            .claims
+            .iter()
+            .map(|r| claim_values(claims, &r.name, r.separator.as_deref()))
+            .collect();
+        let missing: Vec<&str> = self
+            .claims
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_none())
+            .map(|(r, _)| r.name.as_str())
+            .collect();
         if !missing.is_empty() {
-            return Err((Reason::TokenClaimNotFound, format!("JWT token is missing the following claims: {}. Access denied.", missing.join(", "))));
+            return Err((
+                Reason::TokenClaimNotFound,
+                format!(
+                    "JWT token is missing the following claims: {}. Access denied.",
+                    missing.join(", ")
+                ),
+            ));
         }
         for (rule, have) in self.claims.iter().zip(values.iter().flatten()) {
             if rule.values.is_empty() {
                 continue;
             }
-            let ok = if rule.any { rule.values.iter().any(|v| have.contains(v)) } else { rule.values.iter().all(|v| have.contains(v)) };
+            let ok = if rule.any {
+                rule.values.iter().any(|v| have.contains(v))
+            } else {
+                rule.values.iter().all(|v| have.contains(v))
+            };
             if !ok {
-                let shown: String = have.join(rule.separator.as_deref().unwrap_or(",")).chars().take(200).collect();
-                return Err((Reason::TokenClaimValueNotAllowed, format!("Claim {} value of {} is not allowed. Access denied.", rule.name, shown)));
+                let shown: String = have
+                    .join(rule.separator.as_deref().unwrap_or(","))
+                    .chars()
+                    .take(200)
+                    .collect();
+                return Err((
+                    Reason::TokenClaimValueNotAllowed,
+                    format!(
+                        "Claim {} value of {} is not allowed. Access denied.",
+                        rule.name, shown
+                    ),
+                ));
             }
         }
         Ok(())
@@ -486,7 +665,9 @@ impl JwtPolicy {
     fn extract<'a>(&self, input: &CheckInput<'a>) -> Extracted<'a> {
         match &self.location {
             TokenLocation::Header { name, scheme } => {
-                let Some(raw) = input.header(name) else { return Extracted::Missing };
+                let Some(raw) = input.header(name) else {
+                    return Extracted::Missing;
+                };
                 let Ok(value) = std::str::from_utf8(raw) else {
                     return Extracted::Invalid(format!("the `{name}` header is not UTF-8"));
                 };
@@ -494,37 +675,60 @@ impl JwtPolicy {
                 if value.is_empty() {
                     return Extracted::Missing;
                 }
-                let Some(scheme) = scheme else { return Extracted::Token(Cow::Borrowed(value)) };
+                let Some(scheme) = scheme else {
+                    return Extracted::Token(Cow::Borrowed(value));
+                };
                 let (given, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
                 if !given.eq_ignore_ascii_case(scheme) {
-                    return Extracted::Invalid(format!("the `{name}` header does not use the `{scheme}` scheme"));
+                    return Extracted::Invalid(format!(
+                        "the `{name}` header does not use the `{scheme}` scheme"
+                    ));
                 }
                 let token = rest.trim_start_matches([' ', '\t']);
-                if token.is_empty() { Extracted::Missing } else { Extracted::Token(Cow::Borrowed(token)) }
+                if token.is_empty() {
+                    Extracted::Missing
+                } else {
+                    Extracted::Token(Cow::Borrowed(token))
+                }
             }
-            TokenLocation::Query(name) => match crate::policy::subscription::query_param(input.path, name) {
-                None => Extracted::Missing,
-                Some(v) if v.is_empty() => Extracted::Missing,
-                Some(v) => match String::from_utf8(v) {
-                    Ok(s) => Extracted::Token(Cow::Owned(s)),
-                    Err(_) => Extracted::Invalid(format!("the `{name}` query parameter is not UTF-8")),
-                },
-            },
+            TokenLocation::Query(name) => {
+                match crate::policy::subscription::query_param(input.path, name) {
+                    None => Extracted::Missing,
+                    Some(v) if v.is_empty() => Extracted::Missing,
+                    Some(v) => match String::from_utf8(v) {
+                        Ok(s) => Extracted::Token(Cow::Owned(s)),
+                        Err(_) => {
+                            Extracted::Invalid(format!("the `{name}` query parameter is not UTF-8"))
+                        }
+                    },
+                }
+            }
             TokenLocation::Cookie(name) => {
-                let Some(raw) = input.header("cookie") else { return Extracted::Missing };
+                let Some(raw) = input.header("cookie") else {
+                    return Extracted::Missing;
+                };
                 let Ok(header) = std::str::from_utf8(raw) else {
                     return Extracted::Invalid("the cookie header is not UTF-8".into());
                 };
                 let mut found: Option<&'a str> = None;
                 for pair in header.split(';') {
-                    let Some((k, v)) = pair.trim().split_once('=') else { continue };
+                    let Some((k, v)) = pair.trim().split_once('=') else {
+                        continue;
+                    };
                     if k.trim() != name {
                         continue;
                     }
                     let v = v.trim();
-                    let v = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v);
+                    let v = v
+                        .strip_prefix('"')
+                        .and_then(|s| s.strip_suffix('"'))
+                        .unwrap_or(v);
                     match found {
-                        Some(prev) if prev != v => return Extracted::Invalid(format!("the `{name}` cookie is sent more than once")),
+                        Some(prev) if prev != v => {
+                            return Extracted::Invalid(format!(
+                                "the `{name}` cookie is sent more than once"
+                            ));
+                        }
                         _ => found = Some(v),
                     }
                 }
@@ -538,7 +742,10 @@ impl JwtPolicy {
 
     fn location_name(&self) -> String {
         match &self.location {
-            TokenLocation::Header { name, scheme: Some(s) } => format!("the `{name}` header ({s} scheme)"),
+            TokenLocation::Header {
+                name,
+                scheme: Some(s),
+            } => format!("the `{name}` header ({s} scheme)"),
             TokenLocation::Header { name, scheme: None } => format!("the `{name}` header"),
             TokenLocation::Query(q) => format!("the `{q}` query parameter"),
             TokenLocation::Cookie(c) => format!("the `{c}` cookie"),
@@ -572,8 +779,15 @@ impl JwtPolicy {
                 }
             }
             Reason::InsufficientScope => {
-                let scope = self.scopes.as_ref().map(|s| s.values.join(" ")).unwrap_or_default();
-                denial.www_authenticate = Some(format!("Bearer realm={realm}, error=\"insufficient_scope\", scope={}", quote(&scope)));
+                let scope = self
+                    .scopes
+                    .as_ref()
+                    .map(|s| s.values.join(" "))
+                    .unwrap_or_default();
+                denial.www_authenticate = Some(format!(
+                    "Bearer realm={realm}, error=\"insufficient_scope\", scope={}",
+                    quote(&scope)
+                ));
             }
             Reason::TokenClaimNotFound | Reason::TokenClaimValueNotAllowed => {
                 // APIM's messages name the claims; they say nothing about the token itself.
@@ -589,7 +803,10 @@ impl JwtPolicy {
 fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, Refusal> {
     match claims.get(name) {
         None => Ok(None),
-        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| (Reason::JwtInvalid, format!("`{name}` is not a number"))),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| (Reason::JwtInvalid, format!("`{name}` is not a number"))),
         Some(_) => Err((Reason::JwtInvalid, format!("`{name}` is not a number"))),
     }
 }
@@ -600,7 +817,13 @@ fn token_scopes(claims: &Map<String, Value>) -> Vec<&str> {
     for name in ["scp", "scope"] {
         match claims.get(name) {
             Some(Value::String(s)) => out.extend(s.split(' ').filter(|s| !s.is_empty())),
-            Some(Value::Array(items)) => out.extend(items.iter().filter_map(Value::as_str).flat_map(|s| s.split(' ')).filter(|s| !s.is_empty())),
+            Some(Value::Array(items)) => out.extend(
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .flat_map(|s| s.split(' '))
+                    .filter(|s| !s.is_empty()),
+            ),
             _ => {}
         }
     }
@@ -608,7 +831,11 @@ fn token_scopes(claims: &Map<String, Value>) -> Vec<&str> {
 }
 
 /// A claim's values for `required_claims`: `None` when absent (or null, or an empty array).
-fn claim_values(claims: &Map<String, Value>, name: &str, separator: Option<&str>) -> Option<Vec<String>> {
+fn claim_values(
+    claims: &Map<String, Value>,
+    name: &str,
+    separator: Option<&str>,
+) -> Option<Vec<String>> {
     let v = crate::policy::template::claim(claims, name)?;
     let mut out = Vec::new();
     let mut push = |v: &Value| match v {

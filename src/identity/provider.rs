@@ -81,7 +81,8 @@ impl KeySet {
     }
 
     fn same_keys(&self, other: &KeySet) -> bool {
-        self.keys.len() == other.keys.len() && self.keys.iter().all(|k| other.contains(&k.fingerprint))
+        self.keys.len() == other.keys.len()
+            && self.keys.iter().all(|k| other.contains(&k.fingerprint))
     }
 }
 
@@ -188,7 +189,11 @@ pub struct Provider {
 
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provider").field("name", &self.name).field("issuer", &self.issuer).field("source", &self.source).finish_non_exhaustive()
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("issuer", &self.issuer)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,8 +218,14 @@ pub struct ProviderSpec {
 
 impl Provider {
     /// Creates a provider; in [`FetchMode::Background`] inside a tokio runtime, also its refresh task.
-    pub fn new(spec: ProviderSpec, mode: FetchMode, http: Option<reqwest::Client>) -> Arc<Provider> {
-        let background = mode == FetchMode::Background && !spec.source.is_static() && tokio::runtime::Handle::try_current().is_ok();
+    pub fn new(
+        spec: ProviderSpec,
+        mode: FetchMode,
+        http: Option<reqwest::Client>,
+    ) -> Arc<Provider> {
+        let background = mode == FetchMode::Background
+            && !spec.source.is_static()
+            && tokio::runtime::Handle::try_current().is_ok();
         let (stop_tx, stop_rx) = if background {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -232,13 +243,20 @@ impl Provider {
             mode,
             http,
             keys: ArcSwapOption::new(spec.initial_keys.map(Arc::new)),
-            refetch: tokio::sync::Mutex::new(RefetchState { last_attempt: None, jwks_uri: None }),
+            refetch: tokio::sync::Mutex::new(RefetchState {
+                last_attempt: None,
+                jwks_uri: None,
+            }),
             attempts: AtomicU64::new(0),
             stats: FetchStats::default(),
             _stop: stop_tx,
         });
         if let Some(stop) = stop_rx {
-            tokio::spawn(refresh_task(Arc::downgrade(&provider), stop, first_fetch_now));
+            tokio::spawn(refresh_task(
+                Arc::downgrade(&provider),
+                stop,
+                first_fetch_now,
+            ));
         }
         provider
     }
@@ -265,7 +283,10 @@ impl Provider {
 
     /// Whether the first fetch was attempted (or was not needed).
     pub fn first_fetch_attempted(&self) -> bool {
-        self.source.is_static() || self.keys.load().is_some() || self.attempts() > 0 || self.mode == FetchMode::Offline
+        self.source.is_static()
+            || self.keys.load().is_some()
+            || self.attempts() > 0
+            || self.mode == FetchMode::Offline
     }
 
     /// Re-fetches because a check found no usable key. `seen_attempts` is [`Provider::attempts`] as
@@ -301,7 +322,11 @@ impl Provider {
 
     /// Replaces the keys with ones read at compile time (a `jwks_file` on reload).
     pub fn offer_keys(&self, keys: KeySet) {
-        let unchanged = self.keys.load().as_ref().is_some_and(|cur| cur.same_keys(&keys));
+        let unchanged = self
+            .keys
+            .load()
+            .as_ref()
+            .is_some_and(|cur| cur.same_keys(&keys));
         if !unchanged {
             tracing::info!(provider = %self.name, keys = keys.keys.len(), "signing keys replaced from the configuration");
             self.keys.store(Some(Arc::new(keys)));
@@ -332,8 +357,14 @@ impl Provider {
         ok
     }
 
-    async fn fetch(&self, state: &mut RefetchState, rediscover: bool) -> Result<jwk::ParsedJwks, FetchError> {
-        let jwks_from = |bytes: Vec<u8>, source_name: String| jwk::parse_jwks(&bytes).map_err(|error| FetchError::Jwks { source_name, error });
+    async fn fetch(
+        &self,
+        state: &mut RefetchState,
+        rediscover: bool,
+    ) -> Result<jwk::ParsedJwks, FetchError> {
+        let jwks_from = |bytes: Vec<u8>, source_name: String| {
+            jwk::parse_jwks(&bytes).map_err(|error| FetchError::Jwks { source_name, error })
+        };
         if self.mode == FetchMode::Offline {
             return Err(FetchError::Offline);
         }
@@ -359,14 +390,28 @@ impl Provider {
 
     async fn discover(&self, url: &Url) -> Result<Url, FetchError> {
         let bytes = self.get(url).await?;
-        let bad = |message: String| FetchError::Discovery { url: url.to_string(), message };
-        let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let issuer = doc.get("issuer").and_then(|v| v.as_str()).ok_or_else(|| bad("no `issuer`".into()))?;
+        let bad = |message: String| FetchError::Discovery {
+            url: url.to_string(),
+            message,
+        };
+        let doc: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let issuer = doc
+            .get("issuer")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("no `issuer`".into()))?;
         // OpenID Connect Discovery 1.0, section 4.3: the issuer must be identical to the one asked for.
         if issuer != self.issuer {
-            return Err(FetchError::IssuerMismatch { url: url.to_string(), expected: self.issuer.clone(), found: issuer.chars().take(200).collect() });
+            return Err(FetchError::IssuerMismatch {
+                url: url.to_string(),
+                expected: self.issuer.clone(),
+                found: issuer.chars().take(200).collect(),
+            });
         }
-        let jwks = doc.get("jwks_uri").and_then(|v| v.as_str()).ok_or_else(|| bad("no `jwks_uri`".into()))?;
+        let jwks = doc
+            .get("jwks_uri")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("no `jwks_uri`".into()))?;
         let jwks = Url::parse(jwks).map_err(|e| bad(format!("`jwks_uri` is not a URL: {e}")))?;
         if !matches!(jwks.scheme(), "http" | "https") {
             return Err(bad("`jwks_uri` is not an http(s) URL".into()));
@@ -375,19 +420,34 @@ impl Provider {
     }
 
     async fn get(&self, url: &Url) -> Result<Vec<u8>, FetchError> {
-        let transport = |e: reqwest::Error| FetchError::Transport { url: url.to_string(), message: error_chain(&e) };
-        let client = self.http.as_ref().ok_or_else(|| FetchError::Client("no HTTP client".into()))?;
+        let transport = |e: reqwest::Error| FetchError::Transport {
+            url: url.to_string(),
+            message: error_chain(&e),
+        };
+        let client = self
+            .http
+            .as_ref()
+            .ok_or_else(|| FetchError::Client("no HTTP client".into()))?;
         let mut resp = client
             .get(url.clone())
             .timeout(self.settings.fetch_timeout)
-            .header(reqwest::header::ACCEPT, "application/json, application/jwk-set+json")
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, application/jwk-set+json",
+            )
             .send()
             .await
             .map_err(transport)?;
         if !resp.status().is_success() {
-            return Err(FetchError::Status { url: url.to_string(), status: resp.status().as_u16() });
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status: resp.status().as_u16(),
+            });
         }
-        if resp.content_length().is_some_and(|l| l > MAX_DOCUMENT_BYTES as u64) {
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_DOCUMENT_BYTES as u64)
+        {
             return Err(FetchError::TooLarge(url.to_string()));
         }
         let mut body = Vec::new();
@@ -436,6 +496,10 @@ async fn refresh_task(provider: Weak<Provider>, mut stop: oneshot::Receiver<()>,
             _ = &mut stop => return,
         }
         let Some(p) = provider.upgrade() else { return };
-        wait = if p.refresh_scheduled().await { p.settings.cache_ttl } else { p.settings.min_refetch_interval };
+        wait = if p.refresh_scheduled().await {
+            p.settings.cache_ttl
+        } else {
+            p.settings.min_refetch_interval
+        };
     }
 }

@@ -12,7 +12,11 @@ fn verifies(signer: &keys::TestKey, jwk: &serde_json::Value, alg: &str) -> bool 
     let token = signer.sign(json!({"alg": alg}), json!({"sub": "a"}));
     let parsed = jose::parse(&token).unwrap();
     let key = VerifyingKey::from_jwk(jwk, true).unwrap();
-    key.verify(Algorithm::parse(alg).unwrap(), parsed.signing_input, &parsed.signature)
+    key.verify(
+        Algorithm::parse(alg).unwrap(),
+        parsed.signing_input,
+        &parsed.signature,
+    )
 }
 
 #[test]
@@ -25,7 +29,10 @@ fn every_supported_algorithm_verifies_with_its_own_key_only() {
     let hs = keys::hmac(Some("h"), 64);
     for alg in ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"] {
         assert!(verifies(&rsa, &rsa.jwk, alg), "{alg}");
-        assert!(!verifies(&rsa, &rsa_other.jwk, alg), "{alg} with another key");
+        assert!(
+            !verifies(&rsa, &rsa_other.jwk, alg),
+            "{alg} with another key"
+        );
     }
     assert!(verifies(&p256, &p256.jwk, "ES256"));
     assert!(!verifies(&p256, &keys::p256(None).jwk, "ES256"));
@@ -34,7 +41,10 @@ fn every_supported_algorithm_verifies_with_its_own_key_only() {
     assert!(!verifies(&ed, &keys::ed25519(None).jwk, "EdDSA"));
     for alg in ["HS256", "HS384", "HS512"] {
         assert!(verifies(&hs, &hs.jwk, alg), "{alg}");
-        assert!(!verifies(&hs, &keys::hmac(None, 64).jwk, alg), "{alg} with another secret");
+        assert!(
+            !verifies(&hs, &keys::hmac(None, 64).jwk, alg),
+            "{alg} with another secret"
+        );
     }
 }
 
@@ -47,7 +57,8 @@ fn a_key_verifies_only_the_algorithms_of_its_kind() {
     }
     // An RSA public key's bytes as an HMAC secret: the key refuses HS256 whatever the signature.
     let pem = rsa.public_pem.clone().unwrap();
-    let forged = keys::hmac_with(None, pem.into_bytes()).sign(json!({"alg": "HS256"}), json!({"sub": "a"}));
+    let forged =
+        keys::hmac_with(None, pem.into_bytes()).sign(json!({"alg": "HS256"}), json!({"sub": "a"}));
     let parsed = jose::parse(&forged).unwrap();
     assert!(!key.verify(Algorithm::HS256, parsed.signing_input, &parsed.signature));
 
@@ -72,7 +83,11 @@ fn truncated_and_empty_signatures_fail() {
     let token = rsa.token(json!({"sub": "a"}));
     let parsed = jose::parse(&token).unwrap();
     assert!(key.verify(Algorithm::RS256, parsed.signing_input, &parsed.signature));
-    assert!(!key.verify(Algorithm::RS256, parsed.signing_input, &parsed.signature[..255]));
+    assert!(!key.verify(
+        Algorithm::RS256,
+        parsed.signing_input,
+        &parsed.signature[..255]
+    ));
     assert!(!key.verify(Algorithm::RS256, parsed.signing_input, &[]));
 }
 
@@ -88,7 +103,10 @@ fn jwk_parsing_refuses_what_cannot_be_used() {
     assert_eq!(err(ops, false), JwkError::NotForSigning);
     let mut mismatch = rsa.jwk.clone();
     mismatch["alg"] = "ES256".into();
-    assert_eq!(err(mismatch, false), JwkError::AlgorithmMismatch(Algorithm::ES256));
+    assert_eq!(
+        err(mismatch, false),
+        JwkError::AlgorithmMismatch(Algorithm::ES256)
+    );
     let mut oaep = rsa.jwk.clone();
     oaep["alg"] = "RSA-OAEP".into();
     assert_eq!(err(oaep, false), JwkError::Algorithm("RSA-OAEP".into()));
@@ -96,14 +114,44 @@ fn jwk_parsing_refuses_what_cannot_be_used() {
     assert_eq!(err(small, false), JwkError::RsaSize(1024));
     let even_e = json!({"kty": "RSA", "n": rsa.jwk["n"], "e": keys::b64([2u8])});
     assert_eq!(err(even_e, false), JwkError::RsaExponent);
-    assert_eq!(err(keys::hmac(None, 32).jwk, false), JwkError::SecretNotAllowed);
-    assert_eq!(err(keys::hmac(None, 16).jwk, true), JwkError::SecretTooShort(16));
-    assert_eq!(err(json!({"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}), false), JwkError::Curve("P-521".into()));
-    assert_eq!(err(json!({"kty": "EC", "crv": "P-256", "x": keys::b64([1u8; 33]), "y": keys::b64([1u8; 32])}), false), JwkError::Length("x"));
-    assert_eq!(err(json!({"kty": "OKP", "crv": "X25519", "x": "AA"}), false), JwkError::Curve("X25519".into()));
-    assert_eq!(err(json!({"kty": "RSA", "e": "AQAB"}), false), JwkError::Missing("n"));
-    assert_eq!(err(json!({"kty": "RSA", "n": "!!", "e": "AQAB"}), false), JwkError::Base64("n"));
-    assert_eq!(err(json!({"kty": "dsa"}), false), JwkError::KeyType("dsa".into()));
+    assert_eq!(
+        err(keys::hmac(None, 32).jwk, false),
+        JwkError::SecretNotAllowed
+    );
+    assert_eq!(
+        err(keys::hmac(None, 16).jwk, true),
+        JwkError::SecretTooShort(16)
+    );
+    assert_eq!(
+        err(
+            json!({"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}),
+            false
+        ),
+        JwkError::Curve("P-521".into())
+    );
+    assert_eq!(
+        err(
+            json!({"kty": "EC", "crv": "P-256", "x": keys::b64([1u8; 33]), "y": keys::b64([1u8; 32])}),
+            false
+        ),
+        JwkError::Length("x")
+    );
+    assert_eq!(
+        err(json!({"kty": "OKP", "crv": "X25519", "x": "AA"}), false),
+        JwkError::Curve("X25519".into())
+    );
+    assert_eq!(
+        err(json!({"kty": "RSA", "e": "AQAB"}), false),
+        JwkError::Missing("n")
+    );
+    assert_eq!(
+        err(json!({"kty": "RSA", "n": "!!", "e": "AQAB"}), false),
+        JwkError::Base64("n")
+    );
+    assert_eq!(
+        err(json!({"kty": "dsa"}), false),
+        JwkError::KeyType("dsa".into())
+    );
 }
 
 #[test]
@@ -115,7 +163,13 @@ fn fingerprints_tell_keys_apart() {
     assert_eq!(a.fingerprint, a2.fingerprint);
     assert_ne!(a.fingerprint, b.fingerprint, "same material, other kid");
     assert_ne!(a.fingerprint, c.fingerprint, "same kid, other material");
-    assert!(!format!("{:?}", VerifyingKey::from_jwk(&keys::hmac(Some("h"), 32).jwk, true).unwrap()).contains("k:"));
+    assert!(
+        !format!(
+            "{:?}",
+            VerifyingKey::from_jwk(&keys::hmac(Some("h"), 32).jwk, true).unwrap()
+        )
+        .contains("k:")
+    );
 }
 
 #[test]
@@ -130,9 +184,21 @@ fn jwks_documents_skip_unusable_keys_and_refuse_bad_shapes() {
     assert_eq!(parsed.skipped.len(), 3);
 
     assert!(matches!(jwk::parse_jwks(b"[]"), Err(JwksError::Shape(_))));
-    assert!(matches!(jwk::parse_jwks(b"{\"keys\": 1}"), Err(JwksError::Shape(_))));
-    assert!(matches!(jwk::parse_jwks(b"<html>"), Err(JwksError::Shape(_))));
-    assert_eq!(jwk::parse_jwks(b"{\"keys\": []}").unwrap_err(), JwksError::NoUsableKey(0));
+    assert!(matches!(
+        jwk::parse_jwks(b"{\"keys\": 1}"),
+        Err(JwksError::Shape(_))
+    ));
+    assert!(matches!(
+        jwk::parse_jwks(b"<html>"),
+        Err(JwksError::Shape(_))
+    ));
+    assert_eq!(
+        jwk::parse_jwks(b"{\"keys\": []}").unwrap_err(),
+        JwksError::NoUsableKey(0)
+    );
     let many = json!({"keys": vec![json!({"kty": "oct"}); jwk::MAX_KEYS + 1]});
-    assert_eq!(jwk::parse_jwks(many.to_string().as_bytes()).unwrap_err(), JwksError::TooMany(jwk::MAX_KEYS + 1));
+    assert_eq!(
+        jwk::parse_jwks(many.to_string().as_bytes()).unwrap_err(),
+        JwksError::TooMany(jwk::MAX_KEYS + 1)
+    );
 }

@@ -40,12 +40,24 @@ impl FakeIdp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let issuer = format!("http://{addr}");
-        let shared = Arc::new(Shared { base: issuer.clone(), issuer: Mutex::new(issuer.clone()), jwks: Mutex::new(jwks), ..Default::default() });
-        let app = Router::new().route("/.well-known/openid-configuration", get(discovery)).route("/jwks", get(keys)).with_state(shared.clone());
+        let shared = Arc::new(Shared {
+            base: issuer.clone(),
+            issuer: Mutex::new(issuer.clone()),
+            jwks: Mutex::new(jwks),
+            ..Default::default()
+        });
+        let app = Router::new()
+            .route("/.well-known/openid-configuration", get(discovery))
+            .route("/jwks", get(keys))
+            .with_state(shared.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeIdp { addr, issuer, shared }
+        FakeIdp {
+            addr,
+            issuer,
+            shared,
+        }
     }
 
     pub fn jwks_uri(&self) -> String {
@@ -69,7 +81,9 @@ impl FakeIdp {
 
     /// Holds every answer this long (to make concurrent checks overlap a fetch).
     pub fn set_delay(&self, d: Duration) {
-        self.shared.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+        self.shared
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// JWKS requests so far.
@@ -99,7 +113,9 @@ async fn pause(s: &Shared) -> Option<Response> {
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    s.failing.load(Ordering::SeqCst).then(|| (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response())
+    s.failing
+        .load(Ordering::SeqCst)
+        .then(|| (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response())
 }
 
 async fn discovery(State(s): State<Arc<Shared>>) -> Response {
@@ -109,7 +125,7 @@ async fn discovery(State(s): State<Arc<Shared>>) -> Response {
     }
     let issuer = s.issuer.lock().unwrap().clone();
     // The JWKS lives on this server whatever issuer the document claims.
-    axum::Json(json!({"issuer": issuer, "jwks_uri": format!("{}/jwks", s.base)})).into_response()
+    json_response(&json!({"issuer": issuer, "jwks_uri": format!("{}/jwks", s.base)}))
 }
 
 async fn keys(State(s): State<Arc<Shared>>) -> Response {
@@ -118,5 +134,13 @@ async fn keys(State(s): State<Arc<Shared>>) -> Response {
         return r;
     }
     let jwks = s.jwks.lock().unwrap().clone();
-    axum::Json(jwks).into_response()
+    json_response(&jwks)
+}
+
+fn json_response(v: &Value) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }

@@ -22,7 +22,10 @@ pub fn b64(bytes: impl AsRef<[u8]>) -> String {
 
 /// Seconds since the epoch.
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 enum Signer {
@@ -58,7 +61,12 @@ struct RsaMaterial {
 
 /// RSA generation takes a while; tests share a few keys per process.
 fn rsa_material(slot: usize) -> &'static RsaMaterial {
-    static SLOTS: [OnceLock<RsaMaterial>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    static SLOTS: [OnceLock<RsaMaterial>; 4] = [
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+    ];
     SLOTS[slot].get_or_init(|| {
         let mut rng = rsa::rand_core::OsRng;
         let private = rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap();
@@ -109,7 +117,11 @@ fn ec(kid: Option<&str>, p384: bool) -> TestKey {
     TestKey {
         kid: kid.map(str::to_string),
         alg: if p384 { "ES384" } else { "ES256" },
-        signer: if p384 { Signer::P384(pair) } else { Signer::P256(pair) },
+        signer: if p384 {
+            Signer::P384(pair)
+        } else {
+            Signer::P256(pair)
+        },
         jwk,
         public_pem: None,
         public_der: None,
@@ -136,7 +148,15 @@ pub fn ed25519(kid: Option<&str>) -> TestKey {
     if let Some(k) = kid {
         jwk["kid"] = k.into();
     }
-    TestKey { kid: kid.map(str::to_string), alg: "EdDSA", signer: Signer::Ed25519(pair), jwk, public_pem: None, public_der: None, public_pkcs1_der: None }
+    TestKey {
+        kid: kid.map(str::to_string),
+        alg: "EdDSA",
+        signer: Signer::Ed25519(pair),
+        jwk,
+        public_pem: None,
+        public_der: None,
+        public_pkcs1_der: None,
+    }
 }
 
 /// An HMAC secret of `len` random bytes.
@@ -152,7 +172,15 @@ pub fn hmac_with(kid: Option<&str>, secret: Vec<u8>) -> TestKey {
     if let Some(k) = kid {
         jwk["kid"] = k.into();
     }
-    TestKey { kid: kid.map(str::to_string), alg: "HS256", signer: Signer::Hmac(secret), jwk, public_pem: None, public_der: None, public_pkcs1_der: None }
+    TestKey {
+        kid: kid.map(str::to_string),
+        alg: "HS256",
+        signer: Signer::Hmac(secret),
+        jwk,
+        public_pem: None,
+        public_der: None,
+        public_pkcs1_der: None,
+    }
 }
 
 impl TestKey {
@@ -182,7 +210,9 @@ impl TestKey {
                 pair.sign(padding, &rng, input, &mut sig).unwrap();
                 sig
             }
-            Signer::P256(pair) | Signer::P384(pair) => pair.sign(&rng, input).unwrap().as_ref().to_vec(),
+            Signer::P256(pair) | Signer::P384(pair) => {
+                pair.sign(&rng, input).unwrap().as_ref().to_vec()
+            }
             Signer::Ed25519(pair) => pair.sign(input).as_ref().to_vec(),
             Signer::Hmac(secret) => {
                 let a = match alg {
@@ -191,7 +221,9 @@ impl TestKey {
                     "HS512" => ring::hmac::HMAC_SHA512,
                     other => panic!("HMAC cannot sign {other}"),
                 };
-                ring::hmac::sign(&ring::hmac::Key::new(a, secret), input).as_ref().to_vec()
+                ring::hmac::sign(&ring::hmac::Key::new(a, secret), input)
+                    .as_ref()
+                    .to_vec()
             }
         }
     }
@@ -202,10 +234,10 @@ impl TestKey {
         if header.get("alg").is_none() {
             header["alg"] = self.alg.into();
         }
-        if header.get("kid").is_none() {
-            if let Some(k) = &self.kid {
-                header["kid"] = k.as_str().into();
-            }
+        if header.get("kid").is_none()
+            && let Some(k) = &self.kid
+        {
+            header["kid"] = k.as_str().into();
         }
         let alg = header["alg"].as_str().unwrap().to_string();
         let input = format!("{}.{}", b64(header.to_string()), b64(claims.to_string()));

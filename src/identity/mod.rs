@@ -162,7 +162,7 @@ impl Registry {
             .get_or_init(|| {
                 reqwest::Client::builder()
                     .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
-                    .redirect(reqwest::redirect::Policy::limited(3))
+                    .redirect(redirect_policy())
                     .connect_timeout(Duration::from_secs(5))
                     .build()
                     .map_err(|e| tracing::error!(error = %e, "cannot build the HTTP client for key fetches"))
@@ -170,6 +170,22 @@ impl Registry {
             })
             .clone()
     }
+}
+
+/// At most three redirects, and never from https to plain http: keys fetched over https must not be
+/// downgraded to a channel anyone on the path can rewrite.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() == "http"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            attempt.error("redirect from https to http refused")
+        } else if attempt.previous().len() > 3 {
+            attempt.error("more than 3 redirects")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 /// The providers of one compiled config, by name.
@@ -284,7 +300,7 @@ impl ValidToken {
     pub fn describe(&self) -> String {
         format!(
             "token of `{}`, {} signature by provider `{}`{}",
-            self.subject().unwrap_or("?"),
+            printable(self.subject().unwrap_or("?")),
             self.0.alg,
             self.0.provider,
             if self.0.from_cache {

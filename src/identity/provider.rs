@@ -416,6 +416,11 @@ impl Provider {
         if !matches!(jwks.scheme(), "http" | "https") {
             return Err(bad("`jwks_uri` is not an http(s) URL".into()));
         }
+        if url.scheme() == "https" && jwks.scheme() != "https" {
+            return Err(bad(
+                "`jwks_uri` is plain http in a document served over https".into(),
+            ));
+        }
         Ok(jwks)
     }
 
@@ -483,7 +488,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn refresh_task(provider: Weak<Provider>, mut stop: oneshot::Receiver<()>, fetch_now: bool) {
+async fn refresh_task(
+    provider: Weak<Provider>,
+    mut stop: oneshot::Receiver<()>,
+    mut fetch_now: bool,
+) {
     let mut wait = match provider.upgrade() {
         Some(p) if !fetch_now => p.settings.cache_ttl,
         Some(_) => Duration::ZERO,
@@ -496,6 +505,13 @@ async fn refresh_task(provider: Weak<Provider>, mut stop: oneshot::Receiver<()>,
             _ = &mut stop => return,
         }
         let Some(p) = provider.upgrade() else { return };
+        // A check may have fetched first (before this task ever ran): that was the first fetch.
+        if fetch_now && p.attempts() > 0 && p.keys().is_some() {
+            fetch_now = false;
+            wait = p.settings.cache_ttl;
+            continue;
+        }
+        fetch_now = false;
         wait = if p.refresh_scheduled().await {
             p.settings.cache_ttl
         } else {

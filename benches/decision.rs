@@ -9,14 +9,23 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use portcullis::policy::{CheckInput, EvalOptions, Headers, PolicySet, Runtime, compile, subscription};
+use portcullis::policy::{
+    CheckInput, EvalOptions, Headers, PolicySet, Runtime, compile, subscription,
+};
 
 fn policy(apis: usize, keys: usize, cidrs: usize) -> PolicySet {
     let mut y = String::from("subscriptions:\n  keys:\n");
     for k in 0..keys {
         let hash = subscription::format_hash(&subscription::hash_key(&format!("key-{k}")));
-        let scope = if k % 3 == 0 { "all".to_string() } else { format!("api:api-{}", k % apis) };
-        let _ = writeln!(y, "    - {{ id: sub-{k}, scope: \"{scope}\", primary: \"{hash}\" }}");
+        let scope = if k % 3 == 0 {
+            "all".to_string()
+        } else {
+            format!("api:api-{}", k % apis)
+        };
+        let _ = writeln!(
+            y,
+            "    - {{ id: sub-{k}, scope: \"{scope}\", primary: \"{hash}\" }}"
+        );
     }
     let mut addrs = String::new();
     for c in 0..cidrs {
@@ -35,7 +44,9 @@ fn policy(apis: usize, keys: usize, cidrs: usize) -> PolicySet {
         );
     }
     let src = portcullis::config::parse(&y, Path::new(".")).expect("bench config loads");
-    compile(&src, &Runtime::offline()).expect("bench config compiles").0
+    compile(&src, &Runtime::offline())
+        .expect("bench config compiles")
+        .0
 }
 
 fn headers(key: &str, path: &str) -> Headers {
@@ -57,10 +68,14 @@ fn headers(key: &str, path: &str) -> Headers {
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision");
-    for (name, apis, keys, cidrs) in [("1api-1key-1cidr", 1, 1, 1), ("100api-10kkeys-1kcidr", 100, 10_000, 1_000)] {
+    for (name, apis, keys, cidrs) in [
+        ("1api-1key-1cidr", 1, 1, 1),
+        ("100api-10kkeys-1kcidr", 100, 10_000, 1_000),
+    ] {
         let p = policy(apis, keys, cidrs);
         // The request targets the API in the middle of the file.
-        let path: &'static str = Box::leak(format!("/svc{}/orders/123?expand=items", apis / 2).into_boxed_str());
+        let path: &'static str =
+            Box::leak(format!("/svc{}/orders/123?expand=items", apis / 2).into_boxed_str());
         let allow_headers = headers("key-0", path);
         let deny_headers = headers("not-a-key", path);
         let peer = Some("10.0.0.7".parse().expect("ip"));
@@ -81,8 +96,16 @@ fn bench(c: &mut Criterion) {
         assert!(d.is_allow(), "{name}: {:?}", d.outcome);
         let d = futures::executor::block_on(p.decide(&deny, EvalOptions::default()));
         assert!(!d.is_allow(), "{name}");
-        group.bench_function(format!("{name}/allow"), |b| b.iter(|| futures::executor::block_on(p.decide(black_box(&allow), EvalOptions::default()))));
-        group.bench_function(format!("{name}/deny-invalid-key"), |b| b.iter(|| futures::executor::block_on(p.decide(black_box(&deny), EvalOptions::default()))));
+        group.bench_function(format!("{name}/allow"), |b| {
+            b.iter(|| {
+                futures::executor::block_on(p.decide(black_box(&allow), EvalOptions::default()))
+            })
+        });
+        group.bench_function(format!("{name}/deny-invalid-key"), |b| {
+            b.iter(|| {
+                futures::executor::block_on(p.decide(black_box(&deny), EvalOptions::default()))
+            })
+        });
     }
     group.finish();
 }

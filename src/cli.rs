@@ -33,32 +33,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Evaluate one request offline and explain every check (exit 0 allow, 1 deny, 2 error).
-    Check {
-        /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// HTTP method.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// Full URL, e.g. https://api.example.com/orders/1?x=1.
-        #[arg(long)]
-        url: String,
-        /// A request header, `name: value` (repeatable).
-        #[arg(short = 'H', long = "header")]
-        headers: Vec<String>,
-        /// The caller's address (the TCP peer Envoy would report).
-        #[arg(long)]
-        source: Option<std::net::IpAddr>,
-        /// Client certificate, PEM file.
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        /// An Envoy context extension, `key=value` (repeatable).
-        #[arg(long = "context-extension")]
-        context_extensions: Vec<String>,
-        /// Print the decision as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
     /// Read a subscription key on stdin and print `sha256:<hex>` for the config.
     HashKey,
 }
@@ -74,26 +49,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config_path(config)),
         Command::Validate { config } => validate(&config_path(config)),
-        Command::Check {
-            config,
-            method,
-            url,
-            headers,
-            source,
-            cert,
-            context_extensions,
-            json,
-        } => {
-            let req = CheckArgs {
-                method,
-                url,
-                headers,
-                source,
-                cert,
-                context_extensions,
-                json,
-            };
-            check(&config_path(config), req)
+        Command::Check(args) => {
+            let path = config_path(args.config.clone());
+            check(&path, args)
         }
         Command::HashKey => hash_key(),
     }
@@ -186,13 +144,31 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
+#[derive(Debug, clap::Args)]
 struct CheckArgs {
+    /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTP method.
+    #[arg(long, default_value = "GET")]
     method: String,
+    /// Full URL, e.g. https://api.example.com/orders/1?x=1.
+    #[arg(long)]
     url: String,
+    /// A request header, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// The caller's address (the TCP peer Envoy would report).
+    #[arg(long)]
     source: Option<std::net::IpAddr>,
+    /// Client certificate, PEM file.
+    #[arg(long)]
     cert: Option<PathBuf>,
+    /// An Envoy context extension, `key=value` (repeatable).
+    #[arg(long = "context-extension")]
     context_extensions: Vec<String>,
+    /// Print the decision as JSON.
+    #[arg(long)]
     json: bool,
 }
 

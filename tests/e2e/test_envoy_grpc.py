@@ -108,13 +108,16 @@ def test_method_reaches_the_policy(grpc_stack):
 
 
 def test_route_with_ext_authz_disabled_never_asks_portcullis(grpc_stack):
-    checks_before = grpc_stack.envoy.stats().get("http.http.ext_authz.ok", 0) + grpc_stack.envoy.stats().get("http.http.ext_authz.denied", 0)
+    def checks():
+        st = grpc_stack.envoy.stats()
+        return st["http.http.ext_authz.ok"] + st["http.http.ext_authz.denied"] + st["http.http.ext_authz.error"]
+
+    before = checks()
     # No API matches /no-authz/ and `unmatched: deny`: only a disabled filter lets this through.
     r = via(grpc_stack, "/no-authz/probe", lb())
     assert r.status == 200, r
     assert "x-portcullis-decision-id" not in r.echo["headers"]
-    stats = grpc_stack.envoy.stats()
-    assert stats.get("http.http.ext_authz.ok", 0) + stats.get("http.http.ext_authz.denied", 0) == checks_before
+    assert checks() == before
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,13 +205,18 @@ def test_mtls_with_subscription_key_from_raw_header_map(grpc_stack):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_envoy_saw_no_deprecated_field_and_no_check_error(grpc_stack):
+def test_envoy_found_nothing_to_complain_about(grpc_stack):
     via(grpc_stack, "/public/x", lb())
+    via(grpc_stack, "/mtls/thumbprint/x", lb(), listener="https", ssl_context=tls(grpc_stack, grpc_stack.pki.partner))
     stats = grpc_stack.envoy.stats()
-    assert stats.get("runtime.deprecated_feature_use", 0) == 0, {k: v for k, v in stats.items() if "deprecated" in k}
-    assert stats.get("http.http.ext_authz.error", 0) == 0
-    assert stats.get("http.http.ext_authz.failure_mode_allowed", 0) == 0
-    assert stats["http.http.ext_authz.ok"] > 0
+    assert stats["runtime.deprecated_feature_use"] == 0
+    for listener in ("http", "https"):
+        prefix = f"http.{listener}.ext_authz."
+        assert stats[prefix + "ok"] > 0
+        # invalid: a response Envoy could not apply (e.g. a bad header mutation or append action);
+        # omitted_response_headers: headers Envoy dropped; error: failed checks (timeouts, resets).
+        for counter in ("invalid", "omitted_response_headers", "error", "failure_mode_allowed"):
+            assert stats[prefix + counter] == 0, (prefix + counter, stats[prefix + counter])
 
 
 def test_the_envoy_under_test_is_1_40():

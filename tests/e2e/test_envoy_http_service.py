@@ -66,3 +66,10 @@ def test_portcullis_down_means_503(stacks, backend):
     r = request(envoy.url("http", "/public/x"), headers=lb())
     assert r.status == 503, r
     assert len(backend.received) == before
+
+
+def test_a_client_cannot_describe_another_request(http_service_envoy):
+    # portcullis reads X-Forwarded-Uri/-Host/-Method when a forward-auth proxy sets them; Envoy's
+    # http_service passes only allowed_headers, so a client's own copies never reach portcullis.
+    spoof = lb(**{"x-forwarded-uri": "/public/x", "x-forwarded-method": "GET", "x-forwarded-host": "elsewhere"})
+    assert_deny(request(http_service_envoy.url("http", "/orders/1"), headers=spoof), 401, "SubscriptionKeyNotFound")

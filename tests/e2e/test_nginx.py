@@ -50,7 +50,9 @@ def render_nginx_conf(portcullis_http_port: int, backend_port: int, listen_port:
     paths = "\n".join(
         f"    {d}_temp_path {workdir}/{d}_temp;" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
-    text, n = re.subn(r"^http \{$", f"http {{\n    access_log {workdir}/access.log;\n{paths}", text, count=1, flags=re.M)
+    # Workers run as an unprivileged user who may not enter the test's directory: never buffer to disk.
+    extra = f"    access_log {workdir}/access.log;\n{paths}\n    proxy_max_temp_file_size 0;"
+    text, n = re.subn(r"^http \{$", f"http {{\n{extra}", text, count=1, flags=re.M)
     assert n == 1
     return text
 
@@ -109,6 +111,13 @@ def test_deny_reaches_the_client_with_status_and_json_body(nginx, backend, path,
     assert len(backend.received) == before
     if challenge:
         assert len(r.headers["www-authenticate"]) == 1, r.headers
+
+
+def test_a_client_cannot_describe_another_request(nginx):
+    # nginx sets X-Forwarded-Uri/-Method/-Host itself; the client's own copies are not passed on.
+    spoof = {"x-forwarded-uri": "/readonly/x", "x-forwarded-method": "GET", "x-forwarded-host": "elsewhere"}
+    assert_deny(request(nginx.url("/nowhere"), headers=spoof), 403, "NoMatchingApi")
+    assert_deny(request(nginx.url("/readonly/x"), method="POST", headers=spoof, body=b"{}"), 403, "NoMatchingApi")
 
 
 def test_client_address_is_the_tcp_peer(nginx):

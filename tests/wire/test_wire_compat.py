@@ -41,7 +41,9 @@ def certs():
     other = make_cert("intruder", ca, organization="Contoso")
     long_ago = datetime.now(timezone.utc) - timedelta(days=30)
     expired = make_cert("partner", ca, organization="Contoso", not_before=long_ago, not_after=long_ago + timedelta(days=1))
-    return {"partner": partner, "other": other, "expired": expired}
+    soon = datetime.now(timezone.utc) + timedelta(days=30)
+    future = make_cert("partner", ca, organization="Contoso", not_before=soon, not_after=soon + timedelta(days=1))
+    return {"partner": partner, "other": other, "expired": expired, "future": future}
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,15 @@ apis:
   - name: internal
     match: {{path_prefix: /internal}}
     ip_filter: {{action: allow, addresses: [10.0.0.0/8]}}
+  - name: blocklist
+    match: {{path_prefix: /blocklist}}
+    ip_filter: {{action: forbid, addresses: [198.51.100.0/24]}}
   - name: partners
     match: {{path_prefix: /partners}}
     client_certificate:
       identities:
         - thumbprint: "{certs['partner'].sha1}"
+        - subject: "CN=partner, O=Contoso"
   - name: selected
     match: {{context_extensions: {{api: selected}}}}
     on_allow:
@@ -191,9 +197,11 @@ def test_allow_with_the_key_only_in_the_query(check):
         (dict(path="/orders/1", headers={"ocp-apim-subscription-key": "nope"}), UNAUTHENTICATED, 401, "SubscriptionKeyInvalid", "AzureApiManagementKey"),
         (dict(path="/orders/1", headers={"ocp-apim-subscription-key": SUSPENDED_KEY}), UNAUTHENTICATED, 401, "SubscriptionKeyInvalid", None),
         (dict(path="/internal/x", peer="192.168.1.1"), PERMISSION_DENIED, 403, "CallerIpNotAllowed", None),
+        (dict(path="/blocklist/x", peer="198.51.100.7"), PERMISSION_DENIED, 403, "CallerIpBlocked", None),
+        (dict(path="/orders/1", headers={"x-padding": "a" * 100_000}), INVALID_ARGUMENT, 431, "RequestHeadersTooLarge", None),
         (dict(path="/partners/x"), UNAUTHENTICATED, 401, "ClientCertificateMissing", None),
     ],
-    ids=["no-api", "wrong-host", "key-missing", "key-invalid", "key-suspended", "ip-not-allowed", "cert-missing"],
+    ids=["no-api", "wrong-host", "key-missing", "key-invalid", "key-suspended", "ip-not-allowed", "ip-blocked", "headers-too-large", "cert-missing"],
 )
 def test_denies(check, kwargs, grpc_code, http_status, reason, challenge):
     assert_denied(check(envoy_request(**kwargs)), grpc_code, http_status, reason, challenge)
@@ -201,12 +209,16 @@ def test_denies(check, kwargs, grpc_code, http_status, reason, challenge):
 
 def test_allowed_peer(check):
     assert check(envoy_request("/internal/x", peer="10.9.8.7")).status.code == OK
+    assert check(envoy_request("/blocklist/x", peer="10.9.8.7")).status.code == OK
+    # IPv6 peers as Envoy sends them.
+    assert_denied(check(envoy_request("/internal/x", peer="2001:db8::1")), PERMISSION_DENIED, 403, "CallerIpNotAllowed")
 
 
 def test_client_certificate_url_encoded_as_envoy_sends_it(check, certs):
     assert check(envoy_request("/partners/x", certificate=envoy_certificate(certs["partner"]))).status.code == OK
     assert_denied(check(envoy_request("/partners/x", certificate=envoy_certificate(certs["other"]))), PERMISSION_DENIED, 403, "ClientCertificateIdentityNotMatched")
     assert_denied(check(envoy_request("/partners/x", certificate=envoy_certificate(certs["expired"]))), PERMISSION_DENIED, 403, "ClientCertificateExpired")
+    assert_denied(check(envoy_request("/partners/x", certificate=envoy_certificate(certs["future"]))), PERMISSION_DENIED, 403, "ClientCertificateNotYetValid")
     assert_denied(check(envoy_request("/partners/x", certificate="not%20a%20certificate")), UNAUTHENTICATED, 401, "ClientCertificateInvalid")
 
 

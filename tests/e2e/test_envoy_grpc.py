@@ -8,8 +8,8 @@ import ssl
 
 import pytest
 
-from conftest import ALLOWED_CLIENT, KEY_TEAM_A, OTHER_CLIENT, deny_params, lb
 from harness import assert_deny, client_tls_context, request
+from topology import ALLOWED_CLIENT, KEY_TEAM_A, OTHER_CLIENT, deny_params, lb
 
 DECISION_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from conftest import ALLOWED_CLIENT, KEY_TEAM_A, deny_params, http_envoy_params, lb
 from harness import assert_deny, request
+from topology import ALLOWED_CLIENT, KEY_TEAM_A, deny_params, http_envoy_params, lb
 
 DECISION_ID = re.compile(r"[0-9a-f]{32}")
 

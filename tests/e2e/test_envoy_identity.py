@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALLOWED_CLIENT, grpc_envoy_params
 from harness import ROOT, Envoy, Portcullis, assert_deny, missing, request, skip_unless_available
+from topology import ALLOWED_CLIENT, grpc_envoy_params
 
 sys.path.insert(0, str(ROOT / "tests" / "idp"))
 from idp import decode_jwt, start_idp  # noqa: E402

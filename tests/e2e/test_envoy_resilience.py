@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from conftest import ALLOWED_CLIENT, KEY_TEAM_A
 from harness import assert_deny, key_hash, request
+from topology import ALLOWED_CLIENT, KEY_TEAM_A
 
 LB = {"x-forwarded-for": ALLOWED_CLIENT}
 

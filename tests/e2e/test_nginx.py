@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from conftest import ALLOWED_CLIENT, KEY_TEAM_A
 from harness import DEPLOY_NGINX, Nginx, Portcullis, assert_deny, free_port, key_hash, request
+from topology import ALLOWED_CLIENT, KEY_TEAM_A
 
 # nginx is the edge in the example: it sends X-Forwarded-For: $remote_addr, which portcullis reads
 # with trusted_hops: 0 (a client's own X-Forwarded-For never reaches portcullis).

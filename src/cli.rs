@@ -33,38 +33,14 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Evaluate one request offline and explain every check (exit 0 allow, 1 deny, 2 error).
-    Check {
-        /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// HTTP method.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// Full URL, e.g. https://api.example.com/orders/1?x=1.
-        #[arg(long)]
-        url: String,
-        /// A request header, `name: value` (repeatable).
-        #[arg(short = 'H', long = "header")]
-        headers: Vec<String>,
-        /// The caller's address (the TCP peer Envoy would report).
-        #[arg(long)]
-        source: Option<std::net::IpAddr>,
-        /// Client certificate, PEM file.
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        /// An Envoy context extension, `key=value` (repeatable).
-        #[arg(long = "context-extension")]
-        context_extensions: Vec<String>,
-        /// Print the decision as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
     /// Read a subscription key on stdin and print `sha256:<hex>` for the config.
     HashKey,
 }
 
 fn config_path(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("portcullis.yaml"))
+    arg.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("portcullis.yaml"))
 }
 
 /// Runs the command line.
@@ -73,24 +49,34 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config_path(config)),
         Command::Validate { config } => validate(&config_path(config)),
-        Command::Check { config, method, url, headers, source, cert, context_extensions, json } => {
-            let req = CheckArgs { method, url, headers, source, cert, context_extensions, json };
-            check(&config_path(config), req)
+        Command::Check(args) => {
+            let path = config_path(args.config.clone());
+            check(&path, args)
         }
         Command::HashKey => hash_key(),
     }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn serve(path: &Path) -> ExitCode {
     // Logging needs the config's format and level; a config that does not load is still reported.
     let (format, level) = match config::load(path) {
         Ok(src) => (
-            if src.file.telemetry.log_format.as_deref() == Some("json") { policy::LogFormat::Json } else { policy::LogFormat::Text },
-            src.file.telemetry.log_level.clone().unwrap_or_else(|| "info".into()),
+            if src.file.telemetry.log_format.as_deref() == Some("json") {
+                policy::LogFormat::Json
+            } else {
+                policy::LogFormat::Text
+            },
+            src.file
+                .telemetry
+                .log_level
+                .clone()
+                .unwrap_or_else(|| "info".into()),
         ),
         Err(_) => (policy::LogFormat::Text, "info".into()),
     };
@@ -130,14 +116,26 @@ fn validate(path: &Path) -> ExitCode {
         Ok((policy, settings)) => {
             println!("{}: valid", path.display());
             println!("  {}", policy.summary);
-            println!("  gRPC listener {}{}", settings.grpc, settings.http.map(|h| format!(", HTTP listener {h}")).unwrap_or_default());
+            println!(
+                "  gRPC listener {}{}",
+                settings.grpc,
+                settings
+                    .http
+                    .map(|h| format!(", HTTP listener {h}"))
+                    .unwrap_or_default()
+            );
             for name in policy.api_names() {
                 println!("  api {name}");
             }
             ExitCode::SUCCESS
         }
         Err(errs) => {
-            eprintln!("{}: {} error{}", path.display(), errs.0.len(), if errs.0.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "{}: {} error{}",
+                path.display(),
+                errs.0.len(),
+                if errs.0.len() == 1 { "" } else { "s" }
+            );
             for e in &errs.0 {
                 eprintln!("  {e}");
             }
@@ -146,13 +144,31 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
+#[derive(Debug, clap::Args)]
 struct CheckArgs {
+    /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTP method.
+    #[arg(long, default_value = "GET")]
     method: String,
+    /// Full URL, e.g. https://api.example.com/orders/1?x=1.
+    #[arg(long)]
     url: String,
+    /// A request header, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// The caller's address (the TCP peer Envoy would report).
+    #[arg(long)]
     source: Option<std::net::IpAddr>,
+    /// Client certificate, PEM file.
+    #[arg(long)]
     cert: Option<PathBuf>,
+    /// An Envoy context extension, `key=value` (repeatable).
+    #[arg(long = "context-extension")]
     context_extensions: Vec<String>,
+    /// Print the decision as JSON.
+    #[arg(long)]
     json: bool,
 }
 
@@ -165,8 +181,13 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         Ok(u) => u,
         Err(e) => return fail(format!("--url `{}`: {e}", args.url)),
     };
-    let host = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-    let target = uri.path_and_query().map_or("/".to_string(), |pq| pq.as_str().to_string());
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let target = uri
+        .path_and_query()
+        .map_or("/".to_string(), |pq| pq.as_str().to_string());
     let mut headers: policy::Headers = HashMap::new();
     for h in &args.headers {
         let Some((name, value)) = h.split_once(':') else {
@@ -191,7 +212,10 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
     }
     let cert = match &args.cert {
         Some(p) => match std::fs::read_to_string(p) {
-            Ok(pem) => percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC).to_string(),
+            Ok(pem) => {
+                percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            }
             Err(e) => return fail(format!("--cert {}: {e}", p.display())),
         },
         None => String::new(),
@@ -215,13 +239,23 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         peer_certificate: &cert,
         context_extensions: if ce.is_empty() { None } else { Some(&ce) },
     };
-    let decision = rt.block_on(policy.decide(&input, EvalOptions { explain: true, ..Default::default() }));
+    let decision = rt.block_on(policy.decide(
+        &input,
+        EvalOptions {
+            explain: true,
+            ..Default::default()
+        },
+    ));
     if args.json {
         println!("{}", explain_json(&decision));
     } else {
         print!("{}", explain_text(&decision));
     }
-    if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if decision.is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// The human-readable explanation `portcullis check` prints. Credentials are never shown.
@@ -230,13 +264,21 @@ pub fn explain_text(d: &Decision) -> String {
     let mut s = String::new();
     match &d.outcome {
         Outcome::Allow if d.waived.is_some() => {
-            let _ = writeln!(s, "decision: allow (shadow mode; would deny: {})", d.waived.map(|r| r.as_str()).unwrap_or(""));
+            let _ = writeln!(
+                s,
+                "decision: allow (shadow mode; would deny: {})",
+                d.waived.map(|r| r.as_str()).unwrap_or("")
+            );
         }
         Outcome::Allow => {
             let _ = writeln!(s, "decision: allow");
         }
         Outcome::Deny(den) => {
-            let _ = writeln!(s, "decision: deny\nstatus: {}\nreason: {}\nmessage: {}", den.status, den.reason, den.message);
+            let _ = writeln!(
+                s,
+                "decision: deny\nstatus: {}\nreason: {}\nmessage: {}",
+                den.status, den.reason, den.message
+            );
             if let Some(c) = &den.www_authenticate {
                 let _ = writeln!(s, "www-authenticate: {c}");
             }
@@ -255,13 +297,26 @@ pub fn explain_text(d: &Decision) -> String {
     if d.is_allow() {
         let _ = writeln!(s, "headers to set upstream:");
         for h in &d.upstream_headers {
-            let _ = writeln!(s, "  {}: {}", h.name, if h.sensitive { "<redacted credential>" } else { &h.value });
+            let _ = writeln!(
+                s,
+                "  {}: {}",
+                h.name,
+                if h.sensitive {
+                    "<redacted credential>"
+                } else {
+                    &h.value
+                }
+            );
         }
         if !d.remove_headers.is_empty() {
             let _ = writeln!(s, "headers to remove: {}", d.remove_headers.join(", "));
         }
         if !d.remove_query.is_empty() {
-            let _ = writeln!(s, "query parameters to remove: {}", d.remove_query.join(", "));
+            let _ = writeln!(
+                s,
+                "query parameters to remove: {}",
+                d.remove_query.join(", ")
+            );
         }
     }
     s
@@ -310,6 +365,9 @@ fn hash_key() -> ExitCode {
         eprintln!("error: no key on stdin");
         return ExitCode::from(2);
     }
-    println!("{}", policy::subscription::format_hash(&policy::subscription::hash_key(key)));
+    println!(
+        "{}",
+        policy::subscription::format_hash(&policy::subscription::hash_key(key))
+    );
     ExitCode::SUCCESS
 }

@@ -12,8 +12,16 @@ fn example() -> std::path::PathBuf {
 
 #[test]
 fn validate_the_bundled_example() {
-    let out = Command::new(BIN).args(["validate", "--config"]).arg(example()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(example())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("valid"), "{stdout}");
     assert!(stdout.contains("4 APIs"), "{stdout}");
@@ -24,39 +32,79 @@ fn validate_reports_every_error_with_its_path_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.yaml");
     std::fs::write(&cfg, "apis:\n  - name: a\n    match: {path_prefix: x}\n    ip_filter: {action: allow, addresses: [nope]}\n  - name: a\nunmatched: perhaps\n").unwrap();
-    let out = Command::new(BIN).args(["validate", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    for needle in ["apis[0].match.path_prefix", "apis[0].ip_filter.addresses[0]", "apis[1].name", "unmatched", "4 errors"] {
+    for needle in [
+        "apis[0].match.path_prefix",
+        "apis[0].ip_filter.addresses[0]",
+        "apis[1].name",
+        "unmatched",
+        "4 errors",
+    ] {
         assert!(stderr.contains(needle), "missing {needle} in:\n{stderr}");
     }
 }
 
 #[test]
 fn config_from_environment_variable() {
-    let out = Command::new(BIN).arg("validate").env("PORTCULLIS_CONFIG", example()).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("validate")
+        .env("PORTCULLIS_CONFIG", example())
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }
 
 #[test]
 fn check_explains_and_sets_the_exit_code() {
     let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(["check", "--config"]).arg(example()).args(args).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(example())
+            .args(args)
+            .output()
+            .unwrap();
         (out.status.code(), String::from_utf8(out.stdout).unwrap())
     };
-    let (code, out) = run(&["--url", "http://api.example.com/orders/1", "-H", "Ocp-Apim-Subscription-Key: demo-key-123", "--source", "10.1.2.3"]);
+    let (code, out) = run(&[
+        "--url",
+        "http://api.example.com/orders/1",
+        "-H",
+        "Ocp-Apim-Subscription-Key: demo-key-123",
+        "--source",
+        "10.1.2.3",
+    ]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("decision: allow"));
     assert!(out.contains("x-subscription-id: demo"));
     assert!(out.contains("headers to remove: ocp-apim-subscription-key"));
-    assert!(!out.contains("demo-key-123"), "the key must not be printed:\n{out}");
+    assert!(
+        !out.contains("demo-key-123"),
+        "the key must not be printed:\n{out}"
+    );
 
-    let (code, out) = run(&["--url", "http://api.example.com/orders/1", "--source", "8.8.8.8"]);
+    let (code, out) = run(&[
+        "--url",
+        "http://api.example.com/orders/1",
+        "--source",
+        "8.8.8.8",
+    ]);
     assert_eq!(code, Some(1));
     assert!(out.contains("reason: CallerIpNotAllowed"), "{out}");
     assert!(out.contains("ip_filter"), "{out}");
 
-    let (code, out) = run(&["--json", "--url", "http://api.example.com/catalog", "--source", "10.0.0.1"]);
+    let (code, out) = run(&[
+        "--json",
+        "--url",
+        "http://api.example.com/catalog",
+        "--source",
+        "10.0.0.1",
+    ]);
     assert_eq!(code, Some(1));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["reason"], "SubscriptionKeyNotFound");
@@ -68,19 +116,41 @@ fn check_explains_and_sets_the_exit_code() {
 
 #[test]
 fn hash_key_reads_stdin() {
-    let mut child = Command::new(BIN).arg("hash-key").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(b"demo-key-123\n").unwrap();
+    let mut child = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"demo-key-123\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "sha256:a52782e3a2d4dd2f95f640b9abfb3b2a6b8e722c65f55be830f6e5f619f7f873");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "sha256:a52782e3a2d4dd2f95f640b9abfb3b2a6b8e722c65f55be830f6e5f619f7f873"
+    );
 }
 
 #[test]
 fn serve_logs_its_listeners_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.yaml");
-    std::fs::write(&cfg, "listen: {grpc: 127.0.0.1:0, http: 127.0.0.1:0}\napis: [{name: a}]\n").unwrap();
-    let mut child = Command::new(BIN).args(["serve", "--config"]).arg(&cfg).stderr(Stdio::piped()).spawn().unwrap();
+    std::fs::write(
+        &cfg,
+        "listen: {grpc: 127.0.0.1:0, http: 127.0.0.1:0}\napis: [{name: a}]\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -92,8 +162,14 @@ fn serve_logs_its_listeners_and_exits_0_on_sigterm() {
         }
     }
     assert_eq!(listeners.len(), 2, "{listeners:?}");
-    assert!(listeners[0].contains("listener=\"grpc\"") || listeners[0].contains("listener=grpc"), "{listeners:?}");
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(
+        listeners[0].contains("listener=\"grpc\"") || listeners[0].contains("listener=grpc"),
+        "{listeners:?}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
     assert_eq!(exit.code(), Some(0));
@@ -104,7 +180,11 @@ fn serve_refuses_a_broken_config_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.yaml");
     std::fs::write(&cfg, "apis: [{name: a, bogus: true}]\n").unwrap();
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("apis[0].bogus"));
 }

@@ -41,7 +41,10 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl ConfigErrors {
     /// Records an error at `path`.
     pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigError { path: path.into(), message: message.into() });
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     /// True when nothing was recorded.
@@ -111,7 +114,10 @@ impl Source {
 pub fn load(path: &Path) -> Result<Source, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let mut errs = ConfigErrors::default();
-        errs.push("", format!("cannot read config file {}: {e}", path.display()));
+        errs.push(
+            "",
+            format!("cannot read config file {}: {e}", path.display()),
+        );
         errs
     })?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -124,7 +130,11 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Source, ConfigErrors> {
 }
 
 /// Like [`parse`], with the environment given as a lookup function (tests, embedding).
-pub fn parse_with_env(text: &str, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Source, ConfigErrors> {
+pub fn parse_with_env(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Source, ConfigErrors> {
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
     let mut errs = ConfigErrors::default();
     let mut value: Value = match serde_yaml::from_str(text) {
@@ -136,7 +146,14 @@ pub fn parse_with_env(text: &str, base_dir: &Path, env: &dyn Fn(&str) -> Option<
         }
     };
     let mut substituted = HashSet::new();
-    substitute(&mut value, String::new(), base_dir, env, &mut substituted, &mut errs);
+    substitute(
+        &mut value,
+        String::new(),
+        base_dir,
+        env,
+        &mut substituted,
+        &mut errs,
+    );
 
     // serde stops at the first error. To report every structural error at once, record it, remove
     // the offending value and try again; a field that is required but missing ends the search.
@@ -150,7 +167,8 @@ pub fn parse_with_env(text: &str, base_dir: &Path, env: &dyn Fn(&str) -> Option<
                 if !seen.insert((path.clone(), message.clone())) {
                     break None;
                 }
-                let removable = !message.starts_with("missing field") && remove_at(&mut value, e.path());
+                let removable =
+                    !message.starts_with("missing field") && remove_at(&mut value, e.path());
                 errs.push(path, message);
                 if !removable || errs.0.len() > 200 {
                     break None;
@@ -159,7 +177,12 @@ pub fn parse_with_env(text: &str, base_dir: &Path, env: &dyn Fn(&str) -> Option<
         }
     };
     match file {
-        Some(file) if errs.is_empty() => Ok(Source { file, substituted, base_dir: base_dir.to_path_buf(), digest }),
+        Some(file) if errs.is_empty() => Ok(Source {
+            file,
+            substituted,
+            base_dir: base_dir.to_path_buf(),
+            digest,
+        }),
         _ => Err(errs),
     }
 }
@@ -227,7 +250,9 @@ fn substitute(
                     .map(|t| t.trim_end_matches(['\r', '\n']).to_string())
                     .map_err(|e| format!("cannot read {}: {e}", p.display()))
             } else {
-                Err(format!("unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"))
+                Err(format!(
+                    "unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"
+                ))
             };
             match resolved {
                 Ok(v) => {
@@ -246,9 +271,16 @@ fn substitute(
             for (k, v) in map.iter_mut() {
                 let key = match k {
                     Value::String(s) => s.clone(),
-                    other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
                 };
-                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
+                let child = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
                 substitute(v, child, base_dir, env, done, errs);
             }
         }

@@ -18,18 +18,41 @@ fn every_unknown_key_is_reported_with_its_path() {
         "listen: {grpc: 127.0.0.1:1, grcp: x}\napis:\n  - name: a\n    subscription_requried: true\n  - name: b\n    match: {path_prefx: /x}\nbogus: 1\n",
     );
     assert_eq!(errs.len(), 4, "{errs:#?}");
-    assert!(errs.iter().any(|e| e.starts_with("listen.grcp: unknown field `grcp`")), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.starts_with("apis[0].subscription_requried: unknown field")), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.starts_with("apis[1].match.path_prefx: unknown field")), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.starts_with("bogus: unknown field")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("listen.grcp: unknown field `grcp`")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("apis[0].subscription_requried: unknown field")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("apis[1].match.path_prefx: unknown field")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.starts_with("bogus: unknown field")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
 fn wrong_types_are_reported_with_paths() {
-    let errs = errors("client_ip: {trusted_hops: many}\napis: [{name: a, subscription_required: maybe}]\n");
+    let errs = errors(
+        "client_ip: {trusted_hops: many}\napis: [{name: a, subscription_required: maybe}]\n",
+    );
     assert_eq!(errs.len(), 2, "{errs:#?}");
-    assert!(errs[0].starts_with("client_ip.trusted_hops: invalid type"), "{errs:#?}");
-    assert!(errs[1].starts_with("apis[0].subscription_required: invalid type"), "{errs:#?}");
+    assert!(
+        errs[0].starts_with("client_ip.trusted_hops: invalid type"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with("apis[0].subscription_required: invalid type"),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -58,9 +81,14 @@ fn env_and_file_values_are_substituted_and_remembered() {
 
 #[test]
 fn missing_env_and_file_are_errors_with_paths() {
-    let errs = errors("store: {path: db, key: '${env:PORTCULLIS_SURELY_UNSET_VAR}'}\nadmin: {token: '${file:/nonexistent/x}'}\n");
+    let errs = errors(
+        "store: {path: db, key: '${env:PORTCULLIS_SURELY_UNSET_VAR}'}\nadmin: {token: '${file:/nonexistent/x}'}\n",
+    );
     assert_eq!(errs.len(), 2, "{errs:#?}");
-    assert!(errs[0].starts_with("store.key: environment variable PORTCULLIS_SURELY_UNSET_VAR is not set"));
+    assert!(
+        errs[0]
+            .starts_with("store.key: environment variable PORTCULLIS_SURELY_UNSET_VAR is not set")
+    );
     assert!(errs[1].starts_with("admin.token: cannot read /nonexistent/x"));
 }
 
@@ -70,4 +98,3 @@ fn invalid_yaml_is_one_clear_error() {
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("not valid YAML"), "{errs:?}");
 }
-

@@ -37,15 +37,29 @@ impl BackendCredentialPolicy {
 
     /// The header carrying the credential. With `dry_run`, nothing is fetched and the value is a
     /// placeholder (for `portcullis check`).
-    pub async fn header_for(&self, _ctx: &Context<'_>, _dry_run: bool) -> Result<Header, CredentialFailure> {
-        Err(CredentialFailure { denial: Denial::new(crate::policy::Reason::BackendCredentialUnavailable), detail: "not available".into() })
+    pub async fn header_for(
+        &self,
+        _ctx: &Context<'_>,
+        _dry_run: bool,
+    ) -> Result<Header, CredentialFailure> {
+        Err(CredentialFailure {
+            denial: Denial::new(crate::policy::Reason::BackendCredentialUnavailable),
+            detail: "not available".into(),
+        })
     }
 }
 
 /// Compiles `credentials` and `store`.
-pub fn compile_credentials(src: &Source, _registry: &Registry, errs: &mut ConfigErrors) -> CredentialSet {
+pub fn compile_credentials(
+    src: &Source,
+    _registry: &Registry,
+    errs: &mut ConfigErrors,
+) -> CredentialSet {
     if !src.file.credentials.is_empty() {
-        errs.push("credentials", "backend credentials are not available in this build");
+        errs.push(
+            "credentials",
+            "backend credentials are not available in this build",
+        );
     }
     CredentialSet::default()
 }

@@ -121,7 +121,10 @@ impl Dn {
                 let ty = x509_parser::objects::oid2abbrev(oid, registry)
                     .map(str::to_string)
                     .unwrap_or_else(|_| oid.to_id_string());
-                let value = attr.as_str().map(str::to_string).unwrap_or_else(|_| hex::encode(attr.attr_value().data));
+                let value = attr
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|_| hex::encode(attr.attr_value().data));
                 attrs.push((normalize_attr_type(&ty), value.to_lowercase()));
             }
         }
@@ -137,12 +140,21 @@ impl Dn {
             if part.is_empty() {
                 continue;
             }
-            let (ty, value) = part.split_once('=').ok_or_else(|| format!("`{part}` is not TYPE=value"))?;
+            let (ty, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not TYPE=value"))?;
             let ty = ty.trim();
-            if ty.is_empty() || !ty.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+            if ty.is_empty()
+                || !ty
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            {
                 return Err(format!("`{ty}` is not an attribute type"));
             }
-            attrs.push((normalize_attr_type(ty), unquote(value.trim()).to_lowercase()));
+            attrs.push((
+                normalize_attr_type(ty),
+                unquote(value.trim()).to_lowercase(),
+            ));
         }
         if attrs.is_empty() {
             return Err("empty distinguished name".into());
@@ -187,7 +199,10 @@ fn split_unquoted<'a>(s: &'a str, seps: &[char]) -> Vec<&'a str> {
 }
 
 fn unquote(v: &str) -> String {
-    let inner = v.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(v);
+    let inner = v
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(v);
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
@@ -204,12 +219,20 @@ fn unquote(v: &str) -> String {
 
 /// `01:AB:cd` -> `1abcd`; `None` if it is not hex.
 pub fn normalize_serial(s: &str) -> Option<String> {
-    let hex: String = s.chars().filter(|c| !matches!(c, ':' | ' ')).collect::<String>().to_ascii_lowercase();
+    let hex: String = s
+        .chars()
+        .filter(|c| !matches!(c, ':' | ' '))
+        .collect::<String>()
+        .to_ascii_lowercase();
     if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
     let trimmed = hex.trim_start_matches('0');
-    Some(if trimmed.is_empty() { "0".into() } else { trimmed.into() })
+    Some(if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    })
 }
 
 /// One configured identity: every field given must match.
@@ -236,18 +259,28 @@ impl Identity {
         let bytes = hex::decode(&hex).map_err(|_| format!("`{s}` is not hex"))?;
         match bytes.len() {
             20 | 32 => Ok(bytes),
-            n => Err(format!("a thumbprint is 20 (SHA-1) or 32 (SHA-256) bytes, this one is {n}")),
+            n => Err(format!(
+                "a thumbprint is 20 (SHA-1) or 32 (SHA-256) bytes, this one is {n}"
+            )),
         }
     }
 
     /// Whether the certificate has every field this identity names.
     pub fn matches(&self, c: &ClientCert) -> bool {
-        self.thumbprint.as_deref().is_none_or(|t| t == c.sha1.as_slice() || t == c.sha256.as_slice())
+        self.thumbprint
+            .as_deref()
+            .is_none_or(|t| t == c.sha1.as_slice() || t == c.sha256.as_slice())
             && self.subject.as_ref().is_none_or(|s| *s == c.subject)
             && self.issuer_subject.as_ref().is_none_or(|s| *s == c.issuer)
-            && self.common_name.as_ref().is_none_or(|cn| c.common_names.contains(cn))
+            && self
+                .common_name
+                .as_ref()
+                .is_none_or(|cn| c.common_names.contains(cn))
             && self.serial_number.as_ref().is_none_or(|s| *s == c.serial)
-            && self.dns_name.as_ref().is_none_or(|d| c.dns_names.contains(d))
+            && self
+                .dns_name
+                .as_ref()
+                .is_none_or(|d| c.dns_names.contains(d))
     }
 }
 
@@ -278,7 +311,10 @@ pub enum CertFailure {
 impl CertPolicy {
     /// Checks a parsed certificate at `now`.
     pub fn check(&self, cert: &ClientCert, now: SystemTime) -> Result<(), CertFailure> {
-        let now = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let now = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
         if self.validate_not_after && now > cert.not_after {
             return Err(CertFailure::Expired);
         }
@@ -303,7 +339,10 @@ pub fn xfcc_cert(header: &[u8]) -> Result<Option<String>, CertError> {
         let (k, v) = pair.split_once('=').ok_or(CertError::BadXfcc)?;
         if k.trim().eq_ignore_ascii_case("cert") {
             let v = v.trim();
-            let v = v.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(v);
+            let v = v
+                .strip_prefix('"')
+                .and_then(|r| r.strip_suffix('"'))
+                .unwrap_or(v);
             return Ok(Some(v.to_string()));
         }
     }

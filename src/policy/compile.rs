@@ -86,11 +86,15 @@ pub struct TlsFiles {
 }
 
 /// Parses a duration such as `250ms`, `30s`, `5m`, `1h`.
+#[allow(dead_code)] // for the identity and credentials sections
 pub(crate) fn duration(s: &str, path: &str, errs: &mut ConfigErrors) -> Option<Duration> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) => Some(d),
         Err(e) => {
-            errs.push(path, format!("`{s}` is not a duration ({e}); write e.g. 250ms, 30s, 5m, 1h"));
+            errs.push(
+                path,
+                format!("`{s}` is not a duration ({e}); write e.g. 250ms, 30s, 5m, 1h"),
+            );
             None
         }
     }
@@ -105,22 +109,50 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
     let client_ip = match (f.client_ip.from.as_deref(), f.client_ip.trusted_hops) {
         (None | Some("peer"), None) => ClientIpSource::Peer,
         (None | Some("peer"), Some(_)) => {
-            errs.push("client_ip.trusted_hops", "only meaningful with `from: x-forwarded-for`");
+            errs.push(
+                "client_ip.trusted_hops",
+                "only meaningful with `from: x-forwarded-for`",
+            );
             ClientIpSource::Peer
         }
-        (Some("x-forwarded-for"), hops) => ClientIpSource::ForwardedFor { trusted_hops: hops.unwrap_or(0) },
+        (Some("x-forwarded-for"), hops) => ClientIpSource::ForwardedFor {
+            trusted_hops: hops.unwrap_or(0),
+        },
         (Some(other), _) => {
-            errs.push("client_ip.from", format!("`{other}`: use `peer` or `x-forwarded-for`"));
+            errs.push(
+                "client_ip.from",
+                format!("`{other}`: use `peer` or `x-forwarded-for`"),
+            );
             ClientIpSource::Peer
         }
     };
 
     let d = Limits::default();
     let limits = Limits {
-        max_header_bytes: positive(f.limits.max_header_bytes, d.max_header_bytes, "limits.max_header_bytes", &mut errs),
-        max_token_bytes: positive(f.limits.max_token_bytes, d.max_token_bytes, "limits.max_token_bytes", &mut errs),
-        max_certificate_bytes: positive(f.limits.max_certificate_bytes, d.max_certificate_bytes, "limits.max_certificate_bytes", &mut errs),
-        max_concurrent_checks: positive(f.limits.max_concurrent_checks, d.max_concurrent_checks, "limits.max_concurrent_checks", &mut errs),
+        max_header_bytes: positive(
+            f.limits.max_header_bytes,
+            d.max_header_bytes,
+            "limits.max_header_bytes",
+            &mut errs,
+        ),
+        max_token_bytes: positive(
+            f.limits.max_token_bytes,
+            d.max_token_bytes,
+            "limits.max_token_bytes",
+            &mut errs,
+        ),
+        max_certificate_bytes: positive(
+            f.limits.max_certificate_bytes,
+            d.max_certificate_bytes,
+            "limits.max_certificate_bytes",
+            &mut errs,
+        ),
+        max_concurrent_checks: positive(
+            f.limits.max_concurrent_checks,
+            d.max_concurrent_checks,
+            "limits.max_concurrent_checks",
+            &mut errs,
+        ),
     };
 
     // Names first: products and keys refer to APIs by name.
@@ -129,7 +161,10 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         if api.name.trim().is_empty() {
             errs.push(format!("apis[{i}].name"), "must not be empty");
         } else if let Some(first) = api_names.insert(&api.name, i) {
-            errs.push(format!("apis[{i}].name"), format!("`{}` is already the name of apis[{first}]", api.name));
+            errs.push(
+                format!("apis[{i}].name"),
+                format!("`{}` is already the name of apis[{first}]", api.name),
+            );
         }
     }
 
@@ -141,7 +176,10 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         for (j, name) in p.apis.iter().enumerate() {
             match api_names.get(name.as_str()) {
                 Some(&idx) => members.push(idx),
-                None => errs.push(format!("{path}.apis[{j}]"), format!("no API is named `{name}`")),
+                None => errs.push(
+                    format!("{path}.apis[{j}]"),
+                    format!("no API is named `{name}`"),
+                ),
             }
         }
         members.sort_unstable();
@@ -150,7 +188,10 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
             open_apis.extend(members.iter().copied());
         }
         if product_apis.insert(&p.name, members).is_some() {
-            errs.push(format!("{path}.name"), format!("`{}` names two products", p.name));
+            errs.push(
+                format!("{path}.name"),
+                format!("`{}` names two products", p.name),
+            );
         }
     }
 
@@ -187,9 +228,20 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         products: f.products.len(),
     };
     let index = ApiIndex::build(apis.iter().map(|a: &Api| a.matcher.path_prefix.as_deref()));
-    let policy = PolicySet { apis, index, unmatched_allow, client_ip, subscriptions, limits, summary };
+    let policy = PolicySet {
+        apis,
+        index,
+        unmatched_allow,
+        client_ip,
+        subscriptions,
+        limits,
+        summary,
+    };
     // `compile` returns both only when there were no errors.
-    Ok((policy, settings.expect("settings are Some when no error was recorded")))
+    Ok((
+        policy,
+        settings.expect("settings are Some when no error was recorded"),
+    ))
 }
 
 fn positive(v: Option<usize>, default: usize, path: &str, errs: &mut ConfigErrors) -> usize {
@@ -209,24 +261,37 @@ fn compile_settings(src: &Source, errs: &mut ConfigErrors) -> Option<Settings> {
         match s.parse() {
             Ok(a) => Some(a),
             Err(_) => {
-                errs.push(path, format!("`{s}` is not an address like 127.0.0.1:9191 or [::]:9191"));
+                errs.push(
+                    path,
+                    format!("`{s}` is not an address like 127.0.0.1:9191 or [::]:9191"),
+                );
                 None
             }
         }
     };
-    let grpc = addr(f.listen.grpc.as_deref().unwrap_or("127.0.0.1:9191"), "listen.grpc", errs);
-    let http = f.listen.http.as_deref().map(|h| addr(h, "listen.http", errs));
+    let grpc = addr(
+        f.listen.grpc.as_deref().unwrap_or("127.0.0.1:9191"),
+        "listen.grpc",
+        errs,
+    );
+    let http = f
+        .listen
+        .http
+        .as_deref()
+        .map(|h| addr(h, "listen.http", errs));
     let tls = f.listen.tls.as_ref().map(|t| TlsFiles {
         cert_file: src.resolve(&t.cert_file),
         key_file: src.resolve(&t.key_file),
         client_ca_file: t.client_ca_file.as_deref().map(|c| src.resolve(c)),
     });
     if let Some(t) = &tls {
-        for (p, file) in [("listen.tls.cert_file", Some(&t.cert_file)), ("listen.tls.key_file", Some(&t.key_file)), ("listen.tls.client_ca_file", t.client_ca_file.as_ref())] {
-            if let Some(file) = file {
-                if !file.is_file() {
-                    errs.push(p, format!("{} does not exist", file.display()));
-                }
+        for (p, file) in [
+            ("listen.tls.cert_file", Some(&t.cert_file)),
+            ("listen.tls.key_file", Some(&t.key_file)),
+            ("listen.tls.client_ca_file", t.client_ca_file.as_ref()),
+        ] {
+            if let Some(file) = file.filter(|f| !f.is_file()) {
+                errs.push(p, format!("{} does not exist", file.display()));
             }
         }
     }
@@ -234,22 +299,45 @@ fn compile_settings(src: &Source, errs: &mut ConfigErrors) -> Option<Settings> {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
         Some(o) => {
-            errs.push("telemetry.log_format", format!("`{o}`: use `json` or `text`"));
+            errs.push(
+                "telemetry.log_format",
+                format!("`{o}`: use `json` or `text`"),
+            );
             LogFormat::Text
         }
     };
-    let log_level = f.telemetry.log_level.clone().unwrap_or_else(|| "info".into());
+    let log_level = f
+        .telemetry
+        .log_level
+        .clone()
+        .unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        errs.push("telemetry.log_level", format!("`{log_level}` is not a level or filter (error, warn, info, debug, trace)"));
+        errs.push(
+            "telemetry.log_level",
+            format!("`{log_level}` is not a level or filter (error, warn, info, debug, trace)"),
+        );
     }
-    let otlp_protocol = f.telemetry.otlp_protocol.clone().unwrap_or_else(|| "grpc".into());
+    let otlp_protocol = f
+        .telemetry
+        .otlp_protocol
+        .clone()
+        .unwrap_or_else(|| "grpc".into());
     if !matches!(otlp_protocol.as_str(), "grpc" | "http/protobuf") {
-        errs.push("telemetry.otlp_protocol", format!("`{otlp_protocol}`: use `grpc` or `http/protobuf`"));
+        errs.push(
+            "telemetry.otlp_protocol",
+            format!("`{otlp_protocol}`: use `grpc` or `http/protobuf`"),
+        );
     }
-    if let Some(ep) = &f.telemetry.otlp_endpoint {
-        if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-            errs.push("telemetry.otlp_endpoint", format!("`{ep}` must be an http:// or https:// URL"));
-        }
+    if let Some(ep) = f
+        .telemetry
+        .otlp_endpoint
+        .as_ref()
+        .filter(|ep| !(ep.starts_with("http://") || ep.starts_with("https://")))
+    {
+        errs.push(
+            "telemetry.otlp_endpoint",
+            format!("`{ep}` must be an http:// or https:// URL"),
+        );
     }
     let admin_token_sha256 = f.admin.as_ref().map(|a| {
         if a.token.expose().len() < 16 {
@@ -281,10 +369,17 @@ fn compile_subscriptions(
     errs: &mut ConfigErrors,
 ) -> SubscriptionStore {
     let s = &src.file.subscriptions;
-    let header = s.header.as_deref().unwrap_or("ocp-apim-subscription-key").to_ascii_lowercase();
+    let header = s
+        .header
+        .as_deref()
+        .unwrap_or("ocp-apim-subscription-key")
+        .to_ascii_lowercase();
     let query = s.query.clone().unwrap_or_else(|| "subscription-key".into());
     if header.is_empty() || !header.bytes().all(is_token_char) {
-        errs.push("subscriptions.header", format!("`{header}` is not a header name"));
+        errs.push(
+            "subscriptions.header",
+            format!("`{header}` is not a header name"),
+        );
     }
     if query.is_empty() {
         errs.push("subscriptions.query", "must not be empty");
@@ -294,7 +389,10 @@ fn compile_subscriptions(
     for (i, k) in s.keys.iter().enumerate() {
         let path = format!("subscriptions.keys[{i}]");
         if !ids.insert(k.id.as_str()) {
-            errs.push(format!("{path}.id"), format!("`{}` is used by two subscriptions", k.id));
+            errs.push(
+                format!("{path}.id"),
+                format!("`{}` is used by two subscriptions", k.id),
+            );
         }
         let scope = match k.scope.as_deref().unwrap_or("all") {
             "all" => Some(Scope::All),
@@ -302,7 +400,10 @@ fn compile_subscriptions(
                 Some(("product", name)) => match product_apis.get(name) {
                     Some(apis) => Some(Scope::Apis(apis.clone())),
                     None => {
-                        errs.push(format!("{path}.scope"), format!("no product is named `{name}`"));
+                        errs.push(
+                            format!("{path}.scope"),
+                            format!("no product is named `{name}`"),
+                        );
                         None
                     }
                 },
@@ -314,7 +415,10 @@ fn compile_subscriptions(
                     }
                 },
                 _ => {
-                    errs.push(format!("{path}.scope"), format!("`{other}`: use `all`, `product:NAME` or `api:NAME`"));
+                    errs.push(
+                        format!("{path}.scope"),
+                        format!("`{other}`: use `all`, `product:NAME` or `api:NAME`"),
+                    );
                     None
                 }
             },
@@ -323,7 +427,10 @@ fn compile_subscriptions(
             "active" => State::Active,
             "suspended" | "cancelled" | "expired" | "submitted" | "rejected" => State::Inactive,
             other => {
-                errs.push(format!("{path}.state"), format!("`{other}`: use active, suspended, cancelled or expired"));
+                errs.push(
+                    format!("{path}.state"),
+                    format!("`{other}`: use active, suspended, cancelled or expired"),
+                );
                 State::Inactive
             }
         };
@@ -350,9 +457,16 @@ fn compile_subscriptions(
             errs.push(&path, "a subscription needs a primary or a secondary key");
         }
         if let Some(scope) = scope {
-            let sub = Subscription { id: Arc::from(k.id.as_str()), state, scope };
+            let sub = Subscription {
+                id: Arc::from(k.id.as_str()),
+                state,
+                scope,
+            };
             if let Err(other) = store.insert(sub, &hashes) {
-                errs.push(&path, format!("a key of this subscription is also a key of `{other}`"));
+                errs.push(
+                    &path,
+                    format!("a key of this subscription is also a key of `{other}`"),
+                );
             }
         }
     }
@@ -383,10 +497,16 @@ fn compile_api(
     }
     let path_prefix = a.matcher.path_prefix.as_deref().map(|p| {
         if !p.starts_with('/') {
-            errs.push(format!("{path}.match.path_prefix"), format!("`{p}` must start with `/`"));
+            errs.push(
+                format!("{path}.match.path_prefix"),
+                format!("`{p}` must start with `/`"),
+            );
         }
         if p.contains(['?', '#']) {
-            errs.push(format!("{path}.match.path_prefix"), "a path prefix has no query or fragment");
+            errs.push(
+                format!("{path}.match.path_prefix"),
+                "a path prefix has no query or fragment",
+            );
         }
         let mut n = normalize_path(p).into_owned();
         if p.ends_with('/') && !n.ends_with('/') {
@@ -397,23 +517,40 @@ fn compile_api(
     let mut methods = Vec::new();
     for (j, m) in a.matcher.methods.iter().flatten().enumerate() {
         if m.is_empty() || !m.bytes().all(is_token_char) {
-            errs.push(format!("{path}.match.methods[{j}]"), format!("`{m}` is not an HTTP method"));
+            errs.push(
+                format!("{path}.match.methods[{j}]"),
+                format!("`{m}` is not an HTTP method"),
+            );
         }
         methods.push(m.to_ascii_uppercase());
     }
-    let context_extensions: Vec<(String, String)> = a.matcher.context_extensions.clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>().into_iter().collect();
+    let context_extensions: Vec<(String, String)> = a
+        .matcher
+        .context_extensions
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect();
 
-    let ip_filter = a.ip_filter.as_ref().and_then(|f| {
+    let ip_filter = a.ip_filter.as_ref().map(|f| {
         let forbid = match f.action.as_str() {
             "allow" => false,
             "forbid" => true,
             other => {
-                errs.push(format!("{path}.ip_filter.action"), format!("`{other}`: use `allow` or `forbid`"));
+                errs.push(
+                    format!("{path}.ip_filter.action"),
+                    format!("`{other}`: use `allow` or `forbid`"),
+                );
                 false
             }
         };
         if f.addresses.is_empty() {
-            errs.push(format!("{path}.ip_filter.addresses"), "list at least one address, CIDR or range");
+            errs.push(
+                format!("{path}.ip_filter.addresses"),
+                "list at least one address, CIDR or range",
+            );
         }
         let mut ranges = Vec::with_capacity(f.addresses.len());
         for (j, entry) in f.addresses.iter().enumerate() {
@@ -422,7 +559,10 @@ fn compile_api(
                 Err(e) => errs.push(format!("{path}.ip_filter.addresses[{j}]"), e),
             }
         }
-        Some(IpFilter { forbid, set: IpSet::from_ranges(ranges) })
+        IpFilter {
+            forbid,
+            set: IpSet::from_ranges(ranges),
+        }
     });
 
     let cert = a.client_certificate.as_ref().map(|c| {
@@ -436,7 +576,14 @@ fn compile_api(
                     Err(e) => errs.push(format!("{ipath}.thumbprint"), e),
                 }
             }
-            for (field, value, slot) in [("subject", &id.subject, &mut identity.subject), ("issuer_subject", &id.issuer_subject, &mut identity.issuer_subject)] {
+            for (field, value, slot) in [
+                ("subject", &id.subject, &mut identity.subject),
+                (
+                    "issuer_subject",
+                    &id.issuer_subject,
+                    &mut identity.issuer_subject,
+                ),
+            ] {
                 if let Some(v) = value {
                     match Dn::parse(v) {
                         Ok(dn) => *slot = Some(dn),
@@ -447,12 +594,21 @@ fn compile_api(
             if let Some(s) = &id.serial_number {
                 match normalize_serial(s) {
                     Some(s) => identity.serial_number = Some(s),
-                    None => errs.push(format!("{ipath}.serial_number"), format!("`{s}` is not a hex serial number")),
+                    None => errs.push(
+                        format!("{ipath}.serial_number"),
+                        format!("`{s}` is not a hex serial number"),
+                    ),
                 }
             }
             identity.common_name = id.common_name.as_ref().map(|s| s.to_lowercase());
             identity.dns_name = id.dns_name.as_ref().map(|s| s.to_ascii_lowercase());
-            if id.thumbprint.is_none() && id.subject.is_none() && id.issuer_subject.is_none() && id.common_name.is_none() && id.serial_number.is_none() && id.dns_name.is_none() {
+            if id.thumbprint.is_none()
+                && id.subject.is_none()
+                && id.issuer_subject.is_none()
+                && id.common_name.is_none()
+                && id.serial_number.is_none()
+                && id.dns_name.is_none()
+            {
                 errs.push(&ipath, "an identity needs at least one field");
             }
             identities.push(identity);
@@ -465,7 +621,10 @@ fn compile_api(
         }
     });
 
-    let jwt = a.jwt.as_ref().and_then(|j| identity::compile_jwt(j, &format!("{path}.jwt"), &a.name, providers, errs));
+    let jwt = a
+        .jwt
+        .as_ref()
+        .and_then(|j| identity::compile_jwt(j, &format!("{path}.jwt"), &a.name, providers, errs));
 
     let mut set_headers = Vec::new();
     for (name, value) in &a.on_allow.set_headers {
@@ -485,7 +644,10 @@ fn compile_api(
                     errs.push(&hpath, "uses {jwt.*} but the API has no `jwt` section");
                 }
                 if t.uses_cert() && a.client_certificate.is_none() {
-                    errs.push(&hpath, "uses {cert.*} but the API has no `client_certificate` section");
+                    errs.push(
+                        &hpath,
+                        "uses {cert.*} but the API has no `client_certificate` section",
+                    );
                 }
                 set_headers.push((lname, t));
             }
@@ -496,24 +658,37 @@ fn compile_api(
     for (j, h) in a.on_allow.remove_headers.iter().enumerate() {
         let l = h.to_ascii_lowercase();
         if l.is_empty() || !l.bytes().all(is_token_char) {
-            errs.push(format!("{path}.on_allow.remove_headers[{j}]"), format!("`{h}` is not a header name (Envoy cannot remove pseudo-headers or host)"));
+            errs.push(
+                format!("{path}.on_allow.remove_headers[{j}]"),
+                format!("`{h}` is not a header name (Envoy cannot remove pseudo-headers or host)"),
+            );
         } else if l == "host" {
-            errs.push(format!("{path}.on_allow.remove_headers[{j}]"), "Envoy does not remove `host`");
+            errs.push(
+                format!("{path}.on_allow.remove_headers[{j}]"),
+                "Envoy does not remove `host`",
+            );
         } else {
             remove_headers.push(l);
         }
     }
-    let backend_credential = a
-        .on_allow
-        .backend_credential
-        .as_ref()
-        .and_then(|b| credentials::compile_backend_credential(b, &format!("{path}.on_allow.backend_credential"), a.jwt.is_some(), credentials, errs));
+    let backend_credential = a.on_allow.backend_credential.as_ref().and_then(|b| {
+        credentials::compile_backend_credential(
+            b,
+            &format!("{path}.on_allow.backend_credential"),
+            a.jwt.is_some(),
+            credentials,
+            errs,
+        )
+    });
 
     let shadow = match a.mode.as_deref() {
         None | Some("enforce") => false,
         Some("shadow") => true,
         Some(o) => {
-            errs.push(format!("{path}.mode"), format!("`{o}`: use `enforce` or `shadow`"));
+            errs.push(
+                format!("{path}.mode"),
+                format!("`{o}`: use `enforce` or `shadow`"),
+            );
             false
         }
     };
@@ -526,7 +701,12 @@ fn compile_api(
     }
     Some(Api {
         name: Arc::from(a.name.as_str()),
-        matcher: Matcher { hosts, path_prefix, methods, context_extensions },
+        matcher: Matcher {
+            hosts,
+            path_prefix,
+            methods,
+            context_extensions,
+        },
         subscription,
         ip_filter,
         cert,

@@ -57,7 +57,12 @@ pub struct Denial {
 impl Denial {
     /// A denial with the reason's default status and message.
     pub fn new(reason: Reason) -> Self {
-        Denial { reason, status: reason.http_status(), message: reason.default_message().to_string(), www_authenticate: None }
+        Denial {
+            reason,
+            status: reason.http_status(),
+            message: reason.default_message().to_string(),
+            www_authenticate: None,
+        }
     }
 
     /// Replaces the message.
@@ -189,7 +194,10 @@ mod tests {
     fn body_is_the_contract_json() {
         let d = Denial::new(Reason::TokenExpired).with_message("Unauthorized \"quoted\"");
         let v: serde_json::Value = serde_json::from_str(&d.body("abc")).unwrap();
-        assert_eq!(v, serde_json::json!({"statusCode": 401, "message": "Unauthorized \"quoted\"", "reason": "TokenExpired", "decisionId": "abc"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"statusCode": 401, "message": "Unauthorized \"quoted\"", "reason": "TokenExpired", "decisionId": "abc"})
+        );
     }
 
     #[test]

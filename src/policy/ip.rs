@@ -68,8 +68,14 @@ impl IpSet {
 pub fn parse_entry(entry: &str) -> Result<(u128, u128), String> {
     let entry = entry.trim();
     if let Some((from, to)) = entry.split_once('-') {
-        let from: IpAddr = from.trim().parse().map_err(|_| format!("`{}` is not an IP address", from.trim()))?;
-        let to: IpAddr = to.trim().parse().map_err(|_| format!("`{}` is not an IP address", to.trim()))?;
+        let from: IpAddr = from
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an IP address", from.trim()))?;
+        let to: IpAddr = to
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an IP address", to.trim()))?;
         if canonical(from).is_ipv4() != canonical(to).is_ipv4() {
             return Err(format!("range `{entry}` mixes IPv4 and IPv6"));
         }
@@ -80,13 +86,20 @@ pub fn parse_entry(entry: &str) -> Result<(u128, u128), String> {
         return Ok((lo, hi));
     }
     if entry.contains('/') {
-        let net: ipnet::IpNet = entry.parse().map_err(|_| format!("`{entry}` is not a valid CIDR"))?;
+        let net: ipnet::IpNet = entry
+            .parse()
+            .map_err(|_| format!("`{entry}` is not a valid CIDR"))?;
         if net.network() != net.addr() {
-            return Err(format!("`{entry}` has host bits set; did you mean `{}`?", net.trunc()));
+            return Err(format!(
+                "`{entry}` has host bits set; did you mean `{}`?",
+                net.trunc()
+            ));
         }
         return Ok((key(net.network()), key(net.broadcast())));
     }
-    let ip: IpAddr = entry.parse().map_err(|_| format!("`{entry}` is not an IP address, CIDR or range"))?;
+    let ip: IpAddr = entry
+        .parse()
+        .map_err(|_| format!("`{entry}` is not an IP address, CIDR or range"))?;
     Ok((key(ip), key(ip)))
 }
 
@@ -108,12 +121,20 @@ pub enum ClientIpSource {
 /// trusted, so exactly one entry is read: the first one right after the trusted hops. When the header
 /// is shorter than that, the request did not pass through all our proxies and the peer address is the
 /// only trustworthy one.
-pub fn client_ip(source: ClientIpSource, peer: Option<IpAddr>, xff: Option<&[u8]>) -> Option<IpAddr> {
+pub fn client_ip(
+    source: ClientIpSource,
+    peer: Option<IpAddr>,
+    xff: Option<&[u8]>,
+) -> Option<IpAddr> {
     match source {
         ClientIpSource::Peer => peer.map(canonical),
         ClientIpSource::ForwardedFor { trusted_hops } => {
-            let Some(xff) = xff else { return peer.map(canonical) };
-            let Ok(xff) = std::str::from_utf8(xff) else { return None };
+            let Some(xff) = xff else {
+                return peer.map(canonical);
+            };
+            let Ok(xff) = std::str::from_utf8(xff) else {
+                return None;
+            };
             let mut entries = xff.rsplit(',').map(str::trim).filter(|e| !e.is_empty());
             match entries.nth(trusted_hops as usize) {
                 Some(entry) => parse_forwarded_entry(entry).map(canonical),
@@ -153,7 +174,12 @@ mod tests {
 
     #[test]
     fn cidr_single_and_range() {
-        let s = set(&["10.0.0.0/8", "2001:db8::/32", "192.168.1.10-192.168.1.20", "203.0.113.7"]);
+        let s = set(&[
+            "10.0.0.0/8",
+            "2001:db8::/32",
+            "192.168.1.10-192.168.1.20",
+            "203.0.113.7",
+        ]);
         assert!(s.contains(ip("10.255.0.1")));
         assert!(!s.contains(ip("11.0.0.0")));
         assert!(s.contains(ip("2001:db8:ffff::1")));
@@ -176,8 +202,16 @@ mod tests {
 
     #[test]
     fn bad_entries_explain_themselves() {
-        assert!(parse_entry("10.0.0.1/8").unwrap_err().contains("did you mean `10.0.0.0/8`"));
-        assert!(parse_entry("10.0.0.9-10.0.0.1").unwrap_err().contains("starts after it ends"));
+        assert!(
+            parse_entry("10.0.0.1/8")
+                .unwrap_err()
+                .contains("did you mean `10.0.0.0/8`")
+        );
+        assert!(
+            parse_entry("10.0.0.9-10.0.0.1")
+                .unwrap_err()
+                .contains("starts after it ends")
+        );
         assert!(parse_entry("10.0.0.1-::1").unwrap_err().contains("mixes"));
         assert!(parse_entry("10.0.0.300").is_err());
         assert!(parse_entry("10.0.0.0/33").is_err());
@@ -188,16 +222,36 @@ mod tests {
     fn forwarded_for_skips_trusted_hops() {
         let peer = Some(ip("10.9.9.9"));
         let src = ClientIpSource::ForwardedFor { trusted_hops: 1 };
-        assert_eq!(client_ip(src, peer, Some(b"6.6.6.6, 203.0.113.5, 10.0.0.1")), Some(ip("203.0.113.5")));
+        assert_eq!(
+            client_ip(src, peer, Some(b"6.6.6.6, 203.0.113.5, 10.0.0.1")),
+            Some(ip("203.0.113.5"))
+        );
         // Too short: the request did not pass our proxies; only the peer is trustworthy.
         assert_eq!(client_ip(src, peer, Some(b"203.0.113.5")), peer);
         assert_eq!(client_ip(src, peer, None), peer);
         // Junk where the client address should be: unknown, never the peer.
         assert_eq!(client_ip(src, peer, Some(b"junk, 10.0.0.1")), None);
         // Junk to the left of the trusted entry is the client's own business.
-        assert_eq!(client_ip(src, peer, Some(b"junk,,  1.2.3.4:555 ,10.0.0.1")), Some(ip("1.2.3.4")));
-        assert_eq!(client_ip(ClientIpSource::ForwardedFor { trusted_hops: 0 }, peer, Some(b"[2001:db8::1]:443")), Some(ip("2001:db8::1")));
-        assert_eq!(client_ip(ClientIpSource::ForwardedFor { trusted_hops: 0 }, peer, Some(b"::ffff:1.2.3.4")), Some(ip("1.2.3.4")));
+        assert_eq!(
+            client_ip(src, peer, Some(b"junk,,  1.2.3.4:555 ,10.0.0.1")),
+            Some(ip("1.2.3.4"))
+        );
+        assert_eq!(
+            client_ip(
+                ClientIpSource::ForwardedFor { trusted_hops: 0 },
+                peer,
+                Some(b"[2001:db8::1]:443")
+            ),
+            Some(ip("2001:db8::1"))
+        );
+        assert_eq!(
+            client_ip(
+                ClientIpSource::ForwardedFor { trusted_hops: 0 },
+                peer,
+                Some(b"::ffff:1.2.3.4")
+            ),
+            Some(ip("1.2.3.4"))
+        );
         assert_eq!(client_ip(src, peer, Some(&[0xff, 0xfe])), None);
     }
 

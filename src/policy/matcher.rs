@@ -31,7 +31,9 @@ impl HostPattern {
         let s = s.trim().to_ascii_lowercase();
         if let Some(suffix) = s.strip_prefix('*') {
             if !suffix.starts_with('.') || suffix.len() < 2 || suffix[1..].contains('*') {
-                return Err(format!("`{s}`: a wildcard host must look like `*.example.com`"));
+                return Err(format!(
+                    "`{s}`: a wildcard host must look like `*.example.com`"
+                ));
             }
             return Ok(HostPattern::Suffix(suffix.to_string()));
         }
@@ -45,7 +47,9 @@ impl HostPattern {
         match self {
             HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
             HostPattern::Suffix(sfx) => {
-                host.len() > sfx.len() && host.as_bytes()[host.len() - sfx.len()..].eq_ignore_ascii_case(sfx.as_bytes())
+                host.len() > sfx.len()
+                    && host.as_bytes()[host.len() - sfx.len()..]
+                        .eq_ignore_ascii_case(sfx.as_bytes())
             }
         }
     }
@@ -82,10 +86,19 @@ impl Matcher {
     /// Whether the request belongs to this API.
     pub fn matches(&self, t: &Target<'_>) -> bool {
         (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(t.host)))
-            && self.path_prefix.as_deref().is_none_or(|p| path_has_prefix(t.path, p))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(t.method)))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| path_has_prefix(t.path, p))
+            && (self.methods.is_empty()
+                || self
+                    .methods
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(t.method)))
             && self.context_extensions.iter().all(|(k, v)| {
-                t.context_extensions.and_then(|ce| ce.get(k)).is_some_and(|actual| actual == v)
+                t.context_extensions
+                    .and_then(|ce| ce.get(k))
+                    .is_some_and(|actual| actual == v)
             })
     }
 }
@@ -195,7 +208,11 @@ impl ApiIndex {
         let mut index = ApiIndex::default();
         for (i, prefix) in prefixes.enumerate() {
             match prefix.map(first_segment).filter(|seg| !seg.is_empty()) {
-                Some(seg) => index.by_first_segment.entry(seg.to_string()).or_default().push(i),
+                Some(seg) => index
+                    .by_first_segment
+                    .entry(seg.to_string())
+                    .or_default()
+                    .push(i),
                 None => index.any_path.push(i),
             }
         }
@@ -204,7 +221,11 @@ impl ApiIndex {
 
     /// Candidate APIs for `path`, in file order.
     pub fn candidates<'s>(&'s self, path: &str) -> impl Iterator<Item = usize> + 's {
-        let seg = self.by_first_segment.get(first_segment(path)).map(Vec::as_slice).unwrap_or(&[]);
+        let seg = self
+            .by_first_segment
+            .get(first_segment(path))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         merge_sorted(seg, &self.any_path)
     }
 }
@@ -293,18 +314,36 @@ mod tests {
             methods: vec!["GET".into()],
             context_extensions: vec![("api".into(), "orders".into())],
         };
-        let t = Target { method: "get", host: "api.example.com", path: "/orders/1", context_extensions: Some(&ce) };
+        let t = Target {
+            method: "get",
+            host: "api.example.com",
+            path: "/orders/1",
+            context_extensions: Some(&ce),
+        };
         assert!(m.matches(&t));
-        assert!(!m.matches(&Target { method: "POST", ..t }));
+        assert!(!m.matches(&Target {
+            method: "POST",
+            ..t
+        }));
         assert!(!m.matches(&Target { host: "other", ..t }));
-        assert!(!m.matches(&Target { path: "/ordersX", ..t }));
-        assert!(!m.matches(&Target { context_extensions: None, ..t }));
+        assert!(!m.matches(&Target {
+            path: "/ordersX",
+            ..t
+        }));
+        assert!(!m.matches(&Target {
+            context_extensions: None,
+            ..t
+        }));
     }
 
     #[test]
     fn index_keeps_file_order() {
-        let idx = ApiIndex::build([Some("/b"), None, Some("/a/x"), Some("/a"), Some("/")].into_iter());
-        assert_eq!(idx.candidates("/a/x/1").collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        let idx =
+            ApiIndex::build([Some("/b"), None, Some("/a/x"), Some("/a"), Some("/")].into_iter());
+        assert_eq!(
+            idx.candidates("/a/x/1").collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(idx.candidates("/b").collect::<Vec<_>>(), vec![0, 1, 4]);
         assert_eq!(idx.candidates("/zzz").collect::<Vec<_>>(), vec![1, 4]);
     }

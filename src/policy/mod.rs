@@ -13,9 +13,9 @@ pub mod request;
 pub mod subscription;
 pub mod template;
 #[cfg(test)]
-pub(crate) mod testutil;
-#[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -52,7 +52,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_header_bytes: 96 * 1024, max_token_bytes: 16 * 1024, max_certificate_bytes: 32 * 1024, max_concurrent_checks: 4096 }
+        Limits {
+            max_header_bytes: 96 * 1024,
+            max_token_bytes: 16 * 1024,
+            max_certificate_bytes: 32 * 1024,
+            max_concurrent_checks: 4096,
+        }
     }
 }
 
@@ -92,7 +97,12 @@ impl std::fmt::Display for Summary {
         write!(
             f,
             "{} APIs, {} identity providers, {} subscriptions ({} keys), {} products, {} credentials",
-            self.apis, self.providers, self.subscriptions, self.keys, self.products, self.credentials
+            self.apis,
+            self.providers,
+            self.subscriptions,
+            self.keys,
+            self.products,
+            self.credentials
         )
     }
 }
@@ -132,7 +142,10 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { now: SystemTime::now(), explain: false }
+        EvalOptions {
+            now: SystemTime::now(),
+            explain: false,
+        }
     }
 }
 
@@ -145,8 +158,14 @@ impl PolicySet {
 
     async fn evaluate(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Decision {
         let mut d = Decision::new();
-        let mut ev = Evaluation { d: &mut d, explain: opts.explain };
-        if let Some(tp) = input.header("traceparent").and_then(|v| std::str::from_utf8(v).ok()) {
+        let mut ev = Evaluation {
+            d: &mut d,
+            explain: opts.explain,
+        };
+        if let Some(tp) = input
+            .header("traceparent")
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
             ev.d.facts.traceparent = Some(tp.to_string());
         }
         let client_ip = ip::client_ip(self.client_ip, input.peer, input.header("x-forwarded-for"));
@@ -154,7 +173,12 @@ impl PolicySet {
 
         let header_bytes = input.header_bytes();
         if header_bytes > self.limits.max_header_bytes {
-            ev.fail("limits", Reason::RequestHeadersTooLarge, || format!("{header_bytes} header bytes, limit {}", self.limits.max_header_bytes));
+            ev.fail("limits", Reason::RequestHeadersTooLarge, || {
+                format!(
+                    "{header_bytes} header bytes, limit {}",
+                    self.limits.max_header_bytes
+                )
+            });
             ev.d.outcome = Outcome::Deny(Denial::new(Reason::RequestHeadersTooLarge));
             return d;
         }
@@ -166,12 +190,24 @@ impl PolicySet {
             path: &path,
             context_extensions: input.context_extensions,
         };
-        let Some(api) = self.index.candidates(&path).map(|i| (i, &self.apis[i])).find(|(_, a)| a.matcher.matches(&target)) else {
+        let Some(api) = self
+            .index
+            .candidates(&path)
+            .map(|i| (i, &self.apis[i]))
+            .find(|(_, a)| a.matcher.matches(&target))
+        else {
             if self.unmatched_allow {
-                ev.pass("match", || format!("no API matches {} {}{}; unmatched: allow", input.method, target.host, path));
+                ev.pass("match", || {
+                    format!(
+                        "no API matches {} {}{}; unmatched: allow",
+                        input.method, target.host, path
+                    )
+                });
                 ev.d.upstream_headers.push(decision_id_header(&ev.d.id));
             } else {
-                ev.fail("match", Reason::NoMatchingApi, || format!("no API matches {} {}{}", input.method, target.host, path));
+                ev.fail("match", Reason::NoMatchingApi, || {
+                    format!("no API matches {} {}{}", input.method, target.host, path)
+                });
                 ev.d.outcome = Outcome::Deny(Denial::new(Reason::NoMatchingApi));
             }
             return d;
@@ -180,7 +216,10 @@ impl PolicySet {
         ev.d.api = Some(api.name.clone());
         ev.pass("match", || format!("API `{}`", api.name));
 
-        match self.evaluate_api(api_index, api, input, client_ip, opts, &mut ev).await {
+        match self
+            .evaluate_api(api_index, api, input, client_ip, opts, &mut ev)
+            .await
+        {
             Ok(()) => {}
             Err(denial) if api.shadow => {
                 tracing::info!(api = %api.name, reason = %denial.reason, decision_id = %ev.d.id, "shadow mode: deny not enforced");
@@ -214,15 +253,25 @@ impl PolicySet {
             None => ev.skip("ip_filter"),
             Some(f) => {
                 let Some(ip) = client_ip else {
-                    return Err(ev.deny("ip_filter", Reason::FailedToParseCallerIp, || "the caller's address could not be established".into()));
+                    return Err(ev.deny("ip_filter", Reason::FailedToParseCallerIp, || {
+                        "the caller's address could not be established".into()
+                    }));
                 };
                 let listed = f.set.contains(ip);
                 match (f.forbid, listed) {
                     (false, false) => {
                         let msg = format!("Caller IP address {ip} is not allowed. Access denied.");
-                        return Err(ev.deny_with("ip_filter", Denial::new(Reason::CallerIpNotAllowed).with_message(msg), || format!("{ip} is not listed (action: allow)")));
+                        return Err(ev.deny_with(
+                            "ip_filter",
+                            Denial::new(Reason::CallerIpNotAllowed).with_message(msg),
+                            || format!("{ip} is not listed (action: allow)"),
+                        ));
                     }
-                    (true, true) => return Err(ev.deny("ip_filter", Reason::CallerIpBlocked, || format!("{ip} is listed (action: forbid)"))),
+                    (true, true) => {
+                        return Err(ev.deny("ip_filter", Reason::CallerIpBlocked, || {
+                            format!("{ip} is listed (action: forbid)")
+                        }));
+                    }
                     _ => ev.pass("ip_filter", || format!("{ip} passes")),
                 }
             }
@@ -237,20 +286,36 @@ impl PolicySet {
                 let header_key = input.header(&store.header).filter(|v| !v.is_empty());
                 let query_key = subscription::query_param(input.path, &store.query);
                 let key = header_key.or(query_key.as_deref());
-                let challenge = || format!("AzureApiManagementKey realm=\"{}\",name=\"{}\",type=\"header\"", api.name, store.header);
+                let challenge = || {
+                    format!(
+                        "AzureApiManagementKey realm=\"{}\",name=\"{}\",type=\"header\"",
+                        api.name, store.header
+                    )
+                };
                 match store.check(api_index, key, required) {
                     KeyCheck::Valid(sub) => {
                         ev.pass("subscription", || format!("subscription `{}`", sub.id));
                         subscription_id = Some(sub.id.clone());
                     }
-                    KeyCheck::NotNeeded => ev.pass("subscription", || "no key, none required".into()),
+                    KeyCheck::NotNeeded => {
+                        ev.pass("subscription", || "no key, none required".into())
+                    }
                     KeyCheck::Missing => {
-                        let denial = Denial::new(Reason::SubscriptionKeyNotFound).with_challenge(challenge());
-                        return Err(ev.deny_with("subscription", denial, || format!("no `{}` header or `{}` query parameter", store.header, store.query)));
+                        let denial = Denial::new(Reason::SubscriptionKeyNotFound)
+                            .with_challenge(challenge());
+                        return Err(ev.deny_with("subscription", denial, || {
+                            format!(
+                                "no `{}` header or `{}` query parameter",
+                                store.header, store.query
+                            )
+                        }));
                     }
                     KeyCheck::Invalid => {
-                        let denial = Denial::new(Reason::SubscriptionKeyInvalid).with_challenge(challenge());
-                        return Err(ev.deny_with("subscription", denial, || "the key is unknown, inactive or not for this API".into()));
+                        let denial =
+                            Denial::new(Reason::SubscriptionKeyInvalid).with_challenge(challenge());
+                        return Err(ev.deny_with("subscription", denial, || {
+                            "the key is unknown, inactive or not for this API".into()
+                        }));
                     }
                 }
                 if store.remove_key {
@@ -270,14 +335,36 @@ impl PolicySet {
         match &api.cert {
             None => ev.skip("client_certificate"),
             Some(policy) => {
-                let cert = self.read_certificate(policy, input).map_err(|(reason, detail)| ev.deny("client_certificate", reason, move || detail))?;
+                let cert = self
+                    .read_certificate(policy, input)
+                    .map_err(|(reason, detail)| {
+                        ev.deny("client_certificate", reason, move || detail)
+                    })?;
                 match policy.check(&cert, opts.now) {
-                    Ok(()) => ev.pass("client_certificate", || format!("thumbprint {}", cert.thumbprint())),
+                    Ok(()) => ev.pass("client_certificate", || {
+                        format!("thumbprint {}", cert.thumbprint())
+                    }),
                     Err(CertFailure::NotMatched) => {
-                        return Err(ev.deny("client_certificate", Reason::ClientCertificateIdentityNotMatched, || format!("thumbprint {} matches no identity", cert.thumbprint())));
+                        return Err(ev.deny(
+                            "client_certificate",
+                            Reason::ClientCertificateIdentityNotMatched,
+                            || format!("thumbprint {} matches no identity", cert.thumbprint()),
+                        ));
                     }
-                    Err(CertFailure::Expired) => return Err(ev.deny("client_certificate", Reason::ClientCertificateExpired, || "past not-after".into())),
-                    Err(CertFailure::NotYetValid) => return Err(ev.deny("client_certificate", Reason::ClientCertificateNotYetValid, || "before not-before".into())),
+                    Err(CertFailure::Expired) => {
+                        return Err(ev.deny(
+                            "client_certificate",
+                            Reason::ClientCertificateExpired,
+                            || "past not-after".into(),
+                        ));
+                    }
+                    Err(CertFailure::NotYetValid) => {
+                        return Err(ev.deny(
+                            "client_certificate",
+                            Reason::ClientCertificateNotYetValid,
+                            || "before not-before".into(),
+                        ));
+                    }
                 }
                 client_cert = Some(cert);
             }
@@ -287,7 +374,10 @@ impl PolicySet {
         let mut token = None;
         match &api.jwt {
             None => ev.skip("jwt"),
-            Some(jwt) => match jwt.validate(input, opts.now, &api.name, self.limits.max_token_bytes).await {
+            Some(jwt) => match jwt
+                .validate(input, opts.now, &api.name, self.limits.max_token_bytes)
+                .await
+            {
                 Ok(valid) => {
                     ev.pass("jwt", || valid.describe());
                     ev.d.facts.subject = valid.subject().map(str::to_string);
@@ -311,22 +401,35 @@ impl PolicySet {
         };
         for (name, tpl) in &api.set_headers {
             match tpl.render(&ctx) {
-                Ok(value) => ev.d.upstream_headers.push(Header { name: name.clone(), value, sensitive: false }),
+                Ok(value) => ev.d.upstream_headers.push(Header {
+                    name: name.clone(),
+                    value,
+                    sensitive: false,
+                }),
                 // The caller must not be able to supply the header we would have set.
                 Err(template::RenderError::Missing) => ev.d.remove_headers.push(name.clone()),
                 Err(template::RenderError::ControlCharacter) => {
-                    return Err(ev.deny("on_allow", Reason::HeaderValueNotAllowed, || format!("the value for `{name}` contains control characters")));
+                    return Err(ev.deny("on_allow", Reason::HeaderValueNotAllowed, || {
+                        format!("the value for `{name}` contains control characters")
+                    }));
                 }
             }
         }
-        ev.d.remove_headers.extend(api.remove_headers.iter().cloned());
+        ev.d.remove_headers
+            .extend(api.remove_headers.iter().cloned());
 
         // 6. Backend credential.
         match &api.backend_credential {
             None => ev.skip("backend_credential"),
             Some(bc) => match bc.header_for(&ctx, ev.explain).await {
                 Ok(header) => {
-                    ev.pass("backend_credential", || format!("`{}` would carry credential `{}`", header.name, bc.credential_name()));
+                    ev.pass("backend_credential", || {
+                        format!(
+                            "`{}` would carry credential `{}`",
+                            header.name,
+                            bc.credential_name()
+                        )
+                    });
                     ev.d.upstream_headers.retain(|h| h.name != header.name);
                     ev.d.remove_headers.retain(|h| *h != header.name);
                     ev.d.upstream_headers.push(header);
@@ -340,26 +443,48 @@ impl PolicySet {
         Ok(())
     }
 
-    fn read_certificate(&self, policy: &CertPolicy, input: &CheckInput<'_>) -> Result<ClientCert, (Reason, String)> {
+    fn read_certificate(
+        &self,
+        policy: &CertPolicy,
+        input: &CheckInput<'_>,
+    ) -> Result<ClientCert, (Reason, String)> {
         let max = self.limits.max_certificate_bytes;
         if !input.peer_certificate.is_empty() {
-            return cert::parse_url_encoded_pem(input.peer_certificate, max)
-                .map_err(|e| (Reason::ClientCertificateInvalid, format!("peer certificate: {e}")));
+            return cert::parse_url_encoded_pem(input.peer_certificate, max).map_err(|e| {
+                (
+                    Reason::ClientCertificateInvalid,
+                    format!("peer certificate: {e}"),
+                )
+            });
         }
-        if policy.trust_xfcc {
-            if let Some(xfcc) = input.header("x-forwarded-client-cert") {
-                if xfcc.len() > max * 2 {
-                    return Err((Reason::ClientCertificateInvalid, "x-forwarded-client-cert is too large".into()));
-                }
-                return match cert::xfcc_cert(xfcc) {
-                    Ok(Some(encoded)) => cert::parse_url_encoded_pem(&encoded, max)
-                        .map_err(|e| (Reason::ClientCertificateInvalid, format!("x-forwarded-client-cert: {e}"))),
-                    Ok(None) => Err((Reason::ClientCertificateMissing, "x-forwarded-client-cert carries no Cert".into())),
-                    Err(e) => Err((Reason::ClientCertificateInvalid, e.to_string())),
-                };
+        if let Some(xfcc) = input
+            .header("x-forwarded-client-cert")
+            .filter(|_| policy.trust_xfcc)
+        {
+            if xfcc.len() > max * 2 {
+                return Err((
+                    Reason::ClientCertificateInvalid,
+                    "x-forwarded-client-cert is too large".into(),
+                ));
             }
+            return match cert::xfcc_cert(xfcc) {
+                Ok(Some(encoded)) => cert::parse_url_encoded_pem(&encoded, max).map_err(|e| {
+                    (
+                        Reason::ClientCertificateInvalid,
+                        format!("x-forwarded-client-cert: {e}"),
+                    )
+                }),
+                Ok(None) => Err((
+                    Reason::ClientCertificateMissing,
+                    "x-forwarded-client-cert carries no Cert".into(),
+                )),
+                Err(e) => Err((Reason::ClientCertificateInvalid, e.to_string())),
+            };
         }
-        Err((Reason::ClientCertificateMissing, "no client certificate was presented".into()))
+        Err((
+            Reason::ClientCertificateMissing,
+            "no client certificate was presented".into(),
+        ))
     }
 
     /// Names of every API, in file order.
@@ -369,14 +494,21 @@ impl PolicySet {
 
     /// The backend credentials the APIs use, to fetch them before the first request.
     pub fn backend_credentials(&self) -> impl Iterator<Item = &BackendCredentialPolicy> {
-        self.apis.iter().filter_map(|a| a.backend_credential.as_ref())
+        self.apis
+            .iter()
+            .filter_map(|a| a.backend_credential.as_ref())
     }
 }
 
 /// Runs an evaluation; a panic inside it becomes a deny with reason `Internal` instead of a dropped
 /// stream (which the proxy might turn into an allow under `failure_mode_allow`).
-pub(crate) async fn deny_on_panic(evaluation: impl std::future::Future<Output = Decision>) -> Decision {
-    match std::panic::AssertUnwindSafe(evaluation).catch_unwind().await {
+pub(crate) async fn deny_on_panic(
+    evaluation: impl std::future::Future<Output = Decision>,
+) -> Decision {
+    match std::panic::AssertUnwindSafe(evaluation)
+        .catch_unwind()
+        .await
+    {
         Ok(d) => d,
         Err(_) => {
             tracing::error!("panic while evaluating a check; denied with Internal");
@@ -386,7 +518,11 @@ pub(crate) async fn deny_on_panic(evaluation: impl std::future::Future<Output = 
 }
 
 fn decision_id_header(id: &str) -> Header {
-    Header { name: decision::DECISION_ID_HEADER.to_string(), value: id.to_string(), sensitive: false }
+    Header {
+        name: decision::DECISION_ID_HEADER.to_string(),
+        value: id.to_string(),
+        sensitive: false,
+    }
 }
 
 /// Records steps when asked to.
@@ -399,7 +535,11 @@ impl Evaluation<'_> {
     // Details are closures: formatting them costs allocations a normal check must not pay.
     fn step(&mut self, check: &'static str, result: StepResult, detail: impl FnOnce() -> String) {
         if self.explain {
-            self.d.steps.push(Step { check, result, detail: detail() });
+            self.d.steps.push(Step {
+                check,
+                result,
+                detail: detail(),
+            });
         }
     }
 
@@ -415,11 +555,21 @@ impl Evaluation<'_> {
         self.step(check, StepResult::Fail(reason), detail);
     }
 
-    fn deny(&mut self, check: &'static str, reason: Reason, detail: impl FnOnce() -> String) -> Denial {
+    fn deny(
+        &mut self,
+        check: &'static str,
+        reason: Reason,
+        detail: impl FnOnce() -> String,
+    ) -> Denial {
         self.deny_with(check, Denial::new(reason), detail)
     }
 
-    fn deny_with(&mut self, check: &'static str, denial: Denial, detail: impl FnOnce() -> String) -> Denial {
+    fn deny_with(
+        &mut self,
+        check: &'static str,
+        denial: Denial,
+        detail: impl FnOnce() -> String,
+    ) -> Denial {
         self.fail(check, denial.reason, detail);
         denial
     }

@@ -137,7 +137,10 @@ mod tests {
         assert_eq!(Reason::BackendCredentialUnavailable.http_status(), 503);
         assert_eq!(Reason::IdentityProviderUnavailable.http_status(), 503);
         assert_eq!(Reason::Internal.http_status(), 500);
-        assert_eq!(Reason::FailedToParseCallerIp.as_str(), "FailedToParseCallerIP");
+        assert_eq!(
+            Reason::FailedToParseCallerIp.as_str(),
+            "FailedToParseCallerIP"
+        );
     }
 
     #[test]

@@ -103,7 +103,12 @@ pub enum KeyCheck<'a> {
 impl SubscriptionStore {
     /// A store with the given parameter names.
     pub fn new(header: String, query: String, remove_key: bool) -> Self {
-        SubscriptionStore { header, query, remove_key, ..Default::default() }
+        SubscriptionStore {
+            header,
+            query,
+            remove_key,
+            ..Default::default()
+        }
     }
 
     /// Adds a subscription and its key hashes; returns the hash already owned by another subscription
@@ -133,7 +138,9 @@ impl SubscriptionStore {
             Some(key) => {
                 let hash: KeyHash = Sha256::digest(key).into();
                 match self.by_hash.get(&hash).map(|&i| &self.subscriptions[i]) {
-                    Some(sub) if sub.state == State::Active && sub.scope.covers(api) => KeyCheck::Valid(sub),
+                    Some(sub) if sub.state == State::Active && sub.scope.covers(api) => {
+                        KeyCheck::Valid(sub)
+                    }
                     _ => KeyCheck::Invalid,
                 }
             }
@@ -155,8 +162,11 @@ pub fn query_param(target: &str, name: &str) -> Option<Vec<u8>> {
 }
 
 fn percent_decode_form(s: &str) -> Vec<u8> {
-    let plus_fixed: std::borrow::Cow<'_, str> =
-        if s.contains('+') { std::borrow::Cow::Owned(s.replace('+', " ")) } else { std::borrow::Cow::Borrowed(s) };
+    let plus_fixed: std::borrow::Cow<'_, str> = if s.contains('+') {
+        std::borrow::Cow::Owned(s.replace('+', " "))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    };
     percent_encoding::percent_decode_str(&plus_fixed).collect()
 }
 
@@ -165,20 +175,56 @@ mod tests {
     use super::*;
 
     fn store() -> SubscriptionStore {
-        let mut s = SubscriptionStore::new("ocp-apim-subscription-key".into(), "subscription-key".into(), true);
-        s.insert(Subscription { id: "all".into(), state: State::Active, scope: Scope::All }, &[hash_key("k-all"), hash_key("k-all-2")]).unwrap();
-        s.insert(Subscription { id: "api1".into(), state: State::Active, scope: Scope::Apis(vec![1]) }, &[hash_key("k-api1")]).unwrap();
-        s.insert(Subscription { id: "off".into(), state: State::Inactive, scope: Scope::All }, &[hash_key("k-off")]).unwrap();
+        let mut s = SubscriptionStore::new(
+            "ocp-apim-subscription-key".into(),
+            "subscription-key".into(),
+            true,
+        );
+        s.insert(
+            Subscription {
+                id: "all".into(),
+                state: State::Active,
+                scope: Scope::All,
+            },
+            &[hash_key("k-all"), hash_key("k-all-2")],
+        )
+        .unwrap();
+        s.insert(
+            Subscription {
+                id: "api1".into(),
+                state: State::Active,
+                scope: Scope::Apis(vec![1]),
+            },
+            &[hash_key("k-api1")],
+        )
+        .unwrap();
+        s.insert(
+            Subscription {
+                id: "off".into(),
+                state: State::Inactive,
+                scope: Scope::All,
+            },
+            &[hash_key("k-off")],
+        )
+        .unwrap();
         s
     }
 
     #[test]
     fn keys_states_and_scopes() {
         let s = store();
-        assert!(matches!(s.check(0, Some(b"k-all"), true), KeyCheck::Valid(sub) if &*sub.id == "all"));
-        assert!(matches!(s.check(0, Some(b"k-all-2"), true), KeyCheck::Valid(_)));
+        assert!(
+            matches!(s.check(0, Some(b"k-all"), true), KeyCheck::Valid(sub) if &*sub.id == "all")
+        );
+        assert!(matches!(
+            s.check(0, Some(b"k-all-2"), true),
+            KeyCheck::Valid(_)
+        ));
         assert_eq!(s.check(0, Some(b"k-api1"), true), KeyCheck::Invalid);
-        assert!(matches!(s.check(1, Some(b"k-api1"), true), KeyCheck::Valid(_)));
+        assert!(matches!(
+            s.check(1, Some(b"k-api1"), true),
+            KeyCheck::Valid(_)
+        ));
         assert_eq!(s.check(0, Some(b"k-off"), true), KeyCheck::Invalid);
         assert_eq!(s.check(0, Some(b"nope"), false), KeyCheck::Invalid);
         assert_eq!(s.check(0, None, true), KeyCheck::Missing);
@@ -188,14 +234,24 @@ mod tests {
     #[test]
     fn duplicate_key_is_refused() {
         let mut s = store();
-        let err = s.insert(Subscription { id: "dup".into(), state: State::Active, scope: Scope::All }, &[hash_key("k-api1")]);
+        let err = s.insert(
+            Subscription {
+                id: "dup".into(),
+                state: State::Active,
+                scope: Scope::All,
+            },
+            &[hash_key("k-api1")],
+        );
         assert_eq!(err.unwrap_err().as_ref(), "api1");
     }
 
     #[test]
     fn hash_format_roundtrip() {
         let h = hash_key("abc");
-        assert_eq!(format_hash(&h), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            format_hash(&h),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(parse_hash(&format_hash(&h)), Some(h));
         assert_eq!(parse_hash("sha256:zz"), None);
         assert_eq!(parse_hash("md5:00"), None);
@@ -203,11 +259,29 @@ mod tests {
 
     #[test]
     fn query_parameter_parsing() {
-        assert_eq!(query_param("/x?a=1&subscription-key=abc%20d+e", "subscription-key"), Some(b"abc d e".to_vec()));
-        assert_eq!(query_param("/x?subscription-key=1&subscription-key=2", "subscription-key"), Some(b"1".to_vec()));
-        assert_eq!(query_param("/x?subscription%2Dkey=k", "subscription-key"), Some(b"k".to_vec()));
-        assert_eq!(query_param("/x?subscription-key", "subscription-key"), Some(vec![]));
+        assert_eq!(
+            query_param("/x?a=1&subscription-key=abc%20d+e", "subscription-key"),
+            Some(b"abc d e".to_vec())
+        );
+        assert_eq!(
+            query_param(
+                "/x?subscription-key=1&subscription-key=2",
+                "subscription-key"
+            ),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(
+            query_param("/x?subscription%2Dkey=k", "subscription-key"),
+            Some(b"k".to_vec())
+        );
+        assert_eq!(
+            query_param("/x?subscription-key", "subscription-key"),
+            Some(vec![])
+        );
         assert_eq!(query_param("/x", "subscription-key"), None);
-        assert_eq!(query_param("/x#?subscription-key=1", "subscription-key"), None);
+        assert_eq!(
+            query_param("/x#?subscription-key=1", "subscription-key"),
+            None
+        );
     }
 }

@@ -91,8 +91,14 @@ impl Template {
                     }
                     parts.push(Part::Var(parse_var(name.trim())?));
                 }
-                '}' => return Err(format!("unmatched `}}` in `{text}` (write `}}}}` for a literal brace)")),
-                c if c.is_control() => return Err("templates may not contain control characters".to_string()),
+                '}' => {
+                    return Err(format!(
+                        "unmatched `}}` in `{text}` (write `}}}}` for a literal brace)"
+                    ));
+                }
+                c if c.is_control() => {
+                    return Err("templates may not contain control characters".to_string());
+                }
                 c => lit.push(c),
             }
         }
@@ -104,12 +110,16 @@ impl Template {
 
     /// Whether any placeholder reads token claims.
     pub fn uses_claims(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Var(Var::Claim(_))))
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Var(Var::Claim(_))))
     }
 
     /// Whether any placeholder reads the client certificate.
     pub fn uses_cert(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Var(Var::CertThumbprint)))
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Var(Var::CertThumbprint)))
     }
 
     /// Renders the template for one request.
@@ -213,15 +223,27 @@ mod tests {
 
     #[test]
     fn renders_claims_arrays_and_facts() {
-        let c = claims(json!({"sub": "alice", "roles": ["a", "b"], "n": 3, "https://x.io/tid": "t1", "addr": {"country": "NL"}}));
-        let ctx = Context { claims: Some(&c), subscription_id: Some("contoso"), client_ip: Some("10.0.0.1".parse().unwrap()), cert: None, api: "orders", raw_token: None };
+        let c = claims(
+            json!({"sub": "alice", "roles": ["a", "b"], "n": 3, "https://x.io/tid": "t1", "addr": {"country": "NL"}}),
+        );
+        let ctx = Context {
+            claims: Some(&c),
+            subscription_id: Some("contoso"),
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            cert: None,
+            api: "orders",
+            raw_token: None,
+        };
         let t = |s: &str| Template::parse(s).unwrap().render(&ctx);
         assert_eq!(t("{jwt.sub}").unwrap(), "alice");
         assert_eq!(t("{jwt.roles}").unwrap(), "a,b");
         assert_eq!(t("n={jwt.n}").unwrap(), "n=3");
         assert_eq!(t("{jwt.https://x.io/tid}").unwrap(), "t1");
         assert_eq!(t("{jwt.addr.country}").unwrap(), "NL");
-        assert_eq!(t("{subscription.id}@{client_ip} {api} {{lit}}").unwrap(), "contoso@10.0.0.1 orders {lit}");
+        assert_eq!(
+            t("{subscription.id}@{client_ip} {api} {{lit}}").unwrap(),
+            "contoso@10.0.0.1 orders {lit}"
+        );
         assert_eq!(t("{jwt.missing}"), Err(RenderError::Missing));
         assert_eq!(t("{cert.thumbprint}"), Err(RenderError::Missing));
     }
@@ -229,15 +251,33 @@ mod tests {
     #[test]
     fn control_characters_are_refused() {
         let c = claims(json!({"evil": "a\r\nx-admin: true", "tab": "a\tb"}));
-        let ctx = Context { claims: Some(&c), api: "x", ..Default::default() };
-        assert_eq!(Template::parse("{jwt.evil}").unwrap().render(&ctx), Err(RenderError::ControlCharacter));
-        assert_eq!(Template::parse("{jwt.tab}").unwrap().render(&ctx), Err(RenderError::ControlCharacter));
+        let ctx = Context {
+            claims: Some(&c),
+            api: "x",
+            ..Default::default()
+        };
+        assert_eq!(
+            Template::parse("{jwt.evil}").unwrap().render(&ctx),
+            Err(RenderError::ControlCharacter)
+        );
+        assert_eq!(
+            Template::parse("{jwt.tab}").unwrap().render(&ctx),
+            Err(RenderError::ControlCharacter)
+        );
     }
 
     #[test]
     fn bad_templates_are_config_errors() {
-        assert!(Template::parse("{nope}").unwrap_err().contains("unknown placeholder"));
-        assert!(Template::parse("{jwt.sub").unwrap_err().contains("unclosed"));
+        assert!(
+            Template::parse("{nope}")
+                .unwrap_err()
+                .contains("unknown placeholder")
+        );
+        assert!(
+            Template::parse("{jwt.sub")
+                .unwrap_err()
+                .contains("unclosed")
+        );
         assert!(Template::parse("a}").unwrap_err().contains("unmatched"));
         assert!(Template::parse("{jwt.}").is_err());
         assert!(Template::parse("{jwt.sub}").unwrap().uses_claims());

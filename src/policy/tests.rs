@@ -19,8 +19,11 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn policy(yaml: &str) -> PolicySet {
-    let src = config::parse_with_env(yaml, Path::new("."), &env).unwrap_or_else(|e| panic!("config: {e}"));
-    compile(&src, &Runtime::default()).unwrap_or_else(|e| panic!("compile: {e}")).0
+    let src = config::parse_with_env(yaml, Path::new("."), &env)
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    compile(&src, &Runtime::default())
+        .unwrap_or_else(|e| panic!("compile: {e}"))
+        .0
 }
 
 fn compile_errors(yaml: &str) -> Vec<String> {
@@ -46,7 +49,15 @@ struct Req {
 
 impl Req {
     fn get(path: &str) -> Req {
-        Req { method: "GET", host: "api.example.com", path: path.into(), headers: HashMap::new(), peer: Some("10.1.2.3".parse().unwrap()), cert: String::new(), ce: None }
+        Req {
+            method: "GET",
+            host: "api.example.com",
+            path: path.into(),
+            headers: HashMap::new(),
+            peer: Some("10.1.2.3".parse().unwrap()),
+            cert: String::new(),
+            ce: None,
+        }
     }
     fn header(mut self, k: &str, v: &str) -> Req {
         self.headers.insert(k.into(), v.as_bytes().to_vec());
@@ -57,7 +68,8 @@ impl Req {
         self
     }
     fn cert_pem(mut self, pem: &str) -> Req {
-        self.cert = percent_encoding::utf8_percent_encode(pem, percent_encoding::NON_ALPHANUMERIC).to_string();
+        self.cert = percent_encoding::utf8_percent_encode(pem, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
         self
     }
     fn decide(&self, p: &PolicySet) -> Decision {
@@ -70,7 +82,13 @@ impl Req {
             peer_certificate: &self.cert,
             context_extensions: self.ce.as_ref(),
         };
-        futures::executor::block_on(p.decide(&input, EvalOptions { explain: true, ..Default::default() }))
+        futures::executor::block_on(p.decide(
+            &input,
+            EvalOptions {
+                explain: true,
+                ..Default::default()
+            },
+        ))
     }
 }
 
@@ -79,7 +97,10 @@ fn reason(d: &Decision) -> Option<&'static str> {
 }
 
 fn upstream<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
-    d.upstream_headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+    d.upstream_headers
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| h.value.as_str())
 }
 
 const BASE: &str = r#"
@@ -114,12 +135,17 @@ fn no_api_matches_denies_by_default() {
     let p = policy(BASE);
     let d = Req::get("/nothing").decide(&p);
     assert_eq!(reason(&d), Some("NoMatchingApi"));
-    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    let Outcome::Deny(den) = &d.outcome else {
+        panic!()
+    };
     assert_eq!(den.status, 403);
     let p = policy(&format!("{BASE}\nunmatched: allow\n"));
     let d = Req::get("/nothing").decide(&p);
     assert!(d.is_allow());
-    assert_eq!(upstream(&d, "x-portcullis-decision-id"), Some(d.id.as_str()));
+    assert_eq!(
+        upstream(&d, "x-portcullis-decision-id"),
+        Some(d.id.as_str())
+    );
 }
 
 #[test]
@@ -141,64 +167,164 @@ fn subscription_keys_with_apim_semantics() {
     // Missing.
     let d = Req::get("/orders/1").decide(&p);
     assert_eq!(reason(&d), Some("SubscriptionKeyNotFound"));
-    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    let Outcome::Deny(den) = &d.outcome else {
+        panic!()
+    };
     assert_eq!(den.status, 401);
-    assert!(den.www_authenticate.as_deref().unwrap().starts_with("AzureApiManagementKey realm=\"orders\""));
+    assert!(
+        den.www_authenticate
+            .as_deref()
+            .unwrap()
+            .starts_with("AzureApiManagementKey realm=\"orders\"")
+    );
     // Primary, secondary, query parameter.
-    let d = Req::get("/orders/1").header("ocp-apim-subscription-key", "key-a-primary").decide(&p);
+    let d = Req::get("/orders/1")
+        .header("ocp-apim-subscription-key", "key-a-primary")
+        .decide(&p);
     assert!(d.is_allow(), "{d:?}");
     assert_eq!(upstream(&d, "x-subscription"), Some("contoso"));
     assert_eq!(d.remove_headers, vec!["ocp-apim-subscription-key"]);
     assert!(d.remove_query.is_empty());
-    assert!(Req::get("/orders/1").header("ocp-apim-subscription-key", "key-a-secondary").decide(&p).is_allow());
+    assert!(
+        Req::get("/orders/1")
+            .header("ocp-apim-subscription-key", "key-a-secondary")
+            .decide(&p)
+            .is_allow()
+    );
     let d = Req::get("/orders/1?subscription-key=key-a-primary&x=1").decide(&p);
     assert!(d.is_allow());
     assert_eq!(d.remove_query, vec!["subscription-key"]);
     // The header wins: a wrong header with a valid query key is invalid.
-    let d = Req::get("/orders/1?subscription-key=key-a-primary").header("ocp-apim-subscription-key", "wrong").decide(&p);
+    let d = Req::get("/orders/1?subscription-key=key-a-primary")
+        .header("ocp-apim-subscription-key", "wrong")
+        .decide(&p);
     assert_eq!(reason(&d), Some("SubscriptionKeyInvalid"));
     // Inactive, out of scope, product scope.
-    assert_eq!(reason(&Req::get("/orders").header("ocp-apim-subscription-key", "key-suspended").decide(&p)), Some("SubscriptionKeyInvalid"));
-    assert_eq!(reason(&Req::get("/orders").header("ocp-apim-subscription-key", "key-product").decide(&p)), Some("SubscriptionKeyInvalid"));
-    assert!(Req::get("/catalog").header("ocp-apim-subscription-key", "key-product").decide(&p).is_allow());
-    assert!(Req::get("/orders").header("ocp-apim-subscription-key", "key-orders").decide(&p).is_allow());
-    assert_eq!(reason(&Req::get("/catalog").header("ocp-apim-subscription-key", "key-orders").decide(&p)), Some("SubscriptionKeyInvalid"));
+    assert_eq!(
+        reason(
+            &Req::get("/orders")
+                .header("ocp-apim-subscription-key", "key-suspended")
+                .decide(&p)
+        ),
+        Some("SubscriptionKeyInvalid")
+    );
+    assert_eq!(
+        reason(
+            &Req::get("/orders")
+                .header("ocp-apim-subscription-key", "key-product")
+                .decide(&p)
+        ),
+        Some("SubscriptionKeyInvalid")
+    );
+    assert!(
+        Req::get("/catalog")
+            .header("ocp-apim-subscription-key", "key-product")
+            .decide(&p)
+            .is_allow()
+    );
+    assert!(
+        Req::get("/orders")
+            .header("ocp-apim-subscription-key", "key-orders")
+            .decide(&p)
+            .is_allow()
+    );
+    assert_eq!(
+        reason(
+            &Req::get("/catalog")
+                .header("ocp-apim-subscription-key", "key-orders")
+                .decide(&p)
+        ),
+        Some("SubscriptionKeyInvalid")
+    );
 }
 
 #[test]
 fn optional_subscription_still_validates_a_present_key() {
     let p = policy(BASE);
     assert!(Req::get("/open").decide(&p).is_allow());
-    assert_eq!(reason(&Req::get("/open").header("ocp-apim-subscription-key", "bogus").decide(&p)), Some("SubscriptionKeyInvalid"));
+    assert_eq!(
+        reason(
+            &Req::get("/open")
+                .header("ocp-apim-subscription-key", "bogus")
+                .decide(&p)
+        ),
+        Some("SubscriptionKeyInvalid")
+    );
     // An API that does not use subscriptions ignores the header.
-    assert!(Req::get("/public").header("ocp-apim-subscription-key", "bogus").decide(&p).is_allow());
+    assert!(
+        Req::get("/public")
+            .header("ocp-apim-subscription-key", "bogus")
+            .decide(&p)
+            .is_allow()
+    );
 }
 
 #[test]
 fn open_product_lets_keyless_requests_in() {
-    let yaml = BASE.replace("  - { name: starter, apis: [catalog] }", "  - { name: starter, apis: [catalog], subscription_required: false }");
+    let yaml = BASE.replace(
+        "  - { name: starter, apis: [catalog] }",
+        "  - { name: starter, apis: [catalog], subscription_required: false }",
+    );
     let p = policy(&yaml);
     assert!(Req::get("/catalog").decide(&p).is_allow());
-    assert_eq!(reason(&Req::get("/orders").decide(&p)), Some("SubscriptionKeyNotFound"));
+    assert_eq!(
+        reason(&Req::get("/orders").decide(&p)),
+        Some("SubscriptionKeyNotFound")
+    );
 }
 
 #[test]
 fn ip_filter_allow_and_forbid() {
     let p = policy(BASE);
     let key = ("ocp-apim-subscription-key", "key-a-primary");
-    let d = Req::get("/orders").header(key.0, key.1).peer("11.0.0.1").decide(&p);
+    let d = Req::get("/orders")
+        .header(key.0, key.1)
+        .peer("11.0.0.1")
+        .decide(&p);
     assert_eq!(reason(&d), Some("CallerIpNotAllowed"));
-    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    let Outcome::Deny(den) = &d.outcome else {
+        panic!()
+    };
     assert_eq!(den.status, 403);
     assert!(den.message.contains("11.0.0.1"));
-    assert!(Req::get("/orders").header(key.0, key.1).peer("::ffff:10.0.0.1").decide(&p).is_allow());
-    assert!(Req::get("/orders").header(key.0, key.1).peer("192.168.1.15").decide(&p).is_allow());
-    assert!(Req::get("/orders").header(key.0, key.1).peer("2001:db8::5").decide(&p).is_allow());
+    assert!(
+        Req::get("/orders")
+            .header(key.0, key.1)
+            .peer("::ffff:10.0.0.1")
+            .decide(&p)
+            .is_allow()
+    );
+    assert!(
+        Req::get("/orders")
+            .header(key.0, key.1)
+            .peer("192.168.1.15")
+            .decide(&p)
+            .is_allow()
+    );
+    assert!(
+        Req::get("/orders")
+            .header(key.0, key.1)
+            .peer("2001:db8::5")
+            .decide(&p)
+            .is_allow()
+    );
     // IP is checked before the key: an unknown caller learns nothing about keys.
-    assert_eq!(reason(&Req::get("/orders").peer("11.0.0.1").decide(&p)), Some("CallerIpNotAllowed"));
-    let d = Req::get("/catalog").header(key.0, key.1).peer("203.0.113.9").decide(&p);
+    assert_eq!(
+        reason(&Req::get("/orders").peer("11.0.0.1").decide(&p)),
+        Some("CallerIpNotAllowed")
+    );
+    let d = Req::get("/catalog")
+        .header(key.0, key.1)
+        .peer("203.0.113.9")
+        .decide(&p);
     assert_eq!(reason(&d), Some("CallerIpBlocked"));
-    assert!(Req::get("/catalog").header(key.0, key.1).peer("203.0.114.9").decide(&p).is_allow());
+    assert!(
+        Req::get("/catalog")
+            .header(key.0, key.1)
+            .peer("203.0.114.9")
+            .decide(&p)
+            .is_allow()
+    );
     let mut no_peer = Req::get("/orders").header(key.0, key.1);
     no_peer.peer = None;
     assert_eq!(reason(&no_peer.decide(&p)), Some("FailedToParseCallerIP"));
@@ -209,13 +335,24 @@ fn client_ip_from_forwarded_for() {
     let yaml = format!("client_ip: {{from: x-forwarded-for, trusted_hops: 1}}\n{BASE}");
     let p = policy(&yaml);
     let key = ("ocp-apim-subscription-key", "key-a-primary");
-    let d = Req::get("/orders").header(key.0, key.1).peer("127.0.0.1").header("x-forwarded-for", "10.9.9.9, 172.16.0.1").decide(&p);
+    let d = Req::get("/orders")
+        .header(key.0, key.1)
+        .peer("127.0.0.1")
+        .header("x-forwarded-for", "10.9.9.9, 172.16.0.1")
+        .decide(&p);
     assert!(d.is_allow(), "{d:?}");
     assert_eq!(upstream(&d, "x-client-ip"), Some("10.9.9.9"));
     // A spoofed left-most entry does not help.
-    let d = Req::get("/orders").header(key.0, key.1).peer("127.0.0.1").header("x-forwarded-for", "10.0.0.1, 8.8.8.8, 172.16.0.1").decide(&p);
+    let d = Req::get("/orders")
+        .header(key.0, key.1)
+        .peer("127.0.0.1")
+        .header("x-forwarded-for", "10.0.0.1, 8.8.8.8, 172.16.0.1")
+        .decide(&p);
     assert_eq!(reason(&d), Some("CallerIpNotAllowed"));
-    let d = Req::get("/orders").header(key.0, key.1).header("x-forwarded-for", "garbage, 172.16.0.1").decide(&p);
+    let d = Req::get("/orders")
+        .header(key.0, key.1)
+        .header("x-forwarded-for", "garbage, 172.16.0.1")
+        .decide(&p);
     assert_eq!(reason(&d), Some("FailedToParseCallerIP"));
 }
 
@@ -232,12 +369,21 @@ apis:
     ip_filter: { action: allow, addresses: [1.1.1.1] }
 "#;
     let p = policy(yaml);
-    assert_eq!(Req::get("/orders/1").decide(&p).api.as_deref(), Some("orders-get"));
+    assert_eq!(
+        Req::get("/orders/1").decide(&p).api.as_deref(),
+        Some("orders-get")
+    );
     let mut post = Req::get("/orders/1");
     post.method = "POST";
     assert_eq!(post.decide(&p).api.as_deref(), Some("fallback"));
-    assert_eq!(Req::get("/ordersX").decide(&p).api.as_deref(), Some("fallback"));
-    assert_eq!(Req::get("/orders?x=1").decide(&p).api.as_deref(), Some("orders-get"));
+    assert_eq!(
+        Req::get("/ordersX").decide(&p).api.as_deref(),
+        Some("fallback")
+    );
+    assert_eq!(
+        Req::get("/orders?x=1").decide(&p).api.as_deref(),
+        Some("orders-get")
+    );
     let mut other_host = Req::get("/orders");
     other_host.host = "example.com:443";
     assert_eq!(other_host.decide(&p).api.as_deref(), Some("fallback"));
@@ -248,7 +394,10 @@ apis:
     ce.ce = Some([("api".to_string(), "special".to_string())].into());
     assert_eq!(ce.decide(&p).api.as_deref(), Some("by-ce"));
     // Traversal is resolved before matching.
-    assert_eq!(Req::get("/public/../orders/1").decide(&p).api.as_deref(), Some("orders-get"));
+    assert_eq!(
+        Req::get("/public/../orders/1").decide(&p).api.as_deref(),
+        Some("orders-get")
+    );
 }
 
 #[test]
@@ -282,25 +431,57 @@ apis:
     let d = Req::get("/thumb").cert_pem(&cert.pem).decide(&p);
     assert!(d.is_allow(), "{d:?}");
     assert_eq!(upstream(&d, "x-cert"), Some(der_sha1.as_str()));
-    assert!(Req::get("/subject").cert_pem(&cert.pem).decide(&p).is_allow());
+    assert!(
+        Req::get("/subject")
+            .cert_pem(&cert.pem)
+            .decide(&p)
+            .is_allow()
+    );
     let d = Req::get("/wrong").cert_pem(&cert.pem).decide(&p);
     assert_eq!(reason(&d), Some("ClientCertificateIdentityNotMatched"));
-    assert_eq!(reason(&Req::get("/thumb").decide(&p)), Some("ClientCertificateMissing"));
-    let Outcome::Deny(den) = &Req::get("/thumb").decide(&p).outcome else { panic!() };
+    assert_eq!(
+        reason(&Req::get("/thumb").decide(&p)),
+        Some("ClientCertificateMissing")
+    );
+    let Outcome::Deny(den) = &Req::get("/thumb").decide(&p).outcome else {
+        panic!()
+    };
     assert_eq!(den.status, 401);
-    assert_eq!(reason(&Req::get("/thumb").cert_pem("garbage").decide(&p)), Some("ClientCertificateInvalid"));
+    assert_eq!(
+        reason(&Req::get("/thumb").cert_pem("garbage").decide(&p)),
+        Some("ClientCertificateInvalid")
+    );
     // XFCC only where trusted.
-    let enc = percent_encoding::utf8_percent_encode(&cert.pem, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let enc = percent_encoding::utf8_percent_encode(&cert.pem, percent_encoding::NON_ALPHANUMERIC)
+        .to_string();
     let xfcc = format!("By=spiffe://proxy;Cert=\"{enc}\"");
-    assert!(Req::get("/xfcc").header("x-forwarded-client-cert", &xfcc).decide(&p).is_allow());
-    assert_eq!(reason(&Req::get("/thumb").header("x-forwarded-client-cert", &xfcc).decide(&p)), Some("ClientCertificateMissing"));
+    assert!(
+        Req::get("/xfcc")
+            .header("x-forwarded-client-cert", &xfcc)
+            .decide(&p)
+            .is_allow()
+    );
+    assert_eq!(
+        reason(
+            &Req::get("/thumb")
+                .header("x-forwarded-client-cert", &xfcc)
+                .decide(&p)
+        ),
+        Some("ClientCertificateMissing")
+    );
     let expired = make_cert("partner", "Contoso", &[], -30, -1);
-    assert_eq!(reason(&Req::get("/xfcc").cert_pem(&expired.pem).decide(&p)), Some("ClientCertificateExpired"));
+    assert_eq!(
+        reason(&Req::get("/xfcc").cert_pem(&expired.pem).decide(&p)),
+        Some("ClientCertificateExpired")
+    );
 }
 
 #[test]
 fn shadow_mode_allows_but_remembers_the_reason() {
-    let yaml = BASE.replace("    subscription_required: true\n    ip_filter: { action: allow", "    mode: shadow\n    subscription_required: true\n    ip_filter: { action: allow");
+    let yaml = BASE.replace(
+        "    subscription_required: true\n    ip_filter: { action: allow",
+        "    mode: shadow\n    subscription_required: true\n    ip_filter: { action: allow",
+    );
     let p = policy(&yaml);
     let d = Req::get("/orders").decide(&p);
     assert!(d.is_allow());
@@ -318,7 +499,9 @@ apis:
       set_headers: { x-subscription: "{subscription.id}" }
       remove_headers: [X-Secret]
 "#;
-    let d = Req::get("/").header("x-subscription", "spoofed").decide(&policy(yaml));
+    let d = Req::get("/")
+        .header("x-subscription", "spoofed")
+        .decide(&policy(yaml));
     assert!(d.is_allow());
     assert_eq!(upstream(&d, "x-subscription"), None);
     assert!(d.remove_headers.contains(&"x-subscription".to_string()));
@@ -330,7 +513,9 @@ fn oversized_headers_are_refused_before_anything_else() {
     let p = policy("limits: {max_header_bytes: 1000}\napis: [{name: a}]\n");
     let d = Req::get("/").header("x-big", &"a".repeat(2000)).decide(&p);
     assert_eq!(reason(&d), Some("RequestHeadersTooLarge"));
-    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    let Outcome::Deny(den) = &d.outcome else {
+        panic!()
+    };
     assert_eq!(den.status, 431);
 }
 
@@ -338,13 +523,16 @@ fn oversized_headers_are_refused_before_anything_else() {
 fn non_utf8_key_is_invalid_not_a_crash() {
     let p = policy(BASE);
     let mut r = Req::get("/orders");
-    r.headers.insert("ocp-apim-subscription-key".into(), vec![0xff, 0xfe, 0x00]);
+    r.headers
+        .insert("ocp-apim-subscription-key".into(), vec![0xff, 0xfe, 0x00]);
     assert_eq!(reason(&r.decide(&p)), Some("SubscriptionKeyInvalid"));
 }
 
 #[test]
 fn explanation_lists_every_check() {
-    let d = Req::get("/orders").header("ocp-apim-subscription-key", "key-a-primary").decide(&policy(BASE));
+    let d = Req::get("/orders")
+        .header("ocp-apim-subscription-key", "key-a-primary")
+        .decide(&policy(BASE));
     let checks: Vec<_> = d.steps.iter().map(|s| (s.check, s.result)).collect();
     assert_eq!(
         checks,
@@ -394,9 +582,15 @@ apis:
         "apis[1].name: `x` is already the name of apis[0]",
     ];
     for e in expect {
-        assert!(errs.iter().any(|got| got.starts_with(e)), "missing `{e}` in {errs:#?}");
+        assert!(
+            errs.iter().any(|got| got.starts_with(e)),
+            "missing `{e}` in {errs:#?}"
+        );
     }
-    assert!(errs.iter().all(|e| !e.contains("plain-text-key")), "a secret leaked into an error: {errs:#?}");
+    assert!(
+        errs.iter().all(|e| !e.contains("plain-text-key")),
+        "a secret leaked into an error: {errs:#?}"
+    );
 }
 
 #[test]
@@ -408,6 +602,8 @@ fn a_panic_is_a_deny_with_internal() {
         Decision::new()
     }));
     assert_eq!(reason(&d), Some("Internal"));
-    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    let Outcome::Deny(den) = &d.outcome else {
+        panic!()
+    };
     assert_eq!(den.status, 500);
 }

@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status};
 
 use crate::policy::{CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, Reason};
 use crate::proto::auth::authorization_server::Authorization;
-use crate::proto::auth::{self, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, attribute_context};
+use crate::proto::auth::{
+    self, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, attribute_context,
+};
 use crate::proto::core::{HeaderValue, HeaderValueOption, address};
 use crate::proto::envoy::r#type::v3::HttpStatus;
 use crate::proto::google::rpc;
@@ -32,7 +34,10 @@ impl AuthorizationService {
 
 #[tonic::async_trait]
 impl Authorization for AuthorizationService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         // Shed load instead of queueing without bound: UNAVAILABLE lets the proxy apply its failure mode.
         let Some(_permit) = self.state.try_admit() else {
             return Err(Status::unavailable("portcullis is overloaded"));
@@ -47,7 +52,9 @@ impl Authorization for AuthorizationService {
             }
             Err(detail) => {
                 let mut d = Decision::new();
-                d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(format!("The authorization request is incomplete: {detail}.")));
+                d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(
+                    format!("The authorization request is incomplete: {detail}."),
+                ));
                 d
             }
         };
@@ -66,7 +73,9 @@ impl<'r> Parts<'r> {
     fn input(&'r self, req: &'r CheckRequest) -> CheckInput<'r> {
         // input_parts checked that these exist.
         let attrs = req.attributes.as_ref();
-        let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let http = attrs
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
         let source = attrs.and_then(|a| a.source.as_ref());
         CheckInput {
             method: http.map_or("", |h| h.method.as_str()),
@@ -82,7 +91,11 @@ impl<'r> Parts<'r> {
 
 fn input_parts(req: &CheckRequest) -> Result<Parts<'_>, &'static str> {
     let attrs = req.attributes.as_ref().ok_or("no attributes")?;
-    let http = attrs.request.as_ref().and_then(|r| r.http.as_ref()).ok_or("no HTTP request attributes")?;
+    let http = attrs
+        .request
+        .as_ref()
+        .and_then(|r| r.http.as_ref())
+        .ok_or("no HTTP request attributes")?;
     if http.method.is_empty() || http.path.is_empty() {
         return Err("no method or path");
     }
@@ -99,7 +112,11 @@ fn input_parts(req: &CheckRequest) -> Result<Parts<'_>, &'static str> {
 fn header_map_to_headers(http: &attribute_context::HttpRequest) -> Headers {
     let mut out: HashMap<String, Vec<u8>> = HashMap::new();
     for h in http.header_map.iter().flat_map(|m| m.headers.iter()) {
-        let value = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value };
+        let value = if h.raw_value.is_empty() {
+            h.value.as_bytes()
+        } else {
+            &h.raw_value
+        };
         out.entry(h.key.to_ascii_lowercase())
             .and_modify(|v| {
                 v.push(b',');
@@ -122,13 +139,23 @@ fn peer_ip(peer: &attribute_context::Peer) -> Option<IpAddr> {
 pub fn to_check_response(d: &Decision) -> CheckResponse {
     match &d.outcome {
         Outcome::Allow => CheckResponse {
-            status: Some(rpc::Status { code: 0, message: String::new(), details: vec![] }),
-            http_response: Some(auth::check_response::HttpResponse::OkResponse(OkHttpResponse {
-                headers: d.upstream_headers.iter().map(|h| header(&h.name, &h.value)).collect(),
-                headers_to_remove: d.remove_headers.clone(),
-                query_parameters_to_remove: d.remove_query.clone(),
-                ..Default::default()
-            })),
+            status: Some(rpc::Status {
+                code: 0,
+                message: String::new(),
+                details: vec![],
+            }),
+            http_response: Some(auth::check_response::HttpResponse::OkResponse(
+                OkHttpResponse {
+                    headers: d
+                        .upstream_headers
+                        .iter()
+                        .map(|h| header(&h.name, &h.value))
+                        .collect(),
+                    headers_to_remove: d.remove_headers.clone(),
+                    query_parameters_to_remove: d.remove_query.clone(),
+                    ..Default::default()
+                },
+            )),
             dynamic_metadata: None,
         },
         Outcome::Deny(denial) => {
@@ -140,12 +167,20 @@ pub fn to_check_response(d: &Decision) -> CheckResponse {
                 headers.push(header("www-authenticate", challenge));
             }
             CheckResponse {
-                status: Some(rpc::Status { code: denial.reason.grpc_code(), message: denial.reason.as_str().to_string(), details: vec![] }),
-                http_response: Some(auth::check_response::HttpResponse::DeniedResponse(DeniedHttpResponse {
-                    status: Some(HttpStatus { code: i32::from(denial.status) }),
-                    headers,
-                    body: denial.body(&d.id),
-                })),
+                status: Some(rpc::Status {
+                    code: denial.reason.grpc_code(),
+                    message: denial.reason.as_str().to_string(),
+                    details: vec![],
+                }),
+                http_response: Some(auth::check_response::HttpResponse::DeniedResponse(
+                    DeniedHttpResponse {
+                        status: Some(HttpStatus {
+                            code: i32::from(denial.status),
+                        }),
+                        headers,
+                        body: denial.body(&d.id),
+                    },
+                )),
                 dynamic_metadata: None,
             }
         }
@@ -154,7 +189,11 @@ pub fn to_check_response(d: &Decision) -> CheckResponse {
 
 fn header(name: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue { key: name.to_string(), value: value.to_string(), raw_value: vec![] }),
+        header: Some(HeaderValue {
+            key: name.to_string(),
+            value: value.to_string(),
+            raw_value: vec![],
+        }),
         append: Some(false),
         ..Default::default()
     }

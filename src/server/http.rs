@@ -18,9 +18,19 @@ use super::State;
 use crate::policy::{CheckInput, Decision, EvalOptions, Headers, Outcome};
 
 /// Serves until `shutdown` resolves.
-pub async fn serve(state: Arc<State>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+pub async fn serve(
+    state: Arc<State>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await {
+    if let Err(e) = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    {
         tracing::error!(error = %e, "HTTP listener failed");
     }
 }
@@ -47,23 +57,52 @@ async fn readyz(AxState(state): AxState<Arc<State>>) -> Response {
 
 async fn metrics(AxState(state): AxState<Arc<State>>) -> Response {
     let body = state.telemetry.prometheus_text();
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Headers that describe the hop to portcullis, not the original request.
-const HOP_HEADERS: &[&str] = &["connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "content-length"];
+const HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-connection",
+    "content-length",
+];
 
-async fn forward_auth(AxState(state): AxState<Arc<State>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+async fn forward_auth(
+    AxState(state): AxState<Arc<State>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
     let Some(_permit) = state.try_admit() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "overloaded\n").into_response();
     };
     let started = std::time::Instant::now();
     let (parts, _body) = req.into_parts();
     let h = &parts.headers;
-    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+    let get = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+    };
 
-    let method = get("x-forwarded-method").or_else(|| get("x-original-method")).unwrap_or(parts.method.as_str()).to_string();
-    let host = get("x-forwarded-host").or_else(|| get("host")).unwrap_or("").to_string();
+    let method = get("x-forwarded-method")
+        .or_else(|| get("x-original-method"))
+        .unwrap_or(parts.method.as_str())
+        .to_string();
+    let host = get("x-forwarded-host")
+        .or_else(|| get("host"))
+        .unwrap_or("")
+        .to_string();
     // Envoy's http_service prefixes the original path with its `path_prefix` (/authz); nginx and
     // Traefik send the original target in a header.
     let own_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -71,7 +110,11 @@ async fn forward_auth(AxState(state): AxState<Arc<State>>, ConnectInfo(peer): Co
         Some(p) => p.to_string(),
         None => {
             let rest = own_target.strip_prefix("/authz").unwrap_or(own_target);
-            if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") }
+            if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            }
         }
     };
     let headers = to_headers(h);
@@ -119,7 +162,11 @@ pub fn to_http_response(d: &Decision) -> Response {
             remove.sort_unstable();
             remove.dedup();
             if !remove.is_empty() {
-                insert(r.headers_mut(), "x-envoy-auth-headers-to-remove", &remove.join(", "));
+                insert(
+                    r.headers_mut(),
+                    "x-envoy-auth-headers-to-remove",
+                    &remove.join(", "),
+                );
             }
             r
         }
@@ -133,12 +180,19 @@ pub fn to_http_response(d: &Decision) -> Response {
             r
         }
     };
-    insert(resp.headers_mut(), crate::policy::decision::DECISION_ID_HEADER, &d.id);
+    insert(
+        resp.headers_mut(),
+        crate::policy::decision::DECISION_ID_HEADER,
+        &d.id,
+    );
     resp
 }
 
 fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
-    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
         headers.insert(n, v);
     }
 }

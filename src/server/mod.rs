@@ -143,10 +143,25 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     });
     tracing::info!(summary = %state.policy().summary, config = %config_path.display(), "configuration loaded");
 
-    let grpc_listener = TcpListener::bind(settings.grpc).await.map_err(|source| StartError::Bind { addr: settings.grpc, source })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: settings.grpc, source })?;
+    let grpc_listener =
+        TcpListener::bind(settings.grpc)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.grpc,
+                source,
+            })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: settings.grpc,
+            source,
+        })?;
     let http_listener = match settings.http {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
         None => None,
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -157,16 +172,36 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     let signals = Signals::install();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let task_state = state.clone();
-    let task = tokio::spawn(async move { serve(task_state, grpc_listener, http_listener, tls, signals, shutdown_rx).await });
+    let task = tokio::spawn(async move {
+        serve(
+            task_state,
+            grpc_listener,
+            http_listener,
+            tls,
+            signals,
+            shutdown_rx,
+        )
+        .await
+    });
     tracing::info!(listener = "grpc", addr = %grpc_addr, tls = settings.tls.is_some(), mtls = settings.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "listening (ext_authz v3 Check, grpc.health.v1, reflection)");
     if let Some(addr) = http_addr {
         tracing::info!(listener = "http", addr = %addr, "listening (/healthz /readyz /metrics /authz/)");
     }
-    Ok(Running { addrs: BoundAddrs { grpc: grpc_addr, http: http_addr }, state, shutdown: shutdown_tx, task })
+    Ok(Running {
+        addrs: BoundAddrs {
+            grpc: grpc_addr,
+            http: http_addr,
+        },
+        state,
+        shutdown: shutdown_tx,
+        task,
+    })
 }
 
 fn load_tls(t: &policy::TlsFiles) -> Result<ServerTlsConfig, StartError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())));
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
     let cert = read(&t.cert_file)?;
     let key = read(&t.key_file)?;
     let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
@@ -186,8 +221,12 @@ async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AuthorizationServer<grpc::AuthorizationService>>().await;
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_serving::<AuthorizationServer<grpc::AuthorizationService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -208,13 +247,19 @@ async fn serve(
     tokio::spawn(async move {
         wait_for_shutdown(&signal_state, signals, &mut shutdown).await;
         signal_state.shutting_down.store(true, Ordering::Relaxed);
-        reporter.set_not_serving::<AuthorizationServer<grpc::AuthorizationService>>().await;
-        reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        reporter
+            .set_not_serving::<AuthorizationServer<grpc::AuthorizationService>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         tracing::info!("shutting down: draining in-flight checks");
         let _ = drain_tx.send(true);
     });
 
-    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30))).tcp_nodelay(true);
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .tcp_nodelay(true);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -225,9 +270,12 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
-            let _ = grpc_drain.wait_for(|v| *v).await;
-        });
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move {
+                let _ = grpc_drain.wait_for(|v| *v).await;
+            },
+        );
 
     let http = async {
         if let Some(listener) = http_listener {
@@ -265,9 +313,15 @@ struct Signals {
 impl Signals {
     fn install() -> Signals {
         use tokio::signal::unix::{SignalKind, signal};
-        let s = Signals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok(), hup: signal(SignalKind::hangup()).ok() };
+        let s = Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        };
         if s.term.is_none() || s.int.is_none() || s.hup.is_none() {
-            tracing::error!("cannot install signal handlers; SIGTERM/SIGINT/SIGHUP may not be handled");
+            tracing::error!(
+                "cannot install signal handlers; SIGTERM/SIGINT/SIGHUP may not be handled"
+            );
         }
         s
     }
@@ -288,7 +342,11 @@ async fn until_true(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Waits for SIGTERM, SIGINT or a programmatic shutdown; SIGHUP reloads the config meanwhile.
-async fn wait_for_shutdown(state: &Arc<State>, mut signals: Signals, shutdown: &mut watch::Receiver<bool>) {
+async fn wait_for_shutdown(
+    state: &Arc<State>,
+    mut signals: Signals,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = recv(&mut signals.term) => return,

@@ -35,7 +35,10 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
 fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Summary>, ConfigErrors> {
     let src = config::load(state.config_path())?;
     {
-        let digest = state.config_digest.lock().unwrap_or_else(|p| p.into_inner());
+        let digest = state
+            .config_digest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if !force && *digest == src.digest {
             return Ok(None);
         }
@@ -46,7 +49,10 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Summary>, Config
     }
     let summary = policy.summary.clone();
     state.policy.store(Arc::new(policy));
-    *state.config_digest.lock().unwrap_or_else(|p| p.into_inner()) = src.digest;
+    *state
+        .config_digest
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = src.digest;
     Ok(Some(summary))
 }
 
@@ -60,22 +66,24 @@ pub fn watch(state: Arc<State>) -> Option<notify::RecommendedWatcher> {
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watched_name = path.file_name().map(|n| n.to_os_string());
-    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
-            let relevant = event.paths.iter().any(|p| {
-                p.file_name().map(|n| n.to_os_string()) == watched_name || p.to_string_lossy().contains("..data")
-            });
-            if relevant && !matches!(event.kind, notify::EventKind::Access(_)) {
-                let _ = tx.send(());
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res {
+                let relevant = event.paths.iter().any(|p| {
+                    p.file_name().map(|n| n.to_os_string()) == watched_name
+                        || p.to_string_lossy().contains("..data")
+                });
+                if relevant && !matches!(event.kind, notify::EventKind::Access(_)) {
+                    let _ = tx.send(());
+                }
             }
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
-            return None;
-        }
-    };
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+                return None;
+            }
+        };
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
         return None;

@@ -14,7 +14,10 @@ pub fn init_logging(format: LogFormat, level: &str) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -77,7 +80,12 @@ impl Telemetry {
 
     /// Counts a config reload.
     pub fn config_reload(&self, ok: bool) {
-        if ok { &self.reloads_ok } else { &self.reloads_failed }.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition.
@@ -95,7 +103,12 @@ impl Telemetry {
 /// One decision as a JSON line. Never carries a token, key or secret: only ids, names and codes.
 pub fn decision_record(d: &Decision, elapsed: Duration, with_client_ip: bool) -> String {
     let time = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
-    let trace_id = d.facts.traceparent.as_deref().and_then(|tp| tp.split('-').nth(1)).filter(|t| t.len() == 32);
+    let trace_id = d
+        .facts
+        .traceparent
+        .as_deref()
+        .and_then(|tp| tp.split('-').nth(1))
+        .filter(|t| t.len() == 32);
     let mut v = serde_json::json!({
         "time": time,
         "decision_id": d.id,

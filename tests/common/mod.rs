@@ -22,12 +22,20 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("portcullis.yaml");
         std::fs::write(&config, with_listen(yaml)).unwrap();
-        let running = server::start(&config).await.unwrap_or_else(|e| panic!("start: {e}"));
-        TestServer { running, dir, config }
+        let running = server::start(&config)
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}"));
+        TestServer {
+            running,
+            dir,
+            config,
+        }
     }
 
     pub async fn client(&self) -> AuthorizationClient<Channel> {
-        AuthorizationClient::connect(format!("http://{}", self.running.addrs.grpc)).await.unwrap()
+        AuthorizationClient::connect(format!("http://{}", self.running.addrs.grpc))
+            .await
+            .unwrap()
     }
 
     pub fn write_config(&self, yaml: &str) {
@@ -39,7 +47,11 @@ impl TestServer {
 }
 
 fn with_listen(yaml: &str) -> String {
-    if yaml.contains("listen:") { yaml.to_string() } else { format!("listen: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}\n{yaml}") }
+    if yaml.contains("listen:") {
+        yaml.to_string()
+    } else {
+        format!("listen: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}\n{yaml}")
+    }
 }
 
 /// A request as Envoy would send it.
@@ -82,7 +94,11 @@ impl Http {
                     address: Some(Address {
                         address: Some(address::Address::SocketAddress(SocketAddress {
                             address: self.peer.to_string(),
-                            port_specifier: Some(portcullis::proto::core::socket_address::PortSpecifier::PortValue(40000)),
+                            port_specifier: Some(
+                                portcullis::proto::core::socket_address::PortSpecifier::PortValue(
+                                    40000,
+                                ),
+                            ),
                             ..Default::default()
                         })),
                     }),
@@ -123,12 +139,20 @@ pub struct Seen {
 pub fn seen(r: &CheckResponse) -> Seen {
     use portcullis::proto::auth::check_response::HttpResponse;
     let code = r.status.as_ref().map_or(0, |s| s.code);
-    let mut s = Seen { code, status: None, headers: HashMap::new(), body: None, removed: vec![], removed_query: vec![] };
+    let mut s = Seen {
+        code,
+        status: None,
+        headers: HashMap::new(),
+        body: None,
+        removed: vec![],
+        removed_query: vec![],
+    };
     match &r.http_response {
         Some(HttpResponse::OkResponse(ok)) => {
             for h in &ok.headers {
                 let hv = h.header.as_ref().unwrap();
-                s.headers.insert(hv.key.clone(), (hv.value.clone(), h.append));
+                s.headers
+                    .insert(hv.key.clone(), (hv.value.clone(), h.append));
             }
             s.removed = ok.headers_to_remove.clone();
             s.removed_query = ok.query_parameters_to_remove.clone();
@@ -137,7 +161,8 @@ pub fn seen(r: &CheckResponse) -> Seen {
             s.status = d.status.as_ref().map(|st| st.code);
             for h in &d.headers {
                 let hv = h.header.as_ref().unwrap();
-                s.headers.insert(hv.key.clone(), (hv.value.clone(), h.append));
+                s.headers
+                    .insert(hv.key.clone(), (hv.value.clone(), h.append));
             }
             s.body = serde_json::from_str(&d.body).ok();
         }

@@ -25,8 +25,8 @@ use futures::FutureExt;
 
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
-pub use compile::{LogFormat, Runtime, Settings, TlsFiles, compile};
 pub(crate) use compile::duration;
+pub use compile::{LogFormat, Runtime, Settings, TlsFiles, compile};
 pub use decision::{Decision, Denial, Header, Outcome, Step, StepResult};
 pub use reason::Reason;
 pub use request::{CheckInput, Headers};

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config;
 use crate::policy::{self, Decision, EvalOptions, Outcome, Runtime, StepResult};
+use crate::telemetry;
 
 /// portcullis: external authorization decisions for Envoy ext_authz v3.
 #[derive(Debug, Parser)]
@@ -64,23 +65,35 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: &Path) -> ExitCode {
-    // Logging needs the config's format and level; a config that does not load is still reported.
-    let (format, level) = match config::load(path) {
-        Ok(src) => (
-            if src.file.telemetry.log_format.as_deref() == Some("json") {
+    // Logging needs the config's format and level (and span export its OTLP endpoint) before the
+    // service starts; a config that does not load is still reported, with default logging.
+    let (format, level, otlp) = match config::load(path) {
+        Ok(src) => {
+            let t = &src.file.telemetry;
+            let format = if t.log_format.as_deref() == Some("json") {
                 policy::LogFormat::Json
             } else {
                 policy::LogFormat::Text
-            },
-            src.file
-                .telemetry
-                .log_level
-                .clone()
-                .unwrap_or_else(|| "info".into()),
-        ),
-        Err(_) => (policy::LogFormat::Text, "info".into()),
+            };
+            let otlp = t
+                .otlp_endpoint
+                .as_ref()
+                .map(|endpoint| telemetry::OtlpTarget {
+                    endpoint: endpoint.clone(),
+                    protocol: t
+                        .otlp_protocol
+                        .as_deref()
+                        .and_then(telemetry::OtlpProtocol::parse)
+                        .unwrap_or(telemetry::OtlpProtocol::Grpc),
+                });
+            (
+                format,
+                t.log_level.clone().unwrap_or_else(|| "info".into()),
+                otlp,
+            )
+        }
+        Err(_) => (policy::LogFormat::Text, "info".into(), None),
     };
-    crate::telemetry::init_logging(format, &level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -88,6 +101,18 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The OTLP client is built inside the runtime it will do its I/O on.
+    let process_telemetry = {
+        let _runtime = rt.enter();
+        telemetry::init(format, &level, otlp.as_ref())
+    };
+    let code = serve_on(&rt, path);
+    // Spans still queued go out while the runtime is alive.
+    process_telemetry.shutdown();
+    code
+}
+
+fn serve_on(rt: &tokio::runtime::Runtime, path: &Path) -> ExitCode {
     rt.block_on(async {
         let running = match crate::server::start(path).await {
             Ok(r) => r,

@@ -341,6 +341,145 @@ mod tests {
         assert!(*DURATION_BUCKETS.last().unwrap() >= 1.0);
     }
 
+    fn decision(
+        api: Option<&str>,
+        outcome: crate::policy::Outcome,
+        waived: Option<Reason>,
+    ) -> Decision {
+        let mut d = Decision::new();
+        d.api = api.map(Into::into);
+        d.outcome = outcome;
+        d.waived = waived;
+        d
+    }
+
+    fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == name
+                    && s.labels.iter().count() == labels.len()
+                    && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v)
+                | prometheus_parse::Value::Gauge(v) => v,
+                _ => panic!("{name} is not a number"),
+            })
+    }
+
+    #[test]
+    fn outcomes_reasons_and_shed_load_are_counted() {
+        use crate::policy::{Denial, Outcome as O};
+        let m = Metrics::new(None).unwrap();
+        let ms = Duration::from_millis(1);
+        m.record_decision(&decision(Some("orders"), O::Allow, None), ms);
+        m.record_decision(&decision(Some("orders"), O::Allow, None), ms);
+        m.record_decision(
+            &decision(Some("orders"), O::Deny(Denial::new(Reason::Internal)), None),
+            ms,
+        );
+        m.record_decision(
+            &decision(
+                Some("orders"),
+                O::Deny(Denial::new(Reason::BackendCredentialUnavailable)),
+                None,
+            ),
+            ms,
+        );
+        m.record_decision(
+            &decision(Some("shadowed"), O::Allow, Some(Reason::TokenExpired)),
+            ms,
+        );
+        m.record_decision(
+            &decision(None, O::Deny(Denial::new(Reason::NoMatchingApi)), None),
+            ms,
+        );
+        m.record_overloaded();
+        m.record_overloaded();
+        m.config_reload(false);
+        let text = m.prometheus_text();
+        let decisions =
+            |labels: &[(&str, &str)]| value(&text, "portcullis_decisions_total", labels);
+        assert_eq!(
+            decisions(&[("api", "orders"), ("outcome", "allow")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            decisions(&[
+                ("api", "orders"),
+                ("outcome", "error"),
+                ("reason", "Internal")
+            ]),
+            Some(1.0)
+        );
+        assert_eq!(
+            decisions(&[
+                ("api", "orders"),
+                ("outcome", "deny"),
+                ("reason", "BackendCredentialUnavailable")
+            ]),
+            Some(1.0)
+        );
+        assert_eq!(
+            decisions(&[
+                ("api", "shadowed"),
+                ("outcome", "allow"),
+                ("reason", "TokenExpired")
+            ]),
+            Some(1.0),
+            "shadow mode keeps the waived reason"
+        );
+        assert_eq!(
+            decisions(&[("outcome", "deny"), ("reason", "NoMatchingApi")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            decisions(&[("outcome", "error"), ("reason", "Overloaded")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "portcullis_decision_duration_seconds_count",
+                &[("api", "orders"), ("outcome", "allow")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "portcullis_decision_duration_seconds_count",
+                &[("api", "orders"), ("outcome", "error")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "portcullis_config_reloads_total",
+                &[("result", "failure")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "portcullis_config_reloads_total",
+                &[("result", "success")]
+            ),
+            Some(0.0)
+        );
+        assert!(
+            !text.contains("otel_scope_name"),
+            "no scope labels on every series"
+        );
+    }
+
     #[test]
     fn named_cells_are_created_once() {
         let cells: NamedCells<AtomicU64> = NamedCells::default();

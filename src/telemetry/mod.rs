@@ -172,10 +172,8 @@ pub struct ProcessTelemetry {
 impl ProcessTelemetry {
     /// Exports the spans still queued and stops the exporter. Blocks for at most a few seconds.
     pub fn shutdown(self) {
-        if let Some(provider) = self.tracer {
-            if let Err(e) = provider.shutdown() {
-                tracing::debug!(error = %e, "trace export shutdown");
-            }
+        if let Some(Err(e)) = self.tracer.map(|p| p.shutdown()) {
+            tracing::debug!(error = %e, "trace export shutdown");
         }
     }
 }

@@ -114,6 +114,9 @@ impl Extractor for HeaderMapCarrier<'_> {
     }
 }
 
+/// Outgoing request headers as a propagation carrier.
+struct HeaderMapInjector<'a>(&'a mut http::HeaderMap);
+
 impl Injector for HeaderMapInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
         if let (Ok(name), Ok(value)) = (
@@ -124,8 +127,6 @@ impl Injector for HeaderMapInjector<'_> {
         }
     }
 }
-
-struct HeaderMapInjector<'a>(&'a mut http::HeaderMap);
 
 /// Adds the current span's W3C trace context (`traceparent`, `tracestate`) to outgoing request
 /// headers, so an identity provider or token endpoint that traces joins the same trace. Does nothing

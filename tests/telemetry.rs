@@ -422,6 +422,10 @@ apis:
   - name: orders
     match: {{ path_prefix: /orders }}
     subscription_required: true
+  - name: trial
+    match: {{ path_prefix: /trial }}
+    subscription_required: true
+    mode: shadow
 "#
     )
 }
@@ -491,10 +495,36 @@ async fn spans_join_the_callers_trace_and_metrics_arrive_over_otlp() {
     );
     let meta = seen(&client.check(req).await.unwrap().into_inner());
     assert_eq!(meta.code, 0);
+    // Shadow mode: what the evaluation logs lands in the Check span, as child spans do.
+    let shadow = seen(
+        &client
+            .check(
+                get("/trial/1")
+                    .header("traceparent", &format!("00-{TRACE_ID}-{PARENT_SPAN}-01"))
+                    .request(),
+            )
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(shadow.code, 0);
 
     let id = |s: &common::Seen| s.headers["x-portcullis-decision-id"].0.clone();
-    let spans = collector.wait_for_check_spans(4).await;
-    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let spans = collector.wait_for_check_spans(5).await;
+    assert_eq!(spans.len(), 5, "{spans:#?}");
+
+    let s = span_by_decision(&spans, &id(&shadow));
+    assert_eq!(
+        (str_attr(s, "outcome"), str_attr(s, "reason")),
+        (Some("allow"), Some("SubscriptionKeyNotFound"))
+    );
+    assert!(
+        s.events
+            .iter()
+            .any(|e| e.name == "shadow mode: deny not enforced"),
+        "events inside the evaluation belong to the Check span: {:#?}",
+        s.events
+    );
 
     let s = span_by_decision(&spans, &id(&w3c));
     assert_eq!(hex::encode(&s.trace_id), TRACE_ID);
@@ -596,7 +626,7 @@ async fn spans_join_the_callers_trace_and_metrics_arrive_over_otlp() {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.len(), 4, "{stdout:#?}");
+    assert_eq!(records.len(), 5, "{stdout:#?}");
     let record = |d: &str| {
         records
             .iter()
@@ -610,6 +640,13 @@ async fn spans_join_the_callers_trace_and_metrics_arrive_over_otlp() {
     assert_eq!(record(&id(&root))["trace_id"], root_trace.as_str());
     assert_eq!(record(&id(&meta))["trace_id"], META_TRACE_ID);
     assert_eq!(record(&id(&w3c))["client_ip"], "10.1.2.3");
+    assert_eq!(
+        (
+            record(&id(&shadow))["shadow"].as_bool(),
+            record(&id(&shadow))["outcome"].as_str()
+        ),
+        (Some(true), Some("allow"))
+    );
 }
 
 #[tokio::test]

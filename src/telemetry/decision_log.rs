@@ -127,7 +127,7 @@ struct Record<'a> {
 }
 
 /// One decision as a JSON line.
-pub fn decision_record(
+pub(crate) fn decision_record(
     d: &Decision,
     elapsed: Duration,
     trace_id: Option<TraceId>,

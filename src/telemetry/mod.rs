@@ -20,7 +20,29 @@
 //! token caches live in [`crate::policy::Runtime`], across reloads, in background refresh tasks that
 //! have no path to the server's state; OpenTelemetry's own API is built around a global meter
 //! provider for the same reason. With no service running (`portcullis check`, unit tests) they do
-//! nothing.
+//! nothing; in a process running several services (integration tests) they count into the most
+//! recently started one.
+//!
+//! ```
+//! use portcullis::telemetry::{self, FetchResult, TokenCacheResult};
+//! # async fn fetch() -> Result<(), ()> { Ok(()) }
+//! # async fn example(provider: &str, credential: &str) {
+//! use tracing::Instrument as _;
+//! // A child span: inside a check it is a child of `authz.check`, in a background refresh task it
+//! // starts its own trace. INFO or above and created in this crate, or it is not exported.
+//! // Field values are config names and codes, never URLs with query strings, tokens or secrets.
+//! let result = fetch().instrument(tracing::info_span!("jwks.fetch", provider = %provider)).await;
+//! telemetry::jwks_fetch(provider, if result.is_ok() { FetchResult::Success } else { FetchResult::Error });
+//!
+//! telemetry::token_cache(credential, TokenCacheResult::Hit);
+//! let span = tracing::info_span!("token.fetch", credential = %credential, grant = "client_credentials");
+//!
+//! // Outgoing requests to an identity provider or token endpoint may carry the trace on:
+//! let mut headers = http::HeaderMap::new();
+//! telemetry::inject_trace_context(&mut headers);
+//! # drop(span);
+//! # }
+//! ```
 
 mod decision_log;
 mod metrics;
@@ -38,7 +60,6 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-pub use decision_log::decision_record;
 pub use metrics::{DURATION_BUCKETS, MetricsError, OVERLOADED};
 pub use otlp::{ExporterError, OtlpProtocol, OtlpTarget};
 pub use traces::{

@@ -9,9 +9,12 @@
 //! - `otlp-traces`: `otlp_endpoint` set and spans exported (a span per check, batched to a local
 //!   collector that discards them), as `portcullis serve` does.
 //!
-//! The decision log is left out: it would write to the terminal criterion reports on.
+//! The decision log writes to stdout, the terminal criterion reports on, so its scenario
+//! (`decision-log`: Prometheus metrics plus one record per check) runs only on request, with
+//! stdout sent elsewhere; criterion keeps its numbers in `target/criterion/telemetry/decision-log`:
 //!
 //!   cargo bench --bench telemetry
+//!   PORTCULLIS_BENCH_DECISION_LOG=1 cargo bench --bench telemetry -- decision-log > /dev/null
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -61,11 +64,13 @@ impl MetricsService for Sink {
     }
 }
 
-fn policy(otlp: Option<&str>) -> (PolicySet, Settings) {
+fn policy(otlp: Option<&str>, decision_log: bool) -> (PolicySet, Settings) {
     let hash = subscription::format_hash(&subscription::hash_key("key-0"));
-    let telemetry = otlp
-        .map(|ep| format!("telemetry: {{ otlp_endpoint: \"{ep}\" }}\n"))
-        .unwrap_or_default();
+    let telemetry = format!(
+        "telemetry: {{ decision_log: {decision_log}{} }}\n",
+        otlp.map(|ep| format!(", otlp_endpoint: \"{ep}\""))
+            .unwrap_or_default()
+    );
     let y = format!(
         "{telemetry}subscriptions:\n  keys: [{{ id: sub-0, primary: \"{hash}\" }}]\napis:\n  - name: orders\n    match: {{ hosts: [api.example.com], path_prefix: /orders }}\n    subscription_required: true\n    on_allow: {{ set_headers: {{ x-subscription: \"{{subscription.id}}\" }} }}\n"
     );
@@ -139,7 +144,7 @@ fn bench(c: &mut Criterion) {
     let input = input(headers());
     let mut group = c.benchmark_group("telemetry");
 
-    let (p, settings) = policy(None);
+    let (p, settings) = policy(None, false);
     let d = futures::executor::block_on(p.decide(&input, EvalOptions::default()));
     assert!(d.is_allow(), "{:?}", d.outcome);
     // What the adapter did before there was telemetry: time the evaluation.
@@ -164,7 +169,16 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let (p, settings) = policy(Some(&collector));
+    if std::env::var_os("PORTCULLIS_BENCH_DECISION_LOG").is_some() {
+        let (p, settings) = policy(None, true);
+        let t = Telemetry::new(&settings).expect("telemetry");
+        group.bench_function("decision-log", |b| {
+            b.iter(|| futures::executor::block_on(check(&p, &t, black_box(&input))))
+        });
+        t.shutdown();
+    }
+
+    let (p, settings) = policy(Some(&collector), false);
     let t = Telemetry::new(&settings).expect("telemetry");
     group.bench_function("otlp-metrics", |b| {
         b.iter(|| futures::executor::block_on(check(&p, &t, black_box(&input))))

@@ -6,6 +6,8 @@
 //! users read.
 
 mod common;
+#[path = "jwt_common/mod.rs"]
+mod keys;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -1025,12 +1027,27 @@ async fn no_secret_reaches_logs_decision_records_spans_or_metrics() {
     const COOKIE: &str = "sessionCookieSecretP0o9i8u7";
     const ADMIN_TOKEN: &str = "adminTokenSecretL1k2j3h4g5f6";
     const PEER: &str = "10.1.2.3";
-    // TODO(jwt): once JWT validation is on this branch, send a token signed by tests/idp in the
-    // Authorization header, the `access_token` query parameter and a cookie, and add its signature
-    // segment to `secrets` (validated and rejected tokens both).
-    // TODO(credentials): once backend credentials are, configure a client_credentials credential
-    // against tests/idp with `client_secret: ${env:...}` and add the secret and the issued access
-    // token to `secrets`.
+    // JWTs: signed with an HMAC key that the config reads from the environment; valid, expired and
+    // with a forged signature, in the Authorization header, the query and a cookie.
+    let hs = keys::hmac(Some("hs"), 32);
+    let hs_secret = hs.secret_b64();
+    let iss = "https://idp.test/corp";
+    let good = |sub: &str| keys::claims(iss, "api://orders", sub);
+    let jwt_header = hs.token(good("alice"));
+    let jwt_query = hs.token(good("bob"));
+    let jwt_cookie = hs.token(good("carol"));
+    let mut expired_claims = good("dave");
+    expired_claims["exp"] = (keys::now() - 3600).into();
+    let jwt_expired = hs.token(expired_claims);
+    let forged = {
+        let t = hs.token(good("eve"));
+        let (signed, _) = t.rsplit_once('.').unwrap();
+        format!("{signed}.{}", keys::b64([7u8; 32]))
+    };
+    let signature = |t: &str| t.rsplit_once('.').unwrap().1.to_string();
+    // TODO(credentials): once backend credentials are on this branch, configure a
+    // client_credentials credential against tests/idp with `client_secret: ${env:...}`, make an
+    // API inject it, and add the client secret and the issued access token to `secrets`.
 
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["partner.example".into()]).unwrap();
@@ -1058,6 +1075,19 @@ apis:
   - name: partners
     match: {{ path_prefix: /partners }}
     client_certificate: {{ identities: [{{ common_name: partner.example }}] }}
+  - name: jwt-header
+    match: {{ path_prefix: /jh }}
+    jwt: {{ providers: [corp], audiences: ["api://orders"] }}
+  - name: jwt-query
+    match: {{ path_prefix: /jq }}
+    jwt: {{ providers: [corp], audiences: ["api://orders"], from: {{ query: access_token }} }}
+  - name: jwt-cookie
+    match: {{ path_prefix: /jc }}
+    jwt: {{ providers: [corp], audiences: ["api://orders"], from: {{ cookie: session }} }}
+identity_providers:
+  - name: corp
+    issuer: {iss}
+    keys: [{{ kty: oct, kid: hs, k: "${{env:HS_KEY}}" }}]
 "#
     );
     let srv = Serve::start(
@@ -1066,6 +1096,7 @@ apis:
             ("SUB_KEY", SUB_KEY),
             ("SUB_KEY2", SUB_KEY2),
             ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("HS_KEY", &hs_secret),
         ],
     );
     let client = srv.client().await;
@@ -1118,6 +1149,44 @@ apis:
     let mut garbage_cert = get("/partners/1");
     garbage_cert.certificate = percent_encode(&pem.replace("MII", "XXX"));
     check(garbage_cert.request(), 16).await;
+    let bearer = |t: &str| format!("Bearer {t}");
+    check(
+        get("/jh/1")
+            .header("authorization", &bearer(&jwt_header))
+            .request(),
+        0,
+    )
+    .await;
+    check(
+        get("/jh/1")
+            .header("authorization", &bearer(&jwt_expired))
+            .request(),
+        16,
+    )
+    .await;
+    check(
+        get("/jh/1")
+            .header("authorization", &bearer(&forged))
+            .request(),
+        16,
+    )
+    .await;
+    check(get(&format!("/jq/1?access_token={jwt_query}")).request(), 0).await;
+    check(get(&format!("/jq/1?access_token={forged}")).request(), 16).await;
+    check(
+        get("/jc/1")
+            .header("cookie", &format!("a=b; session={jwt_cookie}"))
+            .request(),
+        0,
+    )
+    .await;
+    check(
+        get("/jc/1")
+            .header("cookie", &format!("session={jwt_expired}"))
+            .request(),
+        16,
+    )
+    .await;
     drop(client);
 
     // Forward-auth, with the same secrets in headers and the query.
@@ -1125,6 +1194,8 @@ apis:
     for (uri, status) in [
         (format!("/orders/3?subscription-key={SUB_KEY2}"), 200),
         (format!("/orders/3?subscription-key={WRONG_KEY}"), 401),
+        (format!("/jq/3?access_token={jwt_query}"), 200),
+        (format!("/jq/3?access_token={jwt_expired}"), 401),
     ] {
         let resp = http
             .get(format!("http://{}/authz/", srv.http))
@@ -1155,6 +1226,20 @@ apis:
 
     // Everything was produced: the test cannot pass by looking at nothing.
     assert_eq!(stdout.len(), decisions, "one decision record per decision");
+    let logged = stdout.join("\n");
+    for expected in [
+        "\"subject\":\"alice\"",
+        "\"subject\":\"bob\"",
+        "\"subject\":\"carol\"",
+        "TokenExpired",
+        "TokenSignatureInvalid",
+        "ClientCertificateInvalid",
+    ] {
+        assert!(
+            logged.contains(expected),
+            "the checks ran as intended: {expected} in {logged}"
+        );
+    }
     assert!(stderr.len() > 5, "logs at debug level: {stderr:#?}");
     let spans = format!("{:?}", *collector.traces.lock().unwrap());
     let metrics = format!("{:?}", *collector.metrics.lock().unwrap());
@@ -1171,6 +1256,17 @@ apis:
         ADMIN_TOKEN,
         &cert_body,
         &key_body,
+        &hs_secret,
+        &jwt_header,
+        &jwt_query,
+        &jwt_cookie,
+        &jwt_expired,
+        &forged,
+        &signature(&jwt_header),
+        &signature(&jwt_query),
+        &signature(&jwt_cookie),
+        &signature(&jwt_expired),
+        &signature(&forged),
     ];
     let places = [
         ("logs (stderr)", stderr.join("\n")),
@@ -1194,7 +1290,16 @@ apis:
         ("metrics (OTLP)", &metrics),
         ("/metrics", &scrape),
     ] {
-        for forbidden in ["/orders/", "/partners/", "subscription-key=", PEER] {
+        for forbidden in [
+            "/orders/",
+            "/partners/",
+            "/jh/",
+            "/jq/",
+            "/jc/",
+            "subscription-key=",
+            "access_token=",
+            PEER,
+        ] {
             assert!(!text.contains(forbidden), "{place} contain {forbidden}");
         }
     }

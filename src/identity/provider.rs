@@ -334,13 +334,17 @@ impl Provider {
     }
 
     async fn fetch_and_install(&self, state: &mut RefetchState, rediscover: bool) -> bool {
-        let result = self.fetch(state, rediscover).await;
+        use tracing::Instrument;
+        // A child of the check span when a check triggered the fetch; its own trace otherwise.
+        let span = tracing::info_span!("jwks.fetch", provider = %self.name);
+        let result = self.fetch(state, rediscover).instrument(span).await;
         let ok = match result {
             Ok(parsed) => {
                 for (name, why) in &parsed.skipped {
                     tracing::debug!(provider = %self.name, key = %name, reason = %why, "JWKS key skipped");
                 }
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::jwks_fetch(&self.name, crate::telemetry::FetchResult::Success);
                 let keys = KeySet { keys: parsed.keys };
                 tracing::info!(provider = %self.name, result = "ok", keys = keys.keys.len(), skipped = parsed.skipped.len(), "signing keys fetched");
                 self.keys.store(Some(Arc::new(keys)));
@@ -348,6 +352,7 @@ impl Provider {
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::jwks_fetch(&self.name, crate::telemetry::FetchResult::Error);
                 let kept = self.keys.load().is_some();
                 tracing::warn!(provider = %self.name, result = "error", error = %e, kept_last_good_keys = kept, "signing keys could not be fetched");
                 false

@@ -70,17 +70,33 @@ impl Authorization for AuthorizationService {
                     .instrument(trace.span().clone())
                     .await
             }
-            Err(detail) => {
-                let mut d = Decision::new();
-                d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(
-                    format!("The authorization request is incomplete: {detail}."),
-                ));
-                d
-            }
+            Err(detail) => invalid_request(detail),
         };
         self.state.record(&decision, started.elapsed(), &trace);
         Ok(Response::new(to_check_response(&decision)))
     }
+}
+
+/// Decides on a CheckRequest with `policy`, without admission control or telemetry: the whole
+/// wire-to-wire path for fuzzing and for embedding portcullis in another server.
+pub async fn decide(policy: &crate::policy::PolicySet, req: &CheckRequest) -> CheckResponse {
+    let decision = match input_parts(req) {
+        Ok(parts) => {
+            policy
+                .decide(&parts.input(req), EvalOptions::default())
+                .await
+        }
+        Err(detail) => invalid_request(detail),
+    };
+    to_check_response(&decision)
+}
+
+fn invalid_request(detail: &str) -> Decision {
+    let mut d = Decision::new();
+    d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(format!(
+        "The authorization request is incomplete: {detail}."
+    )));
+    d
 }
 
 /// What the adapter computes before borrowing the request as a [`CheckInput`].

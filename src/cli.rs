@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config;
 use crate::policy::{self, Decision, EvalOptions, Outcome, Runtime, StepResult};
+use crate::telemetry;
 
 /// portcullis: external authorization decisions for Envoy ext_authz v3.
 #[derive(Debug, Parser)]
@@ -33,32 +34,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Evaluate one request offline and explain every check (exit 0 allow, 1 deny, 2 error).
-    Check {
-        /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// HTTP method.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// Full URL, e.g. https://api.example.com/orders/1?x=1.
-        #[arg(long)]
-        url: String,
-        /// A request header, `name: value` (repeatable).
-        #[arg(short = 'H', long = "header")]
-        headers: Vec<String>,
-        /// The caller's address (the TCP peer Envoy would report).
-        #[arg(long)]
-        source: Option<std::net::IpAddr>,
-        /// Client certificate, PEM file.
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        /// An Envoy context extension, `key=value` (repeatable).
-        #[arg(long = "context-extension")]
-        context_extensions: Vec<String>,
-        /// Print the decision as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
     /// Read a subscription key on stdin and print `sha256:<hex>` for the config.
     HashKey,
 }
@@ -74,26 +50,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config_path(config)),
         Command::Validate { config } => validate(&config_path(config)),
-        Command::Check {
-            config,
-            method,
-            url,
-            headers,
-            source,
-            cert,
-            context_extensions,
-            json,
-        } => {
-            let req = CheckArgs {
-                method,
-                url,
-                headers,
-                source,
-                cert,
-                context_extensions,
-                json,
-            };
-            check(&config_path(config), req)
+        Command::Check(args) => {
+            let path = config_path(args.config.clone());
+            check(&path, args)
         }
         Command::HashKey => hash_key(),
     }
@@ -106,23 +65,35 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: &Path) -> ExitCode {
-    // Logging needs the config's format and level; a config that does not load is still reported.
-    let (format, level) = match config::load(path) {
-        Ok(src) => (
-            if src.file.telemetry.log_format.as_deref() == Some("json") {
+    // Logging needs the config's format and level (and span export its OTLP endpoint) before the
+    // service starts; a config that does not load is still reported, with default logging.
+    let (format, level, otlp) = match config::load(path) {
+        Ok(src) => {
+            let t = &src.file.telemetry;
+            let format = if t.log_format.as_deref() == Some("json") {
                 policy::LogFormat::Json
             } else {
                 policy::LogFormat::Text
-            },
-            src.file
-                .telemetry
-                .log_level
-                .clone()
-                .unwrap_or_else(|| "info".into()),
-        ),
-        Err(_) => (policy::LogFormat::Text, "info".into()),
+            };
+            let otlp = t
+                .otlp_endpoint
+                .as_ref()
+                .map(|endpoint| telemetry::OtlpTarget {
+                    endpoint: endpoint.clone(),
+                    protocol: t
+                        .otlp_protocol
+                        .as_deref()
+                        .and_then(telemetry::OtlpProtocol::parse)
+                        .unwrap_or(telemetry::OtlpProtocol::Grpc),
+                });
+            (
+                format,
+                t.log_level.clone().unwrap_or_else(|| "info".into()),
+                otlp,
+            )
+        }
+        Err(_) => (policy::LogFormat::Text, "info".into(), None),
     };
-    crate::telemetry::init_logging(format, &level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,6 +101,18 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The OTLP client is built inside the runtime it will do its I/O on.
+    let process_telemetry = {
+        let _runtime = rt.enter();
+        telemetry::init(format, &level, otlp.as_ref())
+    };
+    let code = serve_on(&rt, path);
+    // Spans still queued go out while the runtime is alive.
+    process_telemetry.shutdown();
+    code
+}
+
+fn serve_on(rt: &tokio::runtime::Runtime, path: &Path) -> ExitCode {
     rt.block_on(async {
         let running = match crate::server::start(path).await {
             Ok(r) => r,
@@ -186,13 +169,31 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
+#[derive(Debug, clap::Args)]
 struct CheckArgs {
+    /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTP method.
+    #[arg(long, default_value = "GET")]
     method: String,
+    /// Full URL, e.g. https://api.example.com/orders/1?x=1.
+    #[arg(long)]
     url: String,
+    /// A request header, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// The caller's address (the TCP peer Envoy would report).
+    #[arg(long)]
     source: Option<std::net::IpAddr>,
+    /// Client certificate, PEM file.
+    #[arg(long)]
     cert: Option<PathBuf>,
+    /// An Envoy context extension, `key=value` (repeatable).
+    #[arg(long = "context-extension")]
     context_extensions: Vec<String>,
+    /// Print the decision as JSON.
+    #[arg(long)]
     json: bool,
 }
 
@@ -248,7 +249,8 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::offline()));
+    // Signing keys may be fetched (once, when the JWT step needs them); nothing else leaves the process.
+    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::on_demand()));
     let (policy, _) = match compiled {
         Ok(c) => c,
         Err(errs) => return fail(format!("{} is invalid:\n{errs}", path.display())),

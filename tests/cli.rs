@@ -24,7 +24,7 @@ fn validate_the_bundled_example() {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("valid"), "{stdout}");
-    assert!(stdout.contains("3 APIs"), "{stdout}");
+    assert!(stdout.contains("4 APIs"), "{stdout}");
 }
 
 #[test]

@@ -495,6 +495,24 @@ async fn injected_over_grpc_replacing_the_callers_authorization() {
     );
     assert_eq!(r.headers["x-backend-token"].0, "Token static-token-1");
     assert_eq!(fake.hits(), 1, "fetched once, at start");
+    // `portcullis.token_cache.requests` on /metrics, by credential name and result; never a token.
+    let http = srv.running.addrs.http.expect("an HTTP listener");
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("portcullis_token_cache_requests")
+                && l.contains("credential=\"backend\"")
+                && l.contains("result=\"hit\"")
+        })
+        .unwrap_or_else(|| panic!("no token cache metric in:\n{metrics}"));
+    assert!(!line.ends_with(" 0"), "{line}");
+    assert!(!metrics.contains("tok-1"));
 
     // The endpoint failing from start: 503 as a CheckResponse with gRPC code 14.
     let down = Fake::start().await;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::{TestServer, get, seen};
 use portcullis::proto::auth::CheckRequest;
+use portcullis::proto::auth::authorization_client::AuthorizationClient;
 
 const KEY_HASH: &str = "sha256:a52782e3a2d4dd2f95f640b9abfb3b2a6b8e722c65f55be830f6e5f619f7f873"; // demo-key-123
 
@@ -21,6 +22,13 @@ apis:
     on_allow: {{ set_headers: {{ x-subscription: "{{subscription.id}}" }} }}
 "#
     )
+}
+
+async fn code(
+    client: &mut AuthorizationClient<tonic::transport::Channel>,
+    req: CheckRequest,
+) -> i32 {
+    seen(&client.check(req).await.unwrap().into_inner()).code
 }
 
 #[tokio::test]
@@ -186,17 +194,7 @@ async fn health_and_reflection() {
 async fn reload_swaps_good_configs_and_keeps_the_last_good_one() {
     let srv = TestServer::start(&config()).await;
     let mut client = srv.client().await;
-    assert_eq!(
-        seen(
-            &client
-                .check(get("/orders").request())
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .code,
-        16
-    );
+    assert_eq!(code(&mut client, get("/orders").request()).await, 16);
 
     // A good change is picked up by the file watcher.
     srv.write_config("apis: [{name: orders, match: {path_prefix: /orders}}]\n");
@@ -224,32 +222,12 @@ async fn reload_swaps_good_configs_and_keeps_the_last_good_one() {
     let errs = srv.running.reload().await.unwrap_err();
     assert!(errs.to_string().contains("apis[0].bogus"), "{errs}");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        seen(
-            &client
-                .check(get("/orders").request())
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .code,
-        0
-    );
+    assert_eq!(code(&mut client, get("/orders").request()).await, 0);
 
     // Deleted: still serving.
     std::fs::remove_file(&srv.config).unwrap();
     assert!(srv.running.reload().await.is_err());
-    assert_eq!(
-        seen(
-            &client
-                .check(get("/orders").request())
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .code,
-        0
-    );
+    assert_eq!(code(&mut client, get("/orders").request()).await, 0);
     srv.running.shutdown().await.unwrap();
 }
 
@@ -361,17 +339,7 @@ async fn mtls_listener_requires_a_client_certificate() {
         .unwrap();
     let mut client =
         portcullis::proto::auth::authorization_client::AuthorizationClient::new(channel);
-    assert_eq!(
-        seen(
-            &client
-                .check(get("/orders").request())
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .code,
-        16
-    );
+    assert_eq!(code(&mut client, get("/orders").request()).await, 16);
 
     let without_cert = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca.pem()))

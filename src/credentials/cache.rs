@@ -14,6 +14,7 @@ use arc_swap::ArcSwapOption;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use super::endpoint::Issued;
+use crate::telemetry::TokenCacheResult;
 
 /// Delays between attempts after failures: exponential from 500 ms to 1 min, with jitter so that
 /// many instances do not retry in step.
@@ -203,33 +204,38 @@ impl Slot {
     }
 }
 
-/// `portcullis.token_cache.requests` of one credential, by result.
-#[derive(Debug, Default)]
+/// `portcullis.token_cache.requests` of one credential, by result: counted here (for the admin
+/// API and tests) and into the service's metrics.
+#[derive(Debug)]
 pub struct Counters {
-    /// Served from the cache.
-    pub hit: AtomicU64,
-    /// No valid token: the request waited for a fetch.
-    pub miss: AtomicU64,
-    /// Refreshes ahead of expiry, in the background.
-    pub refresh: AtomicU64,
-    /// Failed fetches.
-    pub error: AtomicU64,
+    name: String,
+    counts: [AtomicU64; 4],
 }
 
 impl Counters {
+    /// Counters of the credential `name`.
+    pub fn new(name: &str) -> Counters {
+        Counters {
+            name: name.to_string(),
+            counts: Default::default(),
+        }
+    }
+
     /// Adds one.
-    pub fn count(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub fn add(&self, result: TokenCacheResult) {
+        self.counts[result as usize].fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::token_cache(&self.name, result);
     }
 
     /// The counts as (result, value).
     pub fn snapshot(&self) -> [(&'static str, u64); 4] {
         [
-            ("hit", self.hit.load(Ordering::Relaxed)),
-            ("miss", self.miss.load(Ordering::Relaxed)),
-            ("refresh", self.refresh.load(Ordering::Relaxed)),
-            ("error", self.error.load(Ordering::Relaxed)),
+            TokenCacheResult::Hit,
+            TokenCacheResult::Miss,
+            TokenCacheResult::Refresh,
+            TokenCacheResult::Error,
         ]
+        .map(|r| (r.as_str(), self.counts[r as usize].load(Ordering::Relaxed)))
     }
 }
 

@@ -14,6 +14,7 @@ use super::clock::unix_secs;
 use super::endpoint::{self, Issued, TokenError};
 use super::spec::{CredentialSpec, GrantKind};
 use super::store::{ConnectionRecord, ConnectionState};
+use crate::telemetry::TokenCacheResult;
 
 /// Token-exchange results kept at most (one per caller token).
 const EXCHANGE_CACHE_CAPACITY: u64 = 10_000;
@@ -153,13 +154,13 @@ impl Credential {
     ) -> Result<Arc<Token>, Unavailable> {
         let now = self.now();
         if let Some(t) = slot.valid(&self.fingerprint, now) {
-            Counters::count(&self.counters.hit);
+            self.counters.add(TokenCacheResult::Hit);
             if !t.fresh_at(now) {
                 self.spawn_refresh(slot, connection);
             }
             return Ok(t);
         }
-        Counters::count(&self.counters.miss);
+        self.counters.add(TokenCacheResult::Miss);
         let _one_fetch = slot.fetch.lock().await;
         let now = self.now();
         // Whoever held the lock before us may have fetched it.
@@ -215,7 +216,7 @@ impl Credential {
     }
 
     fn failed(&self, slot: &Slot, e: &TokenError, now: SystemTime) -> Unavailable {
-        Counters::count(&self.counters.error);
+        self.counters.add(TokenCacheResult::Error);
         let mut m = slot.meta();
         let until = m.gate.fail(now);
         m.last_error = Some(e.to_string());
@@ -377,12 +378,12 @@ impl Credential {
         let key: [u8; 32] = Sha256::digest(subject.as_bytes()).into();
         if let Some(t) = cache.get(&key).await {
             if t.fingerprint == self.fingerprint && t.fresh_at(now) {
-                Counters::count(&self.counters.hit);
+                self.counters.add(TokenCacheResult::Hit);
                 return Ok(t);
             }
             cache.invalidate(&key).await;
         }
-        Counters::count(&self.counters.miss);
+        self.counters.add(TokenCacheResult::Miss);
         let closed = lock(gate).closed_until(now);
         if let Some(until) = closed {
             return Err(Unavailable::Failed(format!(
@@ -416,7 +417,7 @@ impl Credential {
                 Ok(t)
             }
             Err(e) => {
-                Counters::count(&self.counters.error);
+                self.counters.add(TokenCacheResult::Error);
                 // A refused caller token is the caller's problem, not the provider's: no backoff.
                 if e.is_transient() {
                     lock(gate).fail(now);
@@ -531,7 +532,7 @@ async fn refresh_attempt(
     {
         return Ok(());
     }
-    Counters::count(&cred.counters.refresh);
+    cred.counters.add(TokenCacheResult::Refresh);
     match cred.fetch(&connection, now).await {
         Ok(token) => {
             cred.install(&slot, Arc::new(token), &connection);

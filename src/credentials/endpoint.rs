@@ -151,6 +151,22 @@ fn push_opt(f: &mut Vec<(&'static str, String)>, name: &'static str, v: &Option<
 pub async fn request(
     client: &reqwest::Client,
     spec: &CredentialSpec,
+    form: Vec<(&'static str, String)>,
+    now: SystemTime,
+    refreshing: bool,
+) -> Result<Issued, TokenError> {
+    use tracing::Instrument as _;
+    // A child of `authz.check` when a request waits for it; its own trace in background refreshes.
+    let span =
+        tracing::info_span!("token.fetch", credential = %spec.name, grant = spec.grant.as_str());
+    request_inner(client, spec, form, now, refreshing)
+        .instrument(span)
+        .await
+}
+
+async fn request_inner(
+    client: &reqwest::Client,
+    spec: &CredentialSpec,
     mut form: Vec<(&'static str, String)>,
     now: SystemTime,
     refreshing: bool,

@@ -109,7 +109,7 @@ impl Shared {
     fn counters(&self, credential: &str) -> Arc<Counters> {
         locked(&self.counters)
             .entry(credential.to_string())
-            .or_default()
+            .or_insert_with(|| Arc::new(Counters::new(credential)))
             .clone()
     }
 
@@ -218,19 +218,6 @@ impl Registry {
             .collect();
         out.sort();
         out
-    }
-
-    /// The same as Prometheus text.
-    pub fn prometheus_text(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::from("# TYPE portcullis_token_cache_requests_total counter\n");
-        for (name, result, n) in self.token_cache_requests() {
-            let _ = writeln!(
-                s,
-                "portcullis_token_cache_requests_total{{credential=\"{name}\",result=\"{result}\"}} {n}"
-            );
-        }
-        s
     }
 }
 

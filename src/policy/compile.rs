@@ -28,9 +28,21 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A runtime for offline use (`validate`, `check`): nothing is fetched in the background.
+    /// A runtime that fetches nothing (`validate`): providers get no keys from the network.
     pub fn offline() -> Self {
-        Runtime::default()
+        Runtime {
+            identity: identity::Registry::offline(),
+            ..Runtime::default()
+        }
+    }
+
+    /// A runtime for `check`: signing keys are fetched when the check needs them; nothing runs in
+    /// the background.
+    pub fn on_demand() -> Self {
+        Runtime {
+            identity: identity::Registry::on_demand(),
+            ..Runtime::offline()
+        }
     }
 }
 

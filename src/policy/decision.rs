@@ -109,8 +109,6 @@ pub struct Facts {
     pub subscription_id: Option<Arc<str>>,
     /// The token's `sub`.
     pub subject: Option<String>,
-    /// The W3C trace context the proxy forwarded, if any.
-    pub traceparent: Option<String>,
 }
 
 /// One check's result, for explanations.

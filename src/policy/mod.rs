@@ -25,6 +25,7 @@ use futures::FutureExt;
 
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
+pub(crate) use compile::duration;
 pub use compile::{LogFormat, Runtime, Settings, TlsFiles, compile};
 pub use decision::{Decision, Denial, Header, Outcome, Step, StepResult};
 pub use reason::Reason;
@@ -161,12 +162,6 @@ impl PolicySet {
             d: &mut d,
             explain: opts.explain,
         };
-        if let Some(tp) = input
-            .header("traceparent")
-            .and_then(|v| std::str::from_utf8(v).ok())
-        {
-            ev.d.facts.traceparent = Some(tp.to_string());
-        }
         let client_ip = ip::client_ip(self.client_ip, input.peer, input.header("x-forwarded-for"));
         ev.d.facts.client_ip = client_ip;
 

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::policy::{CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, Reason};
 use crate::proto::auth::authorization_server::Authorization;
@@ -16,6 +17,7 @@ use crate::proto::auth::{
 use crate::proto::core::{HeaderValue, HeaderValueOption, address};
 use crate::proto::envoy::r#type::v3::HttpStatus;
 use crate::proto::google::rpc;
+use crate::telemetry::{HeadersCarrier, MetadataCarrier, Transport};
 
 use super::State;
 
@@ -40,27 +42,61 @@ impl Authorization for AuthorizationService {
     ) -> Result<Response<CheckResponse>, Status> {
         // Shed load instead of queueing without bound: UNAVAILABLE lets the proxy apply its failure mode.
         let Some(_permit) = self.state.try_admit() else {
+            self.state.telemetry.record_overloaded();
             return Err(Status::unavailable("portcullis is overloaded"));
         };
         let started = std::time::Instant::now();
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         let policy = self.state.policy();
-        let decision = match input_parts(&req) {
+        let parts = input_parts(&req);
+        let trace = match &parts {
+            Ok(p) => self.state.telemetry.start_check(
+                Transport::Grpc,
+                &[
+                    &MetadataCarrier(&metadata),
+                    &HeadersCarrier(p.headers.as_ref()),
+                ],
+            ),
+            Err(_) => self
+                .state
+                .telemetry
+                .start_check(Transport::Grpc, &[&MetadataCarrier(&metadata)]),
+        };
+        let decision = match &parts {
             Ok(parts) => {
                 let input = parts.input(&req);
-                policy.decide(&input, EvalOptions::default()).await
+                policy
+                    .decide(&input, EvalOptions::default())
+                    .instrument(trace.span().clone())
+                    .await
             }
-            Err(detail) => {
-                let mut d = Decision::new();
-                d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(
-                    format!("The authorization request is incomplete: {detail}."),
-                ));
-                d
-            }
+            Err(detail) => invalid_request(detail),
         };
-        self.state.record(&decision, started.elapsed());
+        self.state.record(&decision, started.elapsed(), &trace);
         Ok(Response::new(to_check_response(&decision)))
     }
+}
+
+/// Decides on a CheckRequest with `policy`, without admission control or telemetry: the whole
+/// wire-to-wire path for fuzzing and for embedding portcullis in another server.
+pub async fn decide(policy: &crate::policy::PolicySet, req: &CheckRequest) -> CheckResponse {
+    let decision = match input_parts(req) {
+        Ok(parts) => {
+            policy
+                .decide(&parts.input(req), EvalOptions::default())
+                .await
+        }
+        Err(detail) => invalid_request(detail),
+    };
+    to_check_response(&decision)
+}
+
+fn invalid_request(detail: &str) -> Decision {
+    let mut d = Decision::new();
+    d.outcome = Outcome::Deny(Denial::new(Reason::InvalidRequest).with_message(format!(
+        "The authorization request is incomplete: {detail}."
+    )));
+    d
 }
 
 /// What the adapter computes before borrowing the request as a [`CheckInput`].

@@ -13,9 +13,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 use super::State;
 use crate::policy::{CheckInput, Decision, EvalOptions, Headers, Outcome};
+use crate::telemetry::{HeaderMapCarrier, Transport};
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
@@ -91,6 +93,7 @@ async fn forward_auth(
     req: Request,
 ) -> Response {
     let Some(_permit) = state.try_admit() else {
+        state.telemetry.record_overloaded();
         return (StatusCode::SERVICE_UNAVAILABLE, "overloaded\n").into_response();
     };
     let started = std::time::Instant::now();
@@ -134,8 +137,15 @@ async fn forward_auth(
         peer_certificate: "",
         context_extensions: None,
     };
-    let decision = state.policy().decide(&input, EvalOptions::default()).await;
-    state.record(&decision, started.elapsed());
+    let trace = state
+        .telemetry
+        .start_check(Transport::Http, &[&HeaderMapCarrier(h)]);
+    let decision = state
+        .policy()
+        .decide(&input, EvalOptions::default())
+        .instrument(trace.span().clone())
+        .await;
+    state.record(&decision, started.elapsed(), &trace);
     to_http_response(&decision)
 }
 

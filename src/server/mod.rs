@@ -43,6 +43,9 @@ pub enum StartError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Metrics or the decision log could not be set up.
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     /// The credential store cannot be opened (wrong key, corrupt file, in use).
     #[error("{0}")]
     Store(#[from] crate::credentials::StoreError),
@@ -74,9 +77,9 @@ impl State {
         self.admission.clone().try_acquire_owned().ok()
     }
 
-    /// Records a decision in logs and metrics.
-    pub fn record(&self, d: &Decision, elapsed: Duration) {
-        self.telemetry.record(d, elapsed);
+    /// Records a decision in metrics, its span and the decision log.
+    pub fn record(&self, d: &Decision, elapsed: Duration, trace: &crate::telemetry::CheckTrace) {
+        self.telemetry.record(d, elapsed, trace);
     }
 
     /// Whether the service is draining.
@@ -136,7 +139,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     // Opens the credential store and obtains the backend credentials the APIs use, so that the
     // first request does not pay for them.
     runtime.credentials.start(&policy).await?;
-    let telemetry = crate::telemetry::Telemetry::new(&settings);
+    let telemetry = crate::telemetry::Telemetry::new(&settings)?;
     let admission = Arc::new(Semaphore::new(policy.limits.max_concurrent_checks));
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(policy),
@@ -307,6 +310,10 @@ async fn serve(
         }
     };
     drop(watcher);
+    // Pending decision records and metrics go out before the process exits. The SDK's shutdown
+    // blocks while its exporter thread uses this runtime, so it waits on a blocking thread.
+    let flush_state = state.clone();
+    let _ = tokio::task::spawn_blocking(move || flush_state.telemetry.shutdown()).await;
     result
 }
 

@@ -1,130 +1,432 @@
-//! Logs, the decision log and metrics.
+//! Logs, traces, metrics and the decision log.
+//!
+//! - Logs: `tracing` to stderr as text or JSON (`telemetry.log_format`, `telemetry.log_level`,
+//!   `RUST_LOG` wins).
+//! - Traces: with `telemetry.otlp_endpoint`, a span `authz.check` per decision, a child of the trace
+//!   the proxy forwarded (W3C `traceparent` or B3), exported over OTLP in batches. Spans created with
+//!   `tracing` inside a check (e.g. `tracing::info_span!("jwks.fetch", provider = %name)`) become its
+//!   children automatically.
+//! - Metrics: the contract's names (product contract, section 5) on `/metrics` as Prometheus text
+//!   and, with `telemetry.otlp_endpoint`, over OTLP.
+//! - Decision log: with `telemetry.decision_log`, one JSON line per decision on stdout.
+//!
+//! None of it carries a token, key, secret, raw path or (outside the decision log's `client_ip`) an
+//! IP: attribute values are config names, reason codes and ids.
+//!
+//! # Hooks for the identity and credentials modules
+//!
+//! [`jwks_fetch`] and [`token_cache`] count into the metrics of the running service. They are free
+//! functions over a process-wide handle rather than methods on [`Telemetry`] because the key and
+//! token caches live in [`crate::policy::Runtime`], across reloads, in background refresh tasks that
+//! have no path to the server's state; OpenTelemetry's own API is built around a global meter
+//! provider for the same reason. With no service running (`portcullis check`, unit tests) they do
+//! nothing; in a process running several services (integration tests) they count into the most
+//! recently started one.
+//!
+//! ```
+//! use portcullis::telemetry::{self, FetchResult, TokenCacheResult};
+//! # async fn fetch() -> Result<(), ()> { Ok(()) }
+//! # async fn example(provider: &str, credential: &str) {
+//! use tracing::Instrument as _;
+//! // A child span: inside a check it is a child of `authz.check`, in a background refresh task it
+//! // starts its own trace. INFO or above and created in this crate, or it is not exported.
+//! // Field values are config names and codes, never URLs with query strings, tokens or secrets.
+//! let result = fetch().instrument(tracing::info_span!("jwks.fetch", provider = %provider)).await;
+//! telemetry::jwks_fetch(provider, if result.is_ok() { FetchResult::Success } else { FetchResult::Error });
+//!
+//! telemetry::token_cache(credential, TokenCacheResult::Hit);
+//! let span = tracing::info_span!("token.fetch", credential = %credential, grant = "client_credentials");
+//!
+//! // Outgoing requests to an identity provider or token endpoint may carry the trace on:
+//! let mut headers = http::HeaderMap::new();
+//! telemetry::inject_trace_context(&mut headers);
+//! # drop(span);
+//! # }
+//! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod decision_log;
+mod metrics;
+mod otlp;
+mod traces;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use arc_swap::ArcSwapOption;
+use opentelemetry::trace::TraceId;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Span;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+pub use metrics::{DURATION_BUCKETS, MetricsError, OVERLOADED};
+pub use otlp::{ExporterError, OtlpProtocol, OtlpTarget};
+pub use traces::{
+    HeaderMapCarrier, HeadersCarrier, MetadataCarrier, inject_current as inject_trace_context,
+};
 
 use crate::policy::{Decision, LogFormat, Settings};
 
-/// Installs the global log subscriber: `RUST_LOG` wins over the configured level. Logs go to
-/// stderr; the decision log goes to stdout.
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+/// How long shutdown waits for the decision log to be written out.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The metrics of the most recently started service, for the hooks.
+static CURRENT: ArcSwapOption<metrics::Metrics> = ArcSwapOption::const_empty();
+
+/// The `outcome` attribute of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request may pass (including shadow-mode allows of a deny that was not enforced).
+    Allow = 0,
+    /// The request is refused because of the request itself: a failed check.
+    Deny = 1,
+    /// portcullis could not decide properly: reason `Internal` (a caught panic, a bug), or a check
+    /// shed with UNAVAILABLE/503 because too many were in flight (reason `Overloaded`). Dependency
+    /// failures (`BackendCredentialUnavailable`, `IdentityProviderUnavailable`) are denies with their
+    /// own reason, so that they can be told apart from portcullis' own faults.
+    Error = 2,
 }
 
-/// Decision records, metrics and traces of one process.
-pub struct Telemetry {
-    decision_log: Option<mpsc::Sender<String>>,
-    log_client_ip: bool,
-    dropped_records: AtomicU64,
-    allows: AtomicU64,
-    denies: AtomicU64,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-}
-
-impl Telemetry {
-    /// Telemetry as the settings ask for. Must run inside a tokio runtime when the decision log is on.
-    pub fn new(settings: &Settings) -> Self {
-        let decision_log = settings.decision_log.then(|| {
-            let (tx, mut rx) = mpsc::channel::<String>(8192);
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let mut out = tokio::io::stdout();
-                while let Some(line) = rx.recv().await {
-                    if out.write_all(line.as_bytes()).await.is_err() {
-                        break;
-                    }
-                    let _ = out.flush().await;
-                }
-            });
-            tx
-        });
-        Telemetry {
-            decision_log,
-            log_client_ip: settings.decision_log_client_ip,
-            dropped_records: AtomicU64::new(0),
-            allows: AtomicU64::new(0),
-            denies: AtomicU64::new(0),
-            reloads_ok: AtomicU64::new(0),
-            reloads_failed: AtomicU64::new(0),
+impl Outcome {
+    /// The outcome of a decision.
+    pub fn of(d: &Decision) -> Outcome {
+        match &d.outcome {
+            crate::policy::Outcome::Allow => Outcome::Allow,
+            crate::policy::Outcome::Deny(denial)
+                if denial.reason == crate::policy::Reason::Internal =>
+            {
+                Outcome::Error
+            }
+            crate::policy::Outcome::Deny(_) => Outcome::Deny,
         }
     }
 
-    /// Records one decision. Never blocks: a full decision-log queue drops the record and counts it.
-    pub fn record(&self, d: &Decision, elapsed: Duration) {
-        if d.is_allow() {
-            self.allows.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.denies.fetch_add(1, Ordering::Relaxed);
+    /// `allow`, `deny` or `error`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Error => "error",
         }
-        if let Some(tx) = &self.decision_log {
-            let line = decision_record(d, elapsed, self.log_client_ip);
-            if tx.try_send(line).is_err() {
-                self.dropped_records.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The `result` of a key set fetch ([`jwks_fetch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchResult {
+    /// Keys were fetched and accepted.
+    Success = 0,
+    /// The fetch failed (network, status, unparsable or empty key set).
+    Error = 1,
+}
+
+impl FetchResult {
+    /// `success` or `error`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FetchResult::Success => "success",
+            FetchResult::Error => "error",
+        }
+    }
+}
+
+/// The `result` of a backend credential lookup ([`token_cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCacheResult {
+    /// A cached token was used.
+    Hit = 0,
+    /// No usable token was cached; one was obtained.
+    Miss = 1,
+    /// A cached token was renewed ahead of expiry (count the refresh, not the hit it served).
+    Refresh = 2,
+    /// No token could be obtained.
+    Error = 3,
+}
+
+impl TokenCacheResult {
+    /// `hit`, `miss`, `refresh` or `error`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenCacheResult::Hit => "hit",
+            TokenCacheResult::Miss => "miss",
+            TokenCacheResult::Refresh => "refresh",
+            TokenCacheResult::Error => "error",
+        }
+    }
+}
+
+/// Counts one key set fetch of identity provider `provider` (`portcullis.jwks.fetches`). Pass the
+/// provider's config name, never a URL. Cheap after the first call per (provider, result): a map
+/// lookup and an atomic add.
+pub fn jwks_fetch(provider: &str, result: FetchResult) {
+    if let Some(m) = CURRENT.load().as_ref() {
+        m.jwks_fetch(provider, result);
+    }
+}
+
+/// Counts one backend credential lookup of credential `credential` (`portcullis.token_cache.requests`).
+/// Pass the credential's config name. Cheap after the first call per (credential, result).
+pub fn token_cache(credential: &str, result: TokenCacheResult) {
+    if let Some(m) = CURRENT.load().as_ref() {
+        m.token_cache(credential, result);
+    }
+}
+
+/// Whether spans are exported by this process.
+pub fn traces_enabled() -> bool {
+    traces::enabled()
+}
+
+/// Installs the global log subscriber (stderr) without trace export: for commands other than
+/// `serve`. `RUST_LOG` wins over the configured level.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let _ = install_subscriber(format, level, None);
+}
+
+/// What `serve` installed for the whole process; [`ProcessTelemetry::shutdown`] flushes it.
+#[must_use = "call shutdown() before exiting so that pending spans are exported"]
+pub struct ProcessTelemetry {
+    tracer: Option<SdkTracerProvider>,
+}
+
+impl ProcessTelemetry {
+    /// Exports the spans still queued and stops the exporter. Blocks for at most a few seconds.
+    pub fn shutdown(self) {
+        if let Some(Err(e)) = self.tracer.map(|p| p.shutdown()) {
+            tracing::debug!(error = %e, "trace export shutdown");
+        }
+    }
+}
+
+/// Installs the global log subscriber and, with `otlp`, span export through the
+/// `tracing-opentelemetry` layer. Must run inside a tokio runtime (the OTLP client's I/O runs on
+/// it). A collector that cannot be set up is logged and tracing continues without export: the
+/// service itself must not depend on its observability.
+pub fn init(format: LogFormat, level: &str, otlp: Option<&OtlpTarget>) -> ProcessTelemetry {
+    let tracer = match otlp.map(traces::provider) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            let _ = install_subscriber(format, level, None);
+            tracing::error!(error = %e, "traces will not be exported");
+            return ProcessTelemetry { tracer: None };
+        }
+        None => None,
+    };
+    let _ = install_subscriber(format, level, tracer.as_ref());
+    ProcessTelemetry { tracer }
+}
+
+fn install_subscriber(
+    format: LogFormat,
+    level: &str,
+    tracer: Option<&SdkTracerProvider>,
+) -> Result<(), tracing_subscriber::util::TryInitError> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+    }
+    .with_filter(filter);
+    // Spans get their own filter, independent of the log level: only this crate's spans and events
+    // (never those of tonic, hyper or h2, which would also trace the exporter's own requests).
+    let spans = tracer.map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("portcullis"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_filter(Targets::new().with_target("portcullis", LevelFilter::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init()
+}
+
+/// Where a check came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// ext_authz v3 gRPC.
+    Grpc,
+    /// HTTP forward-auth.
+    Http,
+}
+
+impl Transport {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Http => "http",
+        }
+    }
+}
+
+/// The trace of one check: its span (disabled when spans are not exported) and the caller's trace id
+/// (for the decision log when spans are not exported).
+pub struct CheckTrace {
+    span: Span,
+    remote_trace_id: Option<TraceId>,
+}
+
+impl CheckTrace {
+    /// The span to run the evaluation in.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    fn none() -> Self {
+        CheckTrace {
+            span: Span::none(),
+            remote_trace_id: None,
+        }
+    }
+}
+
+/// Decision records, metrics and traces of one running service.
+pub struct Telemetry {
+    metrics: Arc<metrics::Metrics>,
+    decision_log: Option<decision_log::DecisionLog>,
+}
+
+/// Telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// Metrics.
+    #[error("metrics: {0}")]
+    Metrics(#[from] MetricsError),
+    /// The decision log's writer thread.
+    #[error("decision log: {0}")]
+    DecisionLog(#[from] std::io::Error),
+}
+
+impl Telemetry {
+    /// Telemetry as the settings ask for; becomes the target of [`jwks_fetch`] and [`token_cache`].
+    /// Must run inside a tokio runtime when `otlp_endpoint` is set.
+    pub fn new(settings: &Settings) -> Result<Self, TelemetryError> {
+        let otlp = settings.otlp_endpoint.as_ref().map(|endpoint| OtlpTarget {
+            endpoint: endpoint.clone(),
+            protocol: OtlpProtocol::parse(&settings.otlp_protocol).unwrap_or(OtlpProtocol::Grpc),
+        });
+        let metrics = Arc::new(metrics::Metrics::new(otlp.as_ref())?);
+        let decision_log = if settings.decision_log {
+            Some(decision_log::DecisionLog::start(
+                settings.decision_log_client_ip,
+                metrics.dropped_records.clone(),
+            )?)
+        } else {
+            None
+        };
+        CURRENT.store(Some(metrics.clone()));
+        Ok(Telemetry {
+            metrics,
+            decision_log,
+        })
+    }
+
+    /// Starts the trace of one check. `carriers` are asked for the caller's trace context in order
+    /// (the call's own metadata first, then the forwarded request's headers); they are not read at
+    /// all when neither spans nor the decision log are on.
+    pub fn start_check(
+        &self,
+        transport: Transport,
+        carriers: &[&dyn opentelemetry::propagation::Extractor],
+    ) -> CheckTrace {
+        let exporting = traces::enabled();
+        if !exporting && self.decision_log.is_none() {
+            return CheckTrace::none();
+        }
+        let remote = traces::remote_context(carriers);
+        if !exporting {
+            return CheckTrace {
+                span: Span::none(),
+                remote_trace_id: remote.as_ref().and_then(traces::trace_id),
+            };
+        }
+        let span = tracing::info_span!(
+            "authz.check",
+            otel.kind = "server",
+            transport = transport.as_str(),
+            api = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            decision_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if let Some(cx) = remote {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = span.set_parent(cx);
+        }
+        CheckTrace {
+            span,
+            remote_trace_id: None,
+        }
+    }
+
+    /// Records a decision: metrics, span attributes and the decision log. Never blocks.
+    pub fn record(&self, d: &Decision, elapsed: Duration, trace: &CheckTrace) {
+        self.metrics.record_decision(d, elapsed);
+        let outcome = Outcome::of(d);
+        let mut trace_id = trace.remote_trace_id;
+        if !trace.span.is_disabled() {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let span = &trace.span;
+            if let Some(api) = d.api.as_deref() {
+                span.record("api", api);
+            }
+            span.record("outcome", outcome.as_str());
+            if let Some(r) = d.reason() {
+                span.record("reason", r.as_str());
+            }
+            span.record("decision_id", d.id.as_str());
+            if outcome == Outcome::Error {
+                span.record("otel.status_code", "ERROR");
+            }
+            if self.decision_log.is_some() {
+                trace_id = traces::trace_id(&span.context());
             }
         }
+        if let Some(log) = &self.decision_log {
+            log.record(d, elapsed, trace_id);
+        }
+    }
+
+    /// Counts a check shed with UNAVAILABLE/503 because too many were in flight.
+    pub fn record_overloaded(&self) {
+        self.metrics.record_overloaded();
     }
 
     /// Counts a config reload.
     pub fn config_reload(&self, ok: bool) {
-        if ok {
-            &self.reloads_ok
-        } else {
-            &self.reloads_failed
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.metrics.config_reload(ok);
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition of every metric.
     pub fn prometheus_text(&self) -> String {
-        format!(
-            "# TYPE portcullis_decisions_total counter\nportcullis_decisions_total{{outcome=\"allow\"}} {}\nportcullis_decisions_total{{outcome=\"deny\"}} {}\n# TYPE portcullis_config_reloads_total counter\nportcullis_config_reloads_total{{result=\"success\"}} {}\nportcullis_config_reloads_total{{result=\"failure\"}} {}\n",
-            self.allows.load(Ordering::Relaxed),
-            self.denies.load(Ordering::Relaxed),
-            self.reloads_ok.load(Ordering::Relaxed),
-            self.reloads_failed.load(Ordering::Relaxed),
-        )
+        self.metrics.prometheus_text()
     }
-}
 
-/// One decision as a JSON line. Never carries a token, key or secret: only ids, names and codes.
-pub fn decision_record(d: &Decision, elapsed: Duration, with_client_ip: bool) -> String {
-    let time = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
-    let trace_id = d
-        .facts
-        .traceparent
-        .as_deref()
-        .and_then(|tp| tp.split('-').nth(1))
-        .filter(|t| t.len() == 32);
-    let mut v = serde_json::json!({
-        "time": time,
-        "decision_id": d.id,
-        "api": d.api.as_deref(),
-        "outcome": if d.is_allow() { "allow" } else { "deny" },
-        "reason": d.reason().map(|r| r.as_str()),
-        "shadow": d.waived.is_some(),
-        "subscription_id": d.facts.subscription_id.as_deref(),
-        "subject": d.facts.subject,
-        "duration_us": elapsed.as_micros() as u64,
-        "trace_id": trace_id,
-    });
-    if with_client_ip {
-        v["client_ip"] = serde_json::json!(d.facts.client_ip.map(|ip| ip.to_string()));
+    /// Writes out pending decision records and exports pending metrics. Blocks for at most a few
+    /// seconds: call from a blocking thread.
+    pub fn shutdown(&self) {
+        if let Some(log) = &self.decision_log {
+            log.flush(FLUSH_TIMEOUT);
+        }
+        self.metrics.shutdown();
+        // Hooks of a stopped service go nowhere rather than into a provider that no longer exports.
+        let current = CURRENT.load_full();
+        if current
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &self.metrics))
+        {
+            let _ = CURRENT.compare_and_swap(&current, None);
+        }
     }
-    let mut line = v.to_string();
-    line.push('\n');
-    line
 }

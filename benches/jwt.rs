@@ -1,0 +1,98 @@
+//! Decision time for an API with JWT validation (RS256, 2048-bit key, inline JWK):
+//! - `cold`: a token this process has not verified yet (parse + signature verification);
+//! - `warm`: the same token again (verified-token cache hit; lifetime and claims rules still run).
+//!
+//! `cargo bench --bench jwt`
+
+#[path = "../tests/jwt_common/mod.rs"]
+mod keys;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::SystemTime;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use portcullis::config;
+use portcullis::policy::{self, CheckInput, EvalOptions, PolicySet, Runtime};
+
+const ISS: &str = "https://idp.test/corp";
+
+fn policy(jwk: &serde_json::Value) -> PolicySet {
+    let yaml = format!(
+        r#"
+identity_providers:
+  - {{ name: corp, issuer: "{ISS}", keys: [{jwk}] }}
+apis:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    jwt:
+      providers: [corp]
+      audiences: [api://orders]
+      scopes: {{ all: [orders.read] }}
+      required_claims: [{{ name: roles, values: [admin], match: any }}]
+    on_allow:
+      set_headers: {{ x-user: "{{jwt.sub}}" }}
+"#
+    );
+    let src = config::parse(&yaml, Path::new(".")).expect("config");
+    policy::compile(&src, &Runtime::offline())
+        .expect("compile")
+        .0
+}
+
+fn bench(c: &mut Criterion) {
+    let key = keys::rsa(0, Some("k1"));
+    let mut claims = keys::claims(ISS, "api://orders", "alice");
+    claims["scp"] = "orders.read".into();
+    claims["roles"] = serde_json::json!(["admin"]);
+    let token = key.token(claims);
+    let mut headers = HashMap::new();
+    headers.insert(
+        "authorization".to_string(),
+        format!("Bearer {token}").into_bytes(),
+    );
+    let input = CheckInput {
+        method: "GET",
+        host: "api.example.com",
+        path: "/orders/42",
+        headers: &headers,
+        peer: None,
+        peer_certificate: "",
+        context_extensions: None,
+    };
+    let opts = || EvalOptions {
+        now: SystemTime::now(),
+        explain: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+
+    let warm = policy(&key.jwk);
+    assert!(rt.block_on(warm.decide(&input, opts())).is_allow());
+
+    let mut g = c.benchmark_group("jwt_decision");
+    g.bench_function("cold_rs256_2048", |b| {
+        // A fresh policy set (and so an empty token cache) per iteration; building it is not timed.
+        b.to_async(&rt).iter_batched(
+            || policy(&key.jwk),
+            |p| async {
+                let d = p.decide(&input, opts()).await;
+                assert!(d.is_allow());
+                (p, d)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("warm_cache_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let d = warm.decide(&input, opts()).await;
+            assert!(d.is_allow());
+            d
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -513,6 +513,11 @@ async fn injected_over_grpc_replacing_the_callers_authorization() {
         .unwrap_or_else(|| panic!("no token cache metric in:\n{metrics}"));
     assert!(!line.ends_with(" 0"), "{line}");
     assert!(!metrics.contains("tok-1"));
+    // No `admin` section: no admin API.
+    let admin = reqwest::get(format!("http://{http}/admin/credentials"))
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 404);
 
     // The endpoint failing from start: 503 as a CheckResponse with gRPC code 14.
     let down = Fake::start().await;

@@ -234,7 +234,7 @@ impl Store {
             path: path.into(),
             records: Mutex::new(BTreeMap::new()),
         };
-        let sealed = store.seal(&aad("meta", KEY_CHECK), KEY_CHECK_PLAINTEXT);
+        let sealed = store.seal(&aad("meta", KEY_CHECK), KEY_CHECK_PLAINTEXT)?;
         store.write(|txn| {
             txn.open_table(META)?.insert(KEY_CHECK, sealed.as_slice())?;
             txn.open_table(CONNECTIONS)?;
@@ -287,7 +287,7 @@ impl Store {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
-        let sealed = self.seal(&aad("connections", &key), &json);
+        let sealed = self.seal(&aad("connections", &key), &json)?;
         self.write(|txn| {
             txn.open_table(CONNECTIONS)?
                 .insert(key.as_str(), sealed.as_slice())?;
@@ -332,14 +332,12 @@ impl Store {
         txn.commit().map_err(|e| err(e.into()))
     }
 
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let nonce = Nonce::from(nonce_bytes);
         let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + 16);
         out.push(SEAL_VERSION);
         out.extend_from_slice(&nonce_bytes);
-        // Encryption with a valid key and nonce cannot fail for inputs far below GCM's 64 GiB limit;
-        // an empty value would only make the record unreadable (detected at open), never leak.
         let ct = self
             .cipher
             .encrypt(
@@ -349,9 +347,12 @@ impl Store {
                     aad,
                 },
             )
-            .unwrap_or_default();
+            .map_err(|_| StoreError::Io {
+                path: self.path.clone(),
+                detail: "encryption failed".into(),
+            })?;
         out.extend_from_slice(&ct);
-        out
+        Ok(out)
     }
 }
 
@@ -636,8 +637,8 @@ mod tests {
     fn every_write_uses_a_fresh_nonce() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("s.db"), &[9u8; 32]).unwrap();
-        let a = s.seal(b"x", b"same plaintext");
-        let b = s.seal(b"x", b"same plaintext");
+        let a = s.seal(b"x", b"same plaintext").unwrap();
+        let b = s.seal(b"x", b"same plaintext").unwrap();
         assert_ne!(a, b);
         assert_eq!(open_sealed(&s.cipher, b"x", &a).unwrap(), b"same plaintext");
         assert!(

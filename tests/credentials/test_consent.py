@@ -7,13 +7,15 @@ without touching the file."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 
-from credentials_harness import (ADMIN_TOKEN, OTHER_KEY, IdpError, admin, denied, drive_consent, eventually, free_port,
+from credentials_harness import (ADMIN_TOKEN, BIN, OTHER_KEY, STORE_KEY, IdpError, admin, denied, drive_consent, eventually, free_port,
                       grant_count, injected_token, start_idp, verify)
 
 WEB_SECRET = "web-app-secret"
@@ -170,3 +172,48 @@ def test_a_configured_refresh_token_is_rotated_and_the_old_one_stops_working(sta
             idp.refresh("web-app", WEB_SECRET, original)
         assert err.value.error == "invalid_grant"
         assert original not in p.stderr
+
+
+def jwt_available(tmp_path, text: str) -> bool:
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text(text)
+    out = subprocess.run([BIN, "validate", "--config", str(cfg)], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PORTCULLIS_STORE_KEY": STORE_KEY, "PORTCULLIS_ADMIN_TOKEN": ADMIN_TOKEN})
+    if out.returncode != 0 and "not available in this build" in out.stderr:
+        return False
+    assert out.returncode == 0, out.stderr
+    return True
+
+
+def test_each_caller_uses_their_own_connection(start_portcullis, tmp_path):
+    http_port = free_port()
+    callback = f"http://127.0.0.1:{http_port}/admin/callback"
+    user_redirect = "http://127.0.0.1:9/callback"
+    with start_idp(idp_config([callback, user_redirect])) as idp:
+        text = config(idp, http_port, str(tmp_path / "u.db")).replace("credentials:", f"""identity_providers:
+  - name: test-idp
+    issuer: {idp.issuer}
+    jwks_uri: {idp.jwks_uri}
+credentials:""", 1) + """  - name: me
+    match: { path_prefix: /me }
+    jwt: { providers: [test-idp], audiences: ["api://orders"] }
+    on_allow: { backend_credential: { name: crm, connection: "{jwt.sub}" } }
+"""
+        if not jwt_available(tmp_path, text):
+            pytest.skip("JWT validation is not available in this build; per-user connections need the caller's validated token")
+        p = start_portcullis(text)
+        alice = idp.authorization_code_consent("web-app", WEB_SECRET, user_redirect, SCOPE, resource="api://orders", login="alice")
+        bob = idp.authorization_code_consent("web-app", WEB_SECRET, user_redirect, SCOPE, resource="api://orders", login="bob")
+
+        # Nobody has a connection yet: consent required (403), not an outage.
+        assert denied(p.check("/me", {"authorization": f"Bearer {alice['access_token']}"})) == (7, 403, "BackendCredentialConsentRequired")
+
+        status, started = admin(http_port, "POST", "/admin/credentials/crm/connections/alice/consent")
+        assert status == 200, started
+        with urllib.request.urlopen(drive_consent(idp, started["login_url"], callback, login="alice"), timeout=15) as r:
+            assert r.status == 200
+
+        token = injected_token(p.check("/me", {"authorization": f"Bearer {alice['access_token']}"}))
+        assert token != alice["access_token"]
+        assert verify(idp, token, "api://orders")["sub"] == "alice"
+        assert denied(p.check("/me", {"authorization": f"Bearer {bob['access_token']}"})) == (7, 403, "BackendCredentialConsentRequired")

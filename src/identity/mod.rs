@@ -15,6 +15,30 @@ mod compile;
 pub mod jose;
 pub mod jwk;
 pub mod provider;
+/// The outcome of one pass over the candidate keys.
+enum KeySearch<'p> {
+    /// This provider's key with this fingerprint verified the signature.
+    Verified(&'p Arc<Provider>, [u8; 32]),
+    /// No key verified: how many were tried, and which providers have no keys yet.
+    NotVerified {
+        tried: usize,
+        unavailable: Vec<Arc<str>>,
+    },
+}
+
+fn verified(
+    p: &Arc<Provider>,
+    fingerprint: [u8; 32],
+    parsed: jose::Parsed<'_>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    alg: Algorithm,
+    token_len: usize,
+) -> (Verified, Arc<Provider>) {
+    let v = Verified::new(p.id, fingerprint, parsed.claims, exp, nbf, alg, token_len);
+    (v, p.clone())
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -431,34 +455,15 @@ impl JwtPolicy {
         let mut refetched = false;
         loop {
             let seen: Vec<u64> = providers.iter().map(|p| p.attempts()).collect();
-            let mut unavailable = Vec::new();
-            let mut candidates = 0usize;
-            for p in &providers {
-                let Some(keys) = p.keys() else {
-                    unavailable.push(p.name.clone());
-                    continue;
-                };
-                for key in keys
-                    .keys
-                    .iter()
-                    .filter(|k| k.usable_for(alg) && (kid.is_none() || k.kid.as_deref() == kid))
-                {
-                    candidates += 1;
-                    self.shared.signature_checks.fetch_add(1, Ordering::Relaxed);
-                    if key.verify(alg, parsed.signing_input, &parsed.signature) {
-                        let v = Verified::new(
-                            p.id,
-                            key.fingerprint,
-                            parsed.claims,
-                            exp,
-                            nbf,
-                            alg,
-                            token.len(),
-                        );
-                        return Ok((v, (*p).clone()));
-                    }
+            let search = self.search_keys(&providers, alg, &parsed, |k| {
+                kid.is_none() || k.kid.as_deref() == kid
+            });
+            let (candidates, unavailable) = match search {
+                KeySearch::Verified(p, fingerprint) => {
+                    return Ok(verified(p, fingerprint, parsed, exp, nbf, alg, token.len()));
                 }
-            }
+                KeySearch::NotVerified { tried, unavailable } => (tried, unavailable),
+            };
             if candidates > 0 {
                 return Err((
                     Reason::TokenSignatureInvalid,
@@ -474,30 +479,21 @@ impl JwtPolicy {
                 // APIM: "If no keys match the claim, API Management will attempt each specified
                 // key": keys without a `kid` of the right kind get their chance.
                 if kid.is_some() {
-                    let mut tried = 0usize;
-                    for p in &providers {
-                        let Some(keys) = p.keys() else { continue };
-                        for key in keys
-                            .keys
-                            .iter()
-                            .filter(|k| k.kid.is_none() && k.usable_for(alg))
-                        {
-                            tried += 1;
-                            self.shared.signature_checks.fetch_add(1, Ordering::Relaxed);
-                            if key.verify(alg, parsed.signing_input, &parsed.signature) {
-                                let v = Verified::new(
-                                    p.id,
-                                    key.fingerprint,
-                                    parsed.claims,
-                                    exp,
-                                    nbf,
-                                    alg,
-                                    token.len(),
-                                );
-                                return Ok((v, (*p).clone()));
-                            }
+                    let search = self.search_keys(&providers, alg, &parsed, |k| k.kid.is_none());
+                    let tried = match search {
+                        KeySearch::Verified(p, fingerprint) => {
+                            return Ok(verified(
+                                p,
+                                fingerprint,
+                                parsed,
+                                exp,
+                                nbf,
+                                alg,
+                                token.len(),
+                            ));
                         }
-                    }
+                        KeySearch::NotVerified { tried, .. } => tried,
+                    };
                     if tried > 0 {
                         return Err((
                             Reason::TokenSignatureInvalid,
@@ -532,6 +528,33 @@ impl JwtPolicy {
             .await;
             refetched = true;
         }
+    }
+
+    /// Tries every key of `providers` that is usable for `alg` and that `wanted` accepts, in order;
+    /// the first key whose signature verifies wins. Every trial is counted.
+    fn search_keys<'p>(
+        &self,
+        providers: &[&'p Arc<Provider>],
+        alg: Algorithm,
+        parsed: &jose::Parsed<'_>,
+        wanted: impl Fn(&jwk::VerifyingKey) -> bool,
+    ) -> KeySearch<'p> {
+        let mut tried = 0usize;
+        let mut unavailable = Vec::new();
+        for p in providers {
+            let Some(keys) = p.keys() else {
+                unavailable.push(p.name.clone());
+                continue;
+            };
+            for key in keys.keys.iter().filter(|k| k.usable_for(alg) && wanted(k)) {
+                tried += 1;
+                self.shared.signature_checks.fetch_add(1, Ordering::Relaxed);
+                if key.verify(alg, parsed.signing_input, &parsed.signature) {
+                    return KeySearch::Verified(p, key.fingerprint);
+                }
+            }
+        }
+        KeySearch::NotVerified { tried, unavailable }
     }
 
     fn check_lifetime(&self, v: &Verified, now: SystemTime) -> Result<(), Refusal> {

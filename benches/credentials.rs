@@ -67,7 +67,7 @@ fn headers() -> Headers {
         ("authorization", "Bearer caller"),
         ("user-agent", "curl/8.5.0"),
     ] {
-        h.insert(k.to_string(), v.as_bytes().to_vec());
+        h.insert(k.to_string(), v.as_bytes().to_vec().into());
     }
     h
 }

@@ -61,7 +61,7 @@ fn headers(key: &str, path: &str) -> Headers {
         ("x-forwarded-proto", "https"),
         ("ocp-apim-subscription-key", key),
     ] {
-        h.insert(k.to_string(), v.as_bytes().to_vec());
+        h.insert(k.to_string(), v.as_bytes().to_vec().into());
     }
     h
 }

@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
     let mut headers = HashMap::new();
     headers.insert(
         "authorization".to_string(),
-        format!("Bearer {token}").into_bytes(),
+        format!("Bearer {token}").into_bytes().into(),
     );
     let input = CheckInput {
         method: "GET",

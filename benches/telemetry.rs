@@ -92,7 +92,7 @@ fn headers() -> &'static Headers {
         ),
         ("ocp-apim-subscription-key", "key-0"),
     ] {
-        h.insert(k.to_string(), v.as_bytes().to_vec());
+        h.insert(k.to_string(), v.as_bytes().to_vec().into());
     }
     Box::leak(Box::new(h))
 }

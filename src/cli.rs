@@ -213,7 +213,7 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
     let target = uri
         .path_and_query()
         .map_or("/".to_string(), |pq| pq.as_str().to_string());
-    let mut headers: policy::Headers = HashMap::new();
+    let mut headers: HashMap<String, Vec<u8>> = HashMap::new();
     for h in &args.headers {
         let Some((name, value)) = h.split_once(':') else {
             return fail(format!("-H `{h}`: write `name: value`"));
@@ -228,6 +228,7 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
             })
             .or_insert_with(|| value.to_vec());
     }
+    let headers: policy::Headers = headers.into_iter().map(|(k, v)| (k, v.into())).collect();
     let mut ce = HashMap::new();
     for kv in &args.context_extensions {
         let Some((k, v)) = kv.split_once('=') else {

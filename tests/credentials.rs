@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -172,8 +171,11 @@ fn runtime(clock: &Arc<ManualClock>) -> Runtime {
 }
 
 async fn decide(policy: &PolicySet, clock: &ManualClock) -> Decision {
-    let headers: HashMap<String, Vec<u8>> =
-        [("authorization".to_string(), b"Bearer caller-token".to_vec())].into();
+    let headers: portcullis::policy::Headers = [(
+        "authorization".to_string(),
+        bytes::Bytes::from_static(b"Bearer caller-token"),
+    )]
+    .into();
     let input = CheckInput {
         method: "GET",
         host: "api.example.com",

@@ -4,7 +4,6 @@
 #[path = "jwt_common/mod.rs"]
 mod keys;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,9 +38,9 @@ async fn check_at(
     headers: &[(&str, &str)],
     now: SystemTime,
 ) -> Decision {
-    let headers: HashMap<String, Vec<u8>> = headers
+    let headers: portcullis::policy::Headers = headers
         .iter()
-        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec().into()))
         .collect();
     let input = CheckInput {
         method: "GET",

@@ -50,7 +50,7 @@ async fn decide(p: &PolicySet, token: &str, now: SystemTime) -> Decision {
     let mut headers = HashMap::new();
     headers.insert(
         "authorization".to_string(),
-        format!("Bearer {token}").into_bytes(),
+        format!("Bearer {token}").into_bytes().into(),
     );
     let input = CheckInput {
         method: "GET",

@@ -126,7 +126,7 @@ async fn encode_raw_headers_are_read_from_header_map() {
         headers: vec![portcullis::proto::core::HeaderValue {
             key: "ocp-apim-subscription-key".into(),
             value: String::new(),
-            raw_value: b"demo-key-123".to_vec(),
+            raw_value: bytes::Bytes::from_static(b"demo-key-123"),
         }],
     });
     assert_eq!(seen(&client.check(req).await.unwrap().into_inner()).code, 0);

@@ -243,6 +243,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         subscriptions,
         limits,
         summary,
+        cert_cache: super::cert_cache(),
     };
     // `compile` returns both only when there were no errors.
     Ok((

@@ -181,7 +181,7 @@ impl Default for Decision {
 
 /// 128 random bits as 32 lower-case hex digits.
 pub fn new_decision_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    hex::encode(rand::random::<u128>().to_be_bytes())
 }
 
 #[cfg(test)]

@@ -73,6 +73,25 @@ pub struct PolicySet {
     pub limits: Limits,
     /// Counts for `validate` and logs.
     pub summary: Summary,
+    /// Certificates already parsed, by their exact encoded text: a client sends the same certificate
+    /// on every request, and X.509 parsing with two digests costs more than the rest of a decision.
+    /// Keyed by the full text (compared for equality), so two certificates can never share an entry.
+    cert_cache: CertCache,
+}
+
+/// Parsed certificates by their encoded text. foldhash rather than SipHash: the key is 1-2 KiB of
+/// public text hashed on every request, and equality on the full text (not the hash) decides a hit.
+type CertCache = moka::sync::Cache<String, Arc<ClientCert>, foldhash::fast::RandomState>;
+
+/// Weight budget of the parsed-certificate cache, in encoded bytes (about 4,000 typical certificates).
+const CERT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// An empty parsed-certificate cache.
+pub(crate) fn cert_cache() -> CertCache {
+    moka::sync::Cache::builder()
+        .max_capacity(CERT_CACHE_BYTES)
+        .weigher(|k: &String, _| u32::try_from(k.len()).unwrap_or(u32::MAX))
+        .build_with_hasher(foldhash::fast::RandomState::default())
 }
 
 /// What a policy set holds, for `portcullis validate` and the reload log line.
@@ -325,7 +344,7 @@ impl PolicySet {
         ev.d.facts.subscription_id = subscription_id.clone();
 
         // 3. Client certificate.
-        let mut client_cert: Option<ClientCert> = None;
+        let mut client_cert: Option<Arc<ClientCert>> = None;
         match &api.cert {
             None => ev.skip("client_certificate"),
             Some(policy) => {
@@ -389,7 +408,7 @@ impl PolicySet {
             claims: token.as_ref().map(|t| t.claims()),
             subscription_id: subscription_id.as_deref(),
             client_ip,
-            cert: client_cert.as_ref(),
+            cert: client_cert.as_deref(),
             api: &api.name,
             raw_token: token.as_ref().map(|t| t.raw()),
         };
@@ -437,14 +456,28 @@ impl PolicySet {
         Ok(())
     }
 
+    /// Parses `encoded` (URL-encoded PEM) through the cache. Failures are not cached: they are
+    /// cheap to find again (the size cap comes first) and caching them would let junk evict good entries.
+    fn parse_certificate(&self, encoded: &str) -> Result<Arc<ClientCert>, cert::CertError> {
+        if let Some(hit) = self.cert_cache.get(encoded) {
+            return Ok(hit);
+        }
+        let parsed = Arc::new(cert::parse_url_encoded_pem(
+            encoded,
+            self.limits.max_certificate_bytes,
+        )?);
+        self.cert_cache.insert(encoded.to_string(), parsed.clone());
+        Ok(parsed)
+    }
+
     fn read_certificate(
         &self,
         policy: &CertPolicy,
         input: &CheckInput<'_>,
-    ) -> Result<ClientCert, (Reason, String)> {
+    ) -> Result<Arc<ClientCert>, (Reason, String)> {
         let max = self.limits.max_certificate_bytes;
         if !input.peer_certificate.is_empty() {
-            return cert::parse_url_encoded_pem(input.peer_certificate, max).map_err(|e| {
+            return self.parse_certificate(input.peer_certificate).map_err(|e| {
                 (
                     Reason::ClientCertificateInvalid,
                     format!("peer certificate: {e}"),
@@ -462,7 +495,7 @@ impl PolicySet {
                 ));
             }
             return match cert::xfcc_cert(xfcc) {
-                Ok(Some(encoded)) => cert::parse_url_encoded_pem(&encoded, max).map_err(|e| {
+                Ok(Some(encoded)) => self.parse_certificate(&encoded).map_err(|e| {
                     (
                         Reason::ClientCertificateInvalid,
                         format!("x-forwarded-client-cert: {e}"),

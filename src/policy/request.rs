@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-/// Request headers: lower-case names; repeated headers comma-joined (as Envoy sends them).
-pub type Headers = HashMap<String, Vec<u8>>;
+/// Request headers: lower-case names; repeated headers comma-joined (as Envoy sends them). Values
+/// are `Bytes` so that gRPC decoding hands out slices of the received message instead of copies.
+pub type Headers = HashMap<String, bytes::Bytes>;
 
 /// One request to decide on.
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +29,7 @@ pub struct CheckInput<'a> {
 impl<'a> CheckInput<'a> {
     /// A header's value by lower-case name.
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
-        self.headers.get(name).map(Vec::as_slice)
+        self.headers.get(name).map(|v| v.as_ref())
     }
 
     /// Total bytes of header names and values.

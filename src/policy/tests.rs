@@ -60,7 +60,7 @@ impl Req {
         }
     }
     fn header(mut self, k: &str, v: &str) -> Req {
-        self.headers.insert(k.into(), v.as_bytes().to_vec());
+        self.headers.insert(k.into(), v.as_bytes().to_vec().into());
         self
     }
     fn peer(mut self, ip: &str) -> Req {
@@ -523,8 +523,10 @@ fn oversized_headers_are_refused_before_anything_else() {
 fn non_utf8_key_is_invalid_not_a_crash() {
     let p = policy(BASE);
     let mut r = Req::get("/orders");
-    r.headers
-        .insert("ocp-apim-subscription-key".into(), vec![0xff, 0xfe, 0x00]);
+    r.headers.insert(
+        "ocp-apim-subscription-key".into(),
+        vec![0xff, 0xfe, 0x00].into(),
+    );
     assert_eq!(reason(&r.decide(&p)), Some("SubscriptionKeyInvalid"));
 }
 

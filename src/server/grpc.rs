@@ -73,7 +73,7 @@ impl Authorization for AuthorizationService {
             Err(detail) => invalid_request(detail),
         };
         self.state.record(&decision, started.elapsed(), &trace);
-        Ok(Response::new(to_check_response(&decision)))
+        Ok(Response::new(to_check_response(decision)))
     }
 }
 
@@ -88,7 +88,7 @@ pub async fn decide(policy: &crate::policy::PolicySet, req: &CheckRequest) -> Ch
         }
         Err(detail) => invalid_request(detail),
     };
-    to_check_response(&decision)
+    to_check_response(decision)
 }
 
 fn invalid_request(detail: &str) -> Decision {
@@ -160,7 +160,7 @@ fn header_map_to_headers(http: &attribute_context::HttpRequest) -> Headers {
             })
             .or_insert_with(|| value.to_vec());
     }
-    out
+    out.into_iter().map(|(k, v)| (k, v.into())).collect()
 }
 
 fn peer_ip(peer: &attribute_context::Peer) -> Option<IpAddr> {
@@ -170,10 +170,18 @@ fn peer_ip(peer: &attribute_context::Peer) -> Option<IpAddr> {
     }
 }
 
-/// Maps a decision onto the wire. Headers always carry `append` explicitly (false = overwrite),
-/// because Envoy versions differ on the default (envoy#42857).
-pub fn to_check_response(d: &Decision) -> CheckResponse {
-    match &d.outcome {
+/// Maps a decision onto the wire, moving its strings into the response. Headers always carry
+/// `append` explicitly (false = overwrite), because Envoy versions differ on the default (envoy#42857).
+pub fn to_check_response(d: Decision) -> CheckResponse {
+    let Decision {
+        id,
+        outcome,
+        upstream_headers,
+        remove_headers,
+        remove_query,
+        ..
+    } = d;
+    match outcome {
         Outcome::Allow => CheckResponse {
             status: Some(rpc::Status {
                 code: 0,
@@ -182,25 +190,27 @@ pub fn to_check_response(d: &Decision) -> CheckResponse {
             }),
             http_response: Some(auth::check_response::HttpResponse::OkResponse(
                 OkHttpResponse {
-                    headers: d
-                        .upstream_headers
-                        .iter()
-                        .map(|h| header(&h.name, &h.value))
+                    headers: upstream_headers
+                        .into_iter()
+                        .map(|h| header(h.name, h.value))
                         .collect(),
-                    headers_to_remove: d.remove_headers.clone(),
-                    query_parameters_to_remove: d.remove_query.clone(),
+                    headers_to_remove: remove_headers,
+                    query_parameters_to_remove: remove_query,
                     ..Default::default()
                 },
             )),
             dynamic_metadata: None,
         },
         Outcome::Deny(denial) => {
-            let mut headers = vec![
-                header("content-type", "application/json"),
-                header(crate::policy::decision::DECISION_ID_HEADER, &d.id),
-            ];
-            if let Some(challenge) = &denial.www_authenticate {
-                headers.push(header("www-authenticate", challenge));
+            let body = denial.body(&id);
+            let mut headers = Vec::with_capacity(3);
+            headers.push(header("content-type".into(), "application/json".into()));
+            headers.push(header(
+                crate::policy::decision::DECISION_ID_HEADER.into(),
+                id,
+            ));
+            if let Some(challenge) = denial.www_authenticate {
+                headers.push(header("www-authenticate".into(), challenge));
             }
             CheckResponse {
                 status: Some(rpc::Status {
@@ -214,7 +224,7 @@ pub fn to_check_response(d: &Decision) -> CheckResponse {
                             code: i32::from(denial.status),
                         }),
                         headers,
-                        body: denial.body(&d.id),
+                        body,
                     },
                 )),
                 dynamic_metadata: None,
@@ -223,12 +233,12 @@ pub fn to_check_response(d: &Decision) -> CheckResponse {
     }
 }
 
-fn header(name: &str, value: &str) -> HeaderValueOption {
+fn header(key: String, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: name.to_string(),
-            value: value.to_string(),
-            raw_value: vec![],
+            key,
+            value,
+            raw_value: bytes::Bytes::new(),
         }),
         append: Some(false),
         ..Default::default()

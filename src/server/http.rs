@@ -2,8 +2,9 @@
 //! `http_service`, nginx `auth_request` and Traefik `forwardAuth`. This file is the one place that
 //! maps a decision onto an HTTP response.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
@@ -16,7 +17,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument as _;
 
 use super::State;
-use crate::policy::{CheckInput, Decision, EvalOptions, Headers, Outcome};
+use crate::policy::{CheckInput, Decision, EvalOptions, Headers, Outcome, PolicySet};
 use crate::telemetry::{HeaderMapCarrier, Transport};
 
 /// Serves until `shutdown` resolves.
@@ -98,55 +99,62 @@ async fn forward_auth(
     };
     let started = std::time::Instant::now();
     let (parts, _body) = req.into_parts();
+    let trace = state
+        .telemetry
+        .start_check(Transport::Http, &[&HeaderMapCarrier(&parts.headers)]);
+    let decision = decide_forward_auth(&state.policy(), &parts, peer.ip())
+        .instrument(trace.span().clone())
+        .await;
+    state.record(&decision, started.elapsed(), &trace);
+    to_http_response(&decision)
+}
+
+/// Decides on a forward-auth request (the request portcullis received, from `peer`), without
+/// admission control or telemetry: the whole HTTP path for fuzzing and embedding.
+///
+/// The original request is read from `x-forwarded-method` / `x-original-method`,
+/// `x-forwarded-host` / `host` and `x-forwarded-uri` / `x-original-uri`; without a URI header the
+/// request's own path minus the `/authz` prefix is the original path (Envoy's `http_service`).
+pub async fn decide_forward_auth(
+    policy: &PolicySet,
+    parts: &axum::http::request::Parts,
+    peer: IpAddr,
+) -> Decision {
     let h = &parts.headers;
     let get = |name: &str| {
         h.get(name)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
     };
-
     let method = get("x-forwarded-method")
         .or_else(|| get("x-original-method"))
-        .unwrap_or(parts.method.as_str())
-        .to_string();
+        .unwrap_or(parts.method.as_str());
     let host = get("x-forwarded-host")
         .or_else(|| get("host"))
-        .unwrap_or("")
-        .to_string();
-    // Envoy's http_service prefixes the original path with its `path_prefix` (/authz); nginx and
-    // Traefik send the original target in a header.
+        .unwrap_or("");
     let own_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let path = match get("x-forwarded-uri").or_else(|| get("x-original-uri")) {
-        Some(p) => p.to_string(),
+    let path: Cow<'_, str> = match get("x-forwarded-uri").or_else(|| get("x-original-uri")) {
+        Some(p) => Cow::Borrowed(p),
         None => {
             let rest = own_target.strip_prefix("/authz").unwrap_or(own_target);
             if rest.starts_with('/') {
-                rest.to_string()
+                Cow::Borrowed(rest)
             } else {
-                format!("/{rest}")
+                Cow::Owned(format!("/{rest}"))
             }
         }
     };
     let headers = to_headers(h);
     let input = CheckInput {
-        method: &method,
-        host: &host,
+        method,
+        host,
         path: &path,
         headers: &headers,
-        peer: Some(peer.ip()),
+        peer: Some(peer),
         peer_certificate: "",
         context_extensions: None,
     };
-    let trace = state
-        .telemetry
-        .start_check(Transport::Http, &[&HeaderMapCarrier(h)]);
-    let decision = state
-        .policy()
-        .decide(&input, EvalOptions::default())
-        .instrument(trace.span().clone())
-        .await;
-    state.record(&decision, started.elapsed(), &trace);
-    to_http_response(&decision)
+    policy.decide(&input, EvalOptions::default()).await
 }
 
 fn to_headers(h: &HeaderMap) -> Headers {
@@ -162,7 +170,7 @@ fn to_headers(h: &HeaderMap) -> Headers {
             })
             .or_insert_with(|| value.as_bytes().to_vec());
     }
-    out
+    out.into_iter().map(|(k, v)| (k, v.into())).collect()
 }
 
 /// Maps a decision onto a forward-auth response: 200 with the headers to add upstream (and

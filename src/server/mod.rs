@@ -136,10 +136,12 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     let src = config::load(config_path)?;
     let runtime = Arc::new(Runtime::default());
     let (policy, settings) = policy::compile(&src, &runtime)?;
+    // Telemetry first: compiling started the key fetches and the credentials are fetched next, and
+    // both count into the metrics, which must exist by the time they finish.
+    let telemetry = crate::telemetry::Telemetry::new(&settings)?;
     // Opens the credential store and obtains the backend credentials the APIs use, so that the
     // first request does not pay for them.
     runtime.credentials.start(&policy).await?;
-    let telemetry = crate::telemetry::Telemetry::new(&settings)?;
     let admission = Arc::new(Semaphore::new(policy.limits.max_concurrent_checks));
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(policy),

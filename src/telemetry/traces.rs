@@ -149,7 +149,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> crate::policy::Headers {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec().into()))
             .collect()
     }
 
@@ -233,7 +233,7 @@ mod tests {
             assert!(remote_context(&[&HeadersCarrier(&h)]).is_none(), "{bad}");
         }
         let mut h = headers(&[]);
-        h.insert("traceparent".into(), vec![0xff, 0xfe]);
+        h.insert("traceparent".into(), vec![0xff, 0xfe].into());
         assert!(remote_context(&[&HeadersCarrier(&h)]).is_none());
         assert!(remote_context(&[]).is_none());
     }

@@ -59,7 +59,7 @@ pub struct Http {
     pub method: &'static str,
     pub host: &'static str,
     pub path: String,
-    pub headers: HashMap<String, Vec<u8>>,
+    pub headers: HashMap<String, bytes::Bytes>,
     pub peer: &'static str,
     pub certificate: String,
     pub context_extensions: HashMap<String, String>,
@@ -79,15 +79,16 @@ pub fn get(path: &str) -> Http {
 
 impl Http {
     pub fn header(mut self, k: &str, v: &str) -> Self {
-        self.headers.insert(k.to_string(), v.as_bytes().to_vec());
+        self.headers
+            .insert(k.to_string(), v.as_bytes().to_vec().into());
         self
     }
 
     pub fn request(&self) -> CheckRequest {
         let mut headers = self.headers.clone();
-        headers.insert(":method".into(), self.method.as_bytes().to_vec());
-        headers.insert(":path".into(), self.path.as_bytes().to_vec());
-        headers.insert(":authority".into(), self.host.as_bytes().to_vec());
+        headers.insert(":method".into(), self.method.as_bytes().to_vec().into());
+        headers.insert(":path".into(), self.path.as_bytes().to_vec().into());
+        headers.insert(":authority".into(), self.host.as_bytes().to_vec().into());
         CheckRequest {
             attributes: Some(AttributeContext {
                 source: Some(attribute_context::Peer {

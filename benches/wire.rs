@@ -1,0 +1,46 @@
+//! The in-process cost of one Check, wire to wire: decode the CheckRequest bytes, decide, encode the
+//! CheckResponse. `floor` allows everything with no checks (the adapter and response alone);
+//! `realistic` runs every check (tests/realistic: JWT from the verified-token cache, IP filter,
+//! subscription key, client certificate, claim headers, backend credential). The difference is what
+//! the policy costs on top of the transport.
+//!
+//!   cargo bench --bench wire
+
+#[path = "../tests/realistic/mod.rs"]
+mod realistic;
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use portcullis::proto::auth::CheckRequest;
+use prost::Message;
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut g = c.benchmark_group("wire_check");
+    for (name, s) in [
+        ("floor", realistic::floor()),
+        ("realistic", realistic::realistic()),
+    ] {
+        let first = rt.block_on(portcullis::server::grpc::decide(&s.policy, &s.request));
+        assert_eq!(
+            first.status.map(|s| s.code),
+            Some(0),
+            "{name}: the bench request must be allowed"
+        );
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                let req = CheckRequest::decode(black_box(s.encoded.as_slice())).expect("decodes");
+                let resp = portcullis::server::grpc::decide(&s.policy, &req).await;
+                black_box(resp.encode_to_vec())
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,59 @@
+//! Heap allocations per Check on the in-process wire path (decode, decide, encode), counted with
+//! dhat. A deterministic guard against allocation creeping back into the hot path: the counts do
+//! not depend on timing. The budgets are today's counts; lower them when the path gets leaner.
+
+#[path = "realistic/mod.rs"]
+mod realistic;
+
+use portcullis::proto::auth::CheckRequest;
+use prost::Message;
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+const ROUNDS: u64 = 50;
+
+fn allocations_per_check(rt: &tokio::runtime::Runtime, s: &realistic::Scenario, name: &str) -> u64 {
+    let check = || async {
+        let req = CheckRequest::decode(s.encoded.as_slice()).expect("decodes");
+        let resp = portcullis::server::grpc::decide(&s.policy, &req).await;
+        assert_eq!(
+            resp.status.as_ref().map(|s| s.code),
+            Some(0),
+            "{name} must allow"
+        );
+        resp.encode_to_vec()
+    };
+    // Warm: the verified-token cache, the certificate cache, the credential cache.
+    rt.block_on(check());
+    let before = dhat::HeapStats::get().total_blocks;
+    for _ in 0..ROUNDS {
+        rt.block_on(check());
+    }
+    (dhat::HeapStats::get().total_blocks - before) / ROUNDS
+}
+
+#[test]
+fn allocations_per_check_stay_within_budget() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let floor = realistic::floor();
+    let real = realistic::realistic();
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let f = allocations_per_check(&rt, &floor, "floor");
+    let r = allocations_per_check(&rt, &real, "realistic");
+    println!("allocations per check: floor {f}, realistic {r}");
+    assert!(
+        f <= FLOOR_BUDGET,
+        "floor: {f} allocations per check, budget {FLOOR_BUDGET}"
+    );
+    assert!(
+        r <= REALISTIC_BUDGET,
+        "realistic: {r} allocations per check, budget {REALISTIC_BUDGET}"
+    );
+}
+
+const FLOOR_BUDGET: u64 = 40;
+const REALISTIC_BUDGET: u64 = 66;

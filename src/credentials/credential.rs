@@ -180,6 +180,12 @@ impl Credential {
                 wait(now, until)
             )));
         }
+        // Per-user connections fetch per caller: the process-wide cap keeps a crowd of callers from
+        // opening a request each. Over it, fail fast; the gate is not touched (no backoff for all).
+        let Some(_permit) = self.shared.try_fetch_permit() else {
+            self.counters.add(TokenCacheResult::Error);
+            return Err(Unavailable::Failed(TokenError::Busy.to_string()));
+        };
         match self.fetch(connection, now).await {
             Ok(token) => {
                 let token = Arc::new(token);
@@ -392,6 +398,8 @@ impl Credential {
             )));
         }
         let fetch = async {
+            // One request per distinct caller token: capped process-wide, failing fast.
+            let _permit = self.shared.try_fetch_permit().ok_or(TokenError::Busy)?;
             let client = self.client()?;
             let issued = endpoint::request(
                 client,
@@ -532,6 +540,8 @@ async fn refresh_attempt(
     {
         return Ok(());
     }
+    // A background refresh waits for a permit: no caller waits on it.
+    let _permit = cred.shared.fetch_permit().await;
     cred.counters.add(TokenCacheResult::Refresh);
     match cred.fetch(&connection, now).await {
         Ok(token) => {

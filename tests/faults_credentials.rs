@@ -60,7 +60,10 @@ fn injected(d: &Decision) -> Result<String, String> {
             .value
             .clone()),
         Outcome::Deny(den) => {
-            assert!(d.upstream_headers.is_empty(), "a deny sends nothing upstream");
+            assert!(
+                d.upstream_headers.is_empty(),
+                "a deny sends nothing upstream"
+            );
             Err(format!("{} {}", den.status, den.reason.as_str()))
         }
     }
@@ -202,7 +205,10 @@ async fn token_exchange_requests_are_capped_and_the_excess_fails_fast() {
     // The provider answers: the held callers get their own tokens, and the cap admits again.
     up.release().await;
     for (i, h) in held.into_iter().enumerate() {
-        let got = h.await.unwrap().unwrap_or_else(|e| panic!("caller {i}: {e}"));
+        let got = h
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("caller {i}: {e}"));
         assert!(got.starts_with("Bearer tok-"), "{got}");
     }
     let got = injected(&decide(&policy, &caller(20), SystemTime::now()).await).unwrap();
@@ -227,4 +233,198 @@ fn max_concurrent_fetches_must_be_positive() {
         errs.contains("limits.max_concurrent_fetches: must be greater than 0"),
         "{errs}"
     );
+}
+
+const STORE_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+/// Starts the binary on `cfg`. The shell ignores SIGXFSZ before exec, so a file size limit set
+/// later makes writes fail with EFBIG instead of killing the process.
+fn serve(cfg: &std::path::Path) -> (faults_common::KillOnDrop, String, String) {
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; exec \"$0\" serve --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_portcullis"))
+        .arg(cfg)
+        .env("CRM_RT", "rt-0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (grpc, http) = faults_common::listeners(&mut child);
+    (faults_common::KillOnDrop(child), grpc, http)
+}
+
+/// Sets the process's file size limit: `0` makes every write to a regular file fail.
+fn file_size_limit(child: &faults_common::KillOnDrop, soft: &str) {
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", child.0.id()))
+        .arg(format!("--fsize={soft}:unlimited"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "prlimit");
+}
+
+async fn check_grpc(grpc: &str) -> Result<String, String> {
+    let mut client = portcullis::proto::auth::authorization_client::AuthorizationClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .unwrap();
+    let mut req = portcullis::proto::auth::CheckRequest::default();
+    let mut http = portcullis::proto::auth::attribute_context::HttpRequest {
+        method: "GET".into(),
+        path: "/crm/1".into(),
+        host: "api.example.com".into(),
+        ..Default::default()
+    };
+    for (k, v) in [
+        (":method", "GET"),
+        (":path", "/crm/1"),
+        (":authority", "api.example.com"),
+    ] {
+        http.headers.insert(k.into(), v.into());
+    }
+    req.attributes = Some(portcullis::proto::auth::AttributeContext {
+        request: Some(portcullis::proto::auth::attribute_context::Request {
+            time: None,
+            http: Some(http),
+        }),
+        ..Default::default()
+    });
+    let r = client.check(req).await.unwrap().into_inner();
+    use portcullis::proto::auth::check_response::HttpResponse;
+    match r.http_response {
+        Some(HttpResponse::OkResponse(ok)) => Ok(ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == "authorization")
+            .map(|h| h.value.clone())
+            .unwrap_or_default()),
+        Some(HttpResponse::DeniedResponse(d)) => {
+            let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            Err(format!(
+                "{} {}",
+                d.status.map_or(0, |s| s.code),
+                body["reason"].as_str().unwrap_or_default()
+            ))
+        }
+        other => panic!("unexpected answer: {other:?}"),
+    }
+}
+
+/// `portcullis_token_cache_requests` with `result="error"`, from /metrics.
+async fn token_errors(http: &str) -> f64 {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("portcullis_token_cache_requests") && l.contains("result=\"error\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_the_store_cannot_write_fails_closed_and_is_not_lost() {
+    let up = Upstream::start(serde_json::json!({"keys": []})).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("store.key"), STORE_KEY).unwrap();
+    let cfg = dir.path().join("p.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+listen: {{ grpc: 127.0.0.1:0, http: 127.0.0.1:0 }}
+store: {{ path: data/portcullis.db, key: "${{file:store.key}}" }}
+credentials:
+  - {{ name: crm, grant: refresh_token, token_url: "{}", client_id: c, client_secret: s, refresh_token: "${{env:CRM_RT}}", timeout: 5s }}
+apis:
+  - name: crm
+    on_allow: {{ backend_credential: {{ name: crm }} }}
+"#,
+            up.token_url()
+        ),
+    )
+    .unwrap();
+    // The provider is down at start, so the refresh token is seeded into the store unspent.
+    up.set(Mode::Down).await;
+    let (mut child, grpc, http) = serve(&cfg);
+    assert_eq!(
+        check_grpc(&grpc).await,
+        Err("503 BackendCredentialUnavailable".into())
+    );
+
+    // The store becomes unwritable, then the provider comes back and rotates the refresh token
+    // on the next refresh: the access token is not used (503), never an allow.
+    file_size_limit(&child, "0");
+    up.set(Mode::Ok).await;
+    let mut answers = 0;
+    while up.refreshes().is_empty() {
+        assert_eq!(
+            check_grpc(&grpc).await,
+            Err("503 BackendCredentialUnavailable".into())
+        );
+        answers += 1;
+        assert!(answers < 2000, "the provider was never asked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.refreshes(), [("rt-0".to_string(), true)]);
+
+    // While the store stays unwritable, later attempts (the backoff lets one through now and
+    // then) write the kept token first and fail without spending anything at the provider.
+    let errors = token_errors(&http).await;
+    let mut answers = 0;
+    while token_errors(&http).await < errors + 1.0 {
+        assert_eq!(
+            check_grpc(&grpc).await,
+            Err("503 BackendCredentialUnavailable".into())
+        );
+        answers += 1;
+        assert!(answers < 2000, "no further attempt");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        up.refreshes().len(),
+        1,
+        "nothing more was sent to the provider"
+    );
+
+    // Writable again: the kept token is stored, then used; the connection was never lost.
+    file_size_limit(&child, "unlimited");
+    let mut answers = 0;
+    let token = loop {
+        match check_grpc(&grpc).await {
+            Ok(t) => break t,
+            Err(e) => assert_eq!(e, "503 BackendCredentialUnavailable"),
+        }
+        answers += 1;
+        assert!(answers < 2000, "never recovered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(token, "Bearer tok-2");
+    assert_eq!(
+        up.refreshes(),
+        [("rt-0".to_string(), true), ("rt-1".to_string(), true)]
+    );
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+
+    // After a restart, the store holds the newest refresh token.
+    let (mut child, grpc, _) = serve(&cfg);
+    assert_eq!(check_grpc(&grpc).await, Ok("Bearer tok-3".into()));
+    assert_eq!(up.refreshes().last(), Some(&("rt-2".to_string(), true)));
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }

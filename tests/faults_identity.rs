@@ -101,7 +101,10 @@ async fn refused_at_start_fails_closed_without_a_stampede_and_recovers_without_r
         "\n    min_refetch_interval: 300ms\n    fetch_timeout: 2s",
     ))
     .await;
-    eventually("the first fetch to fail", || status(&srv).fetches_failed >= 1).await;
+    eventually("the first fetch to fail", || {
+        status(&srv).fetches_failed >= 1
+    })
+    .await;
     let token = k1.token(keys::claims(&up.base, AUD, "alice"));
 
     let before = attempts(&status(&srv));

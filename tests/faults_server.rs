@@ -9,12 +9,11 @@ mod faults_common;
 #[path = "jwt_common/mod.rs"]
 mod keys;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Seen, TestServer, get, seen};
-use faults_common::{Mode, Upstream, eventually};
+use faults_common::{Mode, Upstream, eventually, listeners};
 
 const KEY_HASH: &str = "sha256:a52782e3a2d4dd2f95f640b9abfb3b2a6b8e722c65f55be830f6e5f619f7f873"; // demo-key-123
 
@@ -60,7 +59,11 @@ apis:
     ] {
         std::fs::write(&srv.config, &damaged).unwrap();
         let r = srv.running.reload().await;
-        assert!(r.is_err(), "{what}: a damaged file is refused: {:?}", r.ok());
+        assert!(
+            r.is_err(),
+            "{what}: a damaged file is refused: {:?}",
+            r.ok()
+        );
         expect(&srv).await;
     }
     // The file watcher saw those writes too; whatever it did, the decisions are unchanged.
@@ -184,7 +187,11 @@ apis:
     assert_eq!(status, ServingStatus::Serving as i32);
     let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(healthz.status(), 200);
-    assert_eq!(up_a.held() + up_b.held(), 2, "the slow checks are still held");
+    assert_eq!(
+        up_a.held() + up_b.held(),
+        2,
+        "the slow checks are still held"
+    );
 
     // The providers answer: the held checks get their right answer, and checks are admitted again.
     up_a.release().await;
@@ -192,7 +199,11 @@ apis:
     assert_eq!(held_a.await.unwrap().code, 0);
     assert_eq!(held_b.await.unwrap().code, 0);
     assert_eq!(check(&srv, get("/open/1").request()).await.code, 0);
-    let r = http.get(format!("{base}/authz/open/1")).send().await.unwrap();
+    let r = http
+        .get(format!("{base}/authz/open/1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     srv.running.shutdown().await.unwrap();
 }
@@ -206,8 +217,8 @@ async fn oversized_certificates_and_headers_are_refused_over_grpc() {
         .distinguished_name
         .push(DnType::CommonName, "partner.example");
     let pem = params.self_signed(&key).unwrap().pem();
-    let encoded: String = percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC)
-        .to_string();
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC).to_string();
     let yaml = format!(
         r#"
 limits: {{ max_certificate_bytes: {max}, max_header_bytes: 4096 }}
@@ -340,7 +351,11 @@ async fn the_admin_api_refuses_every_credential_but_its_token() {
         assert!(!body.contains(TOKEN), "{auth:?}: {body}");
     }
     // Not in the query string either.
-    let r = http.get(format!("{url}?token={TOKEN}")).send().await.unwrap();
+    let r = http
+        .get(format!("{url}?token={TOKEN}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = http
         .get(&url)
@@ -350,36 +365,6 @@ async fn the_admin_api_refuses_every_credential_but_its_token() {
         .unwrap();
     assert_eq!(r.status(), 200, "the scheme is case-insensitive (RFC 7235)");
     srv.running.shutdown().await.unwrap();
-}
-
-/// Reads the binary's log on a thread (so its pipe never fills) and hands over the listener lines.
-fn listeners(child: &mut std::process::Child) -> (String, String) {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let addr = |line: &str| {
-        let rest = &line[line.find("addr=").expect("addr=") + 5..];
-        rest.split_whitespace().next().unwrap().trim_matches('"').to_string()
-    };
-    let mut grpc = None;
-    let mut http = None;
-    while grpc.is_none() || http.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the listener log lines");
-        if line.contains("grpc") {
-            grpc = Some(addr(&line));
-        } else {
-            http = Some(addr(&line));
-        }
-    }
-    (grpc.unwrap(), http.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,13 +400,13 @@ apis:
         .spawn()
         .unwrap();
     let (grpc, http) = listeners(&mut child);
+    let mut child = faults_common::KillOnDrop(child);
     let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let client =
-        portcullis::proto::auth::authorization_client::AuthorizationClient::new(channel);
+    let client = portcullis::proto::auth::authorization_client::AuthorizationClient::new(channel);
 
     // 50 callers, each exchanging its own token at a provider that holds every request: 50
     // checks are in flight inside portcullis. 10 more with a bad token were answered at once.
@@ -450,7 +435,7 @@ apis:
     eventually("50 held token exchanges", || up.held() == 50).await;
 
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -470,7 +455,10 @@ apis:
             .unwrap_or_else(|_| panic!("{addr} still accepts connections while draining"));
     }
     assert_eq!(up.held(), 50, "still in flight");
-    assert!(child.try_wait().unwrap().is_none(), "exited before draining");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "exited before draining"
+    );
 
     // The provider answers: every in-flight check gets its own caller's token.
     up.release().await;
@@ -482,7 +470,7 @@ apis:
         assert!(injected.ends_with(&tail), "{injected} is not this caller's");
     }
     assert_eq!(up.token_hits(), 50);
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+    let exit = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(exit.code(), Some(0));

@@ -297,6 +297,20 @@ impl Credential {
             .shared
             .store()
             .ok_or_else(|| TokenError::Client("the store is not open".into()))?;
+        // A rotated refresh token the store could not keep last time: the provider has already
+        // spent the stored one, so this one is written first, and nothing is sent until it is.
+        if let Some(unstored) = self.shared.take_unstored(&self.spec.name, connection) {
+            if let Err(e) = self
+                .shared
+                .persist(&self.spec.name, connection, unstored.clone())
+                .await
+            {
+                self.shared
+                    .keep_unstored(&self.spec.name, connection, unstored);
+                return Err(TokenError::Store(e));
+            }
+            tracing::info!(credential = %self.spec.name, connection = %connection, "the rotated refresh token is stored now");
+        }
         let mut record = store
             .get(&self.spec.name, connection)
             .ok_or_else(|| TokenError::RefreshTokenRejected("no connection".into()))?;
@@ -328,14 +342,20 @@ impl Credential {
                     record.state = ConnectionState::Connected;
                     record.error = None;
                     record.updated_at = unix_secs(now);
-                    self.shared
-                        .persist(&self.spec.name, connection, record)
+                    // Fail closed: the access token is not used unless the rotation is durable.
+                    // The rotated token is kept in memory so the connection is not lost with it.
+                    if let Err(e) = self
+                        .shared
+                        .persist(&self.spec.name, connection, record.clone())
                         .await
-                        .map_err(|e| {
-                            TokenError::Client(format!(
-                                "the rotated refresh token could not be stored: {e}"
-                            ))
-                        })?;
+                    {
+                        if rotated {
+                            self.shared
+                                .keep_unstored(&self.spec.name, connection, record);
+                        }
+                        tracing::error!(credential = %self.spec.name, connection = %connection, error = %e, "the store cannot be written: the rotated refresh token is kept in memory until it can be");
+                        return Err(TokenError::Store(e));
+                    }
                 }
                 Ok(issued)
             }

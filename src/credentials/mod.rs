@@ -63,6 +63,10 @@ pub(crate) struct Shared {
     /// it was made for. A reload that changes the cap installs a new semaphore; requests holding a
     /// permit of the old one finish on it.
     fetches: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
+    /// Connection records with a rotated refresh token that the provider issued (so the stored
+    /// one is spent) but the store could not write. Kept in memory and written before the
+    /// connection's next refresh, which never spends the stale stored token.
+    unstored: Mutex<HashMap<(String, String), ConnectionRecord>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -137,6 +141,25 @@ impl Shared {
             .map_err(|e| e.to_string())
     }
 
+    /// Remembers a record the store could not write (see `unstored`).
+    pub(crate) fn keep_unstored(
+        &self,
+        credential: &str,
+        connection: &str,
+        record: ConnectionRecord,
+    ) {
+        locked(&self.unstored).insert((credential.to_string(), connection.to_string()), record);
+    }
+
+    /// Takes the record the store could not write, if any.
+    pub(crate) fn take_unstored(
+        &self,
+        credential: &str,
+        connection: &str,
+    ) -> Option<ConnectionRecord> {
+        locked(&self.unstored).remove(&(credential.to_string(), connection.to_string()))
+    }
+
     fn current(&self) -> Arc<SetInner> {
         locked(&self.current).clone()
     }
@@ -169,6 +192,7 @@ impl Registry {
                 by_fingerprint: Mutex::new(HashMap::new()),
                 current: Mutex::new(Arc::new(SetInner::default())),
                 consents: Mutex::new(HashMap::new()),
+                unstored: Mutex::new(HashMap::new()),
                 fetches: Mutex::new((
                     DEFAULT_MAX_CONCURRENT_FETCHES,
                     Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_FETCHES)),

@@ -3,6 +3,7 @@
 //! hold requests until released, and can be taken down so that connecting is refused.
 #![allow(dead_code)]
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,10 @@ struct Shared {
     streamed: Arc<AtomicU64>,
     release: watch::Sender<u64>,
     expires_in: AtomicU64,
+    /// The refresh token the provider accepts now; each refresh rotates it (`rt-<request>`).
+    refresh_token: Mutex<String>,
+    /// Refresh tokens presented, in order, and whether each was accepted.
+    refreshes: Mutex<Vec<(String, bool)>>,
 }
 
 /// A fake upstream. Every answer closes its connection, so `Down` refuses the very next request.
@@ -84,6 +89,8 @@ impl Upstream {
                 streamed: Arc::new(AtomicU64::new(0)),
                 release: watch::channel(0).0,
                 expires_in: AtomicU64::new(600),
+                refresh_token: Mutex::new("rt-0".into()),
+                refreshes: Mutex::default(),
             }),
             server: Arc::default(),
         };
@@ -136,6 +143,11 @@ impl Upstream {
         self.shared.expires_in.store(secs, Ordering::SeqCst);
     }
 
+    /// Refresh tokens presented so far, in order, with whether each was accepted.
+    pub fn refreshes(&self) -> Vec<(String, bool)> {
+        self.shared.refreshes.lock().unwrap().clone()
+    }
+
     /// Lets every held request (and later ones, until the mode changes) answer.
     pub async fn release(&self) {
         self.set(Mode::Ok).await;
@@ -183,11 +195,7 @@ fn close(mut r: Response) -> Response {
 }
 
 fn json_response(v: &Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 /// Applies the mode; `None` means "answer normally".
@@ -274,6 +282,34 @@ async fn token(State(s): State<Arc<Shared>>, body: String) -> Response {
     if let Some(r) = fault(&s).await {
         return close(r);
     }
+    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    if form.get("grant_type").map(String::as_str) == Some("refresh_token") {
+        // Rotation as strict providers do it: the presented token must be the current one, and
+        // a successful refresh replaces it.
+        let presented = form.get("refresh_token").cloned().unwrap_or_default();
+        let mut current = s.refresh_token.lock().unwrap();
+        let ok = presented == *current;
+        s.refreshes.lock().unwrap().push((presented, ok));
+        if !ok {
+            return close(
+                (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"error":"invalid_grant"}"#,
+                )
+                    .into_response(),
+            );
+        }
+        *current = format!("rt-{n}");
+        return close(json_response(&json!({
+            "access_token": format!("tok-{n}"),
+            "token_type": "Bearer",
+            "expires_in": s.expires_in.load(Ordering::SeqCst),
+            "refresh_token": *current,
+        })));
+    }
     // The subject token's last characters make exchanged tokens tell their callers apart.
     let subject = body
         .split('&')
@@ -285,4 +321,63 @@ async fn token(State(s): State<Arc<Shared>>, body: String) -> Response {
         "token_type": "Bearer",
         "expires_in": s.expires_in.load(Ordering::SeqCst),
     })))
+}
+
+/// Reads the binary's log on a thread (so its pipe never fills) and hands over the listener lines.
+pub fn listeners(child: &mut std::process::Child) -> (String, String) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let debug = std::env::var_os("FAULTS_LOG");
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(path) = &debug {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                let _ = writeln!(f, "{line}");
+            }
+            if line.contains("listening") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let addr = |line: &str| {
+        let rest = &line[line.find("addr=").expect("addr=") + 5..];
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    };
+    let mut grpc = None;
+    let mut http = None;
+    while grpc.is_none() || http.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the listener log lines");
+        if line.contains("grpc") {
+            grpc = Some(addr(&line));
+        } else {
+            http = Some(addr(&line));
+        }
+    }
+    (grpc.unwrap(), http.unwrap())
+}
+
+/// A child process killed when dropped, so a failing test leaves no server behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

@@ -226,8 +226,7 @@ fn max_concurrent_fetches_must_be_positive() {
     )
     .unwrap();
     let errs = policy::compile(&src, &Runtime::offline())
-        .err()
-        .expect("0 is refused")
+        .expect_err("0 is refused")
         .to_string();
     assert!(
         errs.contains("limits.max_concurrent_fetches: must be greater than 0"),

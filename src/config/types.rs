@@ -90,6 +90,9 @@ pub struct Limits {
     pub max_certificate_bytes: Option<usize>,
     /// Checks evaluated at once; past it, checks are shed with UNAVAILABLE.
     pub max_concurrent_checks: Option<usize>,
+    /// Token endpoint requests in flight at once (token exchange and per-user refreshes fetch per
+    /// caller); past it, checks needing a new token are denied with 503 at once.
+    pub max_concurrent_fetches: Option<usize>,
 }
 
 /// One `identity_providers[]` entry.

@@ -352,6 +352,10 @@ impl Registry {
             .persist(&pending.credential, &pending.connection, record)
             .await
             .map_err(|e| AdminError::Unavailable(format!("cannot store the connection: {e}")))?;
+        // A new consent supersedes a rotated token the store could not keep.
+        let _ = self
+            .shared
+            .take_unstored(&pending.credential, &pending.connection);
         let token = Arc::new(Token::issued(
             &issued,
             c.fingerprint,
@@ -389,7 +393,8 @@ impl Registry {
             .map_err(|e| AdminError::Unavailable(e.to_string()))?
             .map_err(|e| AdminError::Unavailable(e.to_string()))?;
         slot.clear();
-        if existed {
+        let unstored = self.shared.take_unstored(name, connection).is_some();
+        if existed || unstored {
             tracing::info!(credential = %name, connection = %connection, "connection deleted");
             Ok(())
         } else {

@@ -180,6 +180,12 @@ impl Credential {
                 wait(now, until)
             )));
         }
+        // Per-user connections fetch per caller: the process-wide cap keeps a crowd of callers from
+        // opening a request each. Over it, fail fast; the gate is not touched (no backoff for all).
+        let Some(_permit) = self.shared.try_fetch_permit() else {
+            self.counters.add(TokenCacheResult::Error);
+            return Err(Unavailable::Failed(TokenError::Busy.to_string()));
+        };
         match self.fetch(connection, now).await {
             Ok(token) => {
                 let token = Arc::new(token);
@@ -291,6 +297,20 @@ impl Credential {
             .shared
             .store()
             .ok_or_else(|| TokenError::Client("the store is not open".into()))?;
+        // A rotated refresh token the store could not keep last time: the provider has already
+        // spent the stored one, so this one is written first, and nothing is sent until it is.
+        if let Some(unstored) = self.shared.take_unstored(&self.spec.name, connection) {
+            if let Err(e) = self
+                .shared
+                .persist(&self.spec.name, connection, unstored.clone())
+                .await
+            {
+                self.shared
+                    .keep_unstored(&self.spec.name, connection, unstored);
+                return Err(TokenError::Store(e));
+            }
+            tracing::info!(credential = %self.spec.name, connection = %connection, "the rotated refresh token is stored now");
+        }
         let mut record = store
             .get(&self.spec.name, connection)
             .ok_or_else(|| TokenError::RefreshTokenRejected("no connection".into()))?;
@@ -322,14 +342,20 @@ impl Credential {
                     record.state = ConnectionState::Connected;
                     record.error = None;
                     record.updated_at = unix_secs(now);
-                    self.shared
-                        .persist(&self.spec.name, connection, record)
+                    // Fail closed: the access token is not used unless the rotation is durable.
+                    // The rotated token is kept in memory so the connection is not lost with it.
+                    if let Err(e) = self
+                        .shared
+                        .persist(&self.spec.name, connection, record.clone())
                         .await
-                        .map_err(|e| {
-                            TokenError::Client(format!(
-                                "the rotated refresh token could not be stored: {e}"
-                            ))
-                        })?;
+                    {
+                        if rotated {
+                            self.shared
+                                .keep_unstored(&self.spec.name, connection, record);
+                        }
+                        tracing::error!(credential = %self.spec.name, connection = %connection, error = %e, "the store cannot be written: the rotated refresh token is kept in memory until it can be");
+                        return Err(TokenError::Store(e));
+                    }
                 }
                 Ok(issued)
             }
@@ -392,6 +418,8 @@ impl Credential {
             )));
         }
         let fetch = async {
+            // One request per distinct caller token: capped process-wide, failing fast.
+            let _permit = self.shared.try_fetch_permit().ok_or(TokenError::Busy)?;
             let client = self.client()?;
             let issued = endpoint::request(
                 client,
@@ -532,6 +560,8 @@ async fn refresh_attempt(
     {
         return Ok(());
     }
+    // A background refresh waits for a permit: no caller waits on it.
+    let _permit = cred.shared.fetch_permit().await;
     cred.counters.add(TokenCacheResult::Refresh);
     match cred.fetch(&connection, now).await {
         Ok(token) => {

@@ -46,6 +46,13 @@ pub enum TokenError {
     /// The HTTP client could not be set up.
     #[error("cannot make HTTP requests: {0}")]
     Client(String),
+    /// A rotated refresh token could not be written to the store: the new access token is not
+    /// used (fail closed) and the rotated refresh token is kept in memory until it can be.
+    #[error("the rotated refresh token cannot be stored yet: {0}")]
+    Store(String),
+    /// `limits.max_concurrent_fetches` requests are already in flight; nothing was sent.
+    #[error("too many token requests in flight (limits.max_concurrent_fetches)")]
+    Busy,
 }
 
 impl TokenError {
@@ -57,7 +64,11 @@ impl TokenError {
             | TokenError::Timeout(_)
             | TokenError::InvalidResponse(_) => true,
             TokenError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            TokenError::RefreshTokenRejected(_) | TokenError::Client(_) => false,
+            // Busy says nothing about the provider: it must not back off every caller.
+            TokenError::RefreshTokenRejected(_)
+            | TokenError::Client(_)
+            | TokenError::Store(_)
+            | TokenError::Busy => false,
         }
     }
 }

@@ -38,6 +38,8 @@ pub use store::{ConnectionRecord, ConnectionState, Store, StoreError};
 /// How long start-up waits for the credentials the config uses (each fetch is also bounded by its
 /// credential's `timeout`; a slower one finishes in the background).
 const PREFETCH_WAIT: Duration = Duration::from_secs(5);
+/// Default of `limits.max_concurrent_fetches`.
+pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 64;
 
 /// Credentials and their token caches; lives across reloads.
 #[derive(Debug, Clone)]
@@ -57,6 +59,14 @@ pub(crate) struct Shared {
     /// The credentials of the config in force (published after it compiled without error).
     current: Mutex<Arc<SetInner>>,
     pub(crate) consents: Mutex<HashMap<String, consent::PendingConsent>>,
+    /// Token endpoint requests in flight, capped by `limits.max_concurrent_fetches`, with the cap
+    /// it was made for. A reload that changes the cap installs a new semaphore; requests holding a
+    /// permit of the old one finish on it.
+    fetches: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
+    /// Connection records with a rotated refresh token that the provider issued (so the stored
+    /// one is spent) but the store could not write. Kept in memory and written before the
+    /// connection's next refresh, which never spends the stale stored token.
+    unstored: Mutex<HashMap<(String, String), ConnectionRecord>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -131,8 +141,41 @@ impl Shared {
             .map_err(|e| e.to_string())
     }
 
+    /// Remembers a record the store could not write (see `unstored`).
+    pub(crate) fn keep_unstored(
+        &self,
+        credential: &str,
+        connection: &str,
+        record: ConnectionRecord,
+    ) {
+        locked(&self.unstored).insert((credential.to_string(), connection.to_string()), record);
+    }
+
+    /// Takes the record the store could not write, if any.
+    pub(crate) fn take_unstored(
+        &self,
+        credential: &str,
+        connection: &str,
+    ) -> Option<ConnectionRecord> {
+        locked(&self.unstored).remove(&(credential.to_string(), connection.to_string()))
+    }
+
     fn current(&self) -> Arc<SetInner> {
         locked(&self.current).clone()
+    }
+
+    /// A permit for one request to a token endpoint, or `None` when `limits.max_concurrent_fetches`
+    /// are in flight (the caller fails fast rather than queueing behind a slow provider).
+    pub(crate) fn try_fetch_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = locked(&self.fetches).1.clone();
+        sem.try_acquire_owned().ok()
+    }
+
+    /// A permit for a background request, waiting for one (nobody waits on a background refresh).
+    pub(crate) async fn fetch_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = locked(&self.fetches).1.clone();
+        // The semaphore is never closed: `None` cannot happen, and would only mean "no cap".
+        sem.acquire_owned().await.ok()
     }
 }
 
@@ -149,6 +192,11 @@ impl Registry {
                 by_fingerprint: Mutex::new(HashMap::new()),
                 current: Mutex::new(Arc::new(SetInner::default())),
                 consents: Mutex::new(HashMap::new()),
+                unstored: Mutex::new(HashMap::new()),
+                fetches: Mutex::new((
+                    DEFAULT_MAX_CONCURRENT_FETCHES,
+                    Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_FETCHES)),
+                )),
             }),
         }
     }
@@ -163,6 +211,15 @@ impl Registry {
         {
             let mut slots = self.shared.slots.write().unwrap_or_else(|p| p.into_inner());
             slots.retain(|name, _| set.inner.by_name.contains_key(name));
+        }
+        {
+            let mut fetches = locked(&self.shared.fetches);
+            if fetches.0 != set.inner.max_fetches {
+                *fetches = (
+                    set.inner.max_fetches,
+                    Arc::new(tokio::sync::Semaphore::new(set.inner.max_fetches)),
+                );
+            }
         }
         *locked(&self.shared.current) = set.inner.clone();
     }
@@ -231,10 +288,22 @@ pub struct CredentialSet {
     inner: Arc<SetInner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SetInner {
     by_name: BTreeMap<String, Arc<Credential>>,
     store: Option<StoreSpec>,
+    /// `limits.max_concurrent_fetches`.
+    max_fetches: usize,
+}
+
+impl Default for SetInner {
+    fn default() -> Self {
+        SetInner {
+            by_name: BTreeMap::new(),
+            store: None,
+            max_fetches: DEFAULT_MAX_CONCURRENT_FETCHES,
+        }
+    }
 }
 
 /// `on_allow.backend_credential` of one API.
@@ -477,8 +546,20 @@ pub fn compile_credentials(
         };
         by_name.insert(spec.name, cred);
     }
+    let max_fetches = match src.file.limits.max_concurrent_fetches {
+        Some(0) => {
+            errs.push("limits.max_concurrent_fetches", "must be greater than 0");
+            DEFAULT_MAX_CONCURRENT_FETCHES
+        }
+        Some(n) => n,
+        None => DEFAULT_MAX_CONCURRENT_FETCHES,
+    };
     CredentialSet {
-        inner: Arc::new(SetInner { by_name, store }),
+        inner: Arc::new(SetInner {
+            by_name,
+            store,
+            max_fetches,
+        }),
     }
 }
 

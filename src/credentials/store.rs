@@ -127,7 +127,9 @@ impl std::fmt::Debug for ConnectionRecord {
 /// The open store. Reads come from an in-memory copy (the request path never touches the disk);
 /// writes go to the file first and to the copy once committed.
 pub struct Store {
-    db: Database,
+    /// `None` after a failed write: redb refuses every later transaction on that handle
+    /// (`PreviousIo`), so the next write reopens the file (which also rolls the failed one back).
+    db: Mutex<Option<Database>>,
     cipher: Aes256Gcm,
     path: PathBuf,
     records: Mutex<BTreeMap<(String, String), ConnectionRecord>>,
@@ -200,7 +202,7 @@ impl Store {
         let db = guarded(|| Database::open(path)).map_err(|e| classify(e, path))?;
         let records = load(&db, &cipher, path)?;
         Ok(Store {
-            db,
+            db: Mutex::new(Some(db)),
             cipher,
             path: path.into(),
             records: Mutex::new(records),
@@ -229,7 +231,7 @@ impl Store {
             .create_with_backend(backend)
             .map_err(|e| classify(e, path))?;
         let store = Store {
-            db,
+            db: Mutex::new(Some(db)),
             cipher,
             path: path.into(),
             records: Mutex::new(BTreeMap::new()),
@@ -326,10 +328,28 @@ impl Store {
             path: self.path.clone(),
             detail: e.to_string(),
         };
-        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        f(&txn).map_err(err)?;
-        // Durability::Immediate (the default): commit returns after the data is on disk.
-        txn.commit().map_err(|e| err(e.into()))
+        // Writes are serialised by this lock (redb allows one write transaction at a time anyway).
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = match db.take() {
+            Some(h) => h,
+            None => {
+                let h =
+                    guarded(|| Database::open(&self.path)).map_err(|e| classify(e, &self.path))?;
+                tracing::info!(store = %self.path.display(), "store reopened after a write error");
+                h
+            }
+        };
+        let result = (|| {
+            let txn = handle.begin_write().map_err(|e| err(e.into()))?;
+            f(&txn).map_err(err)?;
+            // Durability::Immediate (the default): commit returns after the data is on disk.
+            txn.commit().map_err(|e| err(e.into()))
+        })();
+        if result.is_ok() {
+            *db = Some(handle);
+        }
+        // On error the handle is dropped here, before any reopen: redb allows one per file.
+        result
     }
 
     fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -614,7 +634,8 @@ mod tests {
             s.put("crm", "alice", &record("rt-a")).unwrap();
             // Copy alice's sealed value under bob's key, as an attacker with file access could.
             let sealed = {
-                let txn = s.db.begin_read().unwrap();
+                let db = s.db.lock().unwrap();
+                let txn = db.as_ref().unwrap().begin_read().unwrap();
                 let t = txn.open_table(CONNECTIONS).unwrap();
                 t.get(record_key("crm", "alice").as_str())
                     .unwrap()

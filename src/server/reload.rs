@@ -33,6 +33,13 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
 }
 
 fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Summary>, ConfigErrors> {
+    // A file emptied in place (a writer that truncated it and has not written yet) parses as a
+    // config without APIs, which would replace every API with none. While serving, refuse it.
+    if std::fs::read(state.config_path()).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace)) {
+        let mut errs = ConfigErrors::default();
+        errs.push("", "the config file is empty (a write in progress?)");
+        return Err(errs);
+    }
     let src = config::load(state.config_path())?;
     {
         let digest = state

@@ -7,7 +7,6 @@ mod faults_common;
 #[path = "jwt_common/mod.rs"]
 mod keys;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,9 +23,9 @@ fn compile(text: &str, runtime: &Runtime) -> PolicySet {
 }
 
 async fn decide(policy: &PolicySet, bearer: &str, now: SystemTime) -> Decision {
-    let headers: HashMap<String, Vec<u8>> = [(
+    let headers: portcullis::policy::Headers = [(
         "authorization".to_string(),
-        format!("Bearer {bearer}").into_bytes(),
+        format!("Bearer {bearer}").into_bytes().into(),
     )]
     .into();
     let input = CheckInput {

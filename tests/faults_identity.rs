@@ -9,7 +9,6 @@ mod faults_common;
 #[path = "jwt_common/mod.rs"]
 mod keys;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -224,9 +223,9 @@ fn compile_on_demand(yaml: &str) -> (Arc<PolicySet>, Runtime) {
 }
 
 async fn decide(p: &PolicySet, token: &str, now: SystemTime) -> String {
-    let headers: HashMap<String, Vec<u8>> = [(
+    let headers: portcullis::policy::Headers = [(
         "authorization".to_string(),
-        format!("Bearer {token}").into_bytes(),
+        format!("Bearer {token}").into_bytes().into(),
     )]
     .into();
     let input = CheckInput {

@@ -269,9 +269,7 @@ async fn serve(
         let _ = drain_tx.send(true);
     });
 
-    let mut builder = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .tcp_nodelay(true);
+    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -283,7 +281,10 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            // The builder's `tcp_nodelay` does not reach connections of an incoming stream: set it
+            // here. Without it a response written in two pieces waits ~40 ms for the client's
+            // delayed ACK (Nagle), which turned a 60 us check into a 44 ms one.
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             async move {
                 let _ = grpc_drain.wait_for(|v| *v).await;
             },

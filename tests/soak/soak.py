@@ -757,6 +757,14 @@ class Soak:
         if errors:
             self.failures.append(f"{errors} transport errors, e.g. " + "; ".join(s.error_examples[:5]))
         self.failures.extend(self.event_errors)
+        # The fetches made while starting count too: the start-up token fetch is a cache miss and the
+        # first JWKS fetch a success (both were lost once, when metrics were set up after them).
+        if getattr(self, "metrics", ""):
+            lines = metric_lines(self.metrics)
+            if not any(l.startswith("portcullis_token_cache_requests_total") and 'result="miss"' in l for l in lines):
+                self.failures.append("/metrics: the start-up backend token fetch was not counted as a miss")
+            if not any(l.startswith("portcullis_jwks_fetches_total") and 'result="success"' in l for l in lines):
+                self.failures.append("/metrics: no successful JWKS fetch was counted")
         if self.exit_code != 0:
             self.failures.append(f"portcullis exited with {self.exit_code} on SIGTERM (expected 0)")
 

@@ -504,8 +504,8 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         f"{meta['check_request_bytes']} bytes); through Envoy h2load --h1 -c {HTTP_CLIENTS}. "
         f"Saturation {SAT_SECONDS:g} s and rate (50% of the scenario's saturation) {RATE_SECONDS:g} s per "
         f"round, {ROUNDS} rounds interleaved. Latency = h2load per-request time, worst round.", "",
-        "| scenario | saturation req/s | rate req/s | p50 ms | p99 ms | p99.9 ms | portcullis CPU s (ms/1k req) "
-        "| Envoy CPU s (ms/1k req) | backend CPU ms/1k | h2load CPU ms/1k | peak RSS MiB portcullis / Envoy |",
+        "| scenario | saturation req/s | rate req/s | p50 ms | p99 ms | p99.9 ms | portcullis CPU s (µs/req) "
+        "| Envoy CPU s (µs/req) | backend CPU µs/req | h2load CPU µs/req | peak RSS MiB portcullis / Envoy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -530,7 +530,24 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
             f"{proc_cell(row, 'portcullis')} | {proc_cell(row, 'envoy')} | "
             f"{'–' if backend is None else f'{backend:.1f}'} | {row['saturation_loadgen_cpu_ms_per_1k']:.1f} | "
             f"{rss_cell(row)} |")
-    lines += ["", "CPU columns: seconds over all saturation rounds, and milliseconds per 1,000 requests served.", ""]
+    lines += ["", "Latency columns at the fixed rate; CPU columns over all saturation rounds: seconds, and CPU "
+              "microseconds per request served (= ms per 1,000 requests).", ""]
+
+    # Where the time goes: server CPU per request at saturation, and what each scenario adds to the
+    # cheapest one of its kind.
+    lines += ["| CPU per request at saturation (µs) | portcullis | front Envoy | backend Envoy | all servers "
+              "| added over baseline |", "|---|---:|---:|---:|---:|---|"]
+    per_req = {}
+    for name, row in rows.items():
+        c = row["saturation_cpu_ms_per_1k"]
+        pc = next((v for n, v in c.items() if n.startswith("portcullis")), 0.0)
+        fe = next((v for n, v in c.items() if n.startswith("envoy")), 0.0)
+        be = c.get("backend envoy", 0.0)
+        per_req[name] = pc + fe + be
+        base = "grpc floor" if name.startswith("grpc") else "envoy"
+        added = "" if name == base or base not in per_req else f"{per_req[name] - per_req[base]:+.1f} vs {base}"
+        lines.append(f"| {name} | {pc:.1f} | {fe:.1f} | {be:.1f} | {per_req[name]:.1f} | {added} |")
+    lines.append("")
 
     ratios = []
 

@@ -297,15 +297,18 @@ class Portcullis:
     grpc_port: int
     http_port: int
 
-    def denies(self) -> int:
-        """Checks that did not allow so far, from /metrics (portcullis_decisions* with outcome != allow)."""
+    def decisions(self) -> tuple[int, int]:
+        """(allowed, not allowed) checks so far, from /metrics (`portcullis_decisions_total` by outcome)."""
         _, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
-        n = 0.0
+        allow = other = 0.0
         for line in text.splitlines():
-            if line.startswith("portcullis_decisions") and "outcome=" in line and 'outcome="allow"' not in line \
-                    and not line.startswith("portcullis_decision_"):
-                n += float(line.rsplit(" ", 1)[1])
-        return int(n)
+            if line.startswith("portcullis_decisions_total{") and "outcome=" in line:
+                n = float(line.rsplit(" ", 1)[1])
+                if 'outcome="allow"' in line:
+                    allow += n
+                else:
+                    other += n
+        return int(allow), int(other)
 
 
 def start_portcullis(name: str, config: Path, logdir: Path, extra_env: dict) -> Portcullis:
@@ -432,7 +435,7 @@ def measure(s: Scenario, files: dict, seconds: float, log_file: Path, rate: floa
         p.reset_peak_rss()
     cpu0 = {p.name: p.cpu_seconds() for p in s.procs}
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    denies0 = s.portcullis.denies() if s.portcullis else 0
+    decisions0 = s.portcullis.decisions() if s.portcullis else (0, 0)
     proc = subprocess.run(h2load_argv(s, files, seconds, log_file, rate), capture_output=True, text=True)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = {p.name: p.cpu_seconds() - cpu0[p.name] for p in s.procs}
@@ -441,9 +444,10 @@ def measure(s: Scenario, files: dict, seconds: float, log_file: Path, rate: floa
         raise SystemExit(f"{s.name}: h2load failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     r = parse_h2load(proc.stdout)
     us, bad = latencies(log_file)
-    denies = (s.portcullis.denies() - denies0) if s.portcullis else 0
+    decisions1 = s.portcullis.decisions() if s.portcullis else (0, 0)
+    allows, denies = decisions1[0] - decisions0[0], decisions1[1] - decisions0[1]
     r.update(rps=r["ok_2xx"] / r["seconds"], cpu_s=cpu, loadgen_cpu_s=(ru1.ru_utime + ru1.ru_stime) -
-             (ru0.ru_utime + ru0.ru_stime), peak_rss_mib=rss, not_200=bad, portcullis_denies=denies,
+             (ru0.ru_utime + ru0.ru_stime), peak_rss_mib=rss, not_200=bad, portcullis_allows=allows, portcullis_denies=denies,
              target_rps=rate)
     us.sort()
     r.update(p50_us=pct(us, 50), p99_us=pct(us, 99), p999_us=pct(us, 99.9), logged=len(us))
@@ -452,6 +456,11 @@ def measure(s: Scenario, files: dict, seconds: float, log_file: Path, rate: floa
         problems.append(f"{r['failed']} failed, {r['not_2xx'] + bad} not 200")
     if denies:
         problems.append(f"{denies} checks denied by portcullis")
+    # Every 200 must be an allow (an h2load request portcullis could not read would still be HTTP 200,
+    # with a gRPC error in the trailers). Slack: requests still in flight when h2load stopped.
+    in_flight = GRPC_CLIENTS * GRPC_STREAMS if s.kind == "grpc" else HTTP_CLIENTS
+    if s.portcullis and allows < r["ok_2xx"] - in_flight:
+        problems.append(f"only {allows} allows counted by portcullis for {r['ok_2xx']} responses")
     if problems:
         raise SystemExit(f"{s.name}: {', '.join(problems)} — the measurement would be of the wrong thing")
     log_file.unlink()  # large; the numbers are kept

@@ -230,7 +230,7 @@ def make_material() -> Material:
     return Material(json.dumps(jwks), token, cert_pem, "load-" + secrets.token_hex(16), secrets.token_hex(16))
 
 
-def check_request(m: Material, *, with_key: bool = True) -> external_auth_pb2.CheckRequest:
+def check_request(m: Material, *, with_key: bool = True, with_cert: bool = True) -> external_auth_pb2.CheckRequest:
     """What Envoy sends for `GET /orders/42` from 127.0.0.1 over mTLS (include_peer_certificate)."""
     headers = {
         ":authority": "api.example.com", ":path": "/orders/42", ":method": "GET", ":scheme": "https",
@@ -248,7 +248,7 @@ def check_request(m: Material, *, with_key: bool = True) -> external_auth_pb2.Ch
     attrs = attribute_context_pb2.AttributeContext(
         source=attribute_context_pb2.AttributeContext.Peer(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=51234)),
-            certificate=urllib.parse.quote(m.cert_pem, safe=""),
+            certificate=urllib.parse.quote(m.cert_pem, safe="") if with_cert else "",
         ),
         destination=attribute_context_pb2.AttributeContext.Peer(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=10443)),
@@ -263,12 +263,14 @@ def grpc_frame(msg: bytes) -> bytes:
     return b"\x00" + len(msg).to_bytes(4, "big") + msg  # uncompressed, big-endian length
 
 
-def http_headers(m: Material, *, with_key: bool = True, with_token: bool = True) -> dict[str, str]:
+def http_headers(m: Material, *, with_key: bool = True, with_token: bool = True,
+                 with_cert: bool = True) -> dict[str, str]:
     """Headers of the request sent through Envoy; the client certificate travels as XFCC (plain HTTP)."""
-    h = {"accept": "application/json",
-         "x-forwarded-client-cert": 'Hash=%s;Cert="%s"' % (
-             hashlib.sha256(x509.load_pem_x509_certificate(m.cert_pem.encode()).public_bytes(
-                 serialization.Encoding.DER)).hexdigest(), urllib.parse.quote(m.cert_pem, safe=""))}
+    h = {"accept": "application/json"}
+    if with_cert:
+        der = x509.load_pem_x509_certificate(m.cert_pem.encode()).public_bytes(serialization.Encoding.DER)
+        h["x-forwarded-client-cert"] = 'Hash=%s;Cert="%s"' % (hashlib.sha256(der).hexdigest(),
+                                                              urllib.parse.quote(m.cert_pem, safe=""))
     if with_token:
         h["authorization"] = "Bearer " + m.token
     if with_key:
@@ -356,24 +358,29 @@ def verify_grpc(s: Scenario, body: bytes, m: Material, realistic: bool) -> None:
                 raise SystemExit(f"{s.name}: allowed without the expected headers: {sorted(got)}")
             if "ocp-apim-subscription-key" not in resp.ok_response.headers_to_remove:
                 raise SystemExit(f"{s.name}: the subscription key is not removed")
-            # The policy really checks: the same request without the key is refused.
-            denied = stub.Check(check_request(m, with_key=False), timeout=10)
-            if denied.status.code == 0:
-                raise SystemExit(f"{s.name}: a request without the subscription key was allowed")
-    log(f"  verified {s.name}: gRPC status OK" + (", headers set, key removed, keyless request denied"
+            # The policy really checks: the same request without the key, or the certificate, is refused.
+            for what, bad in (("subscription key", check_request(m, with_key=False)),
+                              ("client certificate", check_request(m, with_cert=False))):
+                if stub.Check(bad, timeout=10).status.code == 0:
+                    raise SystemExit(f"{s.name}: a request without the {what} was allowed")
+    log(f"  verified {s.name}: gRPC status OK" + (", headers set, key removed, denied without key / certificate"
                                                   if realistic else ""))
 
 
-def verify_http(s: Scenario, m: Material, must_refuse: bool) -> None:
+def verify_http(s: Scenario, m: Material, must_refuse: bool, needs_cert: bool) -> None:
     status, body = http_get(s.url, http_headers(m))
     if status != 200 or body != "ok":
         raise SystemExit(f"{s.name}: the benchmark request got {status} {body[:200]!r}")
     if must_refuse:
-        for what, h in (("no token", http_headers(m, with_token=False)), ("no key", http_headers(m, with_key=False))):
+        bad = [("no token", http_headers(m, with_token=False)), ("no key", http_headers(m, with_key=False))]
+        if needs_cert:
+            bad.append(("no certificate", http_headers(m, with_cert=False)))
+        for what, h in bad:
             status, _ = http_get(s.url, h)
             if status not in (401, 403):
                 raise SystemExit(f"{s.name}: a request with {what} got {status}, expected 401/403")
-    log(f"  verified {s.name}: 200" + (", refused without token / without key" if must_refuse else ""))
+    log(f"  verified {s.name}: 200" + (", refused without token / key" + (" / certificate" if needs_cert else "")
+                                        if must_refuse else ""))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -687,7 +694,8 @@ def main() -> int:
         if s.kind == "grpc":
             verify_grpc(s, body, m, realistic=s.portcullis is realistic)
         else:
-            verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic"))
+            verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic"),
+                        needs_cert=s.name == "envoy+realistic")
     tokens_before = json.loads(http_get(token_stats)[1])["token_requests"]
 
     log("warming up ...")

@@ -2,7 +2,7 @@
 # The load harness: portcullis against its baselines, in one run on one machine (about 4 minutes).
 #
 #   bash bench/load.sh                       # results in target/load/results.md and results.json
-#   ROUNDS=3 SAT_SECONDS=10 RATE_SECONDS=20 bash bench/load.sh    # longer, steadier
+#   ROUNDS=5 SAT_SECONDS=10 RATE_SECONDS=20 bash bench/load.sh    # longer, steadier
 #   PORTCULLIS_BIN=/path/to/portcullis bash bench/load.sh         # measure another build
 #
 # Scenarios: portcullis over gRPC with an allow-everything policy (the floor) and with

@@ -20,7 +20,8 @@ response must be 200. portcullis's own /metrics must show no deny during the mea
 Settings (environment):
   PORTCULLIS_BIN   binary under test (default target/release/portcullis)
   ENVOY_BIN        default .venv/bin/envoy
-  SAT_SECONDS=5 RATE_SECONDS=8 ROUNDS=2 WARMUP_SECONDS=1   per measurement; rounds interleave scenarios
+  SAT_SECONDS=4 RATE_SECONDS=6 ROUNDS=3 WARMUP_SECONDS=1   per measurement; rounds interleave scenarios
+                   (throughput: median of the rounds; latency: percentiles of all rounds' requests)
   GRPC_CLIENTS=16 GRPC_STREAMS=8    h2load -c/-m for the direct gRPC scenarios
   HTTP_CLIENTS=32                   h2load --h1 -c for the scenarios through Envoy (one request in flight each)
   PIN=split|none  LOADGEN_CPUS=0 SERVER_CPUS=1   split: h2load on LOADGEN_CPUS, every server on SERVER_CPUS
@@ -39,6 +40,7 @@ import resource
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -70,9 +72,9 @@ def env_float(name: str, default: float) -> float:
 
 PORTCULLIS_BIN = os.environ.get("PORTCULLIS_BIN") or str(ROOT / "target/release/portcullis")
 ENVOY_BIN = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv/bin/envoy")
-SAT_SECONDS = env_float("SAT_SECONDS", 5)
-RATE_SECONDS = env_float("RATE_SECONDS", 8)
-ROUNDS = env_int("ROUNDS", 2)
+SAT_SECONDS = env_float("SAT_SECONDS", 4)
+RATE_SECONDS = env_float("RATE_SECONDS", 6)
+ROUNDS = env_int("ROUNDS", 3)
 WARMUP_SECONDS = env_float("WARMUP_SECONDS", 1)
 GRPC_CLIENTS = env_int("GRPC_CLIENTS", 16)
 GRPC_STREAMS = env_int("GRPC_STREAMS", 8)
@@ -457,7 +459,7 @@ def measure(s: Scenario, files: dict, seconds: float, log_file: Path, rate: floa
              (ru0.ru_utime + ru0.ru_stime), peak_rss_mib=rss, not_200=bad, portcullis_allows=allows, portcullis_denies=denies,
              target_rps=rate)
     us.sort()
-    r.update(p50_us=pct(us, 50), p99_us=pct(us, 99), p999_us=pct(us, 99.9), logged=len(us))
+    r.update(p50_us=pct(us, 50), p99_us=pct(us, 99), p999_us=pct(us, 99.9), logged=len(us), samples_us=us)
     problems = []
     if r["failed"] or r["not_2xx"] or bad:
         problems.append(f"{r['failed']} failed, {r['not_2xx'] + bad} not 200")
@@ -478,10 +480,11 @@ def summarise(s: Scenario) -> dict:
     def total(runs, key):
         return sum(r[key] for r in runs)
 
-    sat_rps = sum(r["rps"] for r in s.sat) / len(s.sat)
+    sat_rps = statistics.median(r["rps"] for r in s.sat)
     out = {"scenario": s.name, "saturation_rps": sat_rps,
-           "saturation_rps_rounds": [round(r["rps"], 1) for r in s.sat],
-           "saturation_p99_us": max(r["p99_us"] for r in s.sat)}
+           "rounds": {"saturation": [{k: v for k, v in r.items() if k != "samples_us"} for r in s.sat],
+                      "rate": [{k: v for k, v in r.items() if k != "samples_us"} for r in s.rate]},
+           "saturation_p99_us": pct(sorted(x for r in s.sat for x in r["samples_us"]), 99)}
     for phase, runs in (("saturation", s.sat), ("rate", s.rate)):
         n = total(runs, "ok_2xx")
         cpu = {p.name: sum(r["cpu_s"][p.name] for r in runs) for p in s.procs}
@@ -493,10 +496,11 @@ def summarise(s: Scenario) -> dict:
         out[f"{phase}_loadgen_cpu_ms_per_1k"] = round(1e6 * lg / n, 2) if n else None
     if s.rate:
         out["rate_target_rps"] = s.rate[0]["target_rps"]
-        out["rate_rps"] = sum(r["rps"] for r in s.rate) / len(s.rate)
-        # Percentiles over each round's own; the max of rounds is the conservative figure.
-        for k in ("p50_us", "p99_us", "p999_us"):
-            out[f"rate_{k}"] = max(r[k] for r in s.rate)
+        out["rate_rps"] = statistics.median(r["rps"] for r in s.rate)
+        merged = sorted(x for r in s.rate for x in r["samples_us"])
+        for k, p in (("p50_us", 50), ("p99_us", 99), ("p999_us", 99.9)):
+            out[f"rate_{k}"] = pct(merged, p)
+            out[f"rate_{k}_rounds"] = [r[k] for r in s.rate]
     out["peak_rss_mib"] = {p.name: round(max(r["peak_rss_mib"][p.name] for r in s.sat + s.rate), 1)
                            for p in s.procs}
     return out
@@ -519,7 +523,8 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         f"Load: gRPC h2load -c {GRPC_CLIENTS} -m {GRPC_STREAMS} (pre-encoded CheckRequest, "
         f"{meta['check_request_bytes']} bytes); through Envoy h2load --h1 -c {HTTP_CLIENTS}. "
         f"Saturation {SAT_SECONDS:g} s and rate (50% of the scenario's saturation) {RATE_SECONDS:g} s per "
-        f"round, {ROUNDS} rounds interleaved. Latency = h2load per-request time, worst round.", "",
+        f"round, {ROUNDS} rounds interleaved. Throughput: median of the rounds; latency: h2load's per-request "
+        f"times of all rounds at the fixed rate.", "",
         "| scenario | saturation req/s | rate req/s | p50 ms | p99 ms | p99.9 ms | portcullis CPU s (µs/req) "
         "| Envoy CPU s (µs/req) | backend CPU µs/req | h2load CPU µs/req | peak RSS MiB portcullis / Envoy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -713,7 +718,7 @@ def main() -> int:
             log(f"saturation round {rnd + 1}: {s.name:<22} {r['rps']:>9,.0f} req/s  p99 {ms(r['p99_us'])} ms")
     for rnd in range(ROUNDS):
         for s in order(rnd):
-            target = 0.5 * sum(x["rps"] for x in s.sat) / len(s.sat)
+            target = 0.5 * statistics.median(x["rps"] for x in s.sat)
             r = measure(s, files, RATE_SECONDS, work / "h2load.log", target)
             s.rate.append(r)
             log(f"rate round {rnd + 1}:       {s.name:<22} {r['rps']:>9,.0f} req/s (target {target:,.0f})  "

@@ -25,6 +25,8 @@ Settings (environment):
   GRPC_CLIENTS=16 GRPC_STREAMS=8    h2load -c/-m for the direct gRPC scenarios
   HTTP_CLIENTS=32                   h2load --h1 -c for the scenarios through Envoy (one request in flight each)
   PIN=split|none  LOADGEN_CPUS=0 SERVER_CPUS=1   split: h2load on LOADGEN_CPUS, every server on SERVER_CPUS
+  NICE=-10        run the servers and h2load at this priority (root only for < 0): on a machine that
+                  is busy with other work, keeps its scheduling delays out of the latencies
   SCENARIOS       comma-separated subset of the names above (e.g. "grpc floor,grpc realistic")
   OUT_DIR         default target/load (results.md, results.json, logs/)
 """
@@ -82,6 +84,7 @@ HTTP_CLIENTS = env_int("HTTP_CLIENTS", 32)
 PIN = os.environ.get("PIN", "split")
 LOADGEN_CPUS = os.environ.get("LOADGEN_CPUS", "0")
 SERVER_CPUS = os.environ.get("SERVER_CPUS", "1")
+NICE = os.environ.get("NICE", "")
 OUT_DIR = Path(os.environ.get("OUT_DIR") or ROOT / "target/load")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -99,7 +102,8 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def pinned(cpus: str) -> list[str]:
-    return ["taskset", "-c", cpus] if PIN == "split" else []
+    """The command prefix that pins a process (PIN=split) and sets its priority (NICE)."""
+    return (["taskset", "-c", cpus] if PIN == "split" else []) + (["nice", "-n", NICE] if NICE else [])
 
 
 class Proc:
@@ -734,7 +738,8 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(), "cpu_model": cpu_model,
         "pinning": (f"h2load on CPU {LOADGEN_CPUS}, servers (portcullis, Envoys, token stub) on CPU {SERVER_CPUS}"
-                    if PIN == "split" else "none (all processes float over all CPUs)"),
+                    if PIN == "split" else "none (all processes float over all CPUs)") +
+                   (f", nice {NICE}" if NICE else ""),
         "portcullis": PORTCULLIS_BIN, "portcullis_version": version([PORTCULLIS_BIN, "--version"], r"(\S+\s+\S+)"),
         "envoy_version": version([ENVOY_BIN, "--version"], r"/(1\.\d+\.\d+)/"),
         "h2load_version": version(["h2load", "--version"], r"(h2load nghttp2/\S+)"),
@@ -743,7 +748,7 @@ def main() -> int:
         "loadavg_start_end": [loadavg_start, Path("/proc/loadavg").read_text().split()[:3]],
         "settings": {"SAT_SECONDS": SAT_SECONDS, "RATE_SECONDS": RATE_SECONDS, "ROUNDS": ROUNDS,
                      "GRPC_CLIENTS": GRPC_CLIENTS, "GRPC_STREAMS": GRPC_STREAMS, "HTTP_CLIENTS": HTTP_CLIENTS,
-                     "PIN": PIN},
+                     "PIN": PIN, "NICE": NICE},
         "backend_token_requests": {"before_measuring": tokens_before, "after": tokens_after},
         "notes": ((f"The backend credential was fetched {tokens_after} time(s) in the whole run "
                    f"({tokens_after - tokens_before} during the measurements): served from the token cache. "

@@ -449,6 +449,7 @@ def measure(s: Scenario, files: dict, seconds: float, log_file: Path, rate: floa
     cpu0 = {p.name: p.cpu_seconds() for p in s.procs}
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     decisions0 = s.portcullis.decisions() if s.portcullis else (0, 0)
+    log_file.unlink(missing_ok=True)  # h2load appends to an existing log
     proc = subprocess.run(h2load_argv(s, files, seconds, log_file, rate), capture_output=True, text=True)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = {p.name: p.cpu_seconds() - cpu0[p.name] for p in s.procs}

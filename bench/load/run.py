@@ -25,8 +25,8 @@ Settings (environment):
   GRPC_CLIENTS=16 GRPC_STREAMS=8    h2load -c/-m for the direct gRPC scenarios
   HTTP_CLIENTS=32                   h2load --h1 -c for the scenarios through Envoy (one request in flight each)
   PIN=split|none  LOADGEN_CPUS=0 SERVER_CPUS=1   split: h2load on LOADGEN_CPUS, every server on SERVER_CPUS
-  NICE=-10        run the servers and h2load at this priority (root only for < 0): on a machine that
-                  is busy with other work, keeps its scheduling delays out of the latencies
+  NICE=-10        run the servers and h2load at this priority (root only for < 0), to lessen (not
+                  remove) the effect of other work on a busy machine; results should come from a quiet one
   SCENARIOS       comma-separated subset of the names above (e.g. "grpc floor,grpc realistic")
   OUT_DIR         default target/load (results.md, results.json, logs/)
 """

@@ -18,7 +18,7 @@ apis:
     match: { hosts: ["*.example.com"], path_prefix: /orders, methods: [GET, POST] }
     subscription_required: true
     ip_filter: { action: forbid, addresses: [10.0.0.0/8] }
-    on_allow: { set_headers: { x-sub: "{subscription.id}", x-ip: "{client_ip}", x-path: "{request.path}" } }
+    on_allow: { set_headers: { x-sub: "{subscription.id}", x-ip: "{client_ip}" } }
 "#;
 const KEY: &[u8] = b"demo-key-123";
 

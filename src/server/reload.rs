@@ -3,7 +3,7 @@
 //! policy keeps serving.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
 
@@ -15,18 +15,25 @@ use crate::policy::{self, Summary};
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Reloads the config file. Without `force`, an unchanged file (same SHA-256) is not recompiled.
+///
+/// Runs on a blocking thread (the watcher and SIGHUP use `spawn_blocking`): checks keep being
+/// decided by the current policy while the new one is read and compiled, and see the new one from
+/// the atomic swap on.
 pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> {
+    let started = Instant::now();
     let result = try_reload(state, force);
+    // Milliseconds with a fraction: what operators compare with their reload budget.
+    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     match &result {
         Ok(Some(summary)) => {
-            state.telemetry.config_reload(true);
-            tracing::info!(summary = %summary, "configuration reloaded");
+            state.telemetry.config_reload(true, started.elapsed());
+            tracing::info!(summary = %summary, duration_ms, "configuration reloaded");
         }
         Ok(None) => {}
         Err(errs) => {
-            state.telemetry.config_reload(false);
+            state.telemetry.config_reload(false, started.elapsed());
             let errors: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
-            tracing::error!(errors = ?errors, "configuration rejected; the last good configuration keeps serving");
+            tracing::error!(errors = ?errors, duration_ms, "configuration rejected; the last good configuration keeps serving");
         }
     }
     result.map(|s| s.unwrap_or_else(|| state.policy().summary.clone()))

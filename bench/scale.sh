@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Scaling run (issue 8 item 2): decision time as the policy grows, and memory, start-up and reload at
+# the largest policy with the checks served during reloads. Results: target/scale/results.{md,json}.
+#
+#   bench/scale.sh                 # everything (about 5 minutes on 2 cores, after the builds)
+#   SKIP_CRITERION=1 bench/scale.sh   # only the server run
+#   SKIP_SERVER=1 bench/scale.sh      # only the criterion bench
+#
+# Knobs: KEYS CIDRS APIS PROVIDERS JWKS=inline|file RATE (checks/s) SECONDS (per phase) RELOADS.
+# Needs python3 with grpcio, xds-protos and cryptography (tests/wire/requirements.txt); uses
+# .venv/bin/python when it exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=target/scale
+mkdir -p "$OUT"
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+
+if [ -z "${SKIP_CRITERION:-}" ]; then
+  cargo bench --bench scaling -- --noplot 2>&1 | tee "$OUT/criterion.log"
+fi
+
+if [ -z "${SKIP_SERVER:-}" ]; then
+  cargo build --release --bin portcullis
+  BIN=${PORTCULLIS_BIN:-target/release/portcullis}
+  rm -rf "$OUT/config"
+  "$PY" bench/scale/gen.py "$OUT/config" --keys "${KEYS:-100000}" --cidrs "${CIDRS:-10000}" \
+    --apis "${APIS:-1000}" --providers "${PROVIDERS:-50}" --jwks "${JWKS:-inline}" > "$OUT/generated.json"
+  "$PY" bench/scale/drive.py "$OUT/config" --bin "$BIN" --rate "${RATE:-300}" \
+    --seconds "${SECONDS_PER_PHASE:-10}" --reloads "${RELOADS:-10}" --out "$OUT/server.json" > /dev/null
+fi
+
+"$PY" bench/scale/report.py "$OUT"

@@ -81,6 +81,8 @@ class Server:
                 rec = json.loads(line)
             except ValueError:
                 continue
+            # portcullis logs flattened JSON (fields beside `message`); accept nested too.
+            rec = {**rec, **rec.get("fields", {})}
             with self.cond:
                 self.lines.append((time.monotonic(), rec))
                 self.cond.notify_all()
@@ -92,7 +94,7 @@ class Server:
             while True:
                 for i in range(start, len(self.lines)):
                     at, rec = self.lines[i]
-                    msg = rec.get("fields", {}).get("message", "")
+                    msg = rec.get("message", "")
                     if msg.startswith(message):
                         return i, at, rec
                     if rec.get("level") == "ERROR":
@@ -184,11 +186,11 @@ def main() -> int:
     try:
         _, loaded_at, loaded = srv.wait_for("configuration loaded")
         i, listening_at, rec = srv.wait_for("listening (ext_authz")
-        target = rec["fields"]["addr"]
+        target = rec["addr"]
         result["start"] = {
-            "load_compile_ms": loaded["fields"].get("duration_ms"),
+            "load_compile_ms": loaded.get("duration_ms"),
             "to_listening_ms": (listening_at - srv.t0) * 1e3,
-            "summary": loaded["fields"].get("summary"),
+            "summary": loaded.get("summary"),
         }
         time.sleep(0.5)
         result["rss_idle_kib"] = status_kib(srv.proc.pid)
@@ -222,7 +224,7 @@ def main() -> int:
                     how = "sighup"
                 idx, at, rec = await asyncio.to_thread(srv.wait_for, "configuration reloaded", nxt, 60)
                 nxt = idx + 1
-                d = rec["fields"].get("duration_ms")
+                d = rec.get("duration_ms")
                 durations.append({"how": how, "duration_ms": d})
                 # The compile ran in the `duration_ms` before the log line.
                 windows.append((at - (d or 0) / 1e3, at))

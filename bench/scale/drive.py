@@ -225,7 +225,7 @@ def main() -> int:
                 idx, at, rec = await asyncio.to_thread(srv.wait_for, "configuration reloaded", nxt, 60)
                 nxt = idx + 1
                 d = rec.get("duration_ms")
-                durations.append({"how": how, "duration_ms": d})
+                durations.append({"how": how, "duration_ms": d, "load_ms": rec.get("load_ms")})
                 # The compile ran in the `duration_ms` before the log line.
                 windows.append((at - (d or 0) / 1e3, at))
                 del began
@@ -238,6 +238,7 @@ def main() -> int:
         result["reload"] = {
             "count": len(ds),
             "duration_ms": {"min": min(ds) if ds else None, "p50": pct(ds, 50), "max": max(ds) if ds else None},
+            "load_ms_p50": pct([d["load_ms"] for d in rel["side"]["durations"] if d.get("load_ms") is not None], 50),
             "each": rel["side"]["durations"],
             "checks_during_reload_phase": {**summary([x for _, x in rel["lat"]]), "failures": len(rel["failures"]),
                                            "wrong_decisions": len(rel["wrong"]), "achieved_rps": rel["achieved_rps"]},

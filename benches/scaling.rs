@@ -38,7 +38,10 @@ fn compile_yaml(y: &str) -> PolicySet {
 /// The n-th CIDR of an IP filter, and an address inside it.
 fn cidr(c: usize) -> (String, String) {
     if c % 10 == 9 {
-        (format!("\"2001:db8:{c:x}::/48\""), format!("2001:db8:{c:x}::7"))
+        (
+            format!("\"2001:db8:{c:x}::/48\""),
+            format!("2001:db8:{c:x}::7"),
+        )
     } else {
         (
             format!("10.{}.{}.0/24", (c / 256) % 256, c % 256),
@@ -51,7 +54,10 @@ fn keys_policy(n: usize) -> PolicySet {
     let mut y = String::from("subscriptions:\n  keys:\n");
     for k in 0..n {
         let hash = subscription::format_hash(&subscription::hash_key(&format!("key-{k}")));
-        let _ = writeln!(y, "    - {{ id: sub-{k}, scope: all, primary: \"{hash}\" }}");
+        let _ = writeln!(
+            y,
+            "    - {{ id: sub-{k}, scope: all, primary: \"{hash}\" }}"
+        );
     }
     y.push_str(
         "apis:\n  - name: api-0\n    match: { path_prefix: /svc0 }\n    subscription_required: true\n",
@@ -207,7 +213,8 @@ fn bench(c: &mut Criterion) {
         .expect("bench runtime");
     for n in [1, 10, 50] {
         let key = if n == max { &b } else { &a };
-        let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": format!("k{}", n - 1)});
+        let header =
+            serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": format!("k{}", n - 1)});
         let token = key.sign(header, keys::claims(&issuer(n - 1), AUD, "alice"));
         let i = input(
             "/svc0/orders/1",

@@ -153,17 +153,21 @@ async def traffic(target: str, reqs: list[tuple[dict, bytes]], rate: float, seco
         n = int(rate * seconds)
         tasks = []
         side = asyncio.create_task(during(start)) if during else None
-        for i in range(n):
+        i = 0
+        # At least `seconds`, and on until the side task (the reloads) is done.
+        while i < n or (side is not None and not side.done()):
             due = start + i / rate
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             spec, body = reqs[i % len(reqs)]
             tasks.append(asyncio.create_task(one(due, spec, body)))
+            i += 1
+        sent = time.monotonic() - start
         await asyncio.gather(*tasks)
         side_result = await side if side else None
         return {"lat": lat, "failures": failures, "wrong": wrong, "side": side_result,
-                "achieved_rps": len(tasks) / (time.monotonic() - start)}
+                "achieved_rps": len(tasks) / sent}
 
 
 def main() -> int:

@@ -53,9 +53,9 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/scale")
     target_dir = out.parent
     results: dict = {"decision": criterion(target_dir)}
-    server_f = out / "server.json"
-    if server_f.exists():
-        results["server"] = json.loads(server_f.read_text())
+    for key, name in [("server", "server.json"), ("server_malloc_tuned", "server-malloc-tuned.json")]:
+        if (out / name).exists():
+            results[key] = json.loads((out / name).read_text())
     gen_f = out / "generated.json"
     if gen_f.exists():
         results["generated"] = json.loads(gen_f.read_text())
@@ -70,15 +70,25 @@ def main() -> None:
                 md.append(f"| {d['label']} | {r['size']:,} | {fmt_ns(r['median_ns'])} | {r['ratio']:.2f}x |")
             md.append(f"| **{d['label']}: worst ratio** | | | **{d['max_ratio']:.2f}x {'✅' if d['meets_target'] else '❌'}** |")
         md.append("")
-    s = results.get("server")
+    for key, title in [("server", "glibc malloc defaults"),
+                       ("server_malloc_tuned", "MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072")]:
+        if key in results:
+            md += server_section(results[key], results.get("generated", {}), title)
+    text = "\n".join(md)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(text)
+
+
+def server_section(s: dict, g: dict, title: str) -> list[str]:
+    md: list[str] = []
     if s:
-        g = results.get("generated", {})
         hwm_idle = s["rss_idle_kib"]["VmHWM"] / 1024
         hwm_end = s["rss_after_reloads_kib"]["VmHWM"] / 1024
         rl = s["reload"]
         base, during, win = s["baseline"], rl["checks_during_reload_phase"], rl["checks_while_compiling"]
         fails = during["failures"] + during["wrong_decisions"] + base["failures"] + base["wrong_decisions"]
-        md += ["## Largest policy, real server (`portcullis serve`, release build)", "",
+        md += [f"## Largest policy, real server (`portcullis serve`, release build; {title})", "",
                f"Policy: {g.get('keys', '?'):,} subscription keys, {g.get('cidrs', '?'):,} CIDRs, "
                f"{g.get('apis', '?'):,} APIs, {g.get('providers', '?')} identity providers "
                f"(JWKS {g.get('jwks', '?')}); YAML {s['config_bytes'] / 1e6:.1f} MB.", "",
@@ -99,10 +109,9 @@ def main() -> None:
                ""]
         if rl.get("failure_samples"):
             md += ["Failures:", ""] + [f"- {x}" for x in rl["failure_samples"]] + [""]
-    text = "\n".join(md)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(text)
+        if s.get("precheck_errors"):
+            md += ["Wrong answers before any load:", ""] + [f"- {x}" for x in s["precheck_errors"]] + [""]
+    return md
 
 
 if __name__ == "__main__":

@@ -419,7 +419,10 @@ fn compile_subscriptions(
                 Some(("api", name)) => match api_names.get(name) {
                     Some(&idx) => Some(Scope::Apis(vec![idx])),
                     None => {
-                        errs.push(format!("{}.scope", path()), format!("no API is named `{name}`"));
+                        errs.push(
+                            format!("{}.scope", path()),
+                            format!("no API is named `{name}`"),
+                        );
                         None
                     }
                 },

@@ -636,10 +636,17 @@ apis:
         ]
     );
     let ok = yaml
-        .replace(&format!("    - {{ id: clash, primary: \"{}\" }}\n", h("two")), "")
+        .replace(
+            &format!("    - {{ id: clash, primary: \"{}\" }}\n", h("two")),
+            "",
+        )
         .replace("    - { id: none }\n", "");
     let p = policy(&ok);
-    for (key, id) in [("second", "only-secondary"), ("one", "both"), ("two", "both")] {
+    for (key, id) in [
+        ("second", "only-secondary"),
+        ("one", "both"),
+        ("two", "both"),
+    ] {
         let d = Req::get("/orders/1")
             .header("ocp-apim-subscription-key", key)
             .decide(&p);

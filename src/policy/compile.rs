@@ -392,7 +392,12 @@ fn compile_subscriptions(
         errs.push("subscriptions.query", "must not be empty");
     }
     let mut store = SubscriptionStore::new(header, query, s.remove_key.unwrap_or(true));
-    let mut ids = HashSet::new();
+    let keys = s
+        .keys
+        .iter()
+        .map(|k| usize::from(k.primary.is_some()) + usize::from(k.secondary.is_some()));
+    store.reserve(s.keys.len(), keys.sum());
+    let mut ids = HashSet::with_capacity(s.keys.len());
     for (i, k) in s.keys.iter().enumerate() {
         // Paths are formatted only for an error or a substituted key: a policy of 100,000 keys
         // would otherwise format 200,000 strings per load for nothing.

@@ -9,7 +9,7 @@ use notify::{RecursiveMode, Watcher};
 
 use super::State;
 use crate::config::{self, ConfigErrors};
-use crate::policy::{self, Summary};
+use crate::policy::{self, PolicySet, Summary};
 
 /// Editors and ConfigMap updates produce bursts of events; wait for the burst to end.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -24,6 +24,11 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
     let result = try_reload(state, force);
     // Milliseconds with a fraction: what operators compare with their reload budget.
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (result, retired) = match result {
+        Ok(Some((summary, load_ms, old))) => (Ok(Some((summary, load_ms))), Some(old)),
+        Ok(None) => (Ok(None), None),
+        Err(e) => (Err(e), None),
+    };
     match &result {
         Ok(Some((summary, load_ms))) => {
             state.telemetry.config_reload(true, started.elapsed());
@@ -37,12 +42,32 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
             tracing::error!(errors = ?errors, duration_ms, "configuration rejected; the last good configuration keeps serving");
         }
     }
+    if let Some(old) = retired {
+        retire(old);
+    }
     result.map(|s| s.map_or_else(|| state.policy().summary.clone(), |(s, _)| s))
 }
 
-/// The new policy's summary and the milliseconds spent loading the file, or `None` when the file
-/// is unchanged.
-fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<(Summary, f64)>, ConfigErrors> {
+/// How long the reload thread waits for the checks still using the old policy.
+const RETIRE_WAIT: Duration = Duration::from_secs(2);
+
+/// Frees the replaced policy on this (blocking) thread once the checks that were evaluating it are
+/// done. Freeing 100,000 subscriptions takes milliseconds: if the last check to let go of the old
+/// policy freed it, that check would pay for it. Past `RETIRE_WAIT` the last user frees it.
+fn retire(old: Arc<PolicySet>) {
+    let deadline = Instant::now() + RETIRE_WAIT;
+    while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(old);
+}
+
+/// A reload's summary, the milliseconds spent loading the file, and the policy it replaced.
+type Reloaded = (Summary, f64, Arc<PolicySet>);
+
+/// The new policy's summary, the milliseconds spent loading the file and the replaced policy, or
+/// `None` when the file is unchanged.
+fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Reloaded>, ConfigErrors> {
     let started = Instant::now();
     let src = config::load(state.config_path())?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -60,12 +85,12 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<(Summary, f64)>,
         tracing::warn!("listen or telemetry settings changed: they apply after a restart");
     }
     let summary = policy.summary.clone();
-    state.policy.store(Arc::new(policy));
+    let old = state.policy.swap(Arc::new(policy));
     *state
         .config_digest
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = src.digest;
-    Ok(Some((summary, load_ms)))
+    Ok(Some((summary, load_ms, old)))
 }
 
 /// Watches the config file's directory (so atomic renames and Kubernetes ConfigMap symlink swaps

@@ -219,8 +219,10 @@ def main() -> int:
                 began = time.monotonic()
                 if r % 2 == 0:
                     # A real change (new digest): the watcher reloads after its debounce.
+                    # Written off the event loop: 13 MB written inline would stall the client and
+                    # show up as latency of the checks due meanwhile.
                     tmp = config.with_suffix(".tmp")
-                    tmp.write_text(original + f"# reload {r}\n")
+                    await asyncio.to_thread(tmp.write_text, original + f"# reload {r}\n")
                     os.replace(tmp, config)
                     how = "file"
                 else:

@@ -136,6 +136,30 @@ pub fn parse_with_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Source, ConfigErrors> {
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    // Fast path: a file without substitutions that is valid as it stands is deserialized straight
+    // from the text, without a value tree (which costs about 1 KiB per subscription key and most of
+    // the load time of a large file). Anything else, including every file with an error, takes the
+    // tree path below, which substitutes and reports every error with its path.
+    if !text.contains("${")
+        && let Some(file) = parse_streaming(text)
+    {
+        return Ok(Source {
+            file,
+            substituted: HashSet::new(),
+            base_dir: base_dir.to_path_buf(),
+            digest,
+        });
+    }
+    parse_tree(text, base_dir, env, digest)
+}
+
+/// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded.
+fn parse_tree(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    digest: [u8; 32],
+) -> Result<Source, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut value: Value = match serde_yaml::from_str(text) {
         Ok(Value::Null) => Value::Mapping(Default::default()),
@@ -159,7 +183,8 @@ pub fn parse_with_env(
     // the offending value and try again; a field that is required but missing ends the search.
     let mut seen = HashSet::new();
     let file = loop {
-        match serde_path_to_error::deserialize::<_, ConfigFile>(value.clone()) {
+        // From a reference: a clone of the whole tree per attempt would double the peak memory.
+        match serde_path_to_error::deserialize::<_, ConfigFile>(&value) {
             Ok(file) => break Some(file),
             Err(e) => {
                 let path = display_path(e.path());
@@ -185,6 +210,25 @@ pub fn parse_with_env(
         }),
         _ => Err(errs),
     }
+}
+
+/// Streaming YAML (serde-saphyr: no intermediate tree). `None` on any error: the tree path then
+/// reports it. Its options are the strict ones, so that whatever it accepts means what the tree
+/// path (serde_yaml, YAML 1.2) would make of it: YAML 1.2 booleans only, duplicate keys and merge
+/// keys refused.
+fn parse_streaming(text: &str) -> Option<ConfigFile> {
+    let mut budget = serde_saphyr::Budget::default();
+    // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys;
+    // this file is the operator's own, and the alias limits stay at their defaults.
+    budget.max_events = 100_000_000;
+    budget.max_nodes = 50_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.strict_booleans = true;
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    options.merge_keys = serde_saphyr::MergeKeyPolicy::Error;
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options::<ConfigFile>(text, options).ok()
 }
 
 fn display_path(path: &serde_path_to_error::Path) -> String {

@@ -98,3 +98,95 @@ fn invalid_yaml_is_one_clear_error() {
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("not valid YAML"), "{errs:?}");
 }
+
+/// Both ways of loading a file, for files that have no substitution.
+fn both_paths(text: &str) -> (Option<String>, String) {
+    let streaming = parse_streaming(text).map(|f| format!("{f:#?}"));
+    let tree = parse_tree(text, Path::new("."), &|_| None, [0; 32])
+        .map(|s| format!("{:#?}", s.file))
+        .unwrap_or_else(|e| format!("error: {e}"));
+    (streaming, tree)
+}
+
+#[test]
+fn streaming_and_tree_loading_agree_on_the_bundled_example() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/portcullis.yaml"),
+    )
+    .unwrap();
+    let (streaming, tree) = both_paths(&text);
+    let streaming = streaming.expect("the example takes the streaming path");
+    assert!(streaming.contains("api.example.com"), "{streaming}");
+    assert_eq!(streaming, tree);
+}
+
+#[test]
+fn streaming_and_tree_loading_agree_on_awkward_scalars() {
+    // Quoting styles, block scalars, flow and block collections, numbers and words where strings
+    // are expected, anchors and aliases, comments, a document marker.
+    let text = r#"---
+listen: { grpc: "127.0.0.1:9191" }
+client_ip: { from: x-forwarded-for, trusted_hops: 2 }
+subscriptions:
+  header: X-Key
+  keys:
+    - id: 0123
+      scope: &everything all
+      state: active
+      primary: 'sha256:a52782e3a2d4dd2f95f640b9abfb3b2a6b8e722c65f55be830f6e5f619f7f873'
+    - { id: "b\tc", scope: *everything, primary: "sha256:2d531c9638e311d25fccf130d144e2cdf40e5a128bed320785a6ad33d3f80067" }
+apis:
+  - name: on        # a YAML 1.1 boolean word, a plain string in YAML 1.2
+    match:
+      path_prefix: /x
+      methods:
+        - GET
+    subscription_required: true
+    ip_filter: { action: allow, addresses: [10.0.0.0/8, "::1", 192.168.1.10-192.168.1.20] }
+    on_allow:
+      set_headers:
+        x-multi: |
+          first
+          second
+        x-folded: >-
+          one
+          two
+unmatched: deny
+"#;
+    let (streaming, tree) = both_paths(text);
+    let streaming = streaming.expect("valid: takes the streaming path");
+    assert_eq!(streaming, tree);
+    assert!(streaming.contains("\"0123\""), "{streaming}");
+}
+
+#[test]
+fn what_the_streaming_path_refuses_gets_the_tree_paths_answer() {
+    // A YAML 1.1 boolean, a duplicate key and a merge key: the streaming parser is set to refuse
+    // them, so the file gets serde_yaml's (YAML 1.2) reading and its error messages, as before.
+    for text in [
+        "apis: [{name: a, subscription_required: yes}]\n",
+        "unmatched: deny\nunmatched: allow\n",
+        "base: &b {name: a}\napis: [{<<: *b}]\n",
+    ] {
+        assert!(parse_streaming(text).is_none(), "{text}");
+        assert!(!errors(text).is_empty(), "{text}");
+    }
+    assert_eq!(
+        errors("apis: [{name: a, subscription_required: yes}]\n"),
+        vec!["apis[0].subscription_required: invalid type: string \"yes\", expected a boolean"]
+    );
+}
+
+#[test]
+fn a_file_with_substitutions_is_substituted_whatever_its_size() {
+    // `${...}` anywhere sends the file down the substituting path.
+    let env = |name: &str| (name == "SCALE_TEST_KEY").then(|| "from-env".to_string());
+    let src = parse_with_env(
+        "admin: {token: '${env:SCALE_TEST_KEY}'}\n",
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(src.file.admin.as_ref().unwrap().token.expose(), "from-env");
+    assert!(src.substituted.contains("admin.token"));
+}

@@ -111,6 +111,13 @@ impl SubscriptionStore {
         }
     }
 
+    /// Makes room for `subscriptions` more subscriptions with `keys` keys between them, so that a
+    /// large file is compiled without the tables growing (and rehashing) step by step.
+    pub fn reserve(&mut self, subscriptions: usize, keys: usize) {
+        self.subscriptions.reserve_exact(subscriptions);
+        self.by_hash.reserve(keys);
+    }
+
     /// Adds a subscription and its key hashes; returns the hash already owned by another subscription
     /// if there is a clash.
     pub fn insert(&mut self, sub: Subscription, hashes: &[KeyHash]) -> Result<(), Arc<str>> {

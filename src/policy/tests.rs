@@ -609,3 +609,50 @@ fn a_panic_is_a_deny_with_internal() {
     };
     assert_eq!(den.status, 500);
 }
+
+#[test]
+fn subscription_key_hashes_are_checked_per_slot() {
+    let h = |k: &str| subscription::format_hash(&subscription::hash_key(k));
+    let yaml = format!(
+        r#"
+subscriptions:
+  keys:
+    - {{ id: only-secondary, secondary: "{}" }}
+    - {{ id: both, primary: "{}", secondary: "{}" }}
+    - {{ id: clash, primary: "{}" }}
+    - {{ id: none }}
+apis:
+  - {{ name: orders, match: {{ path_prefix: /orders }}, subscription_required: true }}
+"#,
+        h("second"),
+        h("one"),
+        h("two"),
+        h("two"),
+    );
+    let errs = compile_errors(&yaml);
+    assert_eq!(
+        errs,
+        vec![
+            "subscriptions.keys[2]: a key of this subscription is also a key of `both`",
+            "subscriptions.keys[3]: a subscription needs a primary or a secondary key",
+        ]
+    );
+    let ok = yaml
+        .replace(
+            &format!("    - {{ id: clash, primary: \"{}\" }}\n", h("two")),
+            "",
+        )
+        .replace("    - { id: none }\n", "");
+    let p = policy(&ok);
+    for (key, id) in [
+        ("second", "only-secondary"),
+        ("one", "both"),
+        ("two", "both"),
+    ] {
+        let d = Req::get("/orders/1")
+            .header("ocp-apim-subscription-key", key)
+            .decide(&p);
+        assert!(d.is_allow(), "{key}: {d:?}");
+        assert_eq!(d.facts.subscription_id.as_deref(), Some(id), "{key}");
+    }
+}

@@ -133,6 +133,7 @@ impl Running {
 
 /// Loads and compiles the config file, binds the listeners and serves in the background.
 pub async fn start(config_path: &Path) -> Result<Running, StartError> {
+    let started = std::time::Instant::now();
     let src = config::load(config_path)?;
     let runtime = Arc::new(Runtime::default());
     let (policy, settings) = policy::compile(&src, &runtime)?;
@@ -153,7 +154,8 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         shutting_down: AtomicBool::new(false),
         telemetry,
     });
-    tracing::info!(summary = %state.policy().summary, config = %config_path.display(), "configuration loaded");
+    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(summary = %state.policy().summary, config = %config_path.display(), duration_ms, "configuration loaded");
 
     let grpc_listener =
         TcpListener::bind(settings.grpc)

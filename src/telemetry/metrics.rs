@@ -49,6 +49,7 @@ pub(crate) struct Metrics {
     no_api: ApiCells,
     overloaded: BoundCounter<u64>,
     reload_cells: [BoundCounter<u64>; 2],
+    reload_duration: [BoundHistogram<f64>; 2],
     jwks_cells: NamedCells<[OnceLock<BoundCounter<u64>>; 2]>,
     token_cells: NamedCells<[OnceLock<BoundCounter<u64>>; 4]>,
     /// Decision records dropped because the log queue was full.
@@ -126,6 +127,18 @@ impl Metrics {
             reloads.bind(&[KeyValue::new("result", "success")]),
             reloads.bind(&[KeyValue::new("result", "failure")]),
         ];
+        let reload_histogram = meter
+            .f64_histogram("portcullis.config.reload.duration")
+            .with_unit("s")
+            .with_description(
+                "Time to read, compile and swap in the configuration, by result (success, failure).",
+            )
+            .with_boundaries(DURATION_BUCKETS.to_vec())
+            .build();
+        let reload_duration = [
+            reload_histogram.bind(&[KeyValue::new("result", "success")]),
+            reload_histogram.bind(&[KeyValue::new("result", "failure")]),
+        ];
         Ok(Metrics {
             provider,
             registry,
@@ -137,6 +150,7 @@ impl Metrics {
             no_api: ApiCells::default(),
             overloaded,
             reload_cells,
+            reload_duration,
             jwks_cells: NamedCells::default(),
             token_cells: NamedCells::default(),
             dropped_records,
@@ -192,9 +206,10 @@ impl Metrics {
         self.overloaded.add(1);
     }
 
-    /// Counts a configuration reload.
-    pub(crate) fn config_reload(&self, ok: bool) {
+    /// Counts a configuration reload and records how long it took.
+    pub(crate) fn config_reload(&self, ok: bool, elapsed: Duration) {
         self.reload_cells[usize::from(!ok)].add(1);
+        self.reload_duration[usize::from(!ok)].record(elapsed.as_secs_f64());
     }
 
     pub(crate) fn jwks_fetch(&self, provider: &str, result: FetchResult) {
@@ -401,7 +416,7 @@ mod tests {
         );
         m.record_overloaded();
         m.record_overloaded();
-        m.config_reload(false);
+        m.config_reload(false, ms);
         let text = m.prometheus_text();
         let decisions =
             |labels: &[(&str, &str)]| value(&text, "portcullis_decisions_total", labels);
@@ -473,6 +488,14 @@ mod tests {
                 &[("result", "success")]
             ),
             Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "portcullis_config_reload_duration_seconds_count",
+                &[("result", "failure")]
+            ),
+            Some(1.0)
         );
         assert!(
             !text.contains("otel_scope_name"),

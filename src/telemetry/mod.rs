@@ -403,9 +403,9 @@ impl Telemetry {
         self.metrics.record_overloaded();
     }
 
-    /// Counts a config reload.
-    pub fn config_reload(&self, ok: bool) {
-        self.metrics.config_reload(ok);
+    /// Counts a config reload and records its duration (read, compile and swap).
+    pub fn config_reload(&self, ok: bool, elapsed: std::time::Duration) {
+        self.metrics.config_reload(ok, elapsed);
     }
 
     /// Prometheus text exposition of every metric.

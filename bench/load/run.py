@@ -22,7 +22,9 @@ Settings (environment):
   ENVOY_BIN        default .venv/bin/envoy
   SAT_SECONDS=4 RATE_SECONDS=6 ROUNDS=3 WARMUP_SECONDS=1   per measurement; rounds interleave scenarios
                    (throughput: median of the rounds; latency: percentiles of all rounds' requests)
-  GRPC_CLIENTS=16 GRPC_STREAMS=8    h2load -c/-m for the direct gRPC scenarios
+  GRPC_CLIENTS=16 GRPC_STREAMS=8    h2load -c/-m for the direct gRPC scenarios at saturation
+  GRPC_RATE_STREAMS=1               h2load -m at the fixed rate (latency): one request in flight per
+                                    connection, so h2load's own bursts do not set the tail
   HTTP_CLIENTS=32                   h2load --h1 -c for the scenarios through Envoy (one request in flight each)
   PIN=split|none  LOADGEN_CPUS=0 SERVER_CPUS=1   split: h2load on LOADGEN_CPUS, every server on SERVER_CPUS
   NICE=-10        run the servers and h2load at this priority (root only for < 0), to lessen (not
@@ -80,6 +82,7 @@ ROUNDS = env_int("ROUNDS", 3)
 WARMUP_SECONDS = env_float("WARMUP_SECONDS", 1)
 GRPC_CLIENTS = env_int("GRPC_CLIENTS", 16)
 GRPC_STREAMS = env_int("GRPC_STREAMS", 8)
+GRPC_RATE_STREAMS = env_int("GRPC_RATE_STREAMS", 1)
 HTTP_CLIENTS = env_int("HTTP_CLIENTS", 32)
 PIN = os.environ.get("PIN", "split")
 LOADGEN_CPUS = os.environ.get("LOADGEN_CPUS", "0")
@@ -397,7 +400,10 @@ def h2load_argv(s: Scenario, files: dict, seconds: float, log_file: Path | None,
     argv = pinned(LOADGEN_CPUS) + ["h2load", "-D", f"{round(seconds * 1000)}ms"]
     if s.kind == "grpc":
         clients = GRPC_CLIENTS
-        argv += ["-c", str(clients), "-m", str(GRPC_STREAMS), "-d", str(files["body"]),
+        # At a fixed rate, one request in flight per connection: with -m N h2load fires N requests
+        # per connection at once, and the burst queueing (not portcullis) would set the p99.
+        streams = GRPC_RATE_STREAMS if rate is not None else GRPC_STREAMS
+        argv += ["-c", str(clients), "-m", str(streams), "-d", str(files["body"]),
                  "-H", "content-type: application/grpc", "-H", "te: trailers"]
     else:
         clients = HTTP_CLIENTS
@@ -525,7 +531,8 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         f"{meta['date']} · {meta['cpus']} CPUs ({meta['cpu_model']}) · pinning: {meta['pinning']} · "
         f"portcullis `{meta['portcullis']}` ({meta['portcullis_version']}) · Envoy {meta['envoy_version']} · "
         f"{meta['h2load_version']} · load average at start/end {meta['loadavg_start_end']}", "",
-        f"Load: gRPC h2load -c {GRPC_CLIENTS} -m {GRPC_STREAMS} (pre-encoded CheckRequest, "
+        f"Load: gRPC h2load -c {GRPC_CLIENTS} -m {GRPC_STREAMS} at saturation, -m {GRPC_RATE_STREAMS} at the "
+        f"fixed rate (pre-encoded CheckRequest, "
         f"{meta['check_request_bytes']} bytes); through Envoy h2load --h1 -c {HTTP_CLIENTS}. "
         f"Saturation {SAT_SECONDS:g} s and rate (50% of the scenario's saturation) {RATE_SECONDS:g} s per "
         f"round, {ROUNDS} rounds interleaved. Throughput: median of the rounds; latency: h2load's per-request "

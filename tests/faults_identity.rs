@@ -215,6 +215,53 @@ async fn slower_than_fetch_timeout_answers_unavailable_instead_of_hanging() {
     srv.running.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_first_key_fetch_but_not_for_a_provider_that_is_down() {
+    let k1 = keys::rsa(0, Some("k1"));
+    let up = Upstream::start(keys::jwks(&[&k1])).await;
+    up.set(Mode::Hold).await;
+    let srv = TestServer::start(&yaml(&up, "jwks_uri", "\n    fetch_timeout: 30s")).await;
+    let readyz = format!("http://{}/readyz", srv.running.addrs.http.unwrap());
+    eventually("the first fetch held by the provider", || up.held() >= 1).await;
+    let r = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("identity provider"));
+    // /healthz is liveness: it answers regardless.
+    let health = readyz.replace("/readyz", "/healthz");
+    assert_eq!(reqwest::get(&health).await.unwrap().status(), 200);
+
+    up.release().await;
+    wait_ready(&readyz).await;
+    let token = k1.token(keys::claims(&up.base, AUD, "alice"));
+    assert_eq!(check(&srv, &token).await.code, 0);
+    srv.running.shutdown().await.unwrap();
+
+    // A provider that is down: its first attempt fails at once, readiness follows, checks fail closed.
+    let down = Upstream::start(keys::jwks(&[&k1])).await;
+    down.set(Mode::Down).await;
+    let srv = TestServer::start(&yaml(&down, "jwks_uri", "")).await;
+    wait_ready(&format!(
+        "http://{}/readyz",
+        srv.running.addrs.http.unwrap()
+    ))
+    .await;
+    let token = k1.token(keys::claims(&down.base, AUD, "alice"));
+    assert_unavailable(&check(&srv, &token).await);
+    srv.running.shutdown().await.unwrap();
+}
+
+async fn wait_ready(readyz: &str) {
+    let mut status = 0;
+    for _ in 0..400 {
+        status = reqwest::get(readyz).await.unwrap().status().as_u16();
+        if status == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{readyz} still answers {status}");
+}
+
 fn compile_on_demand(yaml: &str) -> (Arc<PolicySet>, Runtime) {
     let src = config::parse(yaml, Path::new(".")).unwrap();
     let runtime = Runtime::on_demand();

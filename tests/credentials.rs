@@ -17,7 +17,7 @@ use axum::response::IntoResponse;
 use common::{TestServer, get, seen};
 use portcullis::config;
 use portcullis::credentials::{Clock, ManualClock, Registry};
-use portcullis::policy::{self, CheckInput, Decision, EvalOptions, Outcome, PolicySet, Runtime};
+use portcullis::policy::{self, Decision, Outcome, PolicySet, Runtime};
 
 /// (authorization header, form body) of one token request.
 type Form = (Option<String>, String);
@@ -171,29 +171,7 @@ fn runtime(clock: &Arc<ManualClock>) -> Runtime {
 }
 
 async fn decide(policy: &PolicySet, clock: &ManualClock) -> Decision {
-    let headers: portcullis::policy::Headers = [(
-        "authorization".to_string(),
-        bytes::Bytes::from_static(b"Bearer caller-token"),
-    )]
-    .into();
-    let input = CheckInput {
-        method: "GET",
-        host: "api.example.com",
-        path: "/orders/1",
-        headers: &headers,
-        peer: Some("10.0.0.1".parse().unwrap()),
-        peer_certificate: "",
-        context_extensions: None,
-    };
-    policy
-        .decide(
-            &input,
-            EvalOptions {
-                now: clock.now(),
-                explain: false,
-            },
-        )
-        .await
+    common::decide_bearer(policy, "caller-token", clock.now()).await
 }
 
 /// The injected `authorization`, or the deny reason.

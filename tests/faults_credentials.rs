@@ -3,6 +3,7 @@
 //! (token exchange) would otherwise exceed. Down at start, down while cached, slow, garbage and
 //! recovery are in tests/credentials.rs (`every_fault_keeps_the_cache_safe`); not repeated here.
 
+mod common;
 mod faults_common;
 #[path = "jwt_common/mod.rs"]
 mod keys;
@@ -10,42 +11,17 @@ mod keys;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use common::decide_bearer as decide;
 use faults_common::{Mode, Upstream, eventually};
 use portcullis::config;
 use portcullis::credentials::{Clock, ManualClock, Registry};
-use portcullis::policy::{self, CheckInput, Decision, EvalOptions, Outcome, PolicySet, Runtime};
+use portcullis::policy::{self, Decision, Outcome, PolicySet, Runtime};
 
 fn compile(text: &str, runtime: &Runtime) -> PolicySet {
     let src = config::parse(text, std::path::Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
     policy::compile(&src, runtime)
         .unwrap_or_else(|e| panic!("{e}"))
         .0
-}
-
-async fn decide(policy: &PolicySet, bearer: &str, now: SystemTime) -> Decision {
-    let headers: portcullis::policy::Headers = [(
-        "authorization".to_string(),
-        format!("Bearer {bearer}").into_bytes().into(),
-    )]
-    .into();
-    let input = CheckInput {
-        method: "GET",
-        host: "api.example.com",
-        path: "/orders/1",
-        headers: &headers,
-        peer: Some("10.0.0.1".parse().unwrap()),
-        peer_certificate: "",
-        context_extensions: None,
-    };
-    policy
-        .decide(
-            &input,
-            EvalOptions {
-                now,
-                explain: false,
-            },
-        )
-        .await
 }
 
 /// The injected `authorization` upstream, or "status reason".

@@ -17,7 +17,7 @@ use common::{Seen, TestServer, get, seen};
 use faults_common::{Mode, Upstream, eventually};
 use portcullis::config;
 use portcullis::identity::ProviderStatus;
-use portcullis::policy::{self, CheckInput, Decision, EvalOptions, Outcome, PolicySet, Runtime};
+use portcullis::policy::{self, Outcome, PolicySet, Runtime};
 
 const AUD: &str = "api://orders";
 
@@ -270,29 +270,7 @@ fn compile_on_demand(yaml: &str) -> (Arc<PolicySet>, Runtime) {
 }
 
 async fn decide(p: &PolicySet, token: &str, now: SystemTime) -> String {
-    let headers: portcullis::policy::Headers = [(
-        "authorization".to_string(),
-        format!("Bearer {token}").into_bytes().into(),
-    )]
-    .into();
-    let input = CheckInput {
-        method: "GET",
-        host: "api.example.com",
-        path: "/orders/1",
-        headers: &headers,
-        peer: None,
-        peer_certificate: "",
-        context_extensions: None,
-    };
-    let d: Decision = p
-        .decide(
-            &input,
-            EvalOptions {
-                now,
-                explain: false,
-            },
-        )
-        .await;
+    let d = common::decide_bearer(p, token, now).await;
     match &d.outcome {
         Outcome::Allow => "allow".into(),
         Outcome::Deny(den) => format!("{} {}", den.status, den.reason.as_str()),

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{TestServer, get, seen};
+use common::{TestServer, decide_bearer as decide, get, seen};
 use fake_idp::FakeIdp;
 use portcullis::config;
-use portcullis::policy::{self, CheckInput, Decision, EvalOptions, Outcome, PolicySet, Runtime};
+use portcullis::policy::{self, Decision, Outcome, PolicySet, Runtime};
 use serde_json::Value;
 
 const AUD: &str = "api://orders";
@@ -44,31 +44,6 @@ fn compile_on_demand(yaml: &str) -> (Arc<PolicySet>, Runtime) {
     let runtime = Runtime::on_demand();
     let (policy, _) = policy::compile(&src, &runtime).unwrap();
     (Arc::new(policy), runtime)
-}
-
-async fn decide(p: &PolicySet, token: &str, now: SystemTime) -> Decision {
-    let mut headers = HashMap::new();
-    headers.insert(
-        "authorization".to_string(),
-        format!("Bearer {token}").into_bytes().into(),
-    );
-    let input = CheckInput {
-        method: "GET",
-        host: "api.example.com",
-        path: "/orders/1",
-        headers: &headers,
-        peer: None,
-        peer_certificate: "",
-        context_extensions: None,
-    };
-    p.decide(
-        &input,
-        EvalOptions {
-            now,
-            explain: false,
-        },
-    )
-    .await
 }
 
 fn reason(d: &Decision) -> &'static str {

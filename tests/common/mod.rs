@@ -171,3 +171,35 @@ pub fn seen(r: &CheckResponse) -> Seen {
     }
     s
 }
+
+/// Decides in process, without a server, on `GET api.example.com/orders/1` from 10.0.0.1 carrying
+/// `authorization: Bearer {token}`, at `now`.
+pub async fn decide_bearer(
+    policy: &portcullis::policy::PolicySet,
+    token: &str,
+    now: std::time::SystemTime,
+) -> portcullis::policy::Decision {
+    let headers: portcullis::policy::Headers = [(
+        "authorization".to_string(),
+        format!("Bearer {token}").into_bytes().into(),
+    )]
+    .into();
+    let input = portcullis::policy::CheckInput {
+        method: "GET",
+        host: "api.example.com",
+        path: "/orders/1",
+        headers: &headers,
+        peer: Some("10.0.0.1".parse().expect("literal")),
+        peer_certificate: "",
+        context_extensions: None,
+    };
+    policy
+        .decide(
+            &input,
+            portcullis::policy::EvalOptions {
+                now,
+                explain: false,
+            },
+        )
+        .await
+}

@@ -1,0 +1,7 @@
+//! The standing adversarial suite: every way found to talk portcullis into a wrong decision, one
+//! module per class, each a table of hostile cases with the answer a user must see. New classes are
+//! added here (see README.md beside this file). Cases that need a real proxy in the way live beside
+//! this file as pytest suites (`test_adversarial_*.py`).
+
+#[path = "../common/mod.rs"]
+mod common;

@@ -236,7 +236,7 @@ impl PolicySet {
         };
         let Some(api) = self
             .index
-            .candidates(&path)
+            .candidates(path)
             .map(|i| (i, &self.apis[i]))
             .find(|(_, a)| a.matcher.matches(&target))
         else {

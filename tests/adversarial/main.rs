@@ -5,3 +5,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod support;
+
+mod forward_auth;
+mod request_line;
+mod shadow;

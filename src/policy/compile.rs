@@ -412,10 +412,7 @@ fn compile_settings(src: &Source, errs: &mut ConfigErrors) -> Option<Settings> {
     })
 }
 
-fn compile_connection_limits(
-    l: &config::Limits,
-    errs: &mut ConfigErrors,
-) -> ConnectionLimits {
+fn compile_connection_limits(l: &config::Limits, errs: &mut ConfigErrors) -> ConnectionLimits {
     let d = ConnectionLimits::default();
     let timeout = |v: &Option<String>, default: Duration, name: &str, errs: &mut ConfigErrors| {
         let path = format!("limits.{name}");

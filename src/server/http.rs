@@ -42,7 +42,8 @@ pub async fn serve<I>(
     let app = router(state.clone());
     let builder = Arc::new(connection_builder(&state.settings.connections));
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    let mut incoming = std::pin::pin!(incoming);
+    // Boxed, not pinned on the stack: dropping it below must close the listening socket.
+    let mut incoming = Box::pin(incoming);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let conn = tokio::select! {

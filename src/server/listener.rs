@@ -271,7 +271,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     // A client that stops reading its responses holds the connection in a pending write: the same
     // deadline applies.
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.io).poll_write(cx, buf) {
             Poll::Pending if this.expired(cx) => Poll::Ready(Err(timed_out())),
@@ -470,7 +474,10 @@ mod tests {
 
     #[test]
     fn cap_leaves_the_reserve_and_splits_the_rest() {
-        assert_eq!(connection_cap(10_000, 2, Some(1024)), (1024 - FD_RESERVE) / 2);
+        assert_eq!(
+            connection_cap(10_000, 2, Some(1024)),
+            (1024 - FD_RESERVE) / 2
+        );
         assert_eq!(connection_cap(100, 2, Some(1024)), 100);
         assert_eq!(connection_cap(10_000, 1, None), 10_000);
         assert_eq!(connection_cap(10_000, 2, Some(10)), 1);
@@ -490,7 +497,9 @@ mod tests {
             ..ConnectionLimits::default()
         };
         let a = Arc::new(Activity::new(Protocol::Detect, &limits));
-        let first = a.deadline().expect("a deadline while no request is in flight");
+        let first = a
+            .deadline()
+            .expect("a deadline while no request is in flight");
         assert!(first <= Instant::now() + Duration::from_secs(1));
         a.on_read(b"GET / HTTP/1.1\r\n");
         // Bytes do not move the head's deadline.

@@ -113,6 +113,19 @@ pub struct Limits {
     /// Token endpoint requests in flight at once (token exchange and per-user refreshes fetch per
     /// caller); past it, checks needing a new token are denied with 503 at once.
     pub max_concurrent_fetches: Option<usize>,
+    /// Connections open at once on each listener; past it, new connections are closed at once.
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers (HTTP) or, on a new gRPC connection, its
+    /// first request (TLS handshake included).
+    pub header_read_timeout: Option<String>,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Option<String>,
+    /// Requests in flight at once on one HTTP/2 connection.
+    pub max_concurrent_streams: Option<u32>,
+    /// How often an HTTP/2 PING checks that the client is still there.
+    pub keepalive_interval: Option<String>,
+    /// How long the client has to answer that PING before the connection is closed.
+    pub keepalive_timeout: Option<String>,
 }
 
 /// One `identity_providers[]` entry.

@@ -70,7 +70,49 @@ pub struct Settings {
     pub decision_log_client_ip: bool,
     /// Admin API bearer token digest (SHA-256), when the admin API is on.
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// Caps and timeouts of both listeners' connections.
+    pub connections: ConnectionLimits,
 }
+
+/// What a connection may hold and for how long (`limits.max_connections`, the timeouts and the
+/// HTTP/2 settings). Applies to both listeners; changing it needs a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once on each listener, before the file descriptor limit is applied.
+    pub max_connections: usize,
+    /// Time to receive a request's headers (HTTP/1), or a new connection's first request.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 PING interval.
+    pub keepalive_interval: Duration,
+    /// Time to answer a PING.
+    pub keepalive_timeout: Duration,
+    /// Largest request head the HTTP listener reads (request line and headers, raw bytes):
+    /// `limits.max_header_bytes` plus room for the request line and framing, so a request a little
+    /// over `max_header_bytes` still gets its decision (431 `RequestHeadersTooLarge`).
+    pub max_request_head_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            max_request_head_bytes: super::Limits::default().max_header_bytes + REQUEST_HEAD_SLACK,
+        }
+    }
+}
+
+/// Bytes of a request head beyond `limits.max_header_bytes`: the request line (its URI included)
+/// and the `: ` and CRLF around each header, which `max_header_bytes` does not count.
+const REQUEST_HEAD_SLACK: usize = 16 * 1024;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +135,6 @@ pub struct TlsFiles {
 }
 
 /// Parses a duration such as `250ms`, `30s`, `5m`, `1h`.
-#[allow(dead_code)] // for the identity and credentials sections
 pub(crate) fn duration(s: &str, path: &str, errs: &mut ConfigErrors) -> Option<Duration> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) => Some(d),
@@ -405,7 +446,65 @@ fn compile_settings(src: &Source, errs: &mut ConfigErrors) -> Option<Settings> {
         decision_log: f.telemetry.decision_log.unwrap_or(false),
         decision_log_client_ip: f.telemetry.decision_log_client_ip.unwrap_or(true),
         admin_token_sha256,
+        connections: compile_connection_limits(&f.limits, errs),
     })
+}
+
+fn compile_connection_limits(l: &config::Limits, errs: &mut ConfigErrors) -> ConnectionLimits {
+    let d = ConnectionLimits::default();
+    let timeout = |v: &Option<String>, default: Duration, name: &str, errs: &mut ConfigErrors| {
+        let path = format!("limits.{name}");
+        match v.as_deref().map(|s| (s, duration(s, &path, errs))) {
+            None => default,
+            Some((_, None)) => default,
+            Some((s, Some(d))) if d.is_zero() => {
+                errs.push(path, format!("`{s}` must be greater than 0"));
+                default
+            }
+            Some((_, Some(d))) => d,
+        }
+    };
+    let max_concurrent_streams = match l.max_concurrent_streams {
+        Some(0) => {
+            errs.push("limits.max_concurrent_streams", "must be greater than 0");
+            d.max_concurrent_streams
+        }
+        Some(n) => n,
+        None => d.max_concurrent_streams,
+    };
+    let max_header_bytes = l
+        .max_header_bytes
+        .filter(|&n| n > 0)
+        .unwrap_or(super::Limits::default().max_header_bytes);
+    ConnectionLimits {
+        max_connections: positive(
+            l.max_connections,
+            d.max_connections,
+            "limits.max_connections",
+            errs,
+        ),
+        header_read_timeout: timeout(
+            &l.header_read_timeout,
+            d.header_read_timeout,
+            "header_read_timeout",
+            errs,
+        ),
+        idle_timeout: timeout(&l.idle_timeout, d.idle_timeout, "idle_timeout", errs),
+        max_concurrent_streams,
+        keepalive_interval: timeout(
+            &l.keepalive_interval,
+            d.keepalive_interval,
+            "keepalive_interval",
+            errs,
+        ),
+        keepalive_timeout: timeout(
+            &l.keepalive_timeout,
+            d.keepalive_timeout,
+            "keepalive_timeout",
+            errs,
+        ),
+        max_request_head_bytes: max_header_bytes.saturating_add(REQUEST_HEAD_SLACK),
+    }
 }
 
 fn compile_subscriptions(

@@ -27,7 +27,7 @@ use futures::FutureExt;
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
 pub(crate) use compile::duration;
-pub use compile::{LogFormat, Runtime, Settings, TlsFiles, compile};
+pub use compile::{ConnectionLimits, LogFormat, Runtime, Settings, TlsFiles, compile};
 pub use decision::{Decision, Denial, Header, Outcome, Step, StepResult};
 pub use reason::Reason;
 pub use request::{CheckInput, Headers};

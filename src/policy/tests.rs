@@ -519,6 +519,36 @@ fn oversized_headers_are_refused_before_anything_else() {
 }
 
 #[test]
+fn connection_limits_are_checked_with_their_paths() {
+    let errs = compile_errors(
+        "limits: {max_connections: 0, header_read_timeout: soon, idle_timeout: 0s, \
+         max_concurrent_streams: 0, keepalive_interval: 30s, keepalive_timeout: 0ms}\n",
+    )
+    .join("\n");
+    for want in [
+        "limits.max_connections: must be greater than 0",
+        "limits.header_read_timeout: `soon` is not a duration",
+        "limits.idle_timeout: `0s` must be greater than 0",
+        "limits.max_concurrent_streams: must be greater than 0",
+        "limits.keepalive_timeout: `0ms` must be greater than 0",
+    ] {
+        assert!(errs.contains(want), "{want} in {errs}");
+    }
+    assert!(!errs.contains("keepalive_interval"), "{errs}");
+    let src = config::parse_with_env(
+        "limits: {max_connections: 64, header_read_timeout: 2s, max_header_bytes: 1000}\n",
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    let c = compile(&src, &Runtime::default()).unwrap().1.connections;
+    assert_eq!(c.max_connections, 64);
+    assert_eq!(c.header_read_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(c.idle_timeout, std::time::Duration::from_secs(300));
+    assert_eq!(c.max_request_head_bytes, 1000 + 16 * 1024);
+}
+
+#[test]
 fn non_utf8_key_is_invalid_not_a_crash() {
     let p = policy(BASE);
     let mut r = Req::get("/orders");

@@ -13,38 +13,121 @@ use axum::extract::{ConnectInfo, Request, State as AxState};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::State;
+use super::listener::Tracked;
+use crate::policy::ConnectionLimits;
 use crate::policy::canonical::ForwardAuthSource;
 use crate::policy::{
     CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, PolicySet, Reason,
 };
 use crate::telemetry::{HeaderMapCarrier, Transport};
 
-/// Serves until `shutdown` resolves.
-pub async fn serve(
+/// Serves the connections of `incoming` until `shutdown` resolves, then lets the open ones finish
+/// their requests and close.
+///
+/// An accept loop of its own rather than `axum::serve`, which has no header read or idle timeout
+/// and no connection cap: the deadlines and the cap live in [`super::listener`], the request head
+/// size and the HTTP/2 settings here.
+pub async fn serve<I>(
     state: Arc<State>,
-    listener: TcpListener,
+    incoming: I,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    I: futures::Stream<Item = std::io::Result<Tracked<TcpStream>>> + Send,
+{
+    use futures::StreamExt as _;
+    let app = router(state.clone());
+    let builder = Arc::new(connection_builder(&state.settings.connections));
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    // Boxed, not pinned on the stack: dropping it below must close the listening socket.
+    let mut incoming = Box::pin(incoming);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            () = &mut shutdown => break,
+            conn = incoming.next() => conn,
+        };
+        let Some(Ok(conn)) = conn else {
+            break;
+        };
+        tokio::spawn(serve_connection(
+            conn,
+            app.clone(),
+            builder.clone(),
+            closing_rx.clone(),
+        ));
+    }
+    // Stop accepting (the listening socket closes with the stream), then wait for the open
+    // connections: each finishes its request in flight and closes.
+    drop(incoming);
+    let _ = closing_tx.send(true);
+    drop(closing_rx);
+    closing_tx.closed().await;
+}
+
+fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own header read timeout also closes idle keep-alive connections after it; the
+    // connection deadline (listener.rs) tells the two apart, so hyper's is off.
+    b.http1()
+        .header_read_timeout(None)
+        // The read buffer bounds the request head (hyper answers 431 past it); hyper-util's
+        // builder does not pass hyper's `max_header_size` on.
+        .max_buf_size(limits.max_request_head_bytes.max(HYPER_MIN_BUF));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_header_list_size(u32::try_from(limits.max_request_head_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(super::listener::MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(super::listener::MAX_LOCAL_ERROR_RESET_STREAMS);
+    b
+}
+
+/// The smallest read buffer limit hyper accepts.
+const HYPER_MIN_BUF: usize = 8192;
+
+async fn serve_connection(
+    conn: Tracked<TcpStream>,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
-    use axum::serve::ListenerExt as _;
-    let app = router(state);
-    // No Nagle delay on responses (see the gRPC listener).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    let peer = conn.peer();
+    let activity = conn.activity();
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let guard = activity.begin();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let app = app.clone();
+        async move {
+            let resp = tower::ServiceExt::oneshot(app, req).await;
+            drop(guard);
+            resp
         }
     });
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    {
-        tracing::error!(error = %e, "HTTP listener failed");
+    let conn = builder.serve_connection(TokioIo::new(conn), service);
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection closed with an error");
+                }
+                break;
+            }
+            _ = closing.wait_for(|c| *c), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 

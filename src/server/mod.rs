@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod grpc;
 pub mod http;
+mod listener;
 mod reload;
 
 use std::net::SocketAddr;
@@ -271,9 +272,31 @@ async fn serve(
         let _ = drain_tx.send(true);
     });
 
-    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    // Both listeners' connection caps fit under the descriptor limit together (listener.rs).
+    let limits = state.settings.connections;
+    let fd_limit = listener::open_files_limit();
+    let listeners = 1 + usize::from(http_listener.is_some());
+    let cap = listener::connection_cap(limits.max_connections, listeners, fd_limit);
+    if cap < limits.max_connections {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            open_files_limit = fd_limit,
+            per_listener = cap,
+            "limits.max_connections lowered to fit the open files limit (ulimit -n)"
+        );
+    }
+
+    let mut builder = Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .http2_max_header_list_size(listener::GRPC_MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(listener::MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(listener::MAX_LOCAL_ERROR_RESET_STREAMS))
+        .layer(listener::TrackRequestsLayer);
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
+        // The connection deadline already covers the handshake; tonic's own timeout says so too.
+        builder = builder.tls_config(tls.timeout(limits.header_read_timeout))?;
     }
     let auth = AuthorizationServer::new(grpc::AuthorizationService::new(state.clone()));
     let mut grpc_drain = drain_rx.clone();
@@ -283,10 +306,16 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            // The builder's `tcp_nodelay` does not reach connections of an incoming stream: set it
-            // here. Without it a response written in two pieces waits ~40 ms for the client's
-            // delayed ACK (Nagle), which turned a 60 us check into a 44 ms one.
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            // The builder's `tcp_nodelay` does not reach connections of an incoming stream: the
+            // incoming stream sets it. Without it a response written in two pieces waits ~40 ms for
+            // the client's delayed ACK (Nagle), which turned a 60 us check into a 44 ms one.
+            listener::incoming(
+                "grpc",
+                grpc_listener,
+                cap,
+                listener::Protocol::Http2,
+                limits,
+            ),
             async move {
                 let _ = grpc_drain.wait_for(|v| *v).await;
             },
@@ -295,7 +324,9 @@ async fn serve(
     let http = async {
         if let Some(listener) = http_listener {
             let mut http_drain = drain_rx.clone();
-            http::serve(state.clone(), listener, async move {
+            let incoming =
+                listener::incoming("http", listener, cap, listener::Protocol::Detect, limits);
+            http::serve(state.clone(), incoming, async move {
                 let _ = http_drain.wait_for(|v| *v).await;
             })
             .await;

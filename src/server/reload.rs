@@ -89,7 +89,9 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Reloaded>, Confi
     }
     let (policy, settings) = policy::compile(&src, &state.runtime)?;
     if settings != state.settings {
-        tracing::warn!("listen or telemetry settings changed: they apply after a restart");
+        tracing::warn!(
+            "listen, telemetry or connection limit settings changed: they apply after a restart"
+        );
     }
     let summary = policy.summary.clone();
     let old = state.policy.swap(Arc::new(policy));

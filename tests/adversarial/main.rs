@@ -8,5 +8,6 @@ mod common;
 mod support;
 
 mod forward_auth;
+mod listeners;
 mod request_line;
 mod shadow;

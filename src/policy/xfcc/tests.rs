@@ -192,12 +192,12 @@ fn the_smuggling_shape_is_refused() {
 /// Counts quotes that a backslash does not escape: a quote preceded by an odd run of backslashes is
 /// escaped. (Independent of the parser, so the property below checks it.)
 fn unescaped_quotes(s: &[u8]) -> usize {
-    let (mut run, mut n) = (0, 0);
+    let (mut run, mut n) = (0usize, 0);
     for &c in s {
         match c {
             b'\\' => run += 1,
             b'"' => {
-                if run % 2 == 0 {
+                if run.is_multiple_of(2) {
                     n += 1;
                 }
                 run = 0;
@@ -309,11 +309,11 @@ proptest! {
         insert_at in any::<proptest::sample::Index>(),
     ) {
         let mut bytes = bytes;
-        if unescaped_quotes(&bytes) % 2 == 0 {
+        if unescaped_quotes(&bytes).is_multiple_of(2) {
             let at = insert_at.index(bytes.len() + 1);
             bytes.insert(at, b'"');
         }
-        prop_assume!(unescaped_quotes(&bytes) % 2 == 1);
+        prop_assume!(!unescaped_quotes(&bytes).is_multiple_of(2));
         prop_assert!(parse(&bytes).is_err(), "{}", String::from_utf8_lossy(&bytes));
     }
 }

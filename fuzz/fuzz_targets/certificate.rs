@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::policy::cert;
+use portcullis::policy::{cert, xfcc};
 
 fuzz_target!(|data: &[u8]| {
     let _ = cert::from_der(data);
@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = cert::Dn::parse(s);
         let _ = cert::normalize_serial(s);
     }
-    if let Ok(Some(encoded)) = cert::xfcc_cert(data) {
+    if let Ok(Some(encoded)) = xfcc::parse(data).map(|h| h.nearest.cert) {
         let _ = cert::parse_url_encoded_pem(&encoded, 64 * 1024);
     }
 });

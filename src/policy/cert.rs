@@ -49,9 +49,6 @@ pub enum CertError {
     /// PEM that holds no valid X.509 certificate.
     #[error("certificate is not valid X.509")]
     NotX509,
-    /// The forwarded-client-cert header is malformed.
-    #[error("x-forwarded-client-cert is malformed")]
-    BadXfcc,
 }
 
 /// Parses the URL-encoded PEM Envoy puts in `source.certificate` (or an XFCC `Cert=`).
@@ -327,26 +324,6 @@ impl CertPolicy {
             Err(CertFailure::NotMatched)
         }
     }
-}
-
-/// Reads the `Cert=` of the last element of an `x-forwarded-client-cert` header: the one the
-/// nearest (trusted) proxy added. Returns `Ok(None)` when that element carries no certificate.
-pub fn xfcc_cert(header: &[u8]) -> Result<Option<String>, CertError> {
-    let header = std::str::from_utf8(header).map_err(|_| CertError::BadXfcc)?;
-    let elements = split_unquoted(header, &[',']);
-    let last = elements.last().ok_or(CertError::BadXfcc)?;
-    for pair in split_unquoted(last, &[';']) {
-        let (k, v) = pair.split_once('=').ok_or(CertError::BadXfcc)?;
-        if k.trim().eq_ignore_ascii_case("cert") {
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|r| r.strip_suffix('"'))
-                .unwrap_or(v);
-            return Ok(Some(v.to_string()));
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod template;
 mod tests;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod xfcc;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -546,7 +547,9 @@ impl PolicySet {
                     "x-forwarded-client-cert is too large".into(),
                 ));
             }
-            return match cert::xfcc_cert(xfcc) {
+            // The whole header must parse (see xfcc.rs: a lenient reader lets a caller's unbalanced
+            // quote swallow the proxy's comma); only then is the nearest proxy's element read.
+            return match xfcc::parse(xfcc).map(|h| h.nearest.cert) {
                 Ok(Some(encoded)) => self.parse_certificate(&encoded).map_err(|e| {
                     (
                         Reason::ClientCertificateInvalid,

@@ -11,3 +11,4 @@ mod forward_auth;
 mod listeners;
 mod request_line;
 mod shadow;
+mod xfcc;

@@ -139,12 +139,3 @@ impl AddStr for String {
         self
     }
 }
-
-#[test]
-fn xfcc_takes_the_nearest_element() {
-    let h = br#"By=spiffe://a;Hash=abc;Cert="first%0A";Subject="CN=a,O=b",By=spiffe://b;Cert="second";URI=x"#;
-    assert_eq!(xfcc_cert(h).unwrap().as_deref(), Some("second"));
-    assert_eq!(xfcc_cert(b"By=x;Hash=y").unwrap(), None);
-    assert_eq!(xfcc_cert(b"junk").unwrap_err(), CertError::BadXfcc);
-    assert_eq!(xfcc_cert(&[0xff]).unwrap_err(), CertError::BadXfcc);
-}

@@ -1,0 +1,128 @@
+"""The differential proof of path and host handling: thousands of hostile request targets and Host
+headers (adversarial_corpus.py) through a real Envoy 1.40 asking the real portcullis, in front of two
+real static backends (`python3 -m http.server` and nginx) serving a tree of marker files.
+
+For every request: if a backend served a marker with 200, the API that portcullis said allowed the
+request (its decision log, joined by the decision id Envoy echoes) must be the API that owns the
+marker's location. One Envoy configuration is the bootstrap as shipped (deploy/envoy/ext-authz-grpc.yaml,
+no path normalisation); the others add the path settings docs/proxies/envoy.md recommends.
+
+ADVERSARIAL_ENVOY_VARIANTS=defaults,reject,redirect,forward,reject+host picks the configurations
+(default: defaults,reject,redirect); ADVERSARIAL_REPORT_DIR keeps every answer as JSON lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from adversarial_corpus import corpus
+from adversarial_topology import (
+    ENVOY_VARIANTS,
+    POLICY,
+    SUMMARY,
+    NginxStatic,
+    PythonHttpServer,
+    classify,
+    envoy_config,
+    make_tree,
+    run_corpus,
+    start_envoy,
+)
+from harness import Portcullis, nginx_bin
+from topology import grpc_envoy_params
+
+VARIANTS = [v for v in os.environ.get("ADVERSARIAL_ENVOY_VARIANTS", "defaults,reject,redirect").split(",") if v]
+assert all(v in ENVOY_VARIANTS for v in VARIANTS), f"unknown Envoy variant in {VARIANTS}; known: {sorted(ENVOY_VARIANTS)}"
+
+CASES = corpus()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("tree"))
+
+
+@pytest.fixture(scope="module")
+def portcullis(tmp_path_factory):
+    p = Portcullis(POLICY, tmp_path_factory.mktemp("differential-portcullis"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def python_backend(tree, tmp_path_factory):
+    b = PythonHttpServer(tree, tmp_path_factory.mktemp("python-backend"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_backend(tree, tmp_path_factory):
+    nginx_bin()  # skips (fails under CI=true) without nginx
+    b = NginxStatic(tree, tmp_path_factory.mktemp("nginx-backend"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def pki_params(tmp_path):
+    """The https listener of the bootstrap needs files; this suite only uses the http listener."""
+    from harness import make_cert
+
+    ca = make_cert("differential CA", ca=True)
+    server = make_cert("localhost", ca, server_names=["127.0.0.1"]).write(tmp_path, "server")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    return {"TLS_CERT_FILE": server[0], "TLS_KEY_FILE": server[1], "CLIENT_CA_FILE": tmp_path / "ca.crt"}
+
+
+@pytest.mark.parametrize("backend_name", ["python", "nginx"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_request_reaches_a_location_its_api_does_not_own(request, variant, backend_name, portcullis, tmp_path, pki_params):
+    backend = request.getfixturevalue(f"{backend_name}_backend")
+    # Host spellings only mean something to a backend with virtual hosts.
+    cases = [c for c in CASES if backend.vhosts or c.family != "host"]
+
+    class _Pki:  # grpc_envoy_params reads these three from a Pki
+        server = (pki_params["TLS_CERT_FILE"], pki_params["TLS_KEY_FILE"])
+        client_ca = pki_params["CLIENT_CA_FILE"]
+
+    params = grpc_envoy_params(portcullis, backend, _Pki())  # type: ignore[arg-type]
+    config = envoy_config(params, variant, tmp_path / "envoy-rendered.yaml")
+    envoy = start_envoy(config, tmp_path, "envoy")
+    try:
+        envoy.wait_healthy("portcullis")
+        results = run_corpus(envoy.ports["http"], cases, portcullis.output, backend.vhosts)
+    finally:
+        envoy.stop()
+
+    outcomes = collections.Counter(classify(r) for r in results)
+    violations = [r for r in results if r.violation]
+    by_family = collections.Counter(r.case.family for r in violations)
+    SUMMARY[("differential", variant, backend.name)] = (
+        f"{len(results)} requests, {len(violations)} violations {dict(by_family)}; "
+        f"served {outcomes.get('served', 0)}; " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if k != "served")
+    )
+    report_dir = os.environ.get("ADVERSARIAL_REPORT_DIR")
+    out = Path(report_dir) if report_dir else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"differential-{variant}-{backend.name}.jsonl"
+    with open(report, "w") as f:
+        for r in results:
+            f.write(json.dumps({
+                "family": r.case.family, "sent": r.case.wire().decode("latin-1"), "status": r.reply.status,
+                "marker": r.reply.marker, "redirects": [h.decode("latin-1") for h in r.redirects],
+                "api": r.api, "outcome": r.outcome, "class": classify(r), "violation": r.violation,
+            }) + "\n")
+    if violations:
+        shown = "\n".join(f"  {r.violation}\n    {r.describe()}" for r in violations[:40])
+        more = f"\n  ... and {len(violations) - 40} more" if len(violations) > 40 else ""
+        pytest.fail(
+            f"Envoy `{variant}` -> {backend.name}: {len(violations)} of {len(results)} requests reached a location "
+            f"their API does not own (by family: {dict(by_family)}; every answer: {report}):\n{shown}{more}",
+            pytrace=False,
+        )

@@ -215,6 +215,7 @@ class Reply:
     headers: dict[str, str]
     body: bytes
     error: str | None = None
+    elapsed: float = 0.0
 
     @property
     def marker(self) -> tuple[str, str] | None:
@@ -225,20 +226,26 @@ class Reply:
 def send_raw(port: int, data: bytes, timeout: float = 15.0) -> Reply:
     """Writes `data` as it is and reads until the server closes (every request says Connection:
     close). http.client would normalise or refuse part of the corpus, so this is a socket."""
+    start = time.monotonic()
+    reply = _send_raw(port, data, timeout)
+    reply.elapsed = time.monotonic() - start
+    return reply
+
+
+def _send_raw(port: int, data: bytes, timeout: float) -> Reply:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(data)
-            chunks = []
+            raw = b""
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not _complete(raw):
                 try:
                     chunk = s.recv(65536)
                 except ConnectionResetError:
                     break
                 if not chunk:
                     break
-                chunks.append(chunk)
-        raw = b"".join(chunks)
+                raw += chunk
     except OSError as e:
         return Reply(None, {}, b"", f"{type(e).__name__}: {e}")
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -251,6 +258,20 @@ def send_raw(port: int, data: bytes, timeout: float = 15.0) -> Reply:
         name, _, value = line.partition(b":")
         headers[name.strip().lower().decode(errors="replace")] = value.strip().decode(errors="replace")
     return Reply(int(m.group(1)), headers, body)
+
+
+def _complete(raw: bytes) -> bool:
+    """Whether `raw` holds a whole response (servers may linger a second before closing after an
+    error, so waiting for the close would make the corpus slow)."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    if m:
+        return len(body) >= int(m.group(1))
+    if re.search(rb"(?im)^transfer-encoding:.*chunked", head):
+        return body.endswith(b"0\r\n\r\n")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -273,6 +273,7 @@ async fn http_listener_health_and_forward_auth() {
         .get(format!("{base}/authz"))
         .header("x-forwarded-uri", "/orders/2")
         .header("x-forwarded-method", "GET")
+        .header("x-forwarded-host", "api.example.com")
         .send()
         .await
         .unwrap();

@@ -1200,6 +1200,8 @@ identity_providers:
         let resp = http
             .get(format!("http://{}/authz/", srv.http))
             .header("x-forwarded-uri", uri)
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-host", "api.example.com")
             .header("authorization", format!("Bearer {BEARER}"))
             .header("cookie", format!("session={COOKIE}"))
             .send()

@@ -22,6 +22,10 @@ pub struct ConfigFile {
     #[serde(default)]
     pub client_ip: ClientIp,
     #[serde(default)]
+    pub request: Request,
+    #[serde(default)]
+    pub forward_auth: ForwardAuth,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub identity_providers: Vec<IdentityProvider>,
@@ -76,6 +80,22 @@ pub struct Telemetry {
 pub struct ClientIp {
     pub from: Option<String>,
     pub trusted_hops: Option<u32>,
+}
+
+/// `request`: how request lines are canonicalised (README "Canonical requests").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// `reject` (default) or `keep`: what an encoded `/` (`%2F`) in a path means.
+    pub escaped_slashes: Option<String>,
+}
+
+/// `forward_auth`: where the HTTP listener's `/authz/` reads the request it decides on.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuth {
+    /// `auto` (default), `forwarded_headers` (nginx, Traefik) or `request` (Envoy `http_service`).
+    pub source: Option<String>,
 }
 
 /// `limits`: caps on untrusted input.

@@ -342,6 +342,11 @@ impl BackendCredentialPolicy {
         self.credential.name()
     }
 
+    /// The request header that carries the credential upstream.
+    pub fn header_name(&self) -> &str {
+        &self.header
+    }
+
     fn header(&self, token: &str) -> Header {
         let mut value = String::with_capacity(self.prefix.len() + token.len() + self.suffix.len());
         value.push_str(&self.prefix);

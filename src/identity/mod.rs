@@ -732,9 +732,12 @@ impl JwtPolicy {
             }
             TokenLocation::Query(name) => {
                 match crate::policy::subscription::query_param(input.path, name) {
-                    None => Extracted::Missing,
-                    Some(v) if v.is_empty() => Extracted::Missing,
-                    Some(v) => match String::from_utf8(v) {
+                    Err(_) => {
+                        Extracted::Invalid(format!("the `{name}` query parameter appears twice"))
+                    }
+                    Ok(None) => Extracted::Missing,
+                    Ok(Some(v)) if v.is_empty() => Extracted::Missing,
+                    Ok(Some(v)) => match String::from_utf8(v) {
                         Ok(s) => Extracted::Token(Cow::Owned(s)),
                         Err(_) => {
                             Extracted::Invalid(format!("the `{name}` query parameter is not UTF-8"))

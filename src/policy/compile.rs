@@ -10,9 +10,10 @@ use crate::config::{self, ConfigErrors, Source};
 use crate::credentials;
 use crate::identity;
 
+use super::canonical::{self, EscapedSlashes, ForwardAuthSource, RequestRules};
 use super::cert::{CertPolicy, Dn, Identity, normalize_serial};
 use super::ip::{self, ClientIpSource, IpSet};
-use super::matcher::{ApiIndex, HostPattern, Matcher, normalize_path};
+use super::matcher::{ApiIndex, HostPattern, Matcher};
 use super::subscription::{self, Scope, State, Subscription, SubscriptionStore};
 use super::template::Template;
 use super::{Api, IpFilter, Limits, PolicySet, Summary};
@@ -133,6 +134,32 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         }
     };
 
+    let request_rules = RequestRules {
+        escaped_slashes: match f.request.escaped_slashes.as_deref() {
+            None | Some("reject") => EscapedSlashes::Reject,
+            Some("keep") => EscapedSlashes::Keep,
+            Some(other) => {
+                errs.push(
+                    "request.escaped_slashes",
+                    format!("`{other}`: use `reject` or `keep`"),
+                );
+                EscapedSlashes::Reject
+            }
+        },
+    };
+    let forward_auth = match f.forward_auth.source.as_deref() {
+        None | Some("auto") => ForwardAuthSource::Auto,
+        Some("forwarded_headers") => ForwardAuthSource::ForwardedHeaders,
+        Some("request") => ForwardAuthSource::Request,
+        Some(other) => {
+            errs.push(
+                "forward_auth.source",
+                format!("`{other}`: use `auto`, `forwarded_headers` or `request`"),
+            );
+            ForwardAuthSource::Auto
+        }
+    };
+
     let d = Limits::default();
     let limits = Limits {
         max_header_bytes: positive(
@@ -207,7 +234,16 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
 
     let mut apis = Vec::with_capacity(f.apis.len());
     for (i, a) in f.apis.iter().enumerate() {
-        if let Some(api) = compile_api(i, a, &open_apis, &providers, &credentials, &mut errs) {
+        let api = compile_api(
+            i,
+            a,
+            request_rules,
+            &open_apis,
+            &providers,
+            &credentials,
+            &mut errs,
+        );
+        if let Some(api) = api {
             apis.push(api);
         }
     }
@@ -240,6 +276,8 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         index,
         unmatched_allow,
         client_ip,
+        request_rules,
+        forward_auth,
         subscriptions,
         limits,
         summary,
@@ -509,6 +547,7 @@ fn is_token_char(b: u8) -> bool {
 fn compile_api(
     i: usize,
     a: &config::Api,
+    request_rules: RequestRules,
     open_apis: &HashSet<usize>,
     providers: &identity::ProviderSet,
     credentials: &credentials::CredentialSet,
@@ -524,24 +563,30 @@ fn compile_api(
             Err(e) => errs.push(format!("{path}.match.hosts[{j}]"), e),
         }
     }
-    let path_prefix = a.matcher.path_prefix.as_deref().map(|p| {
+    // A prefix is written in the same canonical form as request paths, so `/caf%C3%A9` and `/café`
+    // configure one prefix, and a prefix no request could ever have is an error.
+    let path_prefix = a.matcher.path_prefix.as_deref().and_then(|p| {
         if !p.starts_with('/') {
             errs.push(
                 format!("{path}.match.path_prefix"),
                 format!("`{p}` must start with `/`"),
             );
+            return None;
         }
         if p.contains(['?', '#']) {
             errs.push(
                 format!("{path}.match.path_prefix"),
                 "a path prefix has no query or fragment",
             );
+            return None;
         }
-        let mut n = normalize_path(p).into_owned();
-        if p.ends_with('/') && !n.ends_with('/') {
-            n.push('/');
+        match canonical::path(p, request_rules) {
+            Ok(c) => Some(c.into_owned()),
+            Err(e) => {
+                errs.push(format!("{path}.match.path_prefix"), format!("`{p}`: {e}"));
+                None
+            }
         }
-        n
     });
     let mut methods = Vec::new();
     for (j, m) in a.matcher.methods.iter().flatten().enumerate() {

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use super::canonical;
+
 /// How an API selects requests.
 #[derive(Debug, Clone, Default)]
 pub struct Matcher {
@@ -26,46 +28,38 @@ pub enum HostPattern {
 }
 
 impl HostPattern {
-    /// Parses a configured host; returns an error message for nonsense.
+    /// Parses a configured host; returns an error message for nonsense. Exact hosts are brought to
+    /// the canonical form requests are (lower-case, no port, no trailing dot).
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim().to_ascii_lowercase();
-        if let Some(suffix) = s.strip_prefix('*') {
-            if !suffix.starts_with('.') || suffix.len() < 2 || suffix[1..].contains('*') {
-                return Err(format!(
+        let s = s.trim();
+        if let Some(suffix) = s.strip_prefix("*.") {
+            return match canonical::host(suffix) {
+                Ok(c) if !c.is_empty() && !suffix.contains([':', '[']) => {
+                    Ok(HostPattern::Suffix(format!(".{c}")))
+                }
+                _ => Err(format!(
                     "`{s}`: a wildcard host must look like `*.example.com`"
-                ));
-            }
-            return Ok(HostPattern::Suffix(suffix.to_string()));
+                )),
+            };
         }
-        if s.is_empty() || s.contains('*') || s.contains('/') {
-            return Err(format!("`{s}` is not a host name"));
+        if s.contains('*') {
+            return Err(format!(
+                "`{s}`: a wildcard host must look like `*.example.com`"
+            ));
         }
-        Ok(HostPattern::Exact(strip_port(&s).to_string()))
+        match canonical::host(s) {
+            Ok(c) if !c.is_empty() => Ok(HostPattern::Exact(c.into_owned())),
+            Ok(_) => Err("a host must not be empty".into()),
+            Err(e) => Err(format!("`{s}`: {e}")),
+        }
     }
 
+    /// Whether `host` (canonical: lower-case, no port) matches.
     fn matches(&self, host: &str) -> bool {
         match self {
-            HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
-            HostPattern::Suffix(sfx) => {
-                host.len() > sfx.len()
-                    && host.as_bytes()[host.len() - sfx.len()..]
-                        .eq_ignore_ascii_case(sfx.as_bytes())
-            }
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Suffix(sfx) => host.len() > sfx.len() && host.ends_with(sfx.as_str()),
         }
-    }
-}
-
-/// `host:port` -> `host`; `[v6]:port` -> `[v6]`; a bare IPv6 literal is left alone.
-pub fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
-            Some(i) => &host[..=i],
-            None => host,
-        };
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
     }
 }
 
@@ -74,9 +68,9 @@ pub fn strip_port(host: &str) -> &str {
 pub struct Target<'a> {
     /// `:method`
     pub method: &'a str,
-    /// `:authority` without the port.
+    /// The canonical host: lower-case, without port.
     pub host: &'a str,
-    /// The normalised path, without query or fragment.
+    /// The canonical path, without query.
     pub path: &'a str,
     /// Envoy per-route context extensions.
     pub context_extensions: Option<&'a HashMap<String, String>>,
@@ -104,7 +98,8 @@ impl Matcher {
 }
 
 /// `prefix` matches `path` on a segment boundary: `/orders` matches `/orders` and `/orders/1`, not
-/// `/ordersX`. A prefix that ends in `/` matches everything below it.
+/// `/ordersX`. A prefix that ends in `/` matches everything below it. Both are canonical
+/// ([`canonical::path`]), so one resource has one spelling on either side.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" || prefix.is_empty() {
         return true;
@@ -112,85 +107,6 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
         None => false,
-    }
-}
-
-/// The path part of a request target, normalised so that one resource has one spelling:
-/// the query and fragment are cut, percent-encoded unreserved characters are decoded, `//` collapses
-/// and `.`/`..` segments are resolved (RFC 3986 section 5.2.4). Without this, `/public/../admin`
-/// would be matched as `/public` while a backend that normalises serves `/admin`.
-/// An encoded slash (`%2F`) is not a separator and stays encoded.
-pub fn normalize_path(target: &str) -> std::borrow::Cow<'_, str> {
-    let end = target.find(['?', '#']).unwrap_or(target.len());
-    let raw = &target[..end];
-    let needs_work = raw.contains("//")
-        || raw.contains("/.")
-        || raw.contains('%')
-        || raw.contains('\\')
-        || !raw.starts_with('/');
-    if !needs_work {
-        return std::borrow::Cow::Borrowed(raw);
-    }
-    let decoded = decode_unreserved(raw);
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split(['/', '\\']) {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let trailing = decoded.ends_with('/') && !out.is_empty();
-    let mut path = String::with_capacity(decoded.len() + 1);
-    for seg in &out {
-        path.push('/');
-        path.push_str(seg);
-    }
-    if path.is_empty() || trailing {
-        path.push('/');
-    }
-    std::borrow::Cow::Owned(path)
-}
-
-fn decode_unreserved(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                let c = (h * 16 + l) as u8;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c as char);
-                    i += 3;
-                    continue;
-                }
-                // Keep other escapes, upper-cased, so `%2f` and `%2F` are one spelling.
-                out.push('%');
-                out.push((b[i + 1] as char).to_ascii_uppercase());
-                out.push((b[i + 2] as char).to_ascii_uppercase());
-                i += 3;
-                continue;
-            }
-        }
-        // Safe to push char by char: we only split at ASCII bytes.
-        let ch_len = utf8_len(b[i]);
-        out.push_str(&s[i..(i + ch_len).min(s.len())]);
-        i += ch_len;
-    }
-    out
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        0xf0..=0xf7 => 4,
-        _ => 1,
     }
 }
 
@@ -268,32 +184,20 @@ mod tests {
         assert!(path_has_prefix("/orders/1", "/orders/"));
         assert!(!path_has_prefix("/orders", "/orders/"));
         assert!(path_has_prefix("/anything", "/"));
-        assert_eq!(normalize_path("/orders?x=1"), "/orders");
-        assert!(path_has_prefix(&normalize_path("/orders?x=1"), "/orders"));
-    }
-
-    #[test]
-    fn normalisation_defeats_traversal() {
-        assert_eq!(normalize_path("/public/../admin"), "/admin");
-        assert_eq!(normalize_path("/public/%2e%2e/admin"), "/admin");
-        assert_eq!(normalize_path("//admin//x/"), "/admin/x/");
-        assert_eq!(normalize_path("/a/./b"), "/a/b");
-        assert_eq!(normalize_path("/../../"), "/");
-        assert_eq!(normalize_path("/%6Frders"), "/orders");
-        assert_eq!(normalize_path("/a%2fb"), "/a%2Fb");
-        assert_eq!(normalize_path("/a\\..\\admin"), "/admin");
-        assert_eq!(normalize_path("/é/x"), "/é/x");
-        assert_eq!(normalize_path("/x%"), "/x%");
-        assert_eq!(normalize_path("/x%4"), "/x%4");
-        assert_eq!(normalize_path(""), "/");
     }
 
     #[test]
     fn hosts_exact_wildcard_and_port() {
+        let host = |h: &str| canonical::host(h).unwrap().into_owned();
         let exact = HostPattern::parse("API.example.com").unwrap();
         assert!(exact.matches("api.example.com"));
-        assert!(exact.matches(strip_port("api.EXAMPLE.com:8443")));
+        assert!(exact.matches(&host("api.EXAMPLE.com:8443")));
+        assert!(exact.matches(&host("api.example.com.")));
         assert!(!exact.matches("xapi.example.com"));
+        assert_eq!(
+            HostPattern::parse("api.example.com.:443").unwrap(),
+            HostPattern::Exact("api.example.com".into())
+        );
         let wild = HostPattern::parse("*.example.com").unwrap();
         assert!(wild.matches("a.example.com"));
         assert!(wild.matches("a.b.example.com"));
@@ -301,8 +205,9 @@ mod tests {
         assert!(!wild.matches("aexample.com"));
         assert!(HostPattern::parse("*example.com").is_err());
         assert!(HostPattern::parse("a.*.com").is_err());
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("::1"), "::1");
+        assert!(HostPattern::parse("*.example.com:443").is_err());
+        assert!(HostPattern::parse("x@api.example.com").is_err());
+        assert!(HostPattern::parse("").is_err());
     }
 
     #[test]
@@ -315,7 +220,7 @@ mod tests {
             context_extensions: vec![("api".into(), "orders".into())],
         };
         let t = Target {
-            method: "get",
+            method: "GET",
             host: "api.example.com",
             path: "/orders/1",
             context_extensions: Some(&ce),
@@ -349,14 +254,6 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn normalize_is_idempotent_and_rooted(s in "[a-z./%2eE\\\\?]{0,30}") {
-            let once = normalize_path(&s).into_owned();
-            prop_assert!(once.starts_with('/'));
-            prop_assert!(!once.split('/').any(|seg| seg == ".." || seg == "."));
-            prop_assert_eq!(normalize_path(&once).into_owned(), once.clone());
-        }
-
         #[test]
         fn index_candidates_equal_full_scan(prefixes in proptest::collection::vec(proptest::option::of("/[ab]{0,2}(/[ab]{1,2})?"), 0..12), path in "/[ab]{0,2}(/[ab]{0,2})?") {
             let idx = ApiIndex::build(prefixes.iter().map(|p| p.as_deref()));

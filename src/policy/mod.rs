@@ -3,6 +3,7 @@
 //! Order inside one API (product contract, section 3): match -> ip_filter -> subscription key ->
 //! client certificate -> JWT -> backend credential -> allow. The first failing check decides.
 
+pub mod canonical;
 pub mod cert;
 mod compile;
 pub mod decision;
@@ -31,6 +32,7 @@ pub use decision::{Decision, Denial, Header, Outcome, Step, StepResult};
 pub use reason::Reason;
 pub use request::{CheckInput, Headers};
 
+use canonical::{ForwardAuthSource, NotCanonical, RequestRules};
 use cert::{CertFailure, CertPolicy, ClientCert};
 use ip::{ClientIpSource, IpSet};
 use matcher::{ApiIndex, Matcher, Target};
@@ -68,6 +70,9 @@ pub struct PolicySet {
     index: ApiIndex,
     unmatched_allow: bool,
     client_ip: ClientIpSource,
+    request_rules: RequestRules,
+    /// Where forward-auth reads the request it decides on.
+    pub forward_auth: ForwardAuthSource,
     subscriptions: SubscriptionStore,
     /// Input caps.
     pub limits: Limits,
@@ -196,11 +201,37 @@ impl PolicySet {
             return d;
         }
 
-        let path = matcher::normalize_path(input.path);
+        // Every check below sees the canonical request, never the bytes as sent.
+        let req = match canonical::request(input.method, input.host, input.path, self.request_rules)
+        {
+            Ok(req) => req,
+            Err(e) => {
+                let reason = match e {
+                    NotCanonical::Path(_) => Reason::RequestPathNotCanonical,
+                    NotCanonical::Host(_) => Reason::RequestHostNotCanonical,
+                    NotCanonical::Method => Reason::InvalidRequest,
+                };
+                ev.fail("request", reason, || e.to_string());
+                ev.d.outcome =
+                    Outcome::Deny(Denial::new(reason).with_message(format!("Bad request: {e}.")));
+                return d;
+            }
+        };
+        // Shown only when canonicalisation changed something the caller wrote.
+        if ev.explain
+            && (req.path != input.path.split('?').next().unwrap_or_default()
+                || req.host != input.host
+                || req.method != input.method)
+        {
+            ev.pass("request", || {
+                format!("read as {} {}{}", req.method, req.host, req.path)
+            });
+        }
+        let path = &req.path;
         let target = Target {
-            method: input.method,
-            host: matcher::strip_port(input.host),
-            path: &path,
+            method: &req.method,
+            host: &req.host,
+            path,
             context_extensions: input.context_extensions,
         };
         let Some(api) = self
@@ -213,13 +244,13 @@ impl PolicySet {
                 ev.pass("match", || {
                     format!(
                         "no API matches {} {}{}; unmatched: allow",
-                        input.method, target.host, path
+                        target.method, target.host, path
                     )
                 });
                 ev.d.upstream_headers.push(decision_id_header(&ev.d.id));
             } else {
                 ev.fail("match", Reason::NoMatchingApi, || {
-                    format!("no API matches {} {}{}", input.method, target.host, path)
+                    format!("no API matches {} {}{}", target.method, target.host, path)
                 });
                 ev.d.outcome = Outcome::Deny(Denial::new(Reason::NoMatchingApi));
             }
@@ -237,8 +268,20 @@ impl PolicySet {
             Err(denial) if api.shadow => {
                 tracing::info!(api = %api.name, reason = %denial.reason, decision_id = %ev.d.id, "shadow mode: deny not enforced");
                 ev.d.waived = Some(denial.reason);
-                // Only what was already decided to be safe upstream stays: the key removal.
-                ev.d.upstream_headers.retain(|h| !h.sensitive);
+                // The request goes upstream as enforce mode would send it, less what the failed
+                // checks would have added: every header enforce mode sets or removes is removed,
+                // so a caller can never supply one (`x-user-id: admin`) on a waived deny. Only
+                // the key removal, decided before any check could fail, is already in place.
+                ev.d.upstream_headers.clear();
+                ev.d.remove_headers
+                    .extend(api.set_headers.iter().map(|(name, _)| name.clone()));
+                ev.d.remove_headers
+                    .extend(api.remove_headers.iter().cloned());
+                if let Some(bc) = &api.backend_credential {
+                    ev.d.remove_headers.push(bc.header_name().to_string());
+                }
+                ev.d.remove_headers.sort_unstable();
+                ev.d.remove_headers.dedup();
             }
             Err(denial) => {
                 ev.d.upstream_headers.clear();
@@ -297,14 +340,23 @@ impl PolicySet {
             Some(required) => {
                 let store = &self.subscriptions;
                 let header_key = input.header(&store.header).filter(|v| !v.is_empty());
-                let query_key = subscription::query_param(input.path, &store.query);
-                let key = header_key.or(query_key.as_deref());
                 let challenge = || {
                     format!(
                         "AzureApiManagementKey realm=\"{}\",name=\"{}\",type=\"header\"",
                         api.name, store.header
                     )
                 };
+                let Ok(query_key) = subscription::query_param(input.path, &store.query) else {
+                    let denial =
+                        Denial::new(Reason::SubscriptionKeyInvalid).with_challenge(challenge());
+                    return Err(ev.deny_with("subscription", denial, || {
+                        format!(
+                            "the `{}` query parameter appears more than once",
+                            store.query
+                        )
+                    }));
+                };
+                let key = header_key.or(query_key.as_deref());
                 match store.check(api_index, key, required) {
                     KeyCheck::Valid(sub) => {
                         ev.pass("subscription", || format!("subscription `{}`", sub.id));

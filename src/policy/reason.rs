@@ -109,6 +109,10 @@ reasons! {
     IdentityProviderUnavailable = ("IdentityProviderUnavailable", UNAVAILABLE, 503, "The identity provider is unavailable."),
     /// The CheckRequest lacks the attributes a decision needs.
     InvalidRequest = ("InvalidRequest", INVALID_ARGUMENT, 400, "The authorization request is incomplete."),
+    /// The request path has no canonical form: readers could disagree on what it names.
+    RequestPathNotCanonical = ("RequestPathNotCanonical", INVALID_ARGUMENT, 400, "The request path is ambiguous."),
+    /// The request host is not a host name or IP literal.
+    RequestHostNotCanonical = ("RequestHostNotCanonical", INVALID_ARGUMENT, 400, "The request host is not valid."),
     /// The request's headers exceed the configured size.
     RequestHeadersTooLarge = ("RequestHeadersTooLarge", INVALID_ARGUMENT, 431, "Request headers are too large."),
     /// portcullis itself failed; never an allow.

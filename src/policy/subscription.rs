@@ -157,15 +157,29 @@ impl SubscriptionStore {
     }
 }
 
-/// Finds the value of query parameter `name` in a request target (`/p?a=1&b=2`), percent-decoded
-/// (`+` as space, as HTML forms encode it). The first occurrence wins.
-pub fn query_param(target: &str, name: &str) -> Option<Vec<u8>> {
-    let without_fragment = target.split('#').next().unwrap_or("");
-    let query = without_fragment.split_once('?')?.1;
-    query.split('&').find_map(|pair| {
+/// A query parameter named twice: the backend may read the other one, so neither is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepeatedParam;
+
+/// The decoded value of the query parameter `name` in a request target (path and query), `Ok(None)`
+/// when it is absent. The name is compared as written, never decoded: the proxy removes a parameter
+/// by its literal name, so `?subscription%2Dkey=...` must not count as the key that removal would
+/// then leave in place. A name present twice is an error.
+pub fn query_param(target: &str, name: &str) -> Result<Option<Vec<u8>>, RepeatedParam> {
+    let Some((_, query)) = target.split_once('?') else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode_form(k) == name.as_bytes()).then(|| percent_decode_form(v))
-    })
+        if k == name {
+            if found.is_some() {
+                return Err(RepeatedParam);
+            }
+            found = Some(percent_decode_form(v));
+        }
+    }
+    Ok(found)
 }
 
 fn percent_decode_form(s: &str) -> Vec<u8> {
@@ -268,27 +282,28 @@ mod tests {
     fn query_parameter_parsing() {
         assert_eq!(
             query_param("/x?a=1&subscription-key=abc%20d+e", "subscription-key"),
-            Some(b"abc d e".to_vec())
+            Ok(Some(b"abc d e".to_vec()))
         );
         assert_eq!(
             query_param(
                 "/x?subscription-key=1&subscription-key=2",
                 "subscription-key"
             ),
-            Some(b"1".to_vec())
+            Err(RepeatedParam)
         );
+        // Only the literal name counts: removal by name would leave this one in place.
         assert_eq!(
             query_param("/x?subscription%2Dkey=k", "subscription-key"),
-            Some(b"k".to_vec())
+            Ok(None)
+        );
+        assert_eq!(
+            query_param("/x?Subscription-Key=k", "subscription-key"),
+            Ok(None)
         );
         assert_eq!(
             query_param("/x?subscription-key", "subscription-key"),
-            Some(vec![])
+            Ok(Some(vec![]))
         );
-        assert_eq!(query_param("/x", "subscription-key"), None);
-        assert_eq!(
-            query_param("/x#?subscription-key=1", "subscription-key"),
-            None
-        );
+        assert_eq!(query_param("/x", "subscription-key"), Ok(None));
     }
 }

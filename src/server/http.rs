@@ -17,7 +17,10 @@ use tokio::net::TcpListener;
 use tracing::Instrument as _;
 
 use super::State;
-use crate::policy::{CheckInput, Decision, EvalOptions, Headers, Outcome, PolicySet};
+use crate::policy::canonical::ForwardAuthSource;
+use crate::policy::{
+    CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, PolicySet, Reason,
+};
 use crate::telemetry::{HeaderMapCarrier, Transport};
 
 /// Serves until `shutdown` resolves.
@@ -129,49 +132,111 @@ async fn forward_auth(
 /// Decides on a forward-auth request (the request portcullis received, from `peer`), without
 /// admission control or telemetry: the whole HTTP path for fuzzing and embedding.
 ///
-/// The original request is read from `x-forwarded-method` / `x-original-method`,
-/// `x-forwarded-host` / `host` and `x-forwarded-uri` / `x-original-uri`; without a URI header the
-/// request's own path minus the `/authz` prefix is the original path (Envoy's `http_service`).
+/// Where the original request is read is `forward_auth.source` ([`ForwardAuthSource`]): the three
+/// `X-Forwarded-Method`/`-Host`/`-Uri` headers (nginx, Traefik), or the request itself (Envoy's
+/// `http_service`: its method, `Host`, and path after `/authz`). A header the source names is
+/// authoritative: missing, empty, repeated or not visible ASCII is a 400, never a fall-back to a
+/// header the client may have written. What is read then goes through the same canonicalisation as
+/// a gRPC check.
 pub async fn decide_forward_auth(
     policy: &PolicySet,
     parts: &axum::http::request::Parts,
     peer: IpAddr,
 ) -> Decision {
-    let h = &parts.headers;
-    let get = |name: &str| {
-        h.get(name)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-    };
-    let method = get("x-forwarded-method")
-        .or_else(|| get("x-original-method"))
-        .unwrap_or(parts.method.as_str());
-    let host = get("x-forwarded-host")
-        .or_else(|| get("host"))
-        .unwrap_or("");
-    let own_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let path: Cow<'_, str> = match get("x-forwarded-uri").or_else(|| get("x-original-uri")) {
-        Some(p) => Cow::Borrowed(p),
-        None => {
-            let rest = own_target.strip_prefix("/authz").unwrap_or(own_target);
-            if rest.starts_with('/') {
-                Cow::Borrowed(rest)
-            } else {
-                Cow::Owned(format!("/{rest}"))
-            }
+    let original = match original_request(policy.forward_auth, parts) {
+        Ok(o) => o,
+        Err((reason, detail)) => {
+            let mut d = Decision::new();
+            d.outcome =
+                Outcome::Deny(Denial::new(reason).with_message(format!("Bad request: {detail}.")));
+            return d;
         }
     };
-    let headers = to_headers(h);
+    let headers = to_headers(&parts.headers);
     let input = CheckInput {
-        method,
-        host,
-        path: &path,
+        method: original.method,
+        host: original.host,
+        path: &original.target,
         headers: &headers,
         peer: Some(peer),
         peer_certificate: "",
         context_extensions: None,
     };
     policy.decide(&input, EvalOptions::default()).await
+}
+
+/// The request a forward-auth call describes, as sent (canonicalised later, by the policy).
+struct Original<'r> {
+    method: &'r str,
+    host: &'r str,
+    target: Cow<'r, str>,
+}
+
+const FORWARDED: [&str; 3] = ["x-forwarded-method", "x-forwarded-host", "x-forwarded-uri"];
+
+fn original_request(
+    source: ForwardAuthSource,
+    parts: &axum::http::request::Parts,
+) -> Result<Original<'_>, (Reason, String)> {
+    let h = &parts.headers;
+    let from_headers = match source {
+        ForwardAuthSource::ForwardedHeaders => true,
+        ForwardAuthSource::Request => false,
+        ForwardAuthSource::Auto => FORWARDED.iter().any(|n| h.contains_key(*n)),
+    };
+    if from_headers {
+        let [method, host, uri] = FORWARDED.map(|n| authoritative(h, n));
+        let (method, host, uri) = (method?, host?, uri?);
+        return Ok(Original {
+            method,
+            host,
+            target: Cow::Borrowed(uri),
+        });
+    }
+    let host = match h.get_all(axum::http::header::HOST).iter().count() {
+        0 => "",
+        1 => authoritative(h, "host")?,
+        _ => return Err((Reason::InvalidRequest, "more than one `host` header".into())),
+    };
+    let own_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let rest = own_target.strip_prefix("/authz").unwrap_or(own_target);
+    let target = if rest.starts_with('/') {
+        Cow::Borrowed(rest)
+    } else {
+        // `/authz` or `/authz?q`: the original path was `/`.
+        Cow::Owned(format!("/{rest}"))
+    };
+    Ok(Original {
+        method: parts.method.as_str(),
+        host,
+        target,
+    })
+}
+
+/// The one value of a header the proxy sets, refused (400) when missing, empty, repeated or not
+/// visible ASCII: nginx forwards `$request_uri` raw, and a fall-back would let the client's own
+/// copy of another header decide.
+fn authoritative<'h>(h: &'h HeaderMap, name: &str) -> Result<&'h str, (Reason, String)> {
+    let reason = if name == "x-forwarded-uri" {
+        Reason::RequestPathNotCanonical
+    } else if name == "x-forwarded-host" || name == "host" {
+        Reason::RequestHostNotCanonical
+    } else {
+        Reason::InvalidRequest
+    };
+    let mut values = h.get_all(name).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return Err(if h.contains_key(name) {
+            (reason, format!("more than one `{name}` header"))
+        } else {
+            (Reason::InvalidRequest, format!("no `{name}` header"))
+        });
+    };
+    match std::str::from_utf8(v.as_bytes()) {
+        Ok(s) if !s.is_empty() && s.bytes().all(|b| (0x21..=0x7e).contains(&b)) => Ok(s),
+        Ok("") => Err((reason, format!("the `{name}` header is empty"))),
+        _ => Err((reason, format!("the `{name}` header is not visible ASCII"))),
+    }
 }
 
 fn to_headers(h: &HeaderMap) -> Headers {

@@ -21,10 +21,14 @@ class Case:
     family: str
     target: bytes
     host: bytes = DEFAULT_HOST
+    headers: bytes = b""  # extra header lines, each ending in CRLF
 
     def wire(self) -> bytes:
         """The request as sent (HTTP/1.1, one request per connection)."""
-        return b"GET " + self.target + b" HTTP/1.1\r\nHost: " + self.host + b"\r\nUser-Agent: adversarial-differential\r\nConnection: close\r\n\r\n"
+        return (
+            b"GET " + self.target + b" HTTP/1.1\r\nHost: " + self.host + b"\r\n" + self.headers
+            + b"User-Agent: adversarial-differential\r\nConnection: close\r\n\r\n"
+        )
 
 
 # Things that some parser, decoder or file system may take for a `/`.

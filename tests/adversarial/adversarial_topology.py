@@ -32,16 +32,16 @@ SUMMARY: dict[tuple[str, str, str], str] = {}
 
 KEY = "adversarial-differential-key-0123456789"
 
-# First match in file order wins; `unmatched: deny`.
-POLICY = f"""
+# First match in file order wins; `unmatched: deny`. `{request}` is the `request:` section.
+POLICY_TEMPLATE = """
 listen: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}
 telemetry: {{log_format: json, log_level: info, decision_log: true}}
 subscriptions:
   keys:
-    - {{id: differential, scope: all, primary: "{key_hash(KEY)}"}}
+    - {{id: differential, scope: all, primary: "{key}"}}
 apis:
   - name: admin-host
-    match: {{hosts: [{ADMIN_HOST}]}}
+    match: {{hosts: [{admin_host}]}}
     subscription_required: true
   - name: public
     match: {{path_prefix: /public}}
@@ -51,7 +51,36 @@ apis:
   - name: open
     match: {{path_prefix: /open}}
 unmatched: deny
+{request}
 """
+
+# portcullis's request canonicalisation, by name: the default, and `escaped_slashes: keep` (for
+# backends that never decode `%2F`; the backends here do, so only the proxy can close that class).
+POLICIES = {
+    "canonical": "",
+    "keep-escaped-slashes": "request: {escaped_slashes: keep}",
+}
+
+
+def policy(name: str) -> str:
+    return POLICY_TEMPLATE.format(key=key_hash(KEY), admin_host=ADMIN_HOST, request=POLICIES[name])
+
+
+def controls(vhosts: bool) -> list[tuple[Case, int, tuple[str, str] | None]]:
+    """Plain requests and what they must get: without these a suite that refused everything would
+    pass. (case, status, marker)."""
+    key = f"Ocp-Apim-Subscription-Key: {KEY}\r\n".encode()
+    out = [
+        (Case("control", b"/public/secret"), 200, ("default", "/public/secret")),
+        (Case("control", b"/open/secret"), 200, ("default", "/open/secret")),
+        (Case("control", b"/admin/secret"), 401, None),
+        (Case("control", b"/admin/secret", headers=key), 200, ("default", "/admin/secret")),
+        (Case("control", b"/secret"), 403, None),
+        (Case("control", b"/open/secret", ADMIN_HOST.encode()), 401, None),
+    ]
+    if vhosts:
+        out.append((Case("control", b"/open/secret", ADMIN_HOST.encode(), key), 200, (ADMIN_HOST, "/open/secret")))
+    return out
 
 
 def owner(vhost: str, path: str) -> str | None:

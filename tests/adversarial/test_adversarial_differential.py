@@ -23,14 +23,16 @@ import pytest
 from adversarial_corpus import corpus
 from adversarial_topology import (
     ENVOY_VARIANTS,
-    POLICY,
     SUMMARY,
     NginxStatic,
     PythonHttpServer,
     classify,
+    controls,
     envoy_config,
     make_tree,
+    policy,
     run_corpus,
+    send_raw,
     start_envoy,
 )
 from harness import Portcullis, nginx_bin
@@ -48,10 +50,18 @@ def tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def portcullis(tmp_path_factory):
-    p = Portcullis(POLICY, tmp_path_factory.mktemp("differential-portcullis"))
-    yield p
-    p.stop()
+def portcullis_for(tmp_path_factory):
+    """One portcullis per policy name (adversarial_topology.POLICIES), started on first use."""
+    started: dict[str, Portcullis] = {}
+
+    def get(name: str) -> Portcullis:
+        if name not in started:
+            started[name] = Portcullis(policy(name), tmp_path_factory.mktemp(f"differential-portcullis-{name}"))
+        return started[name]
+
+    yield get
+    for p in started.values():
+        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +92,43 @@ def pki_params(tmp_path):
 
 @pytest.mark.parametrize("backend_name", ["python", "nginx"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_no_request_reaches_a_location_its_api_does_not_own(request, variant, backend_name, portcullis, tmp_path, pki_params):
+def test_no_request_reaches_a_location_its_api_does_not_own(request, variant, backend_name, portcullis_for, tmp_path, pki_params):
+    """portcullis as it ships (every ambiguous path or host refused): no configuration of Envoy may
+    let a request through to a location its API does not own."""
+    check_matrix(request, "canonical", variant, backend_name, portcullis_for, tmp_path, pki_params)
+
+
+@pytest.mark.parametrize("backend_name", ["python", "nginx"])
+@pytest.mark.parametrize("variant", ["reject", "redirect"])
+def test_with_escaped_slashes_kept_only_the_proxy_closes_the_encoded_slash(request, variant, backend_name, portcullis_for, tmp_path, pki_params):
+    """`request.escaped_slashes: keep` tells portcullis that `%2F` is data, which these backends
+    contradict (they decode it into a separator). Envoy's path settings must close that class; with
+    Envoy's defaults it stays open (see test_escaped_slashes_kept_behind_envoy_defaults_is_a_bypass)."""
+    check_matrix(request, "keep-escaped-slashes", variant, backend_name, portcullis_for, tmp_path, pki_params)
+
+
+@pytest.mark.parametrize("backend_name", ["python", "nginx"])
+def test_escaped_slashes_kept_behind_envoy_defaults_is_a_bypass(request, backend_name, portcullis_for, tmp_path, pki_params):
+    """The proof that the test above can fail: Envoy's defaults forward `%2F` as it is, portcullis
+    (told to keep it) matches `/public`, and the backend decodes it and serves /admin/secret."""
+    results = run_variant(request, "keep-escaped-slashes", "defaults", backend_name, portcullis_for, tmp_path, pki_params)
+    violations = [r for r in results if r.violation]
+    SUMMARY[("keep-escaped-slashes", "defaults", backend_name)] = (
+        f"{len(results)} requests, {len(violations)} violations (expected: the documented risk of `keep`)"
+    )
+    hits = {r.case.target for r in violations}
+    assert b"/public/..%2Fadmin/secret" in hits, sorted(hits)[:20]
+    # Only the encoded slash: every other class stays closed by portcullis itself.
+    assert all(b"%2f" in t.lower() or b"%252f" in t.lower() for t in hits), sorted(hits)
+
+
+def run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params):
     backend = request.getfixturevalue(f"{backend_name}_backend")
+    portcullis = portcullis_for(policy_name)
     # Host spellings only mean something to a backend with virtual hosts.
     cases = [c for c in CASES if backend.vhosts or c.family != "host"]
 
-    class _Pki:  # grpc_envoy_params reads these three from a Pki
+    class _Pki:  # grpc_envoy_params reads these two from a Pki
         server = (pki_params["TLS_CERT_FILE"], pki_params["TLS_KEY_FILE"])
         client_ca = pki_params["CLIENT_CA_FILE"]
 
@@ -96,21 +137,31 @@ def test_no_request_reaches_a_location_its_api_does_not_own(request, variant, ba
     envoy = start_envoy(config, tmp_path, "envoy")
     try:
         envoy.wait_healthy("portcullis")
-        results = run_corpus(envoy.ports["http"], cases, portcullis.output, backend.vhosts)
+        port = envoy.ports["http"]
+        # Plain requests first: a topology that refused everything would pass the invariant.
+        for case, status, marker in controls(backend.vhosts):
+            reply = send_raw(port, case.wire())
+            assert (reply.status, reply.marker) == (status, marker), f"control {case.wire()!r}: HTTP {reply.status} {reply.body[:300]!r}"
+        results = run_corpus(port, cases, portcullis.output, backend.vhosts)
     finally:
         envoy.stop()
+    return results
 
+
+def check_matrix(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params):
+    results = run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params)
+    backend_label = "nginx-static" if backend_name == "nginx" else "python-http.server"
     outcomes = collections.Counter(classify(r) for r in results)
     violations = [r for r in results if r.violation]
     by_family = collections.Counter(r.case.family for r in violations)
-    SUMMARY[("differential", variant, backend.name)] = (
+    SUMMARY[(policy_name, variant, backend_label)] = (
         f"{len(results)} requests, {len(violations)} violations {dict(by_family)}; "
         f"served {outcomes.get('served', 0)}; " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if k != "served")
     )
     report_dir = os.environ.get("ADVERSARIAL_REPORT_DIR")
     out = Path(report_dir) if report_dir else tmp_path
     out.mkdir(parents=True, exist_ok=True)
-    report = out / f"differential-{variant}-{backend.name}.jsonl"
+    report = out / f"differential-{policy_name}-{variant}-{backend_label}.jsonl"
     with open(report, "w") as f:
         for r in results:
             f.write(json.dumps({
@@ -122,7 +173,7 @@ def test_no_request_reaches_a_location_its_api_does_not_own(request, variant, ba
         shown = "\n".join(f"  {r.violation}\n    {r.describe()}" for r in violations[:40])
         more = f"\n  ... and {len(violations) - 40} more" if len(violations) > 40 else ""
         pytest.fail(
-            f"Envoy `{variant}` -> {backend.name}: {len(violations)} of {len(results)} requests reached a location "
-            f"their API does not own (by family: {dict(by_family)}; every answer: {report}):\n{shown}{more}",
+            f"portcullis `{policy_name}`, Envoy `{variant}` -> {backend_label}: {len(violations)} of {len(results)} requests "
+            f"reached a location their API does not own (by family: {dict(by_family)}; every answer: {report}):\n{shown}{more}",
             pytrace=False,
         )

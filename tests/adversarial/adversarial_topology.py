@@ -352,8 +352,10 @@ def _reason(r: Reply) -> str | None:
 
 
 def classify(r: Result) -> str:
-    """What answered, in words a report can count: `served <owner>`, `portcullis <reason>`, `envoy
-    <status>`, `backend <status>`."""
+    """What answered, in words a report can count: `served`, `portcullis <reason>` (its own deny),
+    `redirect <status>`, `<status> after a decision` (the backend's, or a proxy's translation of a
+    deny: nginx auth_request turns portcullis's 400 into 500), `proxy <status>` (no decision at all:
+    the proxy refused the request itself)."""
     rep = r.reply
     if rep.status is None:
         return f"no response ({rep.error})"
@@ -365,8 +367,8 @@ def classify(r: Result) -> str:
     if rep.status in (301, 302, 307, 308):
         return f"redirect {rep.status}"
     if r.decision_id:
-        return f"backend {rep.status}"
-    return f"envoy {rep.status}"
+        return f"{rep.status} after a decision"
+    return f"proxy {rep.status}"
 
 
 def _follow(port: int, case: Case, reply: Reply, hops: list[bytes]) -> Reply:

@@ -113,7 +113,7 @@ def test_escaped_slashes_kept_behind_envoy_defaults_is_a_bypass(request, backend
     (told to keep it) matches `/public`, and the backend decodes it and serves /admin/secret."""
     results = run_variant(request, "keep-escaped-slashes", "defaults", backend_name, portcullis_for, tmp_path, pki_params)
     violations = [r for r in results if r.violation]
-    SUMMARY[("keep-escaped-slashes", "defaults", backend_name)] = (
+    SUMMARY[("keep-escaped-slashes", "Envoy defaults", "nginx-static" if backend_name == "nginx" else "python-http.server")] = (
         f"{len(results)} requests, {len(violations)} violations (expected: the documented risk of `keep`)"
     )
     hits = {r.case.target for r in violations}
@@ -150,19 +150,25 @@ def run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp
 
 def check_matrix(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params):
     results = run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params)
+    report(results, policy_name, f"Envoy {variant}", backend_name, tmp_path)
+
+
+def report(results, policy_name, proxy, backend_name, tmp_path=None):
+    """Counts into the run's summary, every answer into a JSON-lines file, and a failure that lists
+    each violation with the exact bytes sent."""
     backend_label = "nginx-static" if backend_name == "nginx" else "python-http.server"
     outcomes = collections.Counter(classify(r) for r in results)
     violations = [r for r in results if r.violation]
     by_family = collections.Counter(r.case.family for r in violations)
-    SUMMARY[(policy_name, variant, backend_label)] = (
+    SUMMARY[(policy_name, proxy, backend_label)] = (
         f"{len(results)} requests, {len(violations)} violations {dict(by_family)}; "
         f"served {outcomes.get('served', 0)}; " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if k != "served")
     )
     report_dir = os.environ.get("ADVERSARIAL_REPORT_DIR")
-    out = Path(report_dir) if report_dir else tmp_path
+    out = Path(report_dir) if report_dir else (tmp_path or Path("."))
     out.mkdir(parents=True, exist_ok=True)
-    report = out / f"differential-{policy_name}-{variant}-{backend_label}.jsonl"
-    with open(report, "w") as f:
+    path = out / f"differential-{policy_name}-{proxy.replace(' ', '-')}-{backend_label}.jsonl"
+    with open(path, "w") as f:
         for r in results:
             f.write(json.dumps({
                 "family": r.case.family, "sent": r.case.wire().decode("latin-1"), "status": r.reply.status,
@@ -173,7 +179,30 @@ def check_matrix(request, policy_name, variant, backend_name, portcullis_for, tm
         shown = "\n".join(f"  {r.violation}\n    {r.describe()}" for r in violations[:40])
         more = f"\n  ... and {len(violations) - 40} more" if len(violations) > 40 else ""
         pytest.fail(
-            f"portcullis `{policy_name}`, Envoy `{variant}` -> {backend_label}: {len(violations)} of {len(results)} requests "
-            f"reached a location their API does not own (by family: {dict(by_family)}; every answer: {report}):\n{shown}{more}",
+            f"portcullis `{policy_name}`, {proxy} -> {backend_label}: {len(violations)} of {len(results)} requests "
+            f"reached a location their API does not own (by family: {dict(by_family)}; every answer: {path}):\n{shown}{more}",
             pytrace=False,
         )
+
+
+@pytest.mark.parametrize("backend_name", ["python", "nginx"])
+def test_nginx_auth_request_lets_no_request_reach_a_location_its_api_does_not_own(request, backend_name, portcullis_for, tmp_path):
+    """The same corpus through nginx `auth_request` (deploy/nginx/nginx.conf with only its ports
+    replaced) asking portcullis's forward-auth endpoint, in front of the same backends."""
+    from harness import Nginx, free_port
+    from test_nginx import render_nginx_conf
+
+    nginx_bin()
+    backend = request.getfixturevalue(f"{backend_name}_backend")
+    portcullis = portcullis_for("canonical")
+    cases = [c for c in CASES if backend.vhosts or c.family != "host"]
+    port = free_port()
+    front = Nginx(render_nginx_conf(portcullis.http_port, backend.port, port, tmp_path), port, tmp_path, "nginx-auth-request")
+    try:
+        for case, status, marker in controls(backend.vhosts):
+            reply = send_raw(port, case.wire())
+            assert (reply.status, reply.marker) == (status, marker), f"control {case.wire()!r}: HTTP {reply.status} {reply.body[:300]!r}"
+        results = run_corpus(port, cases, portcullis.output, backend.vhosts)
+    finally:
+        front.stop()
+    report(results, "canonical", "nginx auth_request", backend_name, tmp_path)

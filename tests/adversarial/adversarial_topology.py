@@ -15,7 +15,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -190,9 +189,11 @@ class NginxStatic:
 # Envoy
 # ---------------------------------------------------------------------------------------------------
 
-# The HttpConnectionManager settings under test, by name. "defaults" is the bootstrap as shipped.
+# The HttpConnectionManager settings under test, by name, applied over the bootstrap: "defaults" is
+# Envoy's own defaults (no path normalisation), "shipped" the bootstrap exactly as deploy/ has it.
 ENVOY_VARIANTS: dict[str, dict] = {
-    "defaults": {},
+    "defaults": {"normalize_path": False, "merge_slashes": False, "path_with_escaped_slashes_action": "KEEP_UNCHANGED"},
+    "shipped": {},
     "reject": {"normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST"},
     "redirect": {"normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT"},
     "forward": {"normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD"},

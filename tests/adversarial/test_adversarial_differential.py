@@ -4,11 +4,14 @@ real static backends (`python3 -m http.server` and nginx) serving a tree of mark
 
 For every request: if a backend served a marker with 200, the API that portcullis said allowed the
 request (its decision log, joined by the decision id Envoy echoes) must be the API that owns the
-marker's location. One Envoy configuration is the bootstrap as shipped (deploy/envoy/ext-authz-grpc.yaml,
-no path normalisation); the others add the path settings docs/proxies/envoy.md recommends.
+marker's location. Envoy runs deploy/envoy/ext-authz-grpc.yaml with its connection manager's path
+settings replaced: `defaults` (Envoy's own: no normalisation, %2F kept), `shipped` (the bootstrap as it
+is: normalize_path, merge_slashes, REJECT_REQUEST), `redirect` (UNESCAPE_AND_REDIRECT), and on request
+`reject`, `forward` (UNESCAPE_AND_FORWARD), `reject+host` (also strip_trailing_host_dot and
+strip_any_host_port). The corpus also runs through nginx `auth_request` (deploy/nginx/nginx.conf).
 
-ADVERSARIAL_ENVOY_VARIANTS=defaults,reject,redirect,forward,reject+host picks the configurations
-(default: defaults,reject,redirect); ADVERSARIAL_REPORT_DIR keeps every answer as JSON lines.
+ADVERSARIAL_ENVOY_VARIANTS=defaults,shipped,redirect,forward,reject+host picks the Envoy configurations
+(default: defaults,shipped,redirect); ADVERSARIAL_REPORT_DIR keeps every answer as JSON lines.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from adversarial_topology import (
 from harness import Portcullis, nginx_bin
 from topology import grpc_envoy_params
 
-VARIANTS = [v for v in os.environ.get("ADVERSARIAL_ENVOY_VARIANTS", "defaults,reject,redirect").split(",") if v]
+VARIANTS = [v for v in os.environ.get("ADVERSARIAL_ENVOY_VARIANTS", "defaults,shipped,redirect").split(",") if v]
 assert all(v in ENVOY_VARIANTS for v in VARIANTS), f"unknown Envoy variant in {VARIANTS}; known: {sorted(ENVOY_VARIANTS)}"
 
 CASES = corpus()
@@ -99,7 +102,7 @@ def test_no_request_reaches_a_location_its_api_does_not_own(request, variant, ba
 
 
 @pytest.mark.parametrize("backend_name", ["python", "nginx"])
-@pytest.mark.parametrize("variant", ["reject", "redirect"])
+@pytest.mark.parametrize("variant", ["shipped", "redirect"])
 def test_with_escaped_slashes_kept_only_the_proxy_closes_the_encoded_slash(request, variant, backend_name, portcullis_for, tmp_path, pki_params):
     """`request.escaped_slashes: keep` tells portcullis that `%2F` is data, which these backends
     contradict (they decode it into a separator). Envoy's path settings must close that class; with

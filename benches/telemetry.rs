@@ -117,7 +117,7 @@ async fn check(p: &PolicySet, t: &Telemetry, input: &CheckInput<'_>) {
         .decide(input, EvalOptions::default())
         .instrument(trace.span().clone())
         .await;
-    t.record(&d, started.elapsed(), &trace);
+    t.record(&d, started.elapsed(), &trace, || None);
     black_box(d);
 }
 

@@ -642,6 +642,8 @@ async fn spans_join_the_callers_trace_and_metrics_arrive_over_otlp() {
     assert_eq!(record(&id(&root))["trace_id"], root_trace.as_str());
     assert_eq!(record(&id(&meta))["trace_id"], META_TRACE_ID);
     assert_eq!(record(&id(&w3c))["client_ip"], "10.1.2.3");
+    // The canonical request line, without the query.
+    assert_eq!(record(&id(&w3c))["request"], "GET api.example.com/orders/1");
     assert_eq!(
         (
             record(&id(&shadow))["shadow"].as_bool(),

@@ -569,6 +569,13 @@ impl PolicySet {
         ))
     }
 
+    /// The canonical request line without the query, `GET api.example.com/orders/1`, for the
+    /// decision log; `None` when the request has no canonical form.
+    pub fn request_line(&self, method: &str, host: &str, target: &str) -> Option<String> {
+        let c = canonical::request(method, host, target, self.request_rules).ok()?;
+        Some(format!("{} {}{}", c.method, c.host, c.path))
+    }
+
     /// Names of every API, in file order.
     pub fn api_names(&self) -> impl Iterator<Item = &str> {
         self.apis.iter().map(|a| &*a.name)

@@ -72,7 +72,10 @@ impl Authorization for AuthorizationService {
             }
             Err(detail) => invalid_request(detail),
         };
-        self.state.record(&decision, started.elapsed(), &trace);
+        self.state.record(&decision, started.elapsed(), &trace, || {
+            let http = req.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+            policy.request_line(&http.method, &http.host, &http.path)
+        });
         Ok(Response::new(to_check_response(decision)))
     }
 }

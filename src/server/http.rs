@@ -205,10 +205,14 @@ async fn forward_auth(
     let trace = state
         .telemetry
         .start_check(Transport::Http, &[&HeaderMapCarrier(&parts.headers)]);
-    let decision = decide_forward_auth(&state.policy(), &parts, peer.ip())
+    let policy = state.policy();
+    let decision = decide_forward_auth(&policy, &parts, peer.ip())
         .instrument(trace.span().clone())
         .await;
-    state.record(&decision, started.elapsed(), &trace);
+    state.record(&decision, started.elapsed(), &trace, || {
+        let o = original_request(policy.forward_auth, &parts).ok()?;
+        policy.request_line(o.method, o.host, &o.target)
+    });
     to_http_response(&decision)
 }
 

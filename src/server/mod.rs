@@ -79,8 +79,14 @@ impl State {
     }
 
     /// Records a decision in metrics, its span and the decision log.
-    pub fn record(&self, d: &Decision, elapsed: Duration, trace: &crate::telemetry::CheckTrace) {
-        self.telemetry.record(d, elapsed, trace);
+    pub fn record(
+        &self,
+        d: &Decision,
+        elapsed: Duration,
+        trace: &crate::telemetry::CheckTrace,
+        request: impl FnOnce() -> Option<String>,
+    ) {
+        self.telemetry.record(d, elapsed, trace, request);
     }
 
     /// Whether the service is draining.

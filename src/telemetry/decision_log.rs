@@ -57,8 +57,15 @@ impl DecisionLog {
     }
 
     /// Queues the record of one decision; never blocks.
-    pub(crate) fn record(&self, d: &Decision, elapsed: Duration, trace_id: Option<TraceId>) {
-        let record = Record::new(d, elapsed, trace_id, self.with_client_ip);
+    pub(crate) fn record(
+        &self,
+        d: &Decision,
+        elapsed: Duration,
+        trace_id: Option<TraceId>,
+        request: Option<String>,
+    ) {
+        let mut record = Record::new(d, elapsed, trace_id, self.with_client_ip);
+        record.request = request;
         match self.tx.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -139,6 +146,10 @@ pub(crate) struct Record {
         serialize_with = "display_opt_opt"
     )]
     client_ip: Option<Option<IpAddr>>,
+    /// The canonical request line without the query (which may carry a key or a token):
+    /// `GET api.example.com/orders/1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<String>,
     duration_us: u64,
 }
 
@@ -160,6 +171,7 @@ impl Record {
             subscription_id: d.facts.subscription_id.clone(),
             subject: d.facts.subject.clone(),
             client_ip: with_client_ip.then_some(d.facts.client_ip),
+            request: None,
             duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         }
     }
@@ -307,7 +319,7 @@ mod tests {
         };
         let d = denied(Reason::NoMatchingApi);
         for _ in 0..5 {
-            log.record(&d, Duration::ZERO, None);
+            log.record(&d, Duration::ZERO, None, None);
         }
         assert_eq!(dropped.load(Ordering::Relaxed), 4);
     }

@@ -371,7 +371,15 @@ impl Telemetry {
     }
 
     /// Records a decision: metrics, span attributes and the decision log. Never blocks.
-    pub fn record(&self, d: &Decision, elapsed: Duration, trace: &CheckTrace) {
+    /// `request` gives the canonical request line for the decision log; it is called only when the
+    /// log is on.
+    pub fn record(
+        &self,
+        d: &Decision,
+        elapsed: Duration,
+        trace: &CheckTrace,
+        request: impl FnOnce() -> Option<String>,
+    ) {
         self.metrics.record_decision(d, elapsed);
         let outcome = Outcome::of(d);
         let mut trace_id = trace.remote_trace_id;
@@ -394,7 +402,7 @@ impl Telemetry {
             }
         }
         if let Some(log) = &self.decision_log {
-            log.record(d, elapsed, trace_id);
+            log.record(d, elapsed, trace_id, request());
         }
     }
 

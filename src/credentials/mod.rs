@@ -232,7 +232,12 @@ impl Registry {
         if let (Some(spec), None) = (&current.store, self.shared.store()) {
             let spec = spec.clone();
             let path = spec.path.clone();
-            let store = tokio::task::spawn_blocking(move || Store::open(&spec.path, &spec.key))
+            let uses = ConnectionUse::of(policy);
+            let store = tokio::task::spawn_blocking(move || {
+                Store::open_with(&spec.path, &spec.key, |ids| {
+                    refuse_ambiguous(&spec.path, &uses.ambiguous(ids))
+                })
+            })
                 .await
                 .map_err(|e| StoreError::Io {
                     path,
@@ -240,7 +245,9 @@ impl Registry {
                 })??;
             tracing::info!(store = %store.path().display(), connections = store_len(&store, &current), "store opened");
             if store.has_legacy_connection_ids() {
-                upgrade_legacy_ids(&store, policy)?;
+                // `open_with` found nothing ambiguous: every old record keeps its id as a fixed one.
+                store.mark_connection_ids_namespaced()?;
+                tracing::info!(store = %store.path().display(), connections = store.ids().len(), "store upgraded to namespaced connection ids (existing connections kept as fixed ones)");
             }
             let _ = self.shared.store.set(Arc::new(store));
         }
@@ -281,66 +288,75 @@ impl Registry {
     }
 }
 
-/// The connections of a store written before connection ids were namespaced that the config
-/// would read differently now, by credential: any id that is not a fixed name, and, of a
-/// credential some API uses per user, any id but `default` and the fixed ids the config names
-/// (such an id was a user's bare `sub`, of no known issuer, or a shared connection: unknowable).
-pub fn legacy_ambiguous_connections(
-    store: &Store,
-    policy: &PolicySet,
-) -> BTreeMap<String, Vec<String>> {
-    let mut per_user: std::collections::BTreeSet<&str> = Default::default();
-    let mut fixed: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for bc in policy.backend_credentials() {
-        let name = bc.credential.name();
-        match &bc.connection {
-            ConnectionRef::PerUser(_) => {
-                per_user.insert(name);
-            }
-            ConnectionRef::Fixed { id, .. } => fixed.entry(name).or_default().push(id),
-            ConnectionRef::None => {}
-        }
-    }
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (credential, id) in store.ids() {
-        let named = id == DEFAULT_CONNECTION
-            || fixed
-                .get(credential.as_str())
-                .is_some_and(|ids| ids.contains(&id.as_str()));
-        let ambiguous = !spec::valid_fixed_connection_id(&id)
-            || (per_user.contains(credential.as_str()) && !named);
-        if ambiguous {
-            out.entry(credential).or_default().push(id);
-        }
-    }
-    out
+/// Which connections the config's APIs use, by credential: the ones used per user, and the fixed
+/// ids named.
+#[derive(Debug, Default)]
+struct ConnectionUse {
+    per_user: std::collections::BTreeSet<String>,
+    fixed: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
-/// Upgrades a store written before connection ids were namespaced, or refuses to start.
-///
-/// Every old record keeps its id as a fixed connection. That is safe exactly when no record is
-/// ambiguous ([`legacy_ambiguous_connections`]): fixed ids are then names, which per-user ids
-/// (`user:` + digest) cannot equal, so no caller reaches an old record, and no old record can pose
-/// as a user's. Otherwise the file is left untouched and start-up says what the operator can do.
-fn upgrade_legacy_ids(store: &Store, policy: &PolicySet) -> Result<(), StoreError> {
-    if let Some((credential, ids)) = legacy_ambiguous_connections(store, policy)
-        .into_iter()
-        .next()
-    {
-        let mut sample: Vec<String> = ids.iter().take(5).map(|i| format!("`{i}`")).collect();
-        if ids.len() > 5 {
-            sample.push("...".into());
+impl ConnectionUse {
+    fn of(policy: &PolicySet) -> ConnectionUse {
+        let mut uses = ConnectionUse::default();
+        for bc in policy.backend_credentials() {
+            let name = bc.credential.name().to_string();
+            match &bc.connection {
+                ConnectionRef::PerUser(_) => {
+                    uses.per_user.insert(name);
+                }
+                ConnectionRef::Fixed { id, .. } => {
+                    uses.fixed.entry(name).or_default().insert(id.clone());
+                }
+                ConnectionRef::None => {}
+            }
         }
-        return Err(StoreError::LegacyConnections {
-            path: store.path().into(),
-            credential,
-            count: ids.len(),
-            sample: sample.join(", "),
-        });
+        uses
     }
-    store.mark_connection_ids_namespaced()?;
-    tracing::info!(store = %store.path().display(), connections = store.ids().len(), "store upgraded to namespaced connection ids (existing connections kept as fixed ones)");
-    Ok(())
+
+    /// The connections of a store written before connection ids were namespaced that this config
+    /// would read differently now, by credential: any id that is not a fixed name, and, of a
+    /// credential some API uses per user, any id but `default` and the fixed ids the config
+    /// names (such an id was a user's bare `sub`, of no known issuer, or a shared connection).
+    ///
+    /// Every other old record keeps its id as a fixed connection, which is safe: fixed ids are
+    /// names, which per-user ids (`user:` + digest) cannot equal, so no caller reaches an old
+    /// record and no old record can pose as a user's.
+    fn ambiguous(&self, ids: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (credential, id) in ids {
+            let named = id == DEFAULT_CONNECTION
+                || self
+                    .fixed
+                    .get(credential)
+                    .is_some_and(|ids| ids.contains(id));
+            if !spec::valid_fixed_connection_id(id) || (self.per_user.contains(credential) && !named)
+            {
+                out.entry(credential.clone()).or_default().push(id.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The start-up refusal of a legacy store with ambiguous connections (the first credential's).
+fn refuse_ambiguous(
+    path: &std::path::Path,
+    ambiguous: &BTreeMap<String, Vec<String>>,
+) -> Result<(), StoreError> {
+    let Some((credential, ids)) = ambiguous.iter().next() else {
+        return Ok(());
+    };
+    let mut sample: Vec<String> = ids.iter().take(5).map(|i| format!("`{i}`")).collect();
+    if ids.len() > 5 {
+        sample.push("...".into());
+    }
+    Err(StoreError::LegacyConnections {
+        path: path.into(),
+        credential: credential.clone(),
+        count: ids.len(),
+        sample: sample.join(", "),
+    })
 }
 
 /// What `portcullis upgrade-store` does with one credential's ambiguous legacy connections.
@@ -380,7 +396,7 @@ pub fn upgrade_legacy_store(
             spec.path.display()
         ));
     }
-    let mut ambiguous = legacy_ambiguous_connections(&store, policy);
+    let mut ambiguous = ConnectionUse::of(policy).ambiguous(&store.ids());
     let ids = ambiguous.remove(credential).unwrap_or_default();
     let mut done = Vec::new();
     for id in &ids {

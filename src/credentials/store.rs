@@ -191,6 +191,17 @@ pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
 impl Store {
     /// Opens the store at `path`, creating it (mode 0600) when the file does not exist.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<Store, StoreError> {
+        Store::open_with(path, key, |_| Ok(()))
+    }
+
+    /// [`Store::open`], but a file written before connection ids were namespaced is first shown
+    /// to `legacy` (every record's (credential, connection id)), which may refuse it; it runs
+    /// before the file is opened for writing, so a refused file is left byte for byte untouched.
+    pub fn open_with(
+        path: &Path,
+        key: &[u8; 32],
+        legacy: impl FnOnce(&[(String, String)]) -> Result<(), StoreError>,
+    ) -> Result<Store, StoreError> {
         let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| StoreError::Io {
             path: path.into(),
             detail: "invalid key length".into(),
@@ -219,15 +230,15 @@ impl Store {
             }
             Ok(_) => {}
         }
-        match open_read_only(path) {
-            Ok(ro) => {
-                verify(&ro, &cipher, path)?;
-                drop(ro);
-            }
+        let verified = match open_read_only(path) {
+            Ok(ro) => verify(&ro, &cipher, path)?,
             // After an unclean stop (kill -9) redb must repair the file before reading it, which
             // writes. Verify the key on a copy first so a wrong key still leaves the file untouched.
             Err(DatabaseError::RepairAborted) => verify_copy(path, &cipher)?,
             Err(e) => return Err(classify(e, path)),
+        };
+        if !verified.namespaced {
+            legacy(&verified.ids)?;
         }
         let db = guarded(|| Database::open(path)).map_err(|e| classify(e, path))?;
         let (records, namespaced) = load(&db, &cipher, path)?;
@@ -331,6 +342,16 @@ impl Store {
         self.legacy_ids
             .store(false, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Removes the connection-id marker: the file as an older version wrote it (tests only).
+    #[cfg(test)]
+    pub(crate) fn forget_connection_id_marker(&self) {
+        self.write(|txn| {
+            txn.open_table(META)?.remove(CONNECTION_IDS)?;
+            Ok(())
+        })
+        .expect("a test store is writable");
     }
 
     /// Moves a record to another connection id in one transaction (re-sealed under its new
@@ -535,8 +556,42 @@ fn classify(e: DatabaseError, path: &Path) -> StoreError {
     }
 }
 
+/// What [`verify`] found.
+struct Verified {
+    /// Every record's (credential, connection id).
+    ids: Vec<(String, String)>,
+    /// The file has the connection-id marker.
+    namespaced: bool,
+}
+
+/// Whether the meta table holds the connection-id marker; an altered one is corruption.
+fn read_marker(
+    meta: &redb::ReadOnlyTable<&str, &[u8]>,
+    cipher: &Aes256Gcm,
+    path: &Path,
+) -> Result<bool, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.into(),
+        detail,
+    };
+    let marker = meta
+        .get(CONNECTION_IDS)
+        .map_err(|e| corrupt(e.to_string()))?;
+    match marker {
+        None => Ok(false),
+        Some(m) => match open_sealed(cipher, &aad("meta", CONNECTION_IDS), m.value()) {
+            Some(p) if p == CONNECTION_IDS_PLAINTEXT => Ok(true),
+            _ => Err(corrupt("the connection-id marker is altered".into())),
+        },
+    }
+}
+
 /// Checks the key-check record and that every record opens, through any readable handle.
-fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result<(), StoreError> {
+fn verify(
+    db: &impl ReadableDatabase,
+    cipher: &Aes256Gcm,
+    path: &Path,
+) -> Result<Verified, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.into(),
         detail,
@@ -554,6 +609,9 @@ fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result
         Some(_) => return Err(corrupt("the key-check record is altered".into())),
         None => return Err(StoreError::WrongKey { path: path.into() }),
     }
+    drop(check);
+    let namespaced = read_marker(&meta, cipher, path)?;
+    let mut ids = Vec::new();
     let table = txn
         .open_table(CONNECTIONS)
         .map_err(|e| corrupt(e.to_string()))?;
@@ -568,11 +626,14 @@ fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result
         })?;
         serde_json::from_slice::<ConnectionRecord>(&plain)
             .map_err(|e| corrupt(format!("record {:?}: {e}", key.replace('\0', "/"))))?;
+        if let Some((c, k)) = key.split_once('\0') {
+            ids.push((c.to_string(), k.to_string()));
+        }
     }
-    Ok(())
+    Ok(Verified { ids, namespaced })
 }
 
-fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<(), StoreError> {
+fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<Verified, StoreError> {
     let io = |e: std::io::Error| StoreError::Io {
         path: path.into(),
         detail: e.to_string(),
@@ -602,16 +663,7 @@ fn load(db: &Database, cipher: &Aes256Gcm, path: &Path) -> Result<Loaded, StoreE
         let meta = txn
             .open_table(META)
             .map_err(|e| corrupt(format!("no key-check record ({e})")))?;
-        let marker = meta
-            .get(CONNECTION_IDS)
-            .map_err(|e| corrupt(e.to_string()))?;
-        match marker {
-            None => false,
-            Some(m) => match open_sealed(cipher, &aad("meta", CONNECTION_IDS), m.value()) {
-                Some(p) if p == CONNECTION_IDS_PLAINTEXT => true,
-                _ => return Err(corrupt("the connection-id marker is altered".into())),
-            },
-        }
+        read_marker(&meta, cipher, path)?
     };
     let table = txn
         .open_table(CONNECTIONS)
@@ -776,6 +828,57 @@ mod tests {
             open_sealed(&s.cipher, b"y", &a).is_none(),
             "associated data is bound"
         );
+    }
+
+    #[test]
+    fn a_store_without_the_connection_id_marker_is_legacy_until_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let key = [4u8; 32];
+        {
+            let s = Store::open(&path, &key).unwrap();
+            assert!(!s.has_legacy_connection_ids(), "a new store is namespaced");
+            s.put("crm", "alice", &record("rt-a")).unwrap();
+            s.forget_connection_id_marker();
+        }
+        {
+            let s = Store::open(&path, &key).unwrap();
+            assert!(s.has_legacy_connection_ids());
+            // Moving a record re-seals it under its new identity: it opens after a reopen.
+            let mut r = s.get("crm", "alice").unwrap();
+            r.issuer = Some("https://idp".into());
+            r.subject = Some("alice".into());
+            s.rename("crm", "alice", "user:x", &r).unwrap();
+            assert!(s.rename("crm", "user:x", "user:x", &r).is_err(), "never over an existing one");
+            s.mark_connection_ids_namespaced().unwrap();
+            assert!(!s.has_legacy_connection_ids());
+        }
+        let s = Store::open(&path, &key).unwrap();
+        assert!(!s.has_legacy_connection_ids(), "the mark is durable");
+        assert!(s.get("crm", "alice").is_none());
+        let moved = s.get("crm", "user:x").unwrap();
+        assert_eq!(
+            (moved.refresh_token.as_deref(), moved.issuer.as_deref(), moved.subject.as_deref()),
+            (Some("rt-a"), Some("https://idp"), Some("alice"))
+        );
+        // An altered marker is not taken for either answer.
+        s.write(|txn| {
+            txn.open_table(META)?
+                .insert(CONNECTION_IDS, b"\x01garbage-garbage-garbage-garbage".as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        drop(s);
+        let err = Store::open(&path, &key).unwrap_err();
+        assert!(err.to_string().contains("connection-id marker"), "{err}");
+    }
+
+    #[test]
+    fn records_without_issuer_and_subject_still_read() {
+        // The JSON an older version sealed: no `issuer` or `subject`.
+        let old = br#"{"state":"connected","refresh_token":"rt","refresh_token_expires_at":null,"error":null,"seeded_from":null,"created_at":1,"updated_at":2}"#;
+        let r: ConnectionRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!((r.issuer, r.subject), (None, None));
     }
 
     #[test]

@@ -444,3 +444,113 @@ async fn a_legacy_store_of_fixed_connections_is_upgraded_at_start() {
         [("default".into(), "fixed".into()), ("shared".into(), "fixed".into())]
     );
 }
+
+/// The admin API over HTTP addresses a user's connection by its namespaced id: looked up by
+/// issuer and subject, consented with them, served to exactly that caller.
+#[tokio::test]
+async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
+    let h = Harness::start().await;
+    let dir = h.dir.path().display().to_string();
+    let text = h
+        .yaml()
+        .replace("path: store.db", &format!("path: {dir}/store.db"))
+        .replace("${file:store.key}", &format!("${{file:{dir}/store.key}}"))
+        + "admin: { token: admin-token-0123456789 }\n";
+    let srv = crate::common::TestServer::start(&text).await;
+    let base = format!(
+        "http://{}/admin/credentials/crm/connections",
+        srv.running.addrs.http.unwrap()
+    );
+    let http = reqwest::Client::new();
+    let call = |req: reqwest::RequestBuilder| async move {
+        let r = req.bearer_auth("admin-token-0123456789").send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+    };
+    let q = [("issuer", PARTNER), ("subject", "al/ice:ü")];
+    let (status, looked) = call(http.get(&base).query(&q)).await;
+    assert_eq!(status, 200, "{looked}");
+    let id = looked["id"].as_str().unwrap().to_string();
+    assert_eq!(id, portcullis::credentials::per_user_connection_id(PARTNER, "al/ice:ü"));
+    assert_eq!(looked["connections"], serde_json::json!([]));
+
+    let (status, body) = call(http.get(&base).query(&[("issuer", PARTNER)])).await;
+    assert_eq!(status, 400, "issuer without subject: {body}");
+    let (status, body) = call(http.post(format!("{base}/{id}/consent"))).await;
+    assert_eq!(status, 400, "a per-user consent names its user: {body}");
+    let (status, body) = call(
+        http.post(format!("{base}/default/consent"))
+            .json(&serde_json::json!({"issuer": PARTNER, "subject": "default"})),
+    )
+    .await;
+    assert_eq!(status, 400, "`default` is fixed: {body}");
+    let (status, body) = call(http.delete(format!("{base}/al%2Fice"))).await;
+    assert_eq!(status, 400, "not a connection id: {body}");
+
+    let (status, started) = call(
+        http.post(format!("{base}/{id}/consent"))
+            .json(&serde_json::json!({"issuer": PARTNER, "subject": "al/ice:ü"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    let state = url::Url::parse(started["login_url"].as_str().unwrap())
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let cb = reqwest::get(format!(
+        "http://{}/admin/callback?state={state}&code=partner-alice",
+        srv.running.addrs.http.unwrap()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(cb.status().as_u16(), 200);
+
+    let mut client = srv.client().await;
+    let check = |token: String| {
+        crate::common::get("/orders/1")
+            .header("authorization", &format!("Bearer {token}"))
+            .request()
+    };
+    let r = client
+        .check(check(h.partner.token(keys::claims(PARTNER, AUD, "al/ice:ü"))))
+        .await
+        .unwrap()
+        .into_inner();
+    let s = crate::common::seen(&r);
+    assert_eq!(
+        s.headers.get("authorization").map(|v| v.0.as_str()),
+        Some("Bearer at(rt-partner-alice)")
+    );
+    // The same subject from the other identity provider is another user.
+    let r = client
+        .check(check(h.corp.token(keys::claims(CORP, AUD, "al/ice:ü"))))
+        .await
+        .unwrap()
+        .into_inner();
+    let s = crate::common::seen(&r);
+    assert_eq!((s.code, s.status), (7, Some(403)));
+
+    let (status, listed) = call(http.get(&base)).await;
+    assert_eq!(status, 200);
+    let entry = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (entry["issuer"].as_str(), entry["subject"].as_str(), entry["kind"].as_str()),
+        (Some(PARTNER), Some("al/ice:ü"), Some("per_user"))
+    );
+    let r = http
+        .delete(format!("{base}/{id}"))
+        .bearer_auth("admin-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+}

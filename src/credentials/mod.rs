@@ -31,8 +31,8 @@ use cache::{Counters, Slot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use consent::{AdminError, CallbackOutcome, ConnectionUser};
 use credential::{Credential, DEFAULT_CONNECTION, Kind, Unavailable};
-pub use spec::{GrantKind, per_user_connection_id};
 use spec::StoreSpec;
+pub use spec::{GrantKind, per_user_connection_id};
 pub use store::{ConnectionRecord, ConnectionState, Store, StoreError};
 
 /// How long start-up waits for the credentials the config uses (each fetch is also bounded by its
@@ -238,11 +238,11 @@ impl Registry {
                     refuse_ambiguous(&spec.path, &uses.ambiguous(ids))
                 })
             })
-                .await
-                .map_err(|e| StoreError::Io {
-                    path,
-                    detail: e.to_string(),
-                })??;
+            .await
+            .map_err(|e| StoreError::Io {
+                path,
+                detail: e.to_string(),
+            })??;
             tracing::info!(store = %store.path().display(), connections = store_len(&store, &current), "store opened");
             if store.has_legacy_connection_ids() {
                 // `open_with` found nothing ambiguous: every old record keeps its id as a fixed one.
@@ -330,7 +330,8 @@ impl ConnectionUse {
                     .fixed
                     .get(credential)
                     .is_some_and(|ids| ids.contains(id));
-            if !spec::valid_fixed_connection_id(id) || (self.per_user.contains(credential) && !named)
+            if !spec::valid_fixed_connection_id(id)
+                || (self.per_user.contains(credential) && !named)
             {
                 out.entry(credential.clone()).or_default().push(id.clone());
             }

@@ -849,7 +849,10 @@ mod tests {
             r.issuer = Some("https://idp".into());
             r.subject = Some("alice".into());
             s.rename("crm", "alice", "user:x", &r).unwrap();
-            assert!(s.rename("crm", "user:x", "user:x", &r).is_err(), "never over an existing one");
+            assert!(
+                s.rename("crm", "user:x", "user:x", &r).is_err(),
+                "never over an existing one"
+            );
             s.mark_connection_ids_namespaced().unwrap();
             assert!(!s.has_legacy_connection_ids());
         }
@@ -858,13 +861,19 @@ mod tests {
         assert!(s.get("crm", "alice").is_none());
         let moved = s.get("crm", "user:x").unwrap();
         assert_eq!(
-            (moved.refresh_token.as_deref(), moved.issuer.as_deref(), moved.subject.as_deref()),
+            (
+                moved.refresh_token.as_deref(),
+                moved.issuer.as_deref(),
+                moved.subject.as_deref()
+            ),
             (Some("rt-a"), Some("https://idp"), Some("alice"))
         );
         // An altered marker is not taken for either answer.
         s.write(|txn| {
-            txn.open_table(META)?
-                .insert(CONNECTION_IDS, b"\x01garbage-garbage-garbage-garbage".as_slice())?;
+            txn.open_table(META)?.insert(
+                CONNECTION_IDS,
+                b"\x01garbage-garbage-garbage-garbage".as_slice(),
+            )?;
             Ok(())
         })
         .unwrap();

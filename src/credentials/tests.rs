@@ -312,7 +312,9 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
     ));
     let store = s.registry.shared.store().unwrap().clone();
     let alice_id = per_user_connection_id(ISS, "alice");
-    store.put("crm", &alice_id, &connected("rt-alice-0")).unwrap();
+    store
+        .put("crm", &alice_id, &connected("rt-alice-0"))
+        .unwrap();
     let p = policy(&s, bc("crm", Some("{jwt.sub}")));
     let alice = claims(json!({"iss": ISS, "sub": "alice"}));
     let bob = claims(json!({"iss": ISS, "sub": "bob"}));
@@ -331,7 +333,11 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
     );
     // The rotated refresh token is in the store, durably: a fresh open of the file sees it.
     assert_eq!(
-        store.get("crm", &alice_id).unwrap().refresh_token.as_deref(),
+        store
+            .get("crm", &alice_id)
+            .unwrap()
+            .refresh_token
+            .as_deref(),
         Some("rt-alice-1")
     );
 
@@ -357,7 +363,11 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
     assert!(vs.iter().all(|v| v == "Bearer at-2"), "{vs:?}");
     assert_eq!(fake.forms().len(), 2);
     assert_eq!(
-        store.get("crm", &alice_id).unwrap().refresh_token.as_deref(),
+        store
+            .get("crm", &alice_id)
+            .unwrap()
+            .refresh_token
+            .as_deref(),
         Some("rt-alice-2")
     );
 
@@ -399,7 +409,10 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
         e.detail
     );
 
-    let started = s.registry.start_consent("crm", "shared", None, None).unwrap();
+    let started = s
+        .registry
+        .start_consent("crm", "shared", None, None)
+        .unwrap();
     let login = url::Url::parse(started["login_url"].as_str().unwrap()).unwrap();
     let q: HashMap<String, String> = login.query_pairs().into_owned().collect();
     assert_eq!(login.path(), "/auth");
@@ -475,7 +488,10 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     assert!(again.to_string().contains("unknown or expired"));
 
     // A login URL expires after 10 minutes.
-    let late = s.registry.start_consent("crm", "other", None, None).unwrap();
+    let late = s
+        .registry
+        .start_consent("crm", "other", None, None)
+        .unwrap();
     let state: String = url::Url::parse(late["login_url"].as_str().unwrap())
         .unwrap()
         .query_pairs()
@@ -600,7 +616,15 @@ fn per_user_ids_are_namespaced_apart_from_fixed_ids() {
         per_user_connection_id("https://idp.test/partner", "alice")
     );
     // Every subject maps into the URL-safe namespace, however it is spelt.
-    for sub in ["default", "a:b", "a/b", "%2F", "ünï©ødé", &"x".repeat(10_000), ""] {
+    for sub in [
+        "default",
+        "a:b",
+        "a/b",
+        "%2F",
+        "ünï©ødé",
+        &"x".repeat(10_000),
+        "",
+    ] {
         let id = per_user_connection_id(ISS, sub);
         assert!(spec::is_per_user_connection_id(&id), "{sub:?} -> {id}");
         assert!(!spec::valid_fixed_connection_id(&id));
@@ -608,7 +632,15 @@ fn per_user_ids_are_namespaced_apart_from_fixed_ids() {
     for fixed in ["default", "shared", "user", "user.x", "a-b_c.d"] {
         assert!(spec::valid_fixed_connection_id(fixed) && !spec::is_per_user_connection_id(fixed));
     }
-    for bad in ["", "user:short", "a b", "a/b", "a:b", &"x".repeat(129), "user:ü"] {
+    for bad in [
+        "",
+        "user:short",
+        "a b",
+        "a/b",
+        "a:b",
+        &"x".repeat(129),
+        "user:ü",
+    ] {
         assert!(!spec::valid_connection_id(bad), "{bad:?}");
     }
 }
@@ -630,7 +662,8 @@ proptest::proptest! {
 
 fn refresh_answer() -> Answer {
     // The access token names the refresh token it came from.
-    Arc::new(|form, _n| match form.get("grant_type").map(String::as_str) {
+    Arc::new(|form, _n| {
+        match form.get("grant_type").map(String::as_str) {
         Some("refresh_token") => (
             200,
             json!({"access_token": format!("at({})", form["refresh_token"]), "token_type": "Bearer", "expires_in": 600}).to_string(),
@@ -640,6 +673,7 @@ fn refresh_answer() -> Answer {
             json!({"access_token": format!("at(rt-{})", form["code"]), "refresh_token": format!("rt-{}", form["code"]), "token_type": "Bearer", "expires_in": 600}).to_string(),
         ),
         _ => (400, r#"{"error":"invalid_grant"}"#.into()),
+    }
     })
 }
 
@@ -651,10 +685,16 @@ async fn a_caller_never_reaches_a_fixed_connection_or_another_issuers_user() {
         fake.url
     ));
     let store = s.registry.shared.store().unwrap().clone();
-    store.put("crm", "default", &connected("rt-operator")).unwrap();
+    store
+        .put("crm", "default", &connected("rt-operator"))
+        .unwrap();
     store.put("crm", "shared", &connected("rt-shared")).unwrap();
     store
-        .put("crm", &per_user_connection_id(ISS, "alice"), &connected("rt-corp-alice"))
+        .put(
+            "crm",
+            &per_user_connection_id(ISS, "alice"),
+            &connected("rt-corp-alice"),
+        )
         .unwrap();
     let p = policy(&s, bc("crm", Some("{jwt.sub}")));
     let call = |c: serde_json::Value| {
@@ -689,7 +729,11 @@ async fn a_caller_never_reaches_a_fixed_connection_or_another_issuers_user() {
     let (_, detail) = call(json!({"iss": ISS, "sub": ""})).await.unwrap_err();
     assert!(detail.contains("no claim naming a connection"), "{detail}");
     // Only alice's refresh token was ever sent.
-    let sent: Vec<_> = fake.forms().iter().map(|f| f["refresh_token"].clone()).collect();
+    let sent: Vec<_> = fake
+        .forms()
+        .iter()
+        .map(|f| f["refresh_token"].clone())
+        .collect();
     assert_eq!(sent, ["rt-corp-alice"]);
 }
 
@@ -719,13 +763,23 @@ async fn consent_for_a_user_records_whose_connection_it_is() {
     };
     assert!(bad(s.registry.start_consent("crm", &id, None, None)).contains("names its user"));
     assert!(
-        bad(s.registry.start_consent("crm", &id, None, Some(user("https://other", "bob:ünï/%"))))
-            .contains("is not the connection")
+        bad(s
+            .registry
+            .start_consent("crm", &id, None, Some(user("https://other", "bob:ünï/%"))))
+        .contains("is not the connection")
     );
-    assert!(bad(s.registry.start_consent("crm", "shared", None, Some(bob.clone()))).contains("fixed"));
+    assert!(
+        bad(s
+            .registry
+            .start_consent("crm", "shared", None, Some(bob.clone())))
+        .contains("fixed")
+    );
     assert!(bad(s.registry.start_consent("crm", "bob:ünï", None, None)).contains("connection id"));
 
-    let started = s.registry.start_consent("crm", &id, None, Some(bob.clone())).unwrap();
+    let started = s
+        .registry
+        .start_consent("crm", &id, None, Some(bob.clone()))
+        .unwrap();
     let state: String = url::Url::parse(started["login_url"].as_str().unwrap())
         .unwrap()
         .query_pairs()
@@ -742,13 +796,28 @@ async fn consent_for_a_user_records_whose_connection_it_is() {
     let listed = s.registry.admin_connections("crm", None).unwrap();
     let entry = &listed["connections"][0];
     assert_eq!(
-        (&entry["id"], &entry["kind"], &entry["issuer"], &entry["subject"], &entry["state"]),
-        (&json!(id), &json!("per_user"), &json!(ISS), &json!("bob:ünï/%"), &json!("connected"))
+        (
+            &entry["id"],
+            &entry["kind"],
+            &entry["issuer"],
+            &entry["subject"],
+            &entry["state"]
+        ),
+        (
+            &json!(id),
+            &json!("per_user"),
+            &json!(ISS),
+            &json!("bob:ünï/%"),
+            &json!("connected")
+        )
     );
     // The caller whose token is that issuer and subject gets it.
     let p = policy(&s, bc("crm", Some("{jwt.sub}")));
     let c = claims(json!({"iss": ISS, "sub": "bob:ünï/%"}));
-    assert_eq!(p.header_for(&ctx(&c, "t"), false).await.unwrap().value, "Bearer at(rt-bob)");
+    assert_eq!(
+        p.header_for(&ctx(&c, "t"), false).await.unwrap().value,
+        "Bearer at(rt-bob)"
+    );
     // Deleted by the same id.
     s.registry.delete_connection("crm", &id).await.unwrap();
     assert!(matches!(
@@ -780,7 +849,8 @@ fn connection_settings_that_cannot_be_keyed_safely_are_config_errors() {
         assert!(p.is_none(), "{connection}");
         let text = errs.to_string();
         assert!(
-            text.contains("apis[0].on_allow.backend_credential.connection") && text.contains(needle),
+            text.contains("apis[0].on_allow.backend_credential.connection")
+                && text.contains(needle),
             "{connection}: {text}"
         );
     }
@@ -790,11 +860,19 @@ fn connection_settings_that_cannot_be_keyed_safely_are_config_errors() {
 async fn start_on_legacy(
     ids: &[&str],
     connection: &str,
-) -> (crate::policy::Runtime, Result<(), StoreError>, tempfile::TempDir) {
+) -> (
+    crate::policy::Runtime,
+    Result<(), StoreError>,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     {
-        let s = Store::open(&dir.path().join("store.db"), &store::decode_key(key).unwrap()).unwrap();
+        let s = Store::open(
+            &dir.path().join("store.db"),
+            &store::decode_key(key).unwrap(),
+        )
+        .unwrap();
         for id in ids {
             s.put("crm", id, &connected("rt")).unwrap();
         }
@@ -803,9 +881,8 @@ async fn start_on_legacy(
     let text = format!(
         "store: {{ path: store.db, key: \"${{env:K}}\" }}\nidentity_providers: [{{ name: corp, issuer: \"{ISS}\", jwks_uri: \"http://127.0.0.1:1/jwks\" }}]\ncredentials:\n  - {{ name: crm, grant: refresh_token, token_url: \"http://127.0.0.1:1/t\", client_id: a, client_secret: b }}\napis:\n  - {{ name: a, jwt: {{ providers: [corp] }}, on_allow: {{ backend_credential: {{ name: crm, connection: \"{connection}\" }} }} }}\n"
     );
-    let src =
-        config::parse_with_env(&text, dir.path(), &|n| (n == "K").then(|| key.to_string()))
-            .unwrap();
+    let src = config::parse_with_env(&text, dir.path(), &|n| (n == "K").then(|| key.to_string()))
+        .unwrap();
     let runtime = crate::policy::Runtime::offline();
     let (policy, _) = crate::policy::compile(&src, &runtime).unwrap();
     let started = runtime.credentials.start(&policy).await;
@@ -824,15 +901,25 @@ async fn a_legacy_store_is_upgraded_only_when_unambiguous() {
     // Used per user, `alice` may be a user's bare `sub` (of no known issuer): refused, named.
     let (runtime, started, _d) = start_on_legacy(&["default", "alice"], "{jwt.sub}").await;
     let err = started.unwrap_err();
-    assert!(matches!(&err, StoreError::LegacyConnections { credential, count: 1, .. } if credential == "crm"), "{err}");
+    assert!(
+        matches!(&err, StoreError::LegacyConnections { credential, count: 1, .. } if credential == "crm"),
+        "{err}"
+    );
     assert!(err.to_string().contains("(`alice`)"), "{err}");
     assert!(runtime.credentials.shared.store().is_none(), "not opened");
 
     // An id no fixed connection can have is refused whatever the config (it could pose as a
     // per-user id, or be unreachable garbage).
-    let (_, started, _d) = start_on_legacy(&["user:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"], "shared").await;
+    let (_, started, _d) = start_on_legacy(
+        &["user:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"],
+        "shared",
+    )
+    .await;
     assert!(matches!(started, Err(StoreError::LegacyConnections { .. })));
     let (_, started, _d) = start_on_legacy(&["a b", "c", "d", "e", "f", "g"], "{jwt.sub}").await;
     let err = started.unwrap_err().to_string();
-    assert!(err.contains("6 connection(s)") && err.contains("..."), "{err}");
+    assert!(
+        err.contains("6 connection(s)") && err.contains("..."),
+        "{err}"
+    );
 }

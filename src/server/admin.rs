@@ -92,7 +92,10 @@ async fn list_credentials(AxState(state): AxState<Arc<State>>, headers: HeaderMa
 }
 
 /// `issuer` and `subject` together name a user (both or neither).
-fn user(issuer: Option<String>, subject: Option<String>) -> Result<Option<ConnectionUser>, AdminError> {
+fn user(
+    issuer: Option<String>,
+    subject: Option<String>,
+) -> Result<Option<ConnectionUser>, AdminError> {
     match (issuer, subject) {
         (None, None) => Ok(None),
         (Some(issuer), Some(subject)) if !issuer.is_empty() && !subject.is_empty() => {
@@ -128,7 +131,11 @@ async fn list_connections(
         Ok(u) => u,
         Err(e) => return error(&e),
     };
-    match state.runtime.credentials.admin_connections(&name, who.as_ref()) {
+    match state
+        .runtime
+        .credentials
+        .admin_connections(&name, who.as_ref())
+    {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(&e),
     }

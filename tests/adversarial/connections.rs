@@ -37,7 +37,9 @@ impl Provider {
                 async move {
                     seen.lock().unwrap().push(body.clone());
                     let form: std::collections::HashMap<String, String> =
-                        form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+                        form_urlencoded::parse(body.as_bytes())
+                            .into_owned()
+                            .collect();
                     let json = match form.get("grant_type").map(String::as_str) {
                         Some("refresh_token") => serde_json::json!({
                             "access_token": format!("at({})", form["refresh_token"]),
@@ -121,8 +123,11 @@ apis:
 
     /// Writes a connection into the store before portcullis opens it (as a previous run did).
     fn seed(&self, id: &str, refresh_token: &str) {
-        let store = Store::open(&self.db(), &portcullis::credentials::store::decode_key(KEY).unwrap())
-            .unwrap();
+        let store = Store::open(
+            &self.db(),
+            &portcullis::credentials::store::decode_key(KEY).unwrap(),
+        )
+        .unwrap();
         // Built from JSON so that this helper reads the same before and after fields were added.
         let record: ConnectionRecord = serde_json::from_value(serde_json::json!({
             "state": "connected", "refresh_token": refresh_token, "refresh_token_expires_at": null,
@@ -148,7 +153,11 @@ apis:
         let policy = policy::compile(&src, &rt)
             .unwrap_or_else(|e| panic!("{e}"))
             .0;
-        let started = rt.credentials.start(&policy).await.map_err(|e| e.to_string());
+        let started = rt
+            .credentials
+            .start(&policy)
+            .await
+            .map_err(|e| e.to_string());
         (policy, rt, started)
     }
 
@@ -159,7 +168,10 @@ apis:
             issuer: issuer.into(),
             subject: subject.into(),
         };
-        let looked = rt.credentials.admin_connections("crm", Some(&user)).unwrap();
+        let looked = rt
+            .credentials
+            .admin_connections("crm", Some(&user))
+            .unwrap();
         let id = looked["id"].as_str().unwrap().to_string();
         let started = rt
             .credentials
@@ -205,7 +217,10 @@ async fn decide(policy: &PolicySet, token: &str) -> Result<String, String> {
             .value
             .clone()),
         Outcome::Deny(den) => {
-            assert!(d.upstream_headers.is_empty(), "a deny sends nothing upstream");
+            assert!(
+                d.upstream_headers.is_empty(),
+                "a deny sends nothing upstream"
+            );
             Err(format!("{} {}", den.status, den.reason.as_str()))
         }
     }
@@ -267,27 +282,97 @@ async fn every_caller_gets_their_own_connection_or_none() {
     let corp = &h.corp;
     let partner = &h.partner;
     let base = |iss: &str, sub: &str| keys::claims(iss, AUD, sub);
-    let rows: Vec<(&str, &keys::TestKey, serde_json::Value, Result<String, String>)> = vec![
-        ("own connection", corp, base(CORP, "alice"), ok("rt-corp-alice")),
-        ("sub: default (the operator's shared connection)", corp, base(CORP, "default"), consent()),
-        ("sub equal to another fixed connection id", corp, base(CORP, "shared"), consent()),
-        ("same sub, other issuer: its own user", partner, base(PARTNER, "alice"), ok("rt-partner-alice")),
+    let rows: Vec<(
+        &str,
+        &keys::TestKey,
+        serde_json::Value,
+        Result<String, String>,
+    )> = vec![
+        (
+            "own connection",
+            corp,
+            base(CORP, "alice"),
+            ok("rt-corp-alice"),
+        ),
+        (
+            "sub: default (the operator's shared connection)",
+            corp,
+            base(CORP, "default"),
+            consent(),
+        ),
+        (
+            "sub equal to another fixed connection id",
+            corp,
+            base(CORP, "shared"),
+            consent(),
+        ),
+        (
+            "same sub, other issuer: its own user",
+            partner,
+            base(PARTNER, "alice"),
+            ok("rt-partner-alice"),
+        ),
         ("sub with `:`", corp, base(CORP, "a:b"), ok("rt-colon")),
         ("`:` moved: another user", corp, base(CORP, "a"), consent()),
         ("sub with `/`", corp, base(CORP, "a/b"), ok("rt-slash")),
-        ("sub with `%` (never decoded)", corp, base(CORP, "100%2F"), ok("rt-percent")),
-        ("the decoded spelling is another user", corp, base(CORP, "100/"), consent()),
-        ("unicode sub", corp, base(CORP, "ålice-ünï©ødé-名前"), ok("rt-unicode")),
+        (
+            "sub with `%` (never decoded)",
+            corp,
+            base(CORP, "100%2F"),
+            ok("rt-percent"),
+        ),
+        (
+            "the decoded spelling is another user",
+            corp,
+            base(CORP, "100/"),
+            consent(),
+        ),
+        (
+            "unicode sub",
+            corp,
+            base(CORP, "ålice-ünï©ødé-名前"),
+            ok("rt-unicode"),
+        ),
         ("very long sub", corp, base(CORP, &long), ok("rt-long")),
-        ("very long sub, one character short", corp, base(CORP, &long[1..]), consent()),
-        ("sub spelling a user's namespaced id", corp, base(CORP, &own_id), consent()),
+        (
+            "very long sub, one character short",
+            corp,
+            base(CORP, &long[1..]),
+            consent(),
+        ),
+        (
+            "sub spelling a user's namespaced id",
+            corp,
+            base(CORP, &own_id),
+            consent(),
+        ),
         ("sub: user:", corp, base(CORP, "user:"), consent()),
         ("empty sub", corp, base(CORP, ""), consent()),
-        ("missing sub", corp, with(base(CORP, "x"), serde_json::json!({"sub": null})), consent()),
-        ("sub not a string (number)", corp, with(base(CORP, "x"), serde_json::json!({"sub": 7})), consent()),
+        (
+            "missing sub",
+            corp,
+            with(base(CORP, "x"), serde_json::json!({"sub": null})),
+            consent(),
+        ),
+        (
+            "sub not a string (number)",
+            corp,
+            with(base(CORP, "x"), serde_json::json!({"sub": 7})),
+            consent(),
+        ),
         // The identity check refuses these before any connection is looked up.
-        ("missing iss", corp, with(base(CORP, "alice"), serde_json::json!({"iss": null})), Err("401 TokenIssuerNotAllowed".into())),
-        ("partner's key vouching for a corp user", partner, base(CORP, "alice"), Err("401 TokenIssuerNotAllowed".into())),
+        (
+            "missing iss",
+            corp,
+            with(base(CORP, "alice"), serde_json::json!({"iss": null})),
+            Err("401 TokenIssuerNotAllowed".into()),
+        ),
+        (
+            "partner's key vouching for a corp user",
+            partner,
+            base(CORP, "alice"),
+            Err("401 TokenIssuerNotAllowed".into()),
+        ),
     ];
     let mut wrong = Vec::new();
     for (case, key, claims, want) in rows {
@@ -301,7 +386,10 @@ async fn every_caller_gets_their_own_connection_or_none() {
     // start-up prefetch of the fixed connections spent them.
     let forms = h.provider.forms.lock().unwrap().clone();
     let operator = forms.iter().filter(|f| f.contains("rt-operator")).count();
-    assert!(operator <= 2, "{operator} refreshes of operator connections: {forms:?}");
+    assert!(
+        operator <= 2,
+        "{operator} refreshes of operator connections: {forms:?}"
+    );
 
     // The operator finds each user's connection by issuer and subject.
     let listed = rt.credentials.admin_connections("crm", None).unwrap();
@@ -311,7 +399,11 @@ async fn every_caller_gets_their_own_connection_or_none() {
         .find(|e| e["issuer"] == PARTNER && e["subject"] == "alice")
         .expect("partner's alice is listed with issuer and subject");
     assert_eq!(partner_alice["kind"], "per_user");
-    let fixed: Vec<_> = entries.iter().filter(|e| e["kind"] == "fixed").map(|e| e["id"].clone()).collect();
+    let fixed: Vec<_> = entries
+        .iter()
+        .filter(|e| e["kind"] == "fixed")
+        .map(|e| e["id"].clone())
+        .collect();
     assert_eq!(fixed, ["default", "shared"]);
 }
 
@@ -348,7 +440,14 @@ async fn a_legacy_store_with_per_user_connections_is_refused_until_upgraded() {
     let before = sha(&h.db());
     let (_, _, started) = h.try_start().await;
     let err = started.expect_err("an ambiguous legacy store must not start");
-    for needle in ["credential `crm`", "1 connection(s) (`alice`)", "upgrade-store", "--issuer", "--drop", "left untouched"] {
+    for needle in [
+        "credential `crm`",
+        "1 connection(s) (`alice`)",
+        "upgrade-store",
+        "--issuer",
+        "--drop",
+        "left untouched",
+    ] {
         assert!(err.contains(needle), "missing `{needle}` in: {err}");
     }
     assert_eq!(sha(&h.db()), before, "the file is left as it was");
@@ -367,7 +466,10 @@ async fn a_legacy_store_with_per_user_connections_is_refused_until_upgraded() {
 
     let (code, stdout, stderr) = upgrade_store(&h, &["--credential", "crm", "--issuer", CORP]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert!(stdout.contains("`alice` -> `user:") && stdout.contains("the store is upgraded"), "{stdout}");
+    assert!(
+        stdout.contains("`alice` -> `user:") && stdout.contains("the store is upgraded"),
+        "{stdout}"
+    );
 
     let (policy, rt) = h.start_runtime().await;
     assert_eq!(
@@ -390,7 +492,10 @@ async fn a_legacy_store_with_per_user_connections_is_refused_until_upgraded() {
         .find(|e| e["subject"] == "alice")
         .unwrap()
         .clone();
-    assert_eq!((alice["issuer"].as_str(), alice["kind"].as_str()), (Some(CORP), Some("per_user")));
+    assert_eq!(
+        (alice["issuer"].as_str(), alice["kind"].as_str()),
+        (Some(CORP), Some("per_user"))
+    );
 }
 
 #[tokio::test]
@@ -441,7 +546,10 @@ async fn a_legacy_store_of_fixed_connections_is_upgraded_at_start() {
         .collect();
     assert_eq!(
         ids,
-        [("default".into(), "fixed".into()), ("shared".into(), "fixed".into())]
+        [
+            ("default".into(), "fixed".into()),
+            ("shared".into(), "fixed".into())
+        ]
     );
 }
 
@@ -463,15 +571,25 @@ async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
     );
     let http = reqwest::Client::new();
     let call = |req: reqwest::RequestBuilder| async move {
-        let r = req.bearer_auth("admin-token-0123456789").send().await.unwrap();
+        let r = req
+            .bearer_auth("admin-token-0123456789")
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
-        (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+        (
+            status,
+            r.json::<serde_json::Value>().await.unwrap_or_default(),
+        )
     };
     let q = [("issuer", PARTNER), ("subject", "al/ice:ü")];
     let (status, looked) = call(http.get(&base).query(&q)).await;
     assert_eq!(status, 200, "{looked}");
     let id = looked["id"].as_str().unwrap().to_string();
-    assert_eq!(id, portcullis::credentials::per_user_connection_id(PARTNER, "al/ice:ü"));
+    assert_eq!(
+        id,
+        portcullis::credentials::per_user_connection_id(PARTNER, "al/ice:ü")
+    );
     assert_eq!(looked["connections"], serde_json::json!([]));
 
     let (status, body) = call(http.get(&base).query(&[("issuer", PARTNER)])).await;
@@ -515,7 +633,11 @@ async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
             .request()
     };
     let r = client
-        .check(check(h.partner.token(keys::claims(PARTNER, AUD, "al/ice:ü"))))
+        .check(check(h.partner.token(keys::claims(
+            PARTNER,
+            AUD,
+            "al/ice:ü",
+        ))))
         .await
         .unwrap()
         .into_inner();
@@ -543,7 +665,11 @@ async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
         .unwrap()
         .clone();
     assert_eq!(
-        (entry["issuer"].as_str(), entry["subject"].as_str(), entry["kind"].as_str()),
+        (
+            entry["issuer"].as_str(),
+            entry["subject"].as_str(),
+            entry["kind"].as_str()
+        ),
         (Some(PARTNER), Some("al/ice:ü"), Some("per_user"))
     );
     let r = http

@@ -37,6 +37,25 @@ enum Command {
     Check(CheckArgs),
     /// Read a subscription key on stdin and print `sha256:<hex>` for the config.
     HashKey,
+    /// Upgrade a store written before per-user connections were keyed by issuer and subject
+    /// (`serve` refuses it and names the credential); run while the service is stopped.
+    UpgradeStore(UpgradeStoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpgradeStoreArgs {
+    /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The credential `serve` named.
+    #[arg(long)]
+    credential: String,
+    /// Its old per-user connections are the users of this identity provider (their `iss`).
+    #[arg(long, conflicts_with = "drop", required_unless_present = "drop")]
+    issuer: Option<String>,
+    /// Delete its old per-user connections instead (their users consent again).
+    #[arg(long)]
+    drop: bool,
 }
 
 fn config_path(arg: Option<PathBuf>) -> PathBuf {
@@ -55,6 +74,34 @@ pub fn main() -> ExitCode {
             check(&path, args)
         }
         Command::HashKey => hash_key(),
+        Command::UpgradeStore(args) => upgrade_store(&config_path(args.config.clone()), args),
+    }
+}
+
+fn upgrade_store(path: &Path, args: UpgradeStoreArgs) -> ExitCode {
+    let compiled = config::load(path).and_then(|src| {
+        policy::compile(&src, &Runtime::offline()).map(|(policy, _)| (src, policy))
+    });
+    let (src, policy) = match compiled {
+        Ok(c) => c,
+        Err(errs) => {
+            eprintln!("error: {} is invalid:\n{errs}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let action = match args.issuer {
+        Some(issuer) => crate::credentials::LegacyAction::Adopt { issuer },
+        None => crate::credentials::LegacyAction::Drop,
+    };
+    match crate::credentials::upgrade_legacy_store(&src, &policy, &args.credential, &action) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -671,6 +671,8 @@ async fn a_wrong_store_key_or_a_corrupt_store_stops_start_up_and_leaves_the_file
             refresh_token_expires_at: None,
             error: None,
             seeded_from: None,
+            issuer: None,
+            subject: None,
             created_at: 1,
             updated_at: 1,
         };

@@ -31,6 +31,48 @@ pub(crate) struct PendingConsent {
     verifier: String,
     expires_at: SystemTime,
     redirect_after: Option<String>,
+    /// A per-user connection's (issuer, subject), recorded with it so the admin list shows whose.
+    user: Option<(String, String)>,
+}
+
+/// The user a per-user connection belongs to, as the admin API names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionUser {
+    /// The `iss` of the user's tokens (the identity provider's issuer).
+    pub issuer: String,
+    /// The user's subject: the value the API's `connection` template renders (e.g. `sub`).
+    pub subject: String,
+}
+
+impl ConnectionUser {
+    /// The user's connection id.
+    pub fn connection_id(&self) -> String {
+        spec::per_user_connection_id(&self.issuer, &self.subject)
+    }
+}
+
+/// What the admin API says about a connection id it was given.
+const CONNECTION_ID_RULE: &str = "a connection id is a fixed name (1 to 128 letters, digits, `.`, `_` or `-`) or a per-user id `user:` + 43 characters (GET /admin/credentials/{name}/connections?issuer=..&subject=.. shows a user's)";
+
+/// Checks an admin-API connection id and the user given with it: a per-user id must come with
+/// the issuer and subject it is derived from, a fixed one with neither.
+fn check_connection(connection: &str, user: Option<&ConnectionUser>) -> Result<(), AdminError> {
+    if !spec::valid_connection_id(connection) {
+        return Err(AdminError::BadRequest(CONNECTION_ID_RULE.into()));
+    }
+    match (spec::is_per_user_connection_id(connection), user) {
+        (false, None) => Ok(()),
+        (false, Some(_)) => Err(AdminError::BadRequest(format!(
+            "`{connection}` is a fixed (shared) connection: it has no `issuer` and `subject`"
+        ))),
+        (true, None) => Err(AdminError::BadRequest(
+            "a per-user connection's consent names its user: give {\"issuer\": ..., \"subject\": ...}".into(),
+        )),
+        (true, Some(u)) if u.connection_id() == connection => Ok(()),
+        (true, Some(_)) => Err(AdminError::BadRequest(format!(
+            "`{connection}` is not the connection of that issuer and subject"
+        ))),
+    }
 }
 
 /// Why an admin request failed; the message is safe to return.
@@ -151,9 +193,16 @@ impl Registry {
         json!({ "credentials": list })
     }
 
-    /// `GET /admin/credentials/{name}/connections`.
-    pub fn admin_connections(&self, name: &str) -> Result<Value, AdminError> {
+    /// `GET /admin/credentials/{name}/connections`; with `user`
+    /// (`?issuer=..&subject=..`), only that user's connection, and its `id` even before it exists
+    /// (to start its consent).
+    pub fn admin_connections(
+        &self,
+        name: &str,
+        user: Option<&ConnectionUser>,
+    ) -> Result<Value, AdminError> {
         let c = self.credential(name)?;
+        let only = user.map(ConnectionUser::connection_id);
         let now = self.shared.clock.now();
         let list: Vec<Value> = match &c.kind {
             Kind::RefreshToken => {
@@ -164,13 +213,18 @@ impl Registry {
                 store
                     .list(name)
                     .into_iter()
+                    .filter(|(id, _)| only.as_ref().is_none_or(|o| o == id))
                     .map(|(id, r)| {
                         let token = self
                             .shared
                             .existing_slot(name, &id)
                             .and_then(|s| s.valid(&c.fingerprint, now));
+                        let per_user = spec::is_per_user_connection_id(&id);
                         json!({
                             "id": id,
+                            "kind": if per_user { "per_user" } else { "fixed" },
+                            "issuer": r.issuer,
+                            "subject": r.subject,
                             "state": r.state.as_str(),
                             "error": r.error,
                             "access_token": token_json(token.as_deref(), now),
@@ -192,16 +246,31 @@ impl Registry {
                 vec![json!({"id": "default", "state": "connected"})]
             }
         };
-        Ok(json!({ "credential": name, "grant": c.grant().as_str(), "connections": list }))
+        let mut out =
+            json!({ "credential": name, "grant": c.grant().as_str(), "connections": list });
+        if let (Some(u), Some(id)) = (user, only) {
+            if c.grant() != GrantKind::RefreshToken {
+                return Err(AdminError::BadRequest(format!(
+                    "`{name}` is a `{}` credential: it has no per-user connections",
+                    c.grant().as_str()
+                )));
+            }
+            out["id"] = json!(id);
+            out["issuer"] = json!(u.issuer);
+            out["subject"] = json!(u.subject);
+        }
+        Ok(out)
     }
 
     /// `POST /admin/credentials/{name}/connections/{id}/consent`: a login URL at the provider with a
     /// fresh `state` and PKCE S256 challenge; `state` and verifier stay here for 10 minutes.
+    /// A per-user connection (`user:…`) must be given with its `user`, which is recorded.
     pub fn start_consent(
         &self,
         name: &str,
         connection: &str,
         redirect_after: Option<String>,
+        user: Option<ConnectionUser>,
     ) -> Result<Value, AdminError> {
         let c = self.credential(name)?;
         if c.grant() != GrantKind::RefreshToken {
@@ -217,11 +286,7 @@ impl Registry {
                 "`{name}` has no `authorize_url` and `redirect_uri`: consent is not configured"
             )));
         };
-        if !spec::valid_connection_id(connection) {
-            return Err(AdminError::BadRequest(
-                "a connection id is 1 to 256 characters without control characters".into(),
-            ));
-        }
+        check_connection(connection, user.as_ref())?;
         if let Some(r) = &redirect_after
             && !(r.starts_with("https://") || r.starts_with("http://"))
         {
@@ -272,6 +337,7 @@ impl Registry {
                     verifier,
                     expires_at,
                     redirect_after,
+                    user: user.map(|u| (u.issuer, u.subject)),
                 },
             );
         }
@@ -333,17 +399,23 @@ impl Registry {
                     .into(),
             ));
         };
-        let created_at = self
+        let existing = self
             .shared
             .store()
-            .and_then(|s| s.get(&pending.credential, &pending.connection))
-            .map_or(unix_secs(now), |r| r.created_at);
+            .and_then(|s| s.get(&pending.credential, &pending.connection));
+        let created_at = existing.as_ref().map_or(unix_secs(now), |r| r.created_at);
+        let (issuer, subject) = match pending.user.clone() {
+            Some((i, s)) => (Some(i), Some(s)),
+            None => existing.map_or((None, None), |r| (r.issuer, r.subject)),
+        };
         let record = ConnectionRecord {
             state: ConnectionState::Connected,
             refresh_token: Some(refresh_token),
             refresh_token_expires_at: issued.refresh_token_expires_at.map(unix_secs),
             error: None,
             seeded_from: None,
+            issuer,
+            subject,
             created_at,
             updated_at: unix_secs(now),
         };
@@ -374,6 +446,9 @@ impl Registry {
     /// `DELETE /admin/credentials/{name}/connections/{id}`.
     pub async fn delete_connection(&self, name: &str, connection: &str) -> Result<(), AdminError> {
         let c = self.credential(name)?;
+        if !spec::valid_connection_id(connection) {
+            return Err(AdminError::BadRequest(CONNECTION_ID_RULE.into()));
+        }
         if c.grant() != GrantKind::RefreshToken {
             return Err(AdminError::BadRequest(format!(
                 "`{name}` is a `{}` credential: it has no connections to delete",

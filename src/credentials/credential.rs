@@ -487,6 +487,8 @@ impl Credential {
             refresh_token_expires_at: None,
             error: None,
             seeded_from: Some(digest),
+            issuer: None,
+            subject: None,
             created_at: now,
             updated_at: now,
         };

@@ -29,10 +29,10 @@ use crate::policy::{Denial, Header, PolicySet, Reason};
 
 use cache::{Counters, Slot};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use consent::{AdminError, CallbackOutcome};
+pub use consent::{AdminError, CallbackOutcome, ConnectionUser};
 use credential::{Credential, DEFAULT_CONNECTION, Kind, Unavailable};
-pub use spec::GrantKind;
 use spec::StoreSpec;
+pub use spec::{GrantKind, per_user_connection_id};
 pub use store::{ConnectionRecord, ConnectionState, Store, StoreError};
 
 /// How long start-up waits for the credentials the config uses (each fetch is also bounded by its
@@ -232,13 +232,23 @@ impl Registry {
         if let (Some(spec), None) = (&current.store, self.shared.store()) {
             let spec = spec.clone();
             let path = spec.path.clone();
-            let store = tokio::task::spawn_blocking(move || Store::open(&spec.path, &spec.key))
-                .await
-                .map_err(|e| StoreError::Io {
-                    path,
-                    detail: e.to_string(),
-                })??;
+            let uses = ConnectionUse::of(policy);
+            let store = tokio::task::spawn_blocking(move || {
+                Store::open_with(&spec.path, &spec.key, |ids| {
+                    refuse_ambiguous(&spec.path, &uses.ambiguous(ids))
+                })
+            })
+            .await
+            .map_err(|e| StoreError::Io {
+                path,
+                detail: e.to_string(),
+            })??;
             tracing::info!(store = %store.path().display(), connections = store_len(&store, &current), "store opened");
+            if store.has_legacy_connection_ids() {
+                // `open_with` found nothing ambiguous: every old record keeps its id as a fixed one.
+                store.mark_connection_ids_namespaced()?;
+                tracing::info!(store = %store.path().display(), connections = store.ids().len(), "store upgraded to namespaced connection ids (existing connections kept as fixed ones)");
+            }
             let _ = self.shared.store.set(Arc::new(store));
         }
         for cred in current.by_name.values() {
@@ -276,6 +286,165 @@ impl Registry {
         out.sort();
         out
     }
+}
+
+/// Which connections the config's APIs use, by credential: the ones used per user, and the fixed
+/// ids named.
+#[derive(Debug, Default)]
+struct ConnectionUse {
+    per_user: std::collections::BTreeSet<String>,
+    fixed: BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+impl ConnectionUse {
+    fn of(policy: &PolicySet) -> ConnectionUse {
+        let mut uses = ConnectionUse::default();
+        for bc in policy.backend_credentials() {
+            let name = bc.credential.name().to_string();
+            match &bc.connection {
+                ConnectionRef::PerUser(_) => {
+                    uses.per_user.insert(name);
+                }
+                ConnectionRef::Fixed { id, .. } => {
+                    uses.fixed.entry(name).or_default().insert(id.clone());
+                }
+                ConnectionRef::None => {}
+            }
+        }
+        uses
+    }
+
+    /// The connections of a store written before connection ids were namespaced that this config
+    /// would read differently now, by credential: any id that is not a fixed name, and, of a
+    /// credential some API uses per user, any id but `default` and the fixed ids the config
+    /// names (such an id was a user's bare `sub`, of no known issuer, or a shared connection).
+    ///
+    /// Every other old record keeps its id as a fixed connection, which is safe: fixed ids are
+    /// names, which per-user ids (`user:` + digest) cannot equal, so no caller reaches an old
+    /// record and no old record can pose as a user's.
+    fn ambiguous(&self, ids: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (credential, id) in ids {
+            let named = id == DEFAULT_CONNECTION
+                || self
+                    .fixed
+                    .get(credential)
+                    .is_some_and(|ids| ids.contains(id));
+            if !spec::valid_fixed_connection_id(id)
+                || (self.per_user.contains(credential) && !named)
+            {
+                out.entry(credential.clone()).or_default().push(id.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The start-up refusal of a legacy store with ambiguous connections (the first credential's).
+fn refuse_ambiguous(
+    path: &std::path::Path,
+    ambiguous: &BTreeMap<String, Vec<String>>,
+) -> Result<(), StoreError> {
+    let Some((credential, ids)) = ambiguous.iter().next() else {
+        return Ok(());
+    };
+    let mut sample: Vec<String> = ids.iter().take(5).map(|i| format!("`{i}`")).collect();
+    if ids.len() > 5 {
+        sample.push("...".into());
+    }
+    Err(StoreError::LegacyConnections {
+        path: path.into(),
+        credential: credential.clone(),
+        count: ids.len(),
+        sample: sample.join(", "),
+    })
+}
+
+/// What `portcullis upgrade-store` does with one credential's ambiguous legacy connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LegacyAction {
+    /// The operator states they are the users of the identity provider `issuer`: each id becomes
+    /// the subject of a per-user connection of that issuer.
+    Adopt {
+        /// The `iss` of those users' tokens.
+        issuer: String,
+    },
+    /// Delete them (their users consent again).
+    Drop,
+}
+
+/// `portcullis upgrade-store`: applies `action` to the ambiguous legacy connections of
+/// `credential` in the store the config names (the service must be stopped: the file is opened
+/// for writing), then marks the store upgraded if nothing ambiguous is left. Returns what it did.
+pub fn upgrade_legacy_store(
+    src: &Source,
+    policy: &PolicySet,
+    credential: &str,
+    action: &LegacyAction,
+) -> Result<String, String> {
+    let mut errs = ConfigErrors::default();
+    let spec = spec::compile_store(src, &mut errs)
+        .ok_or_else(|| "the config has no usable `store`".to_string())?;
+    if let LegacyAction::Adopt { issuer } = action
+        && issuer.is_empty()
+    {
+        return Err("`--issuer` must not be empty".into());
+    }
+    let store = Store::open(&spec.path, &spec.key).map_err(|e| e.to_string())?;
+    if !store.has_legacy_connection_ids() {
+        return Ok(format!(
+            "store {}: connection ids are already namespaced; nothing to do",
+            spec.path.display()
+        ));
+    }
+    let mut ambiguous = ConnectionUse::of(policy).ambiguous(&store.ids());
+    let ids = ambiguous.remove(credential).unwrap_or_default();
+    let mut done = Vec::new();
+    for id in &ids {
+        match action {
+            LegacyAction::Drop => {
+                store.delete(credential, id).map_err(|e| e.to_string())?;
+                done.push(format!("deleted `{id}`"));
+            }
+            LegacyAction::Adopt { issuer } => {
+                let Some(mut record) = store.get(credential, id) else {
+                    continue;
+                };
+                let to = spec::per_user_connection_id(issuer, id);
+                record.issuer = Some(issuer.clone());
+                record.subject = Some(id.clone());
+                store
+                    .rename(credential, id, &to, &record)
+                    .map_err(|e| e.to_string())?;
+                done.push(format!("`{id}` -> `{to}` (issuer {issuer}, subject {id})"));
+            }
+        }
+    }
+    let mut out = format!(
+        "store {}: credential `{credential}`: {} connection(s)",
+        spec.path.display(),
+        done.len()
+    );
+    for d in &done {
+        out.push_str("\n  ");
+        out.push_str(d);
+    }
+    if ambiguous.is_empty() {
+        store
+            .mark_connection_ids_namespaced()
+            .map_err(|e| e.to_string())?;
+        out.push_str("\nthe store is upgraded: `portcullis serve` will start on it");
+    } else {
+        let left: Vec<String> = ambiguous
+            .iter()
+            .map(|(c, ids)| format!("`{c}` ({})", ids.len()))
+            .collect();
+        out.push_str(&format!(
+            "\nstill ambiguous, run again for: {}",
+            left.join(", ")
+        ));
+    }
+    Ok(out)
 }
 
 fn store_len(store: &Store, set: &SetInner) -> usize {
@@ -376,21 +545,7 @@ impl BackendCredentialPolicy {
         let connection: Option<Cow<'_, str>> = match &self.connection {
             ConnectionRef::None => None,
             ConnectionRef::Fixed { id, .. } => Some(Cow::Borrowed(id)),
-            ConnectionRef::PerUser(t) => match t.render(ctx) {
-                Ok(id) if spec::valid_connection_id(&id) => Some(Cow::Owned(id)),
-                Ok(_) | Err(RenderError::ControlCharacter) => {
-                    return Err(self.fail(
-                        Reason::BackendCredentialConsentRequired,
-                        "the caller's connection id is not usable",
-                    ));
-                }
-                Err(RenderError::Missing) => {
-                    return Err(self.fail(
-                        Reason::BackendCredentialConsentRequired,
-                        "the caller's token has no claim naming a connection",
-                    ));
-                }
-            },
+            ConnectionRef::PerUser(t) => Some(Cow::Owned(self.per_user_id(t, ctx)?)),
         };
         if dry_run {
             // `check` shows that a credential would be injected, never a value, and fetches nothing.
@@ -438,6 +593,34 @@ impl BackendCredentialPolicy {
                 ))
             }
         }
+    }
+
+    /// The caller's own connection id: `user:` + digest of (token `iss`, rendered template), a
+    /// namespace no fixed id can spell (see [`spec::per_user_connection_id`]). Without an issuer
+    /// or a value there is no caller to key it by: 403 consent required, nothing fetched.
+    fn per_user_id(&self, t: &Template, ctx: &Context<'_>) -> Result<String, CredentialFailure> {
+        let subject = match t.render(ctx) {
+            Ok(s) if !s.is_empty() => s,
+            Ok(_) | Err(RenderError::Missing) => {
+                return Err(self.fail(
+                    Reason::BackendCredentialConsentRequired,
+                    "the caller's token has no claim naming a connection",
+                ));
+            }
+            Err(RenderError::ControlCharacter) => {
+                return Err(self.fail(
+                    Reason::BackendCredentialConsentRequired,
+                    "the caller's connection id is not usable (control characters)",
+                ));
+            }
+        };
+        let Some(issuer) = ctx.issuer() else {
+            return Err(self.fail(
+                Reason::BackendCredentialConsentRequired,
+                "the caller's token has no `iss`: a per-user connection is keyed by issuer and subject",
+            ));
+        };
+        Ok(spec::per_user_connection_id(issuer, &subject))
     }
 
     async fn connection_token(&self, id: &str) -> Result<Arc<cache::Token>, Unavailable> {
@@ -636,8 +819,8 @@ pub fn compile_backend_credential(
             ConnectionRef::None
         }
         (Some(c), _) => match Template::parse(c) {
-            Ok(t) if t.uses_claims() || t.uses_cert() || c.contains('{') => {
-                if t.uses_claims() && !api_has_jwt {
+            Ok(t) if t.uses_claims() => {
+                if !api_has_jwt {
                     errs.push(
                         format!("{path}.connection"),
                         "uses {jwt.*} but the API has no `jwt` section",
@@ -645,14 +828,23 @@ pub fn compile_backend_credential(
                 }
                 ConnectionRef::PerUser(t)
             }
-            Ok(_) if spec::valid_connection_id(c) => ConnectionRef::Fixed {
+            // A per-user connection is keyed by the validated token's issuer; without a claim
+            // there is no token to take it from.
+            Ok(_) if c.contains('{') => {
+                errs.push(
+                    format!("{path}.connection"),
+                    "a per-user connection is keyed by the caller's token (issuer and a claim): use a {jwt.*} claim, e.g. \"{jwt.sub}\"",
+                );
+                ConnectionRef::None
+            }
+            Ok(_) if spec::valid_fixed_connection_id(c) => ConnectionRef::Fixed {
                 id: c.clone(),
                 slot: credential.shared.slot(credential.name(), c),
             },
             Ok(_) => {
                 errs.push(
                     format!("{path}.connection"),
-                    "a connection id is 1 to 256 characters without control characters",
+                    format!("`{c}`: a fixed connection id is 1 to 128 letters, digits, `.`, `_` or `-` (per-user connections are written as a template, e.g. \"{{jwt.sub}}\")"),
                 );
                 ConnectionRef::None
             }

@@ -149,9 +149,48 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Checks a connection id (configured, rendered from a claim, or from the admin API).
+/// The start of every per-user connection id. Fixed ids are [`valid_name`]s, which never contain
+/// `:`, so no fixed id can spell a per-user one and no caller can name a fixed one.
+pub const PER_USER_PREFIX: &str = "user:";
+/// Domain separation of the per-user id digest (a new scheme gets a new tag).
+const PER_USER_TAG: &[u8] = b"portcullis per-user connection v1\0";
+/// Characters after [`PER_USER_PREFIX`]: SHA-256 in unpadded base64url.
+const PER_USER_DIGEST_LEN: usize = 43;
+
+/// Checks a fixed connection id (configured, or a shared one named in the admin API): the
+/// credential-name charset, 1 to 128 letters, digits, `.`, `_` or `-`.
+pub fn valid_fixed_connection_id(id: &str) -> bool {
+    valid_name(id)
+}
+
+/// Whether `id` has the form of a per-user connection id (`user:` and 43 base64url characters).
+pub fn is_per_user_connection_id(id: &str) -> bool {
+    id.strip_prefix(PER_USER_PREFIX).is_some_and(|d| {
+        d.len() == PER_USER_DIGEST_LEN
+            && d.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
+/// Checks a connection id named in the admin API: a fixed id or a per-user one.
 pub fn valid_connection_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control)
+    valid_fixed_connection_id(id) || is_per_user_connection_id(id)
+}
+
+/// The connection id of the user `subject` of the identity provider `issuer`: `user:` and the
+/// SHA-256 of both, each length-prefixed (so no two (issuer, subject) pairs share an input: the
+/// ids of two users differ unless SHA-256 collides), in unpadded base64url. Any subject works,
+/// whatever its characters or length; the id is always 48 URL-safe characters.
+pub fn per_user_connection_id(issuer: &str, subject: &str) -> String {
+    use base64::Engine;
+    let mut h = Sha256::new();
+    h.update(PER_USER_TAG);
+    for part in [issuer, subject] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize());
+    format!("{PER_USER_PREFIX}{digest}")
 }
 
 fn url(value: &Option<String>, path: &str, errs: &mut ConfigErrors) -> Option<String> {

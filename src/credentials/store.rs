@@ -26,6 +26,11 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
 const KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"portcullis store v1";
+/// Present (sealed) in stores whose connection ids are namespaced: fixed ids are names, per-user
+/// ids are `user:` + digest of issuer and subject. A store without it was written when a per-user
+/// id was the bare claim value, which could equal a fixed id.
+const CONNECTION_IDS: &str = "connection_ids";
+const CONNECTION_IDS_PLAINTEXT: &[u8] = b"namespaced: fixed names, user:sha256(iss, sub)";
 /// Format of a sealed value: version byte, 96-bit nonce, ciphertext with the GCM tag.
 const SEAL_VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -56,6 +61,21 @@ pub enum StoreError {
     Locked {
         /// The file.
         path: PathBuf,
+    },
+    /// The store predates namespaced connection ids and holds connections whose meaning the
+    /// current config makes ambiguous (see [`Store::has_legacy_connection_ids`]).
+    #[error(
+        "store {path}: credential `{credential}` has {count} connection(s) ({sample}) written before per-user connections were keyed by the token's issuer and subject; such an id may be a user's `sub` (of an unknown identity provider) or a shared connection, so portcullis will not guess (the file was left untouched). If they are users' connections of one identity provider, run `portcullis upgrade-store --config <file> --credential {credential} --issuer <that provider's issuer>` to give them to that provider's users; otherwise run `portcullis upgrade-store --config <file> --credential {credential} --drop` to delete them (their users consent again)"
+    )]
+    LegacyConnections {
+        /// The file.
+        path: PathBuf,
+        /// The credential.
+        credential: String,
+        /// How many of its connections are ambiguous.
+        count: usize,
+        /// Up to five of their ids.
+        sample: String,
     },
     /// The file cannot be read or written.
     #[error("store {path}: {detail}")]
@@ -104,6 +124,12 @@ pub struct ConnectionRecord {
     /// SHA-256 (hex) of the configured `refresh_token` this record was seeded from, so a new value
     /// in the config replaces a rotated one while an unchanged one does not.
     pub seeded_from: Option<String>,
+    /// Per-user connections: the `iss` of the user's identity provider (absent in fixed ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Per-user connections: the user's subject (the rendered `connection` template, e.g. `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds.
@@ -119,6 +145,8 @@ impl std::fmt::Debug for ConnectionRecord {
                 &self.refresh_token.as_ref().map(|_| "<redacted>"),
             )
             .field("error", &self.error)
+            .field("issuer", &self.issuer)
+            .field("subject", &self.subject)
             .field("updated_at", &self.updated_at)
             .finish_non_exhaustive()
     }
@@ -133,6 +161,8 @@ pub struct Store {
     cipher: Aes256Gcm,
     path: PathBuf,
     records: Mutex<BTreeMap<(String, String), ConnectionRecord>>,
+    /// The file has no `connection_ids` marker yet (written by an older version).
+    legacy_ids: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -161,6 +191,17 @@ pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
 impl Store {
     /// Opens the store at `path`, creating it (mode 0600) when the file does not exist.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<Store, StoreError> {
+        Store::open_with(path, key, |_| Ok(()))
+    }
+
+    /// [`Store::open`], but a file written before connection ids were namespaced is first shown
+    /// to `legacy` (every record's (credential, connection id)), which may refuse it; it runs
+    /// before the file is opened for writing, so a refused file is left byte for byte untouched.
+    pub fn open_with(
+        path: &Path,
+        key: &[u8; 32],
+        legacy: impl FnOnce(&[(String, String)]) -> Result<(), StoreError>,
+    ) -> Result<Store, StoreError> {
         let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| StoreError::Io {
             path: path.into(),
             detail: "invalid key length".into(),
@@ -189,23 +230,24 @@ impl Store {
             }
             Ok(_) => {}
         }
-        match open_read_only(path) {
-            Ok(ro) => {
-                verify(&ro, &cipher, path)?;
-                drop(ro);
-            }
+        let verified = match open_read_only(path) {
+            Ok(ro) => verify(&ro, &cipher, path)?,
             // After an unclean stop (kill -9) redb must repair the file before reading it, which
             // writes. Verify the key on a copy first so a wrong key still leaves the file untouched.
             Err(DatabaseError::RepairAborted) => verify_copy(path, &cipher)?,
             Err(e) => return Err(classify(e, path)),
+        };
+        if !verified.namespaced {
+            legacy(&verified.ids)?;
         }
         let db = guarded(|| Database::open(path)).map_err(|e| classify(e, path))?;
-        let records = load(&db, &cipher, path)?;
+        let (records, namespaced) = load(&db, &cipher, path)?;
         Ok(Store {
             db: Mutex::new(Some(db)),
             cipher,
             path: path.into(),
             records: Mutex::new(records),
+            legacy_ids: (!namespaced).into(),
         })
     }
 
@@ -235,10 +277,15 @@ impl Store {
             cipher,
             path: path.into(),
             records: Mutex::new(BTreeMap::new()),
+            legacy_ids: false.into(),
         };
         let sealed = store.seal(&aad("meta", KEY_CHECK), KEY_CHECK_PLAINTEXT)?;
+        let marker = store.seal(&aad("meta", CONNECTION_IDS), CONNECTION_IDS_PLAINTEXT)?;
         store.write(|txn| {
-            txn.open_table(META)?.insert(KEY_CHECK, sealed.as_slice())?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert(KEY_CHECK, sealed.as_slice())?;
+            meta.insert(CONNECTION_IDS, marker.as_slice())?;
+            drop(meta);
             txn.open_table(CONNECTIONS)?;
             Ok(())
         })?;
@@ -270,6 +317,74 @@ impl Store {
             .filter(|((c, _), _)| c == credential)
             .map(|((_, id), r)| (id.clone(), r.clone()))
             .collect()
+    }
+
+    /// Every record's identity: (credential, connection id).
+    pub fn ids(&self) -> Vec<(String, String)> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Whether the file predates namespaced connection ids: its per-user records (if any) are
+    /// keyed by the bare claim value, which may equal a fixed id and names no issuer. Start-up
+    /// ([`crate::credentials::Registry::start`]) upgrades it when that is unambiguous, or refuses.
+    pub fn has_legacy_connection_ids(&self) -> bool {
+        self.legacy_ids.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records that every connection id in the file is namespaced (after an upgrade).
+    pub fn mark_connection_ids_namespaced(&self) -> Result<(), StoreError> {
+        let marker = self.seal(&aad("meta", CONNECTION_IDS), CONNECTION_IDS_PLAINTEXT)?;
+        self.write(|txn| {
+            txn.open_table(META)?
+                .insert(CONNECTION_IDS, marker.as_slice())?;
+            Ok(())
+        })?;
+        self.legacy_ids
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes the connection-id marker: the file as an older version wrote it (tests only).
+    #[cfg(test)]
+    pub(crate) fn forget_connection_id_marker(&self) {
+        self.write(|txn| {
+            txn.open_table(META)?.remove(CONNECTION_IDS)?;
+            Ok(())
+        })
+        .expect("a test store is writable");
+    }
+
+    /// Moves a record to another connection id in one transaction (re-sealed under its new
+    /// identity), replacing `record` as given. Fails if `to` exists.
+    pub fn rename(
+        &self,
+        credential: &str,
+        from: &str,
+        to: &str,
+        record: &ConnectionRecord,
+    ) -> Result<(), StoreError> {
+        if self.contains(credential, to) {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                detail: format!("connection `{to}` of `{credential}` exists already"),
+            });
+        }
+        let (old_key, new_key) = (record_key(credential, from), record_key(credential, to));
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        let sealed = self.seal(&aad("connections", &new_key), &json)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(CONNECTIONS)?;
+            t.remove(old_key.as_str())?;
+            t.insert(new_key.as_str(), sealed.as_slice())?;
+            Ok(())
+        })?;
+        let mut records = self.lock();
+        records.remove(&(credential.to_string(), from.to_string()));
+        records.insert((credential.to_string(), to.to_string()), record.clone());
+        Ok(())
     }
 
     /// Number of connections of a credential.
@@ -441,8 +556,42 @@ fn classify(e: DatabaseError, path: &Path) -> StoreError {
     }
 }
 
+/// What [`verify`] found.
+struct Verified {
+    /// Every record's (credential, connection id).
+    ids: Vec<(String, String)>,
+    /// The file has the connection-id marker.
+    namespaced: bool,
+}
+
+/// Whether the meta table holds the connection-id marker; an altered one is corruption.
+fn read_marker(
+    meta: &redb::ReadOnlyTable<&str, &[u8]>,
+    cipher: &Aes256Gcm,
+    path: &Path,
+) -> Result<bool, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.into(),
+        detail,
+    };
+    let marker = meta
+        .get(CONNECTION_IDS)
+        .map_err(|e| corrupt(e.to_string()))?;
+    match marker {
+        None => Ok(false),
+        Some(m) => match open_sealed(cipher, &aad("meta", CONNECTION_IDS), m.value()) {
+            Some(p) if p == CONNECTION_IDS_PLAINTEXT => Ok(true),
+            _ => Err(corrupt("the connection-id marker is altered".into())),
+        },
+    }
+}
+
 /// Checks the key-check record and that every record opens, through any readable handle.
-fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result<(), StoreError> {
+fn verify(
+    db: &impl ReadableDatabase,
+    cipher: &Aes256Gcm,
+    path: &Path,
+) -> Result<Verified, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.into(),
         detail,
@@ -460,6 +609,9 @@ fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result
         Some(_) => return Err(corrupt("the key-check record is altered".into())),
         None => return Err(StoreError::WrongKey { path: path.into() }),
     }
+    drop(check);
+    let namespaced = read_marker(&meta, cipher, path)?;
+    let mut ids = Vec::new();
     let table = txn
         .open_table(CONNECTIONS)
         .map_err(|e| corrupt(e.to_string()))?;
@@ -474,11 +626,14 @@ fn verify(db: &impl ReadableDatabase, cipher: &Aes256Gcm, path: &Path) -> Result
         })?;
         serde_json::from_slice::<ConnectionRecord>(&plain)
             .map_err(|e| corrupt(format!("record {:?}: {e}", key.replace('\0', "/"))))?;
+        if let Some((c, k)) = key.split_once('\0') {
+            ids.push((c.to_string(), k.to_string()));
+        }
     }
-    Ok(())
+    Ok(Verified { ids, namespaced })
 }
 
-fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<(), StoreError> {
+fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<Verified, StoreError> {
     let io = |e: std::io::Error| StoreError::Io {
         path: path.into(),
         detail: e.to_string(),
@@ -495,16 +650,21 @@ fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<(), StoreError> {
     result
 }
 
-fn load(
-    db: &Database,
-    cipher: &Aes256Gcm,
-    path: &Path,
-) -> Result<BTreeMap<(String, String), ConnectionRecord>, StoreError> {
+/// The records, and whether the file's connection ids are namespaced.
+type Loaded = (BTreeMap<(String, String), ConnectionRecord>, bool);
+
+fn load(db: &Database, cipher: &Aes256Gcm, path: &Path) -> Result<Loaded, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.into(),
         detail,
     };
     let txn = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
+    let namespaced = {
+        let meta = txn
+            .open_table(META)
+            .map_err(|e| corrupt(format!("no key-check record ({e})")))?;
+        read_marker(&meta, cipher, path)?
+    };
     let table = txn
         .open_table(CONNECTIONS)
         .map_err(|e| corrupt(e.to_string()))?;
@@ -521,7 +681,7 @@ fn load(
             .ok_or_else(|| corrupt("a record key is malformed".into()))?;
         out.insert((cred.to_string(), conn.to_string()), record);
     }
-    Ok(out)
+    Ok((out, namespaced))
 }
 
 #[cfg(test)]
@@ -535,6 +695,8 @@ mod tests {
             refresh_token_expires_at: None,
             error: None,
             seeded_from: None,
+            issuer: None,
+            subject: None,
             created_at: 1,
             updated_at: 2,
         }
@@ -666,6 +828,66 @@ mod tests {
             open_sealed(&s.cipher, b"y", &a).is_none(),
             "associated data is bound"
         );
+    }
+
+    #[test]
+    fn a_store_without_the_connection_id_marker_is_legacy_until_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let key = [4u8; 32];
+        {
+            let s = Store::open(&path, &key).unwrap();
+            assert!(!s.has_legacy_connection_ids(), "a new store is namespaced");
+            s.put("crm", "alice", &record("rt-a")).unwrap();
+            s.forget_connection_id_marker();
+        }
+        {
+            let s = Store::open(&path, &key).unwrap();
+            assert!(s.has_legacy_connection_ids());
+            // Moving a record re-seals it under its new identity: it opens after a reopen.
+            let mut r = s.get("crm", "alice").unwrap();
+            r.issuer = Some("https://idp".into());
+            r.subject = Some("alice".into());
+            s.rename("crm", "alice", "user:x", &r).unwrap();
+            assert!(
+                s.rename("crm", "user:x", "user:x", &r).is_err(),
+                "never over an existing one"
+            );
+            s.mark_connection_ids_namespaced().unwrap();
+            assert!(!s.has_legacy_connection_ids());
+        }
+        let s = Store::open(&path, &key).unwrap();
+        assert!(!s.has_legacy_connection_ids(), "the mark is durable");
+        assert!(s.get("crm", "alice").is_none());
+        let moved = s.get("crm", "user:x").unwrap();
+        assert_eq!(
+            (
+                moved.refresh_token.as_deref(),
+                moved.issuer.as_deref(),
+                moved.subject.as_deref()
+            ),
+            (Some("rt-a"), Some("https://idp"), Some("alice"))
+        );
+        // An altered marker is not taken for either answer.
+        s.write(|txn| {
+            txn.open_table(META)?.insert(
+                CONNECTION_IDS,
+                b"\x01garbage-garbage-garbage-garbage".as_slice(),
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        drop(s);
+        let err = Store::open(&path, &key).unwrap_err();
+        assert!(err.to_string().contains("connection-id marker"), "{err}");
+    }
+
+    #[test]
+    fn records_without_issuer_and_subject_still_read() {
+        // The JSON an older version sealed: no `issuer` or `subject`.
+        let old = br#"{"state":"connected","refresh_token":"rt","refresh_token_expires_at":null,"error":null,"seeded_from":null,"created_at":1,"updated_at":2}"#;
+        let r: ConnectionRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!((r.issuer, r.subject), (None, None));
     }
 
     #[test]

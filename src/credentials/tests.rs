@@ -57,6 +57,9 @@ impl Fake {
     }
 }
 
+/// The issuer of the callers' tokens in these tests.
+const ISS: &str = "https://idp.test/corp";
+
 fn t0() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
 }
@@ -268,6 +271,8 @@ fn connected(rt: &str) -> ConnectionRecord {
         refresh_token_expires_at: None,
         error: None,
         seeded_from: None,
+        issuer: None,
+        subject: None,
         created_at: 1,
         updated_at: 1,
     }
@@ -306,10 +311,13 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
         fake.url
     ));
     let store = s.registry.shared.store().unwrap().clone();
-    store.put("crm", "alice", &connected("rt-alice-0")).unwrap();
+    let alice_id = per_user_connection_id(ISS, "alice");
+    store
+        .put("crm", &alice_id, &connected("rt-alice-0"))
+        .unwrap();
     let p = policy(&s, bc("crm", Some("{jwt.sub}")));
-    let alice = claims(json!({"sub": "alice"}));
-    let bob = claims(json!({"sub": "bob"}));
+    let alice = claims(json!({"iss": ISS, "sub": "alice"}));
+    let bob = claims(json!({"iss": ISS, "sub": "bob"}));
 
     let h = p.header_for(&ctx(&alice, "a"), false).await.unwrap();
     assert_eq!(h.value, "Bearer at-1");
@@ -325,7 +333,11 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
     );
     // The rotated refresh token is in the store, durably: a fresh open of the file sees it.
     assert_eq!(
-        store.get("crm", "alice").unwrap().refresh_token.as_deref(),
+        store
+            .get("crm", &alice_id)
+            .unwrap()
+            .refresh_token
+            .as_deref(),
         Some("rt-alice-1")
     );
 
@@ -351,19 +363,25 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
     assert!(vs.iter().all(|v| v == "Bearer at-2"), "{vs:?}");
     assert_eq!(fake.forms().len(), 2);
     assert_eq!(
-        store.get("crm", "alice").unwrap().refresh_token.as_deref(),
+        store
+            .get("crm", &alice_id)
+            .unwrap()
+            .refresh_token
+            .as_deref(),
         Some("rt-alice-2")
     );
 
     // The provider revokes the grant: the connection needs consent again (403 for its user).
-    store.put("crm", "alice", &connected("rt-revoked")).unwrap();
+    store
+        .put("crm", &alice_id, &connected("rt-revoked"))
+        .unwrap();
     s.clock.advance(Duration::from_secs(601));
     let e = p.header_for(&ctx(&alice, "a"), false).await.unwrap_err();
     assert_eq!(e.denial.reason, Reason::BackendCredentialConsentRequired);
-    let rec = store.get("crm", "alice").unwrap();
+    let rec = store.get("crm", &alice_id).unwrap();
     assert_eq!(rec.state, ConnectionState::NeedsConsent);
     assert!(rec.error.unwrap().contains("invalid_grant"));
-    let listed = s.registry.admin_connections("crm").unwrap();
+    let listed = s.registry.admin_connections("crm", None).unwrap();
     assert_eq!(listed["connections"][0]["state"], "needs_consent");
     assert!(
         !listed.to_string().contains("rt-"),
@@ -391,7 +409,10 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
         e.detail
     );
 
-    let started = s.registry.start_consent("crm", "shared", None).unwrap();
+    let started = s
+        .registry
+        .start_consent("crm", "shared", None, None)
+        .unwrap();
     let login = url::Url::parse(started["login_url"].as_str().unwrap()).unwrap();
     let q: HashMap<String, String> = login.query_pairs().into_owned().collect();
     assert_eq!(login.path(), "/auth");
@@ -467,7 +488,10 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     assert!(again.to_string().contains("unknown or expired"));
 
     // A login URL expires after 10 minutes.
-    let late = s.registry.start_consent("crm", "other", None).unwrap();
+    let late = s
+        .registry
+        .start_consent("crm", "other", None, None)
+        .unwrap();
     let state: String = url::Url::parse(late["login_url"].as_str().unwrap())
         .unwrap()
         .query_pairs()
@@ -494,7 +518,7 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     let e = p.header_for(&Context::default(), false).await.unwrap_err();
     assert!(e.detail.contains("needs consent"), "deleted: {}", e.detail);
     assert!(matches!(
-        s.registry.start_consent("nope", "x", None),
+        s.registry.start_consent("nope", "x", None, None),
         Err(AdminError::NotFound(_))
     ));
 }
@@ -573,4 +597,329 @@ fn secrets_stay_out_of_debug_output() {
     );
     let dbg = format!("{:?} {:?}", s.set, s.registry);
     assert!(!dbg.contains("very-secret"), "{dbg}");
+}
+
+#[test]
+fn per_user_ids_are_namespaced_apart_from_fixed_ids() {
+    let id = per_user_connection_id(ISS, "alice");
+    assert!(id.starts_with("user:") && id.len() == 48, "{id}");
+    assert_eq!(id, per_user_connection_id(ISS, "alice"), "deterministic");
+    assert!(spec::is_per_user_connection_id(&id) && spec::valid_connection_id(&id));
+    assert!(!spec::valid_fixed_connection_id(&id));
+    // Length prefixes: moving characters between issuer and subject changes the id.
+    assert_ne!(
+        per_user_connection_id("https://a", "bc"),
+        per_user_connection_id("https://ab", "c")
+    );
+    assert_ne!(
+        per_user_connection_id(ISS, "alice"),
+        per_user_connection_id("https://idp.test/partner", "alice")
+    );
+    // Every subject maps into the URL-safe namespace, however it is spelt.
+    for sub in [
+        "default",
+        "a:b",
+        "a/b",
+        "%2F",
+        "ünï©ødé",
+        &"x".repeat(10_000),
+        "",
+    ] {
+        let id = per_user_connection_id(ISS, sub);
+        assert!(spec::is_per_user_connection_id(&id), "{sub:?} -> {id}");
+        assert!(!spec::valid_fixed_connection_id(&id));
+    }
+    for fixed in ["default", "shared", "user", "user.x", "a-b_c.d"] {
+        assert!(spec::valid_fixed_connection_id(fixed) && !spec::is_per_user_connection_id(fixed));
+    }
+    for bad in [
+        "",
+        "user:short",
+        "a b",
+        "a/b",
+        "a:b",
+        &"x".repeat(129),
+        "user:ü",
+    ] {
+        assert!(!spec::valid_connection_id(bad), "{bad:?}");
+    }
+}
+
+proptest::proptest! {
+    /// No string is both a fixed id and a per-user id: a caller can never be routed to a fixed
+    /// connection, nor an operator's fixed id to a user's.
+    #[test]
+    fn no_id_is_both_fixed_and_per_user(s in "(user:)?[A-Za-z0-9._:/%-]{0,50}") {
+        proptest::prop_assert!(!(spec::valid_fixed_connection_id(&s) && spec::is_per_user_connection_id(&s)));
+    }
+
+    #[test]
+    fn distinct_users_get_distinct_ids(a in ".{0,20}", b in ".{0,20}", c in ".{0,20}", d in ".{0,20}") {
+        proptest::prop_assume!((&a, &b) != (&c, &d));
+        proptest::prop_assert_ne!(per_user_connection_id(&a, &b), per_user_connection_id(&c, &d));
+    }
+}
+
+fn refresh_answer() -> Answer {
+    // The access token names the refresh token it came from.
+    Arc::new(|form, _n| {
+        match form.get("grant_type").map(String::as_str) {
+        Some("refresh_token") => (
+            200,
+            json!({"access_token": format!("at({})", form["refresh_token"]), "token_type": "Bearer", "expires_in": 600}).to_string(),
+        ),
+        Some("authorization_code") => (
+            200,
+            json!({"access_token": format!("at(rt-{})", form["code"]), "refresh_token": format!("rt-{}", form["code"]), "token_type": "Bearer", "expires_in": 600}).to_string(),
+        ),
+        _ => (400, r#"{"error":"invalid_grant"}"#.into()),
+    }
+    })
+}
+
+#[tokio::test]
+async fn a_caller_never_reaches_a_fixed_connection_or_another_issuers_user() {
+    let fake = Fake::start(refresh_answer()).await;
+    let s = setup(&format!(
+        "  - {{ name: crm, grant: refresh_token, token_url: \"{}\", client_id: app, client_secret: sec }}\n",
+        fake.url
+    ));
+    let store = s.registry.shared.store().unwrap().clone();
+    store
+        .put("crm", "default", &connected("rt-operator"))
+        .unwrap();
+    store.put("crm", "shared", &connected("rt-shared")).unwrap();
+    store
+        .put(
+            "crm",
+            &per_user_connection_id(ISS, "alice"),
+            &connected("rt-corp-alice"),
+        )
+        .unwrap();
+    let p = policy(&s, bc("crm", Some("{jwt.sub}")));
+    let call = |c: serde_json::Value| {
+        let p = &p;
+        async move {
+            let c = claims(c);
+            p.header_for(&ctx(&c, "t"), false)
+                .await
+                .map(|h| h.value)
+                .map_err(|e| (e.denial.reason, e.detail))
+        }
+    };
+    assert_eq!(
+        call(json!({"iss": ISS, "sub": "alice"})).await.unwrap(),
+        "Bearer at(rt-corp-alice)"
+    );
+    for c in [
+        json!({"iss": ISS, "sub": "default"}),
+        json!({"iss": ISS, "sub": "shared"}),
+        json!({"iss": "https://idp.test/partner", "sub": "alice"}),
+    ] {
+        let (reason, detail) = call(c.clone()).await.unwrap_err();
+        assert_eq!(reason, Reason::BackendCredentialConsentRequired, "{c}");
+        assert!(detail.contains("connection `user:"), "{c}: {detail}");
+    }
+    let (reason, detail) = call(json!({"sub": "alice"})).await.unwrap_err();
+    assert_eq!(reason, Reason::BackendCredentialConsentRequired);
+    assert!(detail.contains("no `iss`"), "{detail}");
+    let (reason, detail) = call(json!({"iss": ISS})).await.unwrap_err();
+    assert_eq!(reason, Reason::BackendCredentialConsentRequired);
+    assert!(detail.contains("no claim naming a connection"), "{detail}");
+    let (_, detail) = call(json!({"iss": ISS, "sub": ""})).await.unwrap_err();
+    assert!(detail.contains("no claim naming a connection"), "{detail}");
+    // Only alice's refresh token was ever sent.
+    let sent: Vec<_> = fake
+        .forms()
+        .iter()
+        .map(|f| f["refresh_token"].clone())
+        .collect();
+    assert_eq!(sent, ["rt-corp-alice"]);
+}
+
+#[tokio::test]
+async fn consent_for_a_user_records_whose_connection_it_is() {
+    let fake = Fake::start(refresh_answer()).await;
+    let s = setup(&format!(
+        "  - {{ name: crm, grant: refresh_token, token_url: \"{}\", authorize_url: \"http://127.0.0.1:1/auth\", redirect_uri: \"http://127.0.0.1:2/admin/callback\", client_id: app, client_secret: sec }}\n",
+        fake.url
+    ));
+    let user = |i: &str, sub: &str| ConnectionUser {
+        issuer: i.into(),
+        subject: sub.into(),
+    };
+    let bob = user(ISS, "bob:ünï/%");
+    let id = bob.connection_id();
+
+    // The operator looks the user's id up before it exists.
+    let looked = s.registry.admin_connections("crm", Some(&bob)).unwrap();
+    assert_eq!(looked["id"], json!(id));
+    assert_eq!(looked["connections"], json!([]));
+
+    // A per-user id needs its user, the right one; a fixed id takes none; old-style ids are refused.
+    let bad = |r: Result<serde_json::Value, AdminError>| match r {
+        Err(AdminError::BadRequest(m)) => m,
+        other => panic!("expected 400, got {other:?}"),
+    };
+    assert!(bad(s.registry.start_consent("crm", &id, None, None)).contains("names its user"));
+    assert!(
+        bad(s
+            .registry
+            .start_consent("crm", &id, None, Some(user("https://other", "bob:ünï/%"))))
+        .contains("is not the connection")
+    );
+    assert!(
+        bad(s
+            .registry
+            .start_consent("crm", "shared", None, Some(bob.clone())))
+        .contains("fixed")
+    );
+    assert!(bad(s.registry.start_consent("crm", "bob:ünï", None, None)).contains("connection id"));
+
+    let started = s
+        .registry
+        .start_consent("crm", &id, None, Some(bob.clone()))
+        .unwrap();
+    let state: String = url::Url::parse(started["login_url"].as_str().unwrap())
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let done = s
+        .registry
+        .complete_consent(Some(&state), Some("bob"), None)
+        .await
+        .unwrap();
+    assert_eq!(done.connection, id);
+    let listed = s.registry.admin_connections("crm", None).unwrap();
+    let entry = &listed["connections"][0];
+    assert_eq!(
+        (
+            &entry["id"],
+            &entry["kind"],
+            &entry["issuer"],
+            &entry["subject"],
+            &entry["state"]
+        ),
+        (
+            &json!(id),
+            &json!("per_user"),
+            &json!(ISS),
+            &json!("bob:ünï/%"),
+            &json!("connected")
+        )
+    );
+    // The caller whose token is that issuer and subject gets it.
+    let p = policy(&s, bc("crm", Some("{jwt.sub}")));
+    let c = claims(json!({"iss": ISS, "sub": "bob:ünï/%"}));
+    assert_eq!(
+        p.header_for(&ctx(&c, "t"), false).await.unwrap().value,
+        "Bearer at(rt-bob)"
+    );
+    // Deleted by the same id.
+    s.registry.delete_connection("crm", &id).await.unwrap();
+    assert!(matches!(
+        s.registry.delete_connection("crm", "a b").await,
+        Err(AdminError::BadRequest(_))
+    ));
+}
+
+#[test]
+fn connection_settings_that_cannot_be_keyed_safely_are_config_errors() {
+    let s = setup(
+        "  - { name: crm, grant: refresh_token, token_url: \"http://127.0.0.1:1/t\", client_id: app, client_secret: sec }\n",
+    );
+    for (connection, needle) in [
+        ("{subscription.id}", "use a {jwt.*} claim"),
+        ("{cert.thumbprint}", "use a {jwt.*} claim"),
+        ("my connection", "a fixed connection id is 1 to 128"),
+        ("user:abc", "a fixed connection id is 1 to 128"),
+        ("a/b", "a fixed connection id is 1 to 128"),
+    ] {
+        let mut errs = ConfigErrors::default();
+        let p = compile_backend_credential(
+            &bc("crm", Some(connection)),
+            "apis[0].on_allow.backend_credential",
+            true,
+            &s.set,
+            &mut errs,
+        );
+        assert!(p.is_none(), "{connection}");
+        let text = errs.to_string();
+        assert!(
+            text.contains("apis[0].on_allow.backend_credential.connection")
+                && text.contains(needle),
+            "{connection}: {text}"
+        );
+    }
+}
+
+/// Starts a registry on a legacy store holding `ids` of `crm`, with an API using `connection`.
+async fn start_on_legacy(
+    ids: &[&str],
+    connection: &str,
+) -> (
+    crate::policy::Runtime,
+    Result<(), StoreError>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    {
+        let s = Store::open(
+            &dir.path().join("store.db"),
+            &store::decode_key(key).unwrap(),
+        )
+        .unwrap();
+        for id in ids {
+            s.put("crm", id, &connected("rt")).unwrap();
+        }
+        s.forget_connection_id_marker();
+    }
+    let text = format!(
+        "store: {{ path: store.db, key: \"${{env:K}}\" }}\nidentity_providers: [{{ name: corp, issuer: \"{ISS}\", jwks_uri: \"http://127.0.0.1:1/jwks\" }}]\ncredentials:\n  - {{ name: crm, grant: refresh_token, token_url: \"http://127.0.0.1:1/t\", client_id: a, client_secret: b }}\napis:\n  - {{ name: a, jwt: {{ providers: [corp] }}, on_allow: {{ backend_credential: {{ name: crm, connection: \"{connection}\" }} }} }}\n"
+    );
+    let src = config::parse_with_env(&text, dir.path(), &|n| (n == "K").then(|| key.to_string()))
+        .unwrap();
+    let runtime = crate::policy::Runtime::offline();
+    let (policy, _) = crate::policy::compile(&src, &runtime).unwrap();
+    let started = runtime.credentials.start(&policy).await;
+    (runtime, started, dir)
+}
+
+#[tokio::test]
+async fn a_legacy_store_is_upgraded_only_when_unambiguous() {
+    // Only `default` and the fixed ids the config names: upgraded in place.
+    let (runtime, started, _d) = start_on_legacy(&["default", "shared"], "shared").await;
+    started.unwrap();
+    let store = runtime.credentials.shared.store().unwrap();
+    assert!(!store.has_legacy_connection_ids(), "marked upgraded");
+    assert_eq!(store.ids().len(), 2, "every record kept");
+
+    // Used per user, `alice` may be a user's bare `sub` (of no known issuer): refused, named.
+    let (runtime, started, _d) = start_on_legacy(&["default", "alice"], "{jwt.sub}").await;
+    let err = started.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::LegacyConnections { credential, count: 1, .. } if credential == "crm"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("(`alice`)"), "{err}");
+    assert!(runtime.credentials.shared.store().is_none(), "not opened");
+
+    // An id no fixed connection can have is refused whatever the config (it could pose as a
+    // per-user id, or be unreachable garbage).
+    let (_, started, _d) = start_on_legacy(
+        &["user:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"],
+        "shared",
+    )
+    .await;
+    assert!(matches!(started, Err(StoreError::LegacyConnections { .. })));
+    let (_, started, _d) = start_on_legacy(&["a b", "c", "d", "e", "f", "g"], "{jwt.sub}").await;
+    let err = started.unwrap_err().to_string();
+    assert!(
+        err.contains("6 connection(s)") && err.contains("..."),
+        "{err}"
+    );
 }

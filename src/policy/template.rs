@@ -52,6 +52,17 @@ pub struct Context<'a> {
     pub raw_token: Option<&'a str>,
 }
 
+impl Context<'_> {
+    /// The validated token's `iss` (the identity provider that vouched for the caller), when it is
+    /// a non-empty string. Per-user backend connections are keyed by it.
+    pub fn issuer(&self) -> Option<&str> {
+        self.claims?
+            .get("iss")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+}
+
 /// Why a template produced no value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RenderError {

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::State;
-use crate::credentials::AdminError;
+use crate::credentials::{AdminError, ConnectionUser};
 
 /// The routes, to be nested under `/admin`.
 pub fn router() -> Router<Arc<State>> {
@@ -91,15 +91,51 @@ async fn list_credentials(AxState(state): AxState<Arc<State>>, headers: HeaderMa
     )
 }
 
+/// `issuer` and `subject` together name a user (both or neither).
+fn user(
+    issuer: Option<String>,
+    subject: Option<String>,
+) -> Result<Option<ConnectionUser>, AdminError> {
+    match (issuer, subject) {
+        (None, None) => Ok(None),
+        (Some(issuer), Some(subject)) if !issuer.is_empty() && !subject.is_empty() => {
+            Ok(Some(ConnectionUser { issuer, subject }))
+        }
+        _ => Err(AdminError::BadRequest(
+            "a user is named by a non-empty `issuer` and `subject`, both".into(),
+        )),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UserQuery {
+    issuer: Option<String>,
+    subject: Option<String>,
+}
+
 async fn list_connections(
     AxState(state): AxState<Arc<State>>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    query: Result<Query<UserQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if let Some(r) = refuse(&state, &headers) {
         return r;
     }
-    match state.runtime.credentials.admin_connections(&name) {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(&AdminError::BadRequest(e.body_text())),
+    };
+    let who = match user(q.issuer, q.subject) {
+        Ok(u) => u,
+        Err(e) => return error(&e),
+    };
+    match state
+        .runtime
+        .credentials
+        .admin_connections(&name, who.as_ref())
+    {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(&e),
     }
@@ -110,6 +146,10 @@ async fn list_connections(
 struct ConsentBody {
     /// Where the callback sends the browser once connected (APIM's post-redirect URL).
     redirect_after: Option<String>,
+    /// A per-user connection's user: the `iss` of their tokens...
+    issuer: Option<String>,
+    /// ...and their subject (what the API's `connection` template renders, e.g. `sub`).
+    subject: Option<String>,
 }
 
 async fn start_consent(
@@ -133,10 +173,14 @@ async fn start_consent(
             }
         }
     };
+    let who = match user(body.issuer, body.subject) {
+        Ok(u) => u,
+        Err(e) => return error(&e),
+    };
     match state
         .runtime
         .credentials
-        .start_consent(&name, &id, body.redirect_after)
+        .start_consent(&name, &id, body.redirect_after, who)
     {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(&e),

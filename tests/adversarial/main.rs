@@ -7,6 +7,7 @@
 mod common;
 mod support;
 
+mod connections;
 mod forward_auth;
 mod listeners;
 mod request_line;

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -208,7 +209,11 @@ credentials:""", 1) + """  - name: me
         # Nobody has a connection yet: consent required (403), not an outage.
         assert denied(p.check("/me", {"authorization": f"Bearer {alice['access_token']}"})) == (7, 403, "BackendCredentialConsentRequired")
 
-        status, started = admin(http_port, "POST", "/admin/credentials/crm/connections/alice/consent")
+        # A per-user connection's id is namespaced by issuer and subject; the operator looks it up.
+        user = {"issuer": idp.issuer, "subject": "alice"}
+        status, looked = admin(http_port, "GET", "/admin/credentials/crm/connections?" + urllib.parse.urlencode(user))
+        assert status == 200 and looked["id"].startswith("user:"), looked
+        status, started = admin(http_port, "POST", f"/admin/credentials/crm/connections/{looked['id']}/consent", user)
         assert status == 200, started
         with urllib.request.urlopen(drive_consent(idp, started["login_url"], callback, login="alice"), timeout=15) as r:
             assert r.status == 200

@@ -12,36 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::decide_bearer as decide;
+use common::injected;
 use faults_common::{Mode, Upstream, eventually};
 use portcullis::config;
 use portcullis::credentials::{Clock, ManualClock, Registry};
-use portcullis::policy::{self, Decision, Outcome, PolicySet, Runtime};
+use portcullis::policy::{self, PolicySet, Runtime};
 
 fn compile(text: &str, runtime: &Runtime) -> PolicySet {
     let src = config::parse(text, std::path::Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
     policy::compile(&src, runtime)
         .unwrap_or_else(|e| panic!("{e}"))
         .0
-}
-
-/// The injected `authorization` upstream, or "status reason".
-fn injected(d: &Decision) -> Result<String, String> {
-    match &d.outcome {
-        Outcome::Allow => Ok(d
-            .upstream_headers
-            .iter()
-            .find(|h| h.name == "authorization")
-            .expect("an injected authorization header")
-            .value
-            .clone()),
-        Outcome::Deny(den) => {
-            assert!(
-                d.upstream_headers.is_empty(),
-                "a deny sends nothing upstream"
-            );
-            Err(format!("{} {}", den.status, den.reason.as_str()))
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

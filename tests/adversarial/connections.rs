@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use portcullis::config;
 use portcullis::credentials::{ConnectionRecord, ConnectionUser, Registry, Store};
-use portcullis::policy::{self, Outcome, PolicySet, Runtime};
+use portcullis::policy::{self, PolicySet, Runtime};
 
 const CORP: &str = "https://idp.test/corp";
 const PARTNER: &str = "https://idp.test/partner";
@@ -207,23 +207,9 @@ apis:
 
 /// The injected `authorization` upstream, or "status reason".
 async fn decide(policy: &PolicySet, token: &str) -> Result<String, String> {
-    let d = crate::common::decide_bearer(policy, token, std::time::SystemTime::now()).await;
-    match &d.outcome {
-        Outcome::Allow => Ok(d
-            .upstream_headers
-            .iter()
-            .find(|h| h.name == "authorization")
-            .expect("an injected authorization header")
-            .value
-            .clone()),
-        Outcome::Deny(den) => {
-            assert!(
-                d.upstream_headers.is_empty(),
-                "a deny sends nothing upstream"
-            );
-            Err(format!("{} {}", den.status, den.reason.as_str()))
-        }
-    }
+    crate::common::injected(
+        &crate::common::decide_bearer(policy, token, std::time::SystemTime::now()).await,
+    )
 }
 
 const AUD: &str = "api://crm";

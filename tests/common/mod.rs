@@ -203,3 +203,23 @@ pub async fn decide_bearer(
         )
         .await
 }
+
+/// The injected `authorization` upstream, or "status reason".
+pub fn injected(d: &portcullis::policy::Decision) -> Result<String, String> {
+    match &d.outcome {
+        portcullis::policy::Outcome::Allow => Ok(d
+            .upstream_headers
+            .iter()
+            .find(|h| h.name == "authorization")
+            .expect("an injected authorization header")
+            .value
+            .clone()),
+        portcullis::policy::Outcome::Deny(den) => {
+            assert!(
+                d.upstream_headers.is_empty(),
+                "a deny sends nothing upstream"
+            );
+            Err(format!("{} {}", den.status, den.reason.as_str()))
+        }
+    }
+}

@@ -2,7 +2,10 @@
 //! errors, every one reported with its path.
 //!
 //! Loading stops at the shape of the file; [`crate::policy::compile`] checks the meaning of every value.
+//! Before either loader runs, the text is checked against the limits in [`limits`] (size, nesting,
+//! values and text with aliases expanded), so a hostile file is refused in one cheap pass.
 
+pub mod limits;
 mod types;
 
 use std::collections::HashSet;
@@ -13,6 +16,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 
+pub use limits::LimitExceeded;
 pub use types::*;
 
 /// One thing wrong with a configuration, located by its path in the file (`apis[2].jwt.audiences`).
@@ -112,16 +116,28 @@ impl Source {
 
 /// Reads and loads the file at `path`.
 pub fn load(path: &Path) -> Result<Source, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let mut errs = ConfigErrors::default();
-        errs.push(
-            "",
-            format!("cannot read config file {}: {e}", path.display()),
-        );
-        errs
-    })?;
+    let text = read(path)?;
+    load_text(path, &text)
+}
+
+/// Reads the config file at `path`, refusing one over [`limits::MAX_FILE_BYTES`] before reading
+/// it (and stopping the read there, for a file that grows or a device).
+pub fn read(path: &Path) -> Result<String, ConfigErrors> {
+    let message = match limits::read_at_most(path, limits::MAX_FILE_BYTES) {
+        Ok(Some(text)) => return Ok(text),
+        Ok(None) => format!("config file {}: {}", path.display(), LimitExceeded::FileSize),
+        Err(e) => format!("cannot read config file {}: {e}", path.display()),
+    };
+    let mut errs = ConfigErrors::default();
+    errs.push("", message);
+    Err(errs)
+}
+
+/// Loads a configuration already [`read`] from `path` (relative references resolve against its
+/// directory).
+pub fn load_text(path: &Path, text: &str) -> Result<Source, ConfigErrors> {
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &base_dir)
+    parse(text, &base_dir)
 }
 
 /// Loads a configuration from text; relative file references resolve against `base_dir`.
@@ -135,6 +151,17 @@ pub fn parse_with_env(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Source, ConfigErrors> {
+    // One pass over the parser's events, before anything is built: both loaders below are slow
+    // or explosive on hostile shapes (libyaml is quadratic in flow nesting; serde_yaml and the
+    // streaming loader both expand aliases), and the message here names the limit and the line.
+    if let Err(refusal) = limits::scan(text) {
+        let mut errs = ConfigErrors::default();
+        match refusal {
+            limits::Refusal::Limit(limit) => errs.push("", limit.to_string()),
+            limits::Refusal::Syntax(e) => errs.push("", format!("not valid YAML: {e}")),
+        }
+        return Err(errs);
+    }
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
     // Fast path: a file without substitutions that is valid as it stands is deserialized straight
     // from the text, without a value tree (which costs about 1 KiB per subscription key and most of
@@ -170,13 +197,17 @@ fn parse_tree(
         }
     };
     let mut substituted = HashSet::new();
+    let mut substituted_bytes = 0u64;
     substitute(
         &mut value,
         String::new(),
-        base_dir,
-        env,
-        &mut substituted,
-        &mut errs,
+        &mut Substitution {
+            base_dir,
+            env,
+            done: &mut substituted,
+            bytes: &mut substituted_bytes,
+            errs: &mut errs,
+        },
     );
 
     // serde stops at the first error. To report every structural error at once, record it, remove
@@ -218,10 +249,14 @@ fn parse_tree(
 /// keys refused.
 fn parse_streaming(text: &str) -> Option<ConfigFile> {
     let mut budget = serde_saphyr::Budget::default();
-    // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys;
-    // this file is the operator's own, and the alias limits stay at their defaults.
-    budget.max_events = 100_000_000;
-    budget.max_nodes = 50_000_000;
+    // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys.
+    // `limits::scan` has already held the file to the config limits; these repeat them (an event
+    // is a value's start or end) so that this parser never does more than the scan allowed. The
+    // alias limits stay at their defaults.
+    budget.max_depth = limits::MAX_DEPTH;
+    budget.max_nodes = limits::MAX_VALUES as usize;
+    budget.max_events = 2 * limits::MAX_VALUES as usize + 16;
+    budget.max_total_scalar_bytes = limits::MAX_TEXT_BYTES as usize;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     options.strict_booleans = true;
@@ -272,43 +307,62 @@ fn remove_at(root: &mut Value, path: &serde_path_to_error::Path) -> bool {
     }
 }
 
+/// What a substitution pass needs and records.
+struct Substitution<'a> {
+    base_dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// Paths whose value was replaced.
+    done: &'a mut HashSet<String>,
+    /// Bytes substituted so far, held to [`limits::MAX_TEXT_BYTES`]: a thousand references to one
+    /// large file would otherwise multiply it.
+    bytes: &'a mut u64,
+    errs: &'a mut ConfigErrors,
+}
+
 /// Replaces whole-value `${env:NAME}` and `${file:PATH}` strings, recording which paths were replaced.
-fn substitute(
-    value: &mut Value,
-    path: String,
-    base_dir: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
-    done: &mut HashSet<String>,
-    errs: &mut ConfigErrors,
-) {
+/// A substituted value is text and is never parsed as YAML, so substitution cannot nest.
+fn substitute(value: &mut Value, path: String, cx: &mut Substitution<'_>) {
     match value {
         Value::String(s) => {
             let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) else {
                 return;
             };
             let resolved = if let Some(name) = inner.strip_prefix("env:") {
-                env(name).ok_or_else(|| format!("environment variable {name} is not set"))
+                (cx.env)(name).ok_or_else(|| format!("environment variable {name} is not set"))
             } else if let Some(file) = inner.strip_prefix("file:") {
-                let p = base_dir.join(file);
-                std::fs::read_to_string(&p)
-                    .map(|t| t.trim_end_matches(['\r', '\n']).to_string())
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                let p = cx.base_dir.join(file);
+                match limits::read_at_most(&p, limits::MAX_SUBSTITUTED_FILE_BYTES) {
+                    Ok(Some(t)) => Ok(t.trim_end_matches(['\r', '\n']).to_string()),
+                    Ok(None) => Err(LimitExceeded::SubstitutedFile {
+                        path: p.display().to_string(),
+                    }
+                    .to_string()),
+                    Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+                }
             } else {
                 Err(format!(
                     "unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"
                 ))
             };
+            let resolved = resolved.and_then(|v| {
+                *cx.bytes = cx.bytes.saturating_add(v.len() as u64);
+                if *cx.bytes > limits::MAX_TEXT_BYTES {
+                    Err(LimitExceeded::SubstitutedText.to_string())
+                } else {
+                    Ok(v)
+                }
+            });
             match resolved {
                 Ok(v) => {
                     *s = v;
-                    done.insert(path);
+                    cx.done.insert(path);
                 }
-                Err(msg) => errs.push(path, msg),
+                Err(msg) => cx.errs.push(path, msg),
             }
         }
         Value::Sequence(seq) => {
             for (i, v) in seq.iter_mut().enumerate() {
-                substitute(v, format!("{path}[{i}]"), base_dir, env, done, errs);
+                substitute(v, format!("{path}[{i}]"), cx);
             }
         }
         Value::Mapping(map) => {
@@ -325,10 +379,10 @@ fn substitute(
                 } else {
                     format!("{path}.{key}")
                 };
-                substitute(v, child, base_dir, env, done, errs);
+                substitute(v, child, cx);
             }
         }
-        Value::Tagged(t) => substitute(&mut t.value, path, base_dir, env, done, errs),
+        Value::Tagged(t) => substitute(&mut t.value, path, cx),
         _ => {}
     }
 }

@@ -23,8 +23,8 @@ pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_DEPTH: usize = 64;
 
 /// The most values (mappings, sequences and scalars) in a file, an alias counting as every value
-/// it repeats. The largest policy measured has about 800,000.
-pub const MAX_VALUES: u64 = 5_000_000;
+/// it repeats. The largest policy measured has about 730,000.
+pub const MAX_VALUES: u64 = 4_000_000;
 
 /// The most text in a file's values (keys included), an alias counting as the text it repeats.
 pub const MAX_TEXT_BYTES: u64 = MAX_FILE_BYTES;
@@ -127,11 +127,9 @@ struct Open {
     at_open: Cost,
 }
 
-/// Checks `text` against the limits in one pass over its parser events, building nothing.
-pub(super) fn scan(text: &str) -> Result<(), Refusal> {
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(Refusal::Limit(LimitExceeded::FileSize));
-    }
+/// Checks `text` (already within [`MAX_FILE_BYTES`]) against the shape limits in one pass over
+/// its parser events, building nothing; the number of values, aliases expanded, when it passes.
+pub(super) fn scan(text: &str) -> Result<u64, Refusal> {
     let mut total = Cost::default();
     // What each anchor expands to; an alias adds its anchor's cost without being expanded.
     let mut anchors: HashMap<usize, Cost> = HashMap::new();
@@ -202,7 +200,7 @@ pub(super) fn scan(text: &str) -> Result<(), Refusal> {
             return Err(Refusal::Limit(LimitExceeded::Text { line }));
         }
     }
-    Ok(())
+    Ok(total.values)
 }
 
 impl Cost {

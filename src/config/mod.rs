@@ -125,7 +125,7 @@ pub fn load(path: &Path) -> Result<Source, ConfigErrors> {
 pub fn read(path: &Path) -> Result<String, ConfigErrors> {
     let message = match limits::read_at_most(path, limits::MAX_FILE_BYTES) {
         Ok(Some(text)) => return Ok(text),
-        Ok(None) => format!("config file {}: {}", path.display(), LimitExceeded::FileSize),
+        Ok(None) => format!("config file {} is {}", path.display(), LimitExceeded::FileSize),
         Err(e) => format!("cannot read config file {}: {e}", path.display()),
     };
     let mut errs = ConfigErrors::default();
@@ -151,15 +151,9 @@ pub fn parse_with_env(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Source, ConfigErrors> {
-    // One pass over the parser's events, before anything is built: both loaders below are slow
-    // or explosive on hostile shapes (libyaml is quadratic in flow nesting; serde_yaml and the
-    // streaming loader both expand aliases), and the message here names the limit and the line.
-    if let Err(refusal) = limits::scan(text) {
+    if text.len() as u64 > limits::MAX_FILE_BYTES {
         let mut errs = ConfigErrors::default();
-        match refusal {
-            limits::Refusal::Limit(limit) => errs.push("", limit.to_string()),
-            limits::Refusal::Syntax(e) => errs.push("", format!("not valid YAML: {e}")),
-        }
+        errs.push("", format!("the config file is {}", LimitExceeded::FileSize));
         return Err(errs);
     }
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
@@ -167,6 +161,12 @@ pub fn parse_with_env(
     // from the text, without a value tree (which costs about 1 KiB per subscription key and most of
     // the load time of a large file). Anything else, including every file with an error, takes the
     // tree path below, which substitutes and reports every error with its path.
+    // A file that could hold an alias (any `*`) is scanned first: the streaming loader expands
+    // aliases as it goes, and its replay limits are counted in events, not in the values built.
+    let mut values = None;
+    if text.contains('*') {
+        values = Some(scan(text)?);
+    }
     if !text.contains("${")
         && let Some(file) = parse_streaming(text)
     {
@@ -177,15 +177,44 @@ pub fn parse_with_env(
             digest,
         });
     }
-    parse_tree(text, base_dir, env, digest)
+    // Before a value tree is built, one pass over the parser's events: serde_yaml is slow or
+    // explosive on hostile shapes (libyaml is quadratic in flow nesting; aliases are expanded into
+    // the tree), and the message here names the limit and the line. A valid file without aliases
+    // on the fast path does not pay for it: that parser's budget holds it to the same limits.
+    let values = match values {
+        Some(v) => v,
+        None => scan(text)?,
+    };
+    parse_tree(text, base_dir, env, digest, values)
 }
 
-/// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded.
+/// [`limits::scan`] (the file's number of values), its refusal as the one error of the file.
+fn scan(text: &str) -> Result<u64, ConfigErrors> {
+    limits::scan(text).map_err(|refusal| {
+        let mut errs = ConfigErrors::default();
+        match refusal {
+            limits::Refusal::Limit(limit) => errs.push("", limit.to_string()),
+            limits::Refusal::Syntax(e) => errs.push("", format!("not valid YAML: {e}")),
+        }
+        errs
+    })
+}
+
+/// The most errors one load reports.
+const MAX_ERRORS: u64 = 200;
+/// Errors a load reports whatever the size of the file.
+const MIN_ATTEMPTS: u64 = 10;
+/// Values walked, over all attempts, while collecting errors (about a second in a release build).
+const RETRY_WORK: u64 = 10_000_000;
+
+/// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded;
+/// `values` is the file's number of values, from [`limits::scan`].
 fn parse_tree(
     text: &str,
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     digest: [u8; 32],
+    values: u64,
 ) -> Result<Source, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut value: Value = match serde_yaml::from_str(text) {
@@ -212,7 +241,11 @@ fn parse_tree(
 
     // serde stops at the first error. To report every structural error at once, record it, remove
     // the offending value and try again; a field that is required but missing ends the search.
+    // Each attempt walks the tree up to the next error, so the attempts are held to a total of
+    // `RETRY_WORK` values walked: 200 errors at the end of a 13 MB file would otherwise take 200
+    // walks of 730,000 values, minutes in a debug build and seconds on the reload thread.
     let mut seen = HashSet::new();
+    let attempts = (RETRY_WORK / values.max(1)).clamp(MIN_ATTEMPTS, MAX_ERRORS);
     let file = loop {
         // From a reference: a clone of the whole tree per attempt would double the peak memory.
         match serde_path_to_error::deserialize::<_, ConfigFile>(&value) {
@@ -226,7 +259,16 @@ fn parse_tree(
                 let removable =
                     !message.starts_with("missing field") && remove_at(&mut value, e.path());
                 errs.push(path, message);
-                if !removable || errs.0.len() > 200 {
+                if !removable || errs.0.len() > MAX_ERRORS as usize {
+                    break None;
+                }
+                if attempts < MAX_ERRORS && errs.0.len() as u64 >= attempts {
+                    errs.push(
+                        "",
+                        format!(
+                            "stopped looking for errors after {attempts} in a file of {values} values; fix these and validate again"
+                        ),
+                    );
                     break None;
                 }
             }

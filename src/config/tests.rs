@@ -102,7 +102,7 @@ fn invalid_yaml_is_one_clear_error() {
 /// Both ways of loading a file, for files that have no substitution.
 fn both_paths(text: &str) -> (Option<String>, String) {
     let streaming = parse_streaming(text).map(|f| format!("{f:#?}"));
-    let tree = parse_tree(text, Path::new("."), &|_| None, [0; 32])
+    let tree = parse_tree(text, Path::new("."), &|_| None, [0; 32], 100)
         .map(|s| format!("{:#?}", s.file))
         .unwrap_or_else(|e| format!("error: {e}"));
     (streaming, tree)
@@ -189,4 +189,33 @@ fn a_file_with_substitutions_is_substituted_whatever_its_size() {
     .unwrap();
     assert_eq!(src.file.admin.as_ref().unwrap().token.expose(), "from-env");
     assert!(src.substituted.contains("admin.token"));
+}
+
+#[test]
+#[ignore]
+fn tmp_time_scan() {
+    let text = std::fs::read_to_string("/tmp/cfgbench/scale/portcullis.yaml").unwrap();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        limits::scan(&text).unwrap();
+        let scan = t.elapsed();
+        let t = std::time::Instant::now();
+        assert!(parse_streaming(&text).is_some());
+        let stream = t.elapsed();
+        eprintln!("scan {scan:?} streaming {stream:?}");
+    }
+}
+
+#[test]
+#[ignore]
+fn tmp_time_streaming_hostile() {
+    for f in ["flow-seq-64000-apis", "flow-map-64000-bogus", "block-seq-64000-apis", "block-map-8000-apis", "bomb-keys", "bomb-bogus"] {
+        let text = std::fs::read_to_string(format!("/tmp/cfgbench/{f}.yaml")).unwrap();
+        let t = std::time::Instant::now();
+        assert!(parse_streaming(&text).is_none());
+        let stream = t.elapsed();
+        let t = std::time::Instant::now();
+        let r = limits::scan(&text);
+        eprintln!("{f}: streaming {stream:?} scan {:?} {r:?}", t.elapsed());
+    }
 }

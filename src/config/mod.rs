@@ -207,6 +207,11 @@ const MIN_ATTEMPTS: u64 = 10;
 /// Values walked, over all attempts, while collecting errors (about a second in a release build).
 const RETRY_WORK: u64 = 10_000_000;
 
+/// How many errors a load collects from a file of `values` values.
+fn error_attempts(values: u64) -> u64 {
+    (RETRY_WORK / values.max(1)).clamp(MIN_ATTEMPTS, MAX_ERRORS)
+}
+
 /// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded;
 /// `values` is the file's number of values, from [`limits::scan`].
 fn parse_tree(
@@ -245,7 +250,7 @@ fn parse_tree(
     // `RETRY_WORK` values walked: 200 errors at the end of a 13 MB file would otherwise take 200
     // walks of 730,000 values, minutes in a debug build and seconds on the reload thread.
     let mut seen = HashSet::new();
-    let attempts = (RETRY_WORK / values.max(1)).clamp(MIN_ATTEMPTS, MAX_ERRORS);
+    let attempts = error_attempts(values);
     let file = loop {
         // From a reference: a clone of the whole tree per attempt would double the peak memory.
         match serde_path_to_error::deserialize::<_, ConfigFile>(&value) {

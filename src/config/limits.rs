@@ -184,10 +184,10 @@ pub(super) fn scan(text: &str) -> Result<u64, Refusal> {
             Event::Alias(anchor) => {
                 // An alias of a collection still open (a recursive alias) has no price yet: the
                 // loaders refuse it, so it counts as one value.
-                let cost = anchors.get(&anchor).copied().unwrap_or(Cost {
-                    values: 1,
-                    text: 0,
-                });
+                let cost = anchors
+                    .get(&anchor)
+                    .copied()
+                    .unwrap_or(Cost { values: 1, text: 0 });
                 total.values = total.values.saturating_add(cost.values);
                 total.text = total.text.saturating_add(cost.text);
             }

@@ -125,7 +125,11 @@ pub fn load(path: &Path) -> Result<Source, ConfigErrors> {
 pub fn read(path: &Path) -> Result<String, ConfigErrors> {
     let message = match limits::read_at_most(path, limits::MAX_FILE_BYTES) {
         Ok(Some(text)) => return Ok(text),
-        Ok(None) => format!("config file {} is {}", path.display(), LimitExceeded::FileSize),
+        Ok(None) => format!(
+            "config file {} is {}",
+            path.display(),
+            LimitExceeded::FileSize
+        ),
         Err(e) => format!("cannot read config file {}: {e}", path.display()),
     };
     let mut errs = ConfigErrors::default();
@@ -153,7 +157,10 @@ pub fn parse_with_env(
 ) -> Result<Source, ConfigErrors> {
     if text.len() as u64 > limits::MAX_FILE_BYTES {
         let mut errs = ConfigErrors::default();
-        errs.push("", format!("the config file is {}", LimitExceeded::FileSize));
+        errs.push(
+            "",
+            format!("the config file is {}", LimitExceeded::FileSize),
+        );
         return Err(errs);
     }
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();

@@ -191,7 +191,6 @@ fn a_file_with_substitutions_is_substituted_whatever_its_size() {
     assert!(src.substituted.contains("admin.token"));
 }
 
-
 // Hostile files: each gets one clear error naming the limit (and the line), and is refused in one
 // cheap pass. Each runs on its own thread with a generous deadline, to catch a hang; this is not a
 // timing assertion (a 64,000-deep file took 20 s before the limits).
@@ -246,7 +245,10 @@ fn deep_flow_nesting_is_refused_at_the_limit_under_known_and_unknown_keys() {
         (deep_flow_map("bogus", 64_000), 1),
         // A substitution sends the file down the value-tree path.
         (
-            format!("admin: {{token: '${{env:X}}'}}\n{}", deep_flow_seq("bogus", 64_000)),
+            format!(
+                "admin: {{token: '${{env:X}}'}}\n{}",
+                deep_flow_seq("bogus", 64_000)
+            ),
             2,
         ),
     ] {
@@ -316,7 +318,10 @@ fn an_alias_bomb_is_refused_without_being_expanded() {
     for (text, line) in [
         (billion_laughs(keys), 11),
         (billion_laughs("bogus:\n    -"), 9),
-        (format!("admin: {{token: '${{env:X}}'}}\n{}", billion_laughs(keys)), 12),
+        (
+            format!("admin: {{token: '${{env:X}}'}}\n{}", billion_laughs(keys)),
+            12,
+        ),
     ] {
         assert_eq!(
             hostile(text, here()),
@@ -335,7 +340,9 @@ fn an_alias_of_a_huge_value_is_refused_by_the_text_it_repeats() {
     );
     assert_eq!(
         hostile(text, here()),
-        vec!["line 2: more than 64 MiB of text (an alias counts as the text it repeats), the limit for a config file"]
+        vec![
+            "line 2: more than 64 MiB of text (an alias counts as the text it repeats), the limit for a config file"
+        ]
     );
 }
 
@@ -361,7 +368,10 @@ fn an_oversized_file_is_refused_before_it_is_read() {
         .set_len(1 << 30)
         .unwrap();
     let errs = finishes(move || load(&path).unwrap_err().to_string());
-    assert!(errs.starts_with("config file ") && errs.ends_with(TOO_LARGE), "{errs}");
+    assert!(
+        errs.starts_with("config file ") && errs.ends_with(TOO_LARGE),
+        "{errs}"
+    );
 }
 
 #[test]

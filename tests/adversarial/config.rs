@@ -72,7 +72,10 @@ fn cases() -> Vec<Case> {
         Case {
             name: "flow sequences 64,000 deep in a file with a substitution (the value-tree path)",
             write: |p| {
-                let text = format!("admin: {{token: '${{env:HOME}}'}}\n{}", deep_flow_seq("bogus"));
+                let text = format!(
+                    "admin: {{token: '${{env:HOME}}'}}\n{}",
+                    deep_flow_seq("bogus")
+                );
                 std::fs::write(p, text).unwrap()
             },
             error: "line 2: nested more than 64 levels deep, the limit for a config file",
@@ -205,9 +208,46 @@ async fn a_server_given_a_hostile_file_on_reload_keeps_its_last_good_config() {
     srv.write_config("apis: [{name: other, match: {path_prefix: /other}}]\n");
     let started = Instant::now();
     while orders_code(&srv).await == 0 {
-        assert!(started.elapsed() < DEADLINE, "the good config was not applied");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the good config was not applied"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(orders_code(&srv).await, 7, "/orders is no longer an API");
     srv.running.shutdown().await.unwrap();
+}
+
+#[test]
+fn validate_check_and_serve_refuse_a_hostile_file_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, deep_flow_map("apis")).unwrap();
+    let config = path.display().to_string();
+    for args in [
+        vec!["validate", "--config", &config],
+        vec![
+            "check",
+            "--config",
+            &config,
+            "--url",
+            "http://api.example.com/orders/1",
+        ],
+        vec!["serve", "--config", &config],
+    ] {
+        let what = args.join(" ");
+        let args: Vec<String> = args.iter().map(ToString::to_string).collect();
+        let out = finishes(&what, move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(&args)
+                .output()
+                .unwrap()
+        });
+        assert_eq!(out.status.code(), Some(2), "{what}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("line 1: nested more than 64 levels deep, the limit for a config file"),
+            "{what}: {stderr}"
+        );
+    }
 }

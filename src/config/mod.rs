@@ -2,7 +2,10 @@
 //! errors, every one reported with its path.
 //!
 //! Loading stops at the shape of the file; [`crate::policy::compile`] checks the meaning of every value.
+//! Before either loader runs, the text is checked against the limits in [`limits`] (size, nesting,
+//! values and text with aliases expanded), so a hostile file is refused in one cheap pass.
 
+pub mod limits;
 mod types;
 
 use std::collections::HashSet;
@@ -13,6 +16,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 
+pub use limits::LimitExceeded;
 pub use types::*;
 
 /// One thing wrong with a configuration, located by its path in the file (`apis[2].jwt.audiences`).
@@ -112,16 +116,32 @@ impl Source {
 
 /// Reads and loads the file at `path`.
 pub fn load(path: &Path) -> Result<Source, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let mut errs = ConfigErrors::default();
-        errs.push(
-            "",
-            format!("cannot read config file {}: {e}", path.display()),
-        );
-        errs
-    })?;
+    let text = read(path)?;
+    load_text(path, &text)
+}
+
+/// Reads the config file at `path`, refusing one over [`limits::MAX_FILE_BYTES`] before reading
+/// it (and stopping the read there, for a file that grows or a device).
+pub fn read(path: &Path) -> Result<String, ConfigErrors> {
+    let message = match limits::read_at_most(path, limits::MAX_FILE_BYTES) {
+        Ok(Some(text)) => return Ok(text),
+        Ok(None) => format!(
+            "config file {} is {}",
+            path.display(),
+            LimitExceeded::FileSize
+        ),
+        Err(e) => format!("cannot read config file {}: {e}", path.display()),
+    };
+    let mut errs = ConfigErrors::default();
+    errs.push("", message);
+    Err(errs)
+}
+
+/// Loads a configuration already [`read`] from `path` (relative references resolve against its
+/// directory).
+pub fn load_text(path: &Path, text: &str) -> Result<Source, ConfigErrors> {
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &base_dir)
+    parse(text, &base_dir)
 }
 
 /// Loads a configuration from text; relative file references resolve against `base_dir`.
@@ -135,11 +155,25 @@ pub fn parse_with_env(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Source, ConfigErrors> {
+    if text.len() as u64 > limits::MAX_FILE_BYTES {
+        let mut errs = ConfigErrors::default();
+        errs.push(
+            "",
+            format!("the config file is {}", LimitExceeded::FileSize),
+        );
+        return Err(errs);
+    }
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
     // Fast path: a file without substitutions that is valid as it stands is deserialized straight
     // from the text, without a value tree (which costs about 1 KiB per subscription key and most of
     // the load time of a large file). Anything else, including every file with an error, takes the
     // tree path below, which substitutes and reports every error with its path.
+    // A file that could hold an alias (any `*`) is scanned first: the streaming loader expands
+    // aliases as it goes, and its replay limits are counted in events, not in the values built.
+    let mut values = None;
+    if text.contains('*') {
+        values = Some(scan(text)?);
+    }
     if !text.contains("${")
         && let Some(file) = parse_streaming(text)
     {
@@ -150,15 +184,49 @@ pub fn parse_with_env(
             digest,
         });
     }
-    parse_tree(text, base_dir, env, digest)
+    // Before a value tree is built, one pass over the parser's events: serde_yaml is slow or
+    // explosive on hostile shapes (libyaml is quadratic in flow nesting; aliases are expanded into
+    // the tree), and the message here names the limit and the line. A valid file without aliases
+    // on the fast path does not pay for it: that parser's budget holds it to the same limits.
+    let values = match values {
+        Some(v) => v,
+        None => scan(text)?,
+    };
+    parse_tree(text, base_dir, env, digest, values)
 }
 
-/// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded.
+/// [`limits::scan`] (the file's number of values), its refusal as the one error of the file.
+fn scan(text: &str) -> Result<u64, ConfigErrors> {
+    limits::scan(text).map_err(|refusal| {
+        let mut errs = ConfigErrors::default();
+        match refusal {
+            limits::Refusal::Limit(limit) => errs.push("", limit.to_string()),
+            limits::Refusal::Syntax(e) => errs.push("", format!("not valid YAML: {e}")),
+        }
+        errs
+    })
+}
+
+/// The most errors one load reports.
+const MAX_ERRORS: u64 = 200;
+/// Errors a load reports whatever the size of the file.
+const MIN_ATTEMPTS: u64 = 10;
+/// Values walked, over all attempts, while collecting errors (about a second in a release build).
+const RETRY_WORK: u64 = 10_000_000;
+
+/// How many errors a load collects from a file of `values` values.
+fn error_attempts(values: u64) -> u64 {
+    (RETRY_WORK / values.max(1)).clamp(MIN_ATTEMPTS, MAX_ERRORS)
+}
+
+/// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded;
+/// `values` is the file's number of values, from [`limits::scan`].
 fn parse_tree(
     text: &str,
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     digest: [u8; 32],
+    values: u64,
 ) -> Result<Source, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut value: Value = match serde_yaml::from_str(text) {
@@ -170,18 +238,26 @@ fn parse_tree(
         }
     };
     let mut substituted = HashSet::new();
+    let mut substituted_bytes = 0u64;
     substitute(
         &mut value,
         String::new(),
-        base_dir,
-        env,
-        &mut substituted,
-        &mut errs,
+        &mut Substitution {
+            base_dir,
+            env,
+            done: &mut substituted,
+            bytes: &mut substituted_bytes,
+            errs: &mut errs,
+        },
     );
 
     // serde stops at the first error. To report every structural error at once, record it, remove
     // the offending value and try again; a field that is required but missing ends the search.
+    // Each attempt walks the tree up to the next error, so the attempts are held to a total of
+    // `RETRY_WORK` values walked: 200 errors at the end of a 13 MB file would otherwise take 200
+    // walks of 730,000 values, minutes in a debug build and seconds on the reload thread.
     let mut seen = HashSet::new();
+    let attempts = error_attempts(values);
     let file = loop {
         // From a reference: a clone of the whole tree per attempt would double the peak memory.
         match serde_path_to_error::deserialize::<_, ConfigFile>(&value) {
@@ -195,7 +271,16 @@ fn parse_tree(
                 let removable =
                     !message.starts_with("missing field") && remove_at(&mut value, e.path());
                 errs.push(path, message);
-                if !removable || errs.0.len() > 200 {
+                if !removable || errs.0.len() > MAX_ERRORS as usize {
+                    break None;
+                }
+                if attempts < MAX_ERRORS && errs.0.len() as u64 >= attempts {
+                    errs.push(
+                        "",
+                        format!(
+                            "stopped looking for errors after {attempts} in a file of {values} values; fix these and validate again"
+                        ),
+                    );
                     break None;
                 }
             }
@@ -218,10 +303,14 @@ fn parse_tree(
 /// keys refused.
 fn parse_streaming(text: &str) -> Option<ConfigFile> {
     let mut budget = serde_saphyr::Budget::default();
-    // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys;
-    // this file is the operator's own, and the alias limits stay at their defaults.
-    budget.max_events = 100_000_000;
-    budget.max_nodes = 50_000_000;
+    // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys.
+    // `limits::scan` has already held the file to the config limits; these repeat them (an event
+    // is a value's start or end) so that this parser never does more than the scan allowed. The
+    // alias limits stay at their defaults.
+    budget.max_depth = limits::MAX_DEPTH;
+    budget.max_nodes = limits::MAX_VALUES as usize;
+    budget.max_events = 2 * limits::MAX_VALUES as usize + 16;
+    budget.max_total_scalar_bytes = limits::MAX_TEXT_BYTES as usize;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     options.strict_booleans = true;
@@ -272,43 +361,62 @@ fn remove_at(root: &mut Value, path: &serde_path_to_error::Path) -> bool {
     }
 }
 
+/// What a substitution pass needs and records.
+struct Substitution<'a> {
+    base_dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// Paths whose value was replaced.
+    done: &'a mut HashSet<String>,
+    /// Bytes substituted so far, held to [`limits::MAX_TEXT_BYTES`]: a thousand references to one
+    /// large file would otherwise multiply it.
+    bytes: &'a mut u64,
+    errs: &'a mut ConfigErrors,
+}
+
 /// Replaces whole-value `${env:NAME}` and `${file:PATH}` strings, recording which paths were replaced.
-fn substitute(
-    value: &mut Value,
-    path: String,
-    base_dir: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
-    done: &mut HashSet<String>,
-    errs: &mut ConfigErrors,
-) {
+/// A substituted value is text and is never parsed as YAML, so substitution cannot nest.
+fn substitute(value: &mut Value, path: String, cx: &mut Substitution<'_>) {
     match value {
         Value::String(s) => {
             let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) else {
                 return;
             };
             let resolved = if let Some(name) = inner.strip_prefix("env:") {
-                env(name).ok_or_else(|| format!("environment variable {name} is not set"))
+                (cx.env)(name).ok_or_else(|| format!("environment variable {name} is not set"))
             } else if let Some(file) = inner.strip_prefix("file:") {
-                let p = base_dir.join(file);
-                std::fs::read_to_string(&p)
-                    .map(|t| t.trim_end_matches(['\r', '\n']).to_string())
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                let p = cx.base_dir.join(file);
+                match limits::read_at_most(&p, limits::MAX_SUBSTITUTED_FILE_BYTES) {
+                    Ok(Some(t)) => Ok(t.trim_end_matches(['\r', '\n']).to_string()),
+                    Ok(None) => Err(LimitExceeded::SubstitutedFile {
+                        path: p.display().to_string(),
+                    }
+                    .to_string()),
+                    Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+                }
             } else {
                 Err(format!(
                     "unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"
                 ))
             };
+            let resolved = resolved.and_then(|v| {
+                *cx.bytes = cx.bytes.saturating_add(v.len() as u64);
+                if *cx.bytes > limits::MAX_TEXT_BYTES {
+                    Err(LimitExceeded::SubstitutedText.to_string())
+                } else {
+                    Ok(v)
+                }
+            });
             match resolved {
                 Ok(v) => {
                     *s = v;
-                    done.insert(path);
+                    cx.done.insert(path);
                 }
-                Err(msg) => errs.push(path, msg),
+                Err(msg) => cx.errs.push(path, msg),
             }
         }
         Value::Sequence(seq) => {
             for (i, v) in seq.iter_mut().enumerate() {
-                substitute(v, format!("{path}[{i}]"), base_dir, env, done, errs);
+                substitute(v, format!("{path}[{i}]"), cx);
             }
         }
         Value::Mapping(map) => {
@@ -325,10 +433,10 @@ fn substitute(
                 } else {
                     format!("{path}.{key}")
                 };
-                substitute(v, child, base_dir, env, done, errs);
+                substitute(v, child, cx);
             }
         }
-        Value::Tagged(t) => substitute(&mut t.value, path, base_dir, env, done, errs),
+        Value::Tagged(t) => substitute(&mut t.value, path, cx),
         _ => {}
     }
 }

@@ -71,12 +71,14 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Reloaded>, Confi
     let started = Instant::now();
     // A file emptied in place (a writer that truncated it and has not written yet) parses as a
     // config without APIs, which would replace every API with none. While serving, refuse it.
-    if std::fs::read(state.config_path()).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace)) {
+    // The file is read once, bounded by the config size limit, for both this check and the load.
+    let text = config::read(state.config_path())?;
+    if text.bytes().all(|b| b.is_ascii_whitespace()) {
         let mut errs = ConfigErrors::default();
         errs.push("", "the config file is empty (a write in progress?)");
         return Err(errs);
     }
-    let src = config::load(state.config_path())?;
+    let src = config::load_text(state.config_path(), &text)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     {
         let digest = state

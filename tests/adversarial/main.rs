@@ -7,9 +7,12 @@
 mod common;
 mod support;
 
+mod config;
 mod connections;
 mod forward_auth;
 mod listeners;
 mod request_line;
 mod shadow;
 mod xfcc;
+
+mod config;

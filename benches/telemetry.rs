@@ -165,7 +165,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("prometheus/telemetry-only", |b| {
         b.iter(|| {
             let trace = t.start_check(Transport::Grpc, &[&HeadersCarrier(input.headers)]);
-            t.record(black_box(&d), std::time::Duration::from_micros(1), &trace);
+            t.record(
+                black_box(&d),
+                std::time::Duration::from_micros(1),
+                &trace,
+                || None,
+            );
         })
     });
 
@@ -200,7 +205,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("otlp-traces/telemetry-only", |b| {
         b.iter(|| {
             let trace = t.start_check(Transport::Grpc, &[&HeadersCarrier(input.headers)]);
-            t.record(black_box(&d), std::time::Duration::from_micros(1), &trace);
+            t.record(
+                black_box(&d),
+                std::time::Duration::from_micros(1),
+                &trace,
+                || None,
+            );
         })
     });
     group.finish();

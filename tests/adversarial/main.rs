@@ -14,5 +14,3 @@ mod listeners;
 mod request_line;
 mod shadow;
 mod xfcc;
-
-mod config;

@@ -2,11 +2,10 @@
 """Demo signing key and tokens for the `profile` API of portcullis.yaml (next to this script).
 
 The example trusts one RSA public key, written inline in portcullis.yaml, so it runs with no identity
-provider and no network. Only this script holds the private half, in .demo-keys/private.pem next to
-it (git-ignored). A fresh clone has no private key: `token` then makes a new key pair first and
-writes its public JWK into portcullis.yaml (between the BEGIN/END demo-key lines).
+provider and no network. Its private half is committed next to it, demo-jwt-key.pem: a DEMO key that
+everyone has, so anyone can mint tokens the example accepts (like its subscription key demo-key-123).
+Never trust it outside this example. Nothing here writes to a tracked file.
 
-    python3 examples/gen-demo-keys.py keys                     # new key pair, updates portcullis.yaml
     python3 examples/gen-demo-keys.py token                    # a token for alice, valid 1 hour
     python3 examples/gen-demo-keys.py token --sub bob --roles reader --scope profile.read --ttl 600
 
@@ -14,7 +13,16 @@ writes its public JWK into portcullis.yaml (between the BEGIN/END demo-key lines
     portcullis check --config examples/portcullis.yaml --url http://api.example.com/profile/me \\
         -H "authorization: Bearer $TOKEN"
 
-Needs the `cryptography` package (`pip install cryptography`; the test venv .venv has it).
+A key pair of your own (git-ignored, in .demo-keys/ next to this script): `keys` writes private.pem,
+its public jwks.json, and portcullis.yaml there, a copy of the example whose `demo` provider reads
+`jwks_file: jwks.json`:
+
+    python3 examples/gen-demo-keys.py keys
+    TOKEN=$(python3 examples/gen-demo-keys.py token --key examples/.demo-keys/private.pem)
+    portcullis check --config examples/.demo-keys/portcullis.yaml --url http://api.example.com/profile/me \\
+        -H "authorization: Bearer $TOKEN"
+
+Needs the `cryptography` package (`.venv/bin/pip install cryptography`; the test venv .venv has it).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 HERE = pathlib.Path(__file__).resolve().parent
 CONFIG = HERE / "portcullis.yaml"
-PRIVATE = HERE / ".demo-keys" / "private.pem"
+DEMO_KEY = HERE / "demo-jwt-key.pem"
+OWN = HERE / ".demo-keys"
 ISSUER = "https://issuer.example.com/demo"
 AUDIENCE = "api://profile"
 BEGIN, END = "# BEGIN demo-key", "# END demo-key"
@@ -56,29 +65,33 @@ def public_jwk(key: rsa.RSAPrivateKey) -> dict:
 
 
 def make_keys() -> None:
+    """A new key pair in .demo-keys/ (git-ignored), with a copy of the example config that trusts it."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    PRIVATE.parent.mkdir(mode=0o700, exist_ok=True)
-    PRIVATE.write_bytes(
+    OWN.mkdir(mode=0o700, exist_ok=True)
+    private = OWN / "private.pem"
+    private.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    PRIVATE.chmod(0o600)
+    private.chmod(0o600)
+    (OWN / "jwks.json").write_text(json.dumps({"keys": [public_jwk(key)]}, indent=2) + "\n")
     lines = CONFIG.read_text().splitlines(keepends=True)
     try:
         start = next(i for i, l in enumerate(lines) if l.strip().startswith(BEGIN))
         end = next(i for i, l in enumerate(lines) if l.strip().startswith(END))
     except StopIteration:
-        sys.exit(f"{CONFIG}: no `{BEGIN}` ... `{END}` block to write the public key into")
+        sys.exit(f"{CONFIG}: no `{BEGIN}` ... `{END}` block to replace with a jwks_file")
     indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
-    lines[start + 1 : end] = [f"{indent}- {json.dumps(public_jwk(key))}\n"]
-    CONFIG.write_text("".join(lines))
-    print(f"private key: {PRIVATE}\npublic key written to {CONFIG}", file=sys.stderr)
+    lines[start : end + 1] = [f"{indent}jwks_file: jwks.json   # made by gen-demo-keys.py keys\n"]
+    (OWN / "portcullis.yaml").write_text("".join(lines))
+    print(
+        f"private key: {private}\npublic key:  {OWN / 'jwks.json'}\nconfig:      {OWN / 'portcullis.yaml'}\n"
+        f"tokens:      python3 {sys.argv[0]} token --key {private}",
+        file=sys.stderr,
+    )
 
 
-def make_token(sub: str, roles: list[str], scope: str, ttl: int) -> str:
-    if not PRIVATE.exists():
-        print("no private key yet: making a new key pair", file=sys.stderr)
-        make_keys()
-    key = serialization.load_pem_private_key(PRIVATE.read_bytes(), password=None)
+def make_token(key_file: pathlib.Path, sub: str, roles: list[str], scope: str, ttl: int) -> str:
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
     now = int(time.time())
     header = {"alg": "RS256", "typ": "JWT", "kid": public_jwk(key)["kid"]}
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "scp": scope, "iat": now, "nbf": now, "exp": now + ttl}
@@ -92,8 +105,9 @@ def make_token(sub: str, roles: list[str], scope: str, ttl: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("keys", help="make a new key pair and write the public JWK into portcullis.yaml")
+    sub.add_parser("keys", help="a key pair of your own, and a config trusting it, in .demo-keys/ (git-ignored)")
     tok = sub.add_parser("token", help="print a signed demo token")
+    tok.add_argument("--key", type=pathlib.Path, default=DEMO_KEY, help="private key (default: the committed demo key)")
     tok.add_argument("--sub", default="alice")
     tok.add_argument("--roles", default="reader,writer", help="comma-separated; empty for none")
     tok.add_argument("--scope", default="profile.read")
@@ -102,7 +116,7 @@ def main() -> None:
     if args.command == "keys":
         make_keys()
     else:
-        print(make_token(args.sub, [r for r in args.roles.split(",") if r], args.scope, args.ttl))
+        print(make_token(args.key, args.sub, [r for r in args.roles.split(",") if r], args.scope, args.ttl))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,46 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+# Prerequisites, all checked before anything runs: one message lists whatever is missing (README.md,
+# "Prerequisites", says how to install each).
+missing=()
+command -v cargo >/dev/null 2>&1 \
+  || missing+=("cargo: Rust 1.95 through rustup (rust-toolchain.toml pins the version)")
+if ! command -v python3 >/dev/null 2>&1; then
+  missing+=("python3 with its venv module (Debian/Ubuntu: apt-get install python3 python3-venv)")
+elif [ ! -x .venv/bin/pip ]; then
+  # Debian's python3 has a venv module that fails without python3-venv: try it where it cannot harm.
+  venv_check=$(mktemp -d)
+  python3 -m venv "$venv_check/venv" >/dev/null 2>&1 \
+    || missing+=("the python3 venv module (Debian/Ubuntu: apt-get install python3-venv)")
+  rm -rf "$venv_check"
+fi
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || true)
+if [ -z "$node_major" ]; then
+  missing+=("node 20 or later (the identity provider tests/idp runs on it)")
+elif [ "$node_major" -lt 20 ]; then
+  missing+=("node 20 or later (found $(node --version))")
+fi
+command -v npm >/dev/null 2>&1 || missing+=("npm (Debian/Ubuntu: apt-get install npm)")
+if [ ${#missing[@]} -gt 0 ]; then
+  {
+    echo "tests/run.sh: missing prerequisites (see README.md, Prerequisites):"
+    printf '  - %s\n' "${missing[@]}"
+  } >&2
+  exit 2
+fi
+if [ -z "${NGINX_BIN:-}" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "tests/run.sh: warning: no nginx (apt-get install nginx): the nginx suites skip (and fail under CI=1)" >&2
+fi
+command -v h2load >/dev/null 2>&1 \
+  || echo "tests/run.sh: warning: no h2load (apt-get install nghttp2-client): needed only by bench/load.sh" >&2
+
 echo "== cargo test"
 cargo build --locked --bins
 cargo test --locked --all-targets
 
 echo "== Python venv"
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/pip ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # portcullis behind Envoy in one command: builds portcullis (once), starts it on the bundled example
 # config, a stand-in backend and Envoy 1.40 with deploy/envoy/ext-authz-grpc.yaml, sends an allowed,
-# a denied and a path-escape request, prints how to try more, and stops everything it started.
+# a denied and two path-escape requests, prints how to try more, and stops everything it started.
 #
 #   bash examples/demo.sh            # run the requests, then stop
 #   bash examples/demo.sh --keep     # stay running (ports printed) until Ctrl-C

@@ -284,13 +284,19 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         ce.insert(k.to_string(), v.to_string());
     }
     let cert = match &args.cert {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(pem) => {
-                percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string()
+        Some(p) => {
+            let max = crate::config::limits::MAX_PEM_FILE_BYTES;
+            match crate::config::limits::read_bytes_at_most(p, max) {
+                Ok(Some(pem)) => {
+                    percent_encoding::percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string()
+                }
+                Ok(None) => {
+                    return fail(format!("--cert {}: larger than {max} bytes", p.display()));
+                }
+                Err(e) => return fail(format!("--cert {}: {e}", p.display())),
             }
-            Err(e) => return fail(format!("--cert {}: {e}", p.display())),
-        },
+        }
         None => String::new(),
     };
     let rt = match runtime() {

@@ -97,6 +97,20 @@ pub(super) enum Refusal {
 /// The size is checked before reading, and the read itself is bounded too: a file that grows while
 /// it is read, or a device such as `/dev/zero` (whose size reads as 0), stops at the limit.
 pub(super) fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Option<String>> {
+    let Some(bytes) = read_bytes_at_most(path, limit)? else {
+        return Ok(None);
+    };
+    String::from_utf8(bytes).map(Some).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
+}
+
+/// [`read_at_most`] for files that are not text: every file the config names (a JWKS, TLS keys and
+/// certificates) is read through this, so none can cost more than its limit.
+pub fn read_bytes_at_most(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
     let file = std::fs::File::open(path)?;
     if file.metadata().is_ok_and(|m| m.len() > limit) {
         return Ok(None);
@@ -106,13 +120,11 @@ pub(super) fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Option<St
     if bytes.len() as u64 > limit {
         return Ok(None);
     }
-    String::from_utf8(bytes).map(Some).map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "stream did not contain valid UTF-8",
-        )
-    })
+    Ok(Some(bytes))
 }
+
+/// The largest TLS certificate, key or CA bundle file read (`listen.tls`, `check --cert`).
+pub const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
 
 /// What a value costs once its aliases are expanded.
 #[derive(Clone, Copy, Default)]

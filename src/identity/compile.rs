@@ -192,12 +192,13 @@ fn provider_spec(
         KeySource::Inline
     } else if let Some(file) = &cfg.jwks_file {
         let resolved = src.resolve(file);
-        match std::fs::read(&resolved) {
+        let max = super::provider::MAX_DOCUMENT_BYTES as u64;
+        match crate::config::limits::read_bytes_at_most(&resolved, max) {
             Err(e) => errs.push(
                 format!("{path}.jwks_file"),
                 format!("cannot read {}: {e}", resolved.display()),
             ),
-            Ok(bytes) if bytes.len() > super::provider::MAX_DOCUMENT_BYTES => {
+            Ok(None) => {
                 errs.push(
                     format!("{path}.jwks_file"),
                     format!(
@@ -207,7 +208,7 @@ fn provider_spec(
                     ),
                 );
             }
-            Ok(bytes) => match jwk::parse_jwks(&bytes) {
+            Ok(Some(bytes)) => match jwk::parse_jwks(&bytes) {
                 Ok(p) => initial_keys = Some(KeySet { keys: p.keys }),
                 Err(e) => errs.push(
                     format!("{path}.jwks_file"),

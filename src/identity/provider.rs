@@ -474,11 +474,17 @@ impl Provider {
 /// Reads a JWKS file of at most [`MAX_DOCUMENT_BYTES`].
 pub async fn read_capped_file(path: &std::path::Path) -> Result<Vec<u8>, FetchError> {
     let err = |e: std::io::Error| FetchError::File(format!("cannot read {}: {e}", path.display()));
-    let meta = tokio::fs::metadata(path).await.map_err(err)?;
-    if meta.len() > MAX_DOCUMENT_BYTES as u64 {
-        return Err(FetchError::TooLarge(path.display().to_string()));
+    // Bounded while reading too: a device or a growing file stops at the cap.
+    let owned = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || {
+        crate::config::limits::read_bytes_at_most(&owned, MAX_DOCUMENT_BYTES as u64)
+    })
+    .await
+    .map_err(|e| err(std::io::Error::other(e)))?;
+    match read.map_err(err)? {
+        Some(bytes) => Ok(bytes),
+        None => Err(FetchError::TooLarge(path.display().to_string())),
     }
-    tokio::fs::read(path).await.map_err(err)
 }
 
 /// reqwest's top-level message hides the cause ("error sending request"); the chain says it.

@@ -221,7 +221,15 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
 
 fn load_tls(t: &policy::TlsFiles) -> Result<ServerTlsConfig, StartError> {
     let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+        let max = crate::config::limits::MAX_PEM_FILE_BYTES;
+        match crate::config::limits::read_bytes_at_most(p, max) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(StartError::Tls(format!(
+                "{} is larger than {max} bytes",
+                p.display()
+            ))),
+            Err(e) => Err(StartError::Tls(format!("cannot read {}: {e}", p.display()))),
+        }
     };
     let cert = read(&t.cert_file)?;
     let key = read(&t.key_file)?;

@@ -251,3 +251,67 @@ fn validate_check_and_serve_refuse_a_hostile_file_with_exit_2() {
         );
     }
 }
+
+/// Files the config only names are bounded too: a JWKS file and `check --cert` that are `/dev/zero`
+/// (size 0, endless) and TLS files of 2 GiB are refused at their cap instead of read whole.
+#[test]
+fn files_the_config_names_are_read_within_a_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.yaml");
+    std::fs::write(
+        &jwks,
+        "identity_providers: [{ name: f, issuer: https://f.example, jwks_file: /dev/zero }]\n",
+    )
+    .unwrap();
+    // The TLS files must be regular files (a device is refused at compile): a sparse 2 GiB one.
+    let big = dir.path().join("big.pem");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let tls = dir.path().join("tls.yaml");
+    std::fs::write(
+        &tls,
+        format!(
+            "listen: {{ grpc: 127.0.0.1:0, tls: {{ cert_file: {0}, key_file: {0} }} }}\n",
+            big.display()
+        ),
+    )
+    .unwrap();
+    let plain = dir.path().join("plain.yaml");
+    std::fs::write(&plain, "apis: [{ name: a, match: { path_prefix: /a } }]\n").unwrap();
+    let s = |p: &Path| p.display().to_string();
+    for (args, want) in [
+        (
+            vec!["validate".to_string(), "--config".into(), s(&jwks)],
+            "/dev/zero is larger than",
+        ),
+        (
+            vec!["serve".to_string(), "--config".into(), s(&tls)],
+            "big.pem is larger than",
+        ),
+        (
+            vec![
+                "check".to_string(),
+                "--config".into(),
+                s(&plain),
+                "--url".into(),
+                "http://h/a".into(),
+                "--cert".into(),
+                "/dev/zero".into(),
+            ],
+            "--cert /dev/zero: larger than",
+        ),
+    ] {
+        let what = args.join(" ");
+        let out = finishes(&what, move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(&args)
+                .output()
+                .unwrap()
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(stderr.contains(want), "{what}: {stderr}");
+    }
+}

@@ -383,7 +383,7 @@ class Idp:
             pass
 
 
-def start_idp(config: dict | None = None, timeout: float = 20.0, node: str | None = None,
+def start_idp(config: dict | None = None, timeout: float = 60.0, node: str | None = None,
               port: int = 0) -> Idp:
     """Start ``node server.mjs`` and wait until it is ready.
 

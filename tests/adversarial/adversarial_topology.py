@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from adversarial_corpus import ADMIN_HOST, Case
-from harness import DEPLOY_ENVOY, Envoy, Nginx, Process, free_port, key_hash, render
+from harness import DEPLOY_ENVOY, Envoy, Nginx, Process, accepts, free_port, key_hash, render
 
 # (suite, Envoy configuration, backend) -> a line of counts, printed at the end of the run (conftest.py).
 SUMMARY: dict[tuple[str, str, str], str] = {}
@@ -133,14 +133,7 @@ class PythonHttpServer:
         self.port = free_port()
         argv = [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1", "--directory", str(tree / "default")]
         self.process = Process("python-http-server", argv, workdir)
-        self.process.wait_for("python http.server listening", self._accepts)
-
-    def _accepts(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+        self.process.wait_for("python http.server listening", lambda: accepts(self.port))
 
     def stop(self) -> None:
         self.process.stop()

@@ -116,6 +116,20 @@ fn finishes<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'stati
         .unwrap_or_else(|_| panic!("{what}: not refused within {DEADLINE:?}"))
 }
 
+/// Runs the binary with `args` within the deadline; asserts exit 2 and returns its stderr.
+fn refused_with_exit_2(args: Vec<String>) -> String {
+    let what = args.join(" ");
+    let out = finishes(&what, move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(&args)
+            .output()
+            .unwrap()
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+    stderr
+}
+
 #[test]
 fn every_hostile_file_gets_its_one_clear_error() {
     for case in cases() {
@@ -236,15 +250,7 @@ fn validate_check_and_serve_refuse_a_hostile_file_with_exit_2() {
         vec!["serve", "--config", &config],
     ] {
         let what = args.join(" ");
-        let args: Vec<String> = args.iter().map(ToString::to_string).collect();
-        let out = finishes(&what, move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .args(&args)
-                .output()
-                .unwrap()
-        });
-        assert_eq!(out.status.code(), Some(2), "{what}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused_with_exit_2(args.iter().map(ToString::to_string).collect());
         assert!(
             stderr.contains("line 1: nested more than 64 levels deep, the limit for a config file"),
             "{what}: {stderr}"
@@ -304,14 +310,7 @@ fn files_the_config_names_are_read_within_a_cap() {
         ),
     ] {
         let what = args.join(" ");
-        let out = finishes(&what, move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .args(&args)
-                .output()
-                .unwrap()
-        });
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        let stderr = refused_with_exit_2(args);
         assert!(stderr.contains(want), "{what}: {stderr}");
     }
 }

@@ -177,13 +177,7 @@ apis:
             .credentials
             .start_consent("crm", &id, None, Some(user))
             .unwrap();
-        let state = url::Url::parse(started["login_url"].as_str().unwrap())
-            .unwrap()
-            .query_pairs()
-            .find(|(k, _)| k == "state")
-            .unwrap()
-            .1
-            .into_owned();
+        let state = consent_state(&started);
         rt.credentials
             .complete_consent(Some(&state), Some(code), None)
             .await
@@ -441,13 +435,7 @@ async fn a_legacy_store_with_per_user_connections_is_refused_until_upgraded() {
     // The binary refuses too (exit 2, the same message).
     let cfg = h.dir.path().join("portcullis.yaml");
     std::fs::write(&cfg, format!("listen: {{grpc: 127.0.0.1:0}}\n{}", h.yaml())).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("upgrade-store"));
+    assert!(crate::common::serve_refuses(&cfg).contains("upgrade-store"));
     assert_eq!(sha(&h.db()), before);
 
     let (code, stdout, stderr) = upgrade_store(&h, &["--credential", "crm", "--issuer", CORP]);
@@ -578,18 +566,29 @@ async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
     );
     assert_eq!(looked["connections"], serde_json::json!([]));
 
-    let (status, body) = call(http.get(&base).query(&[("issuer", PARTNER)])).await;
-    assert_eq!(status, 400, "issuer without subject: {body}");
-    let (status, body) = call(http.post(format!("{base}/{id}/consent"))).await;
-    assert_eq!(status, 400, "a per-user consent names its user: {body}");
-    let (status, body) = call(
-        http.post(format!("{base}/default/consent"))
-            .json(&serde_json::json!({"issuer": PARTNER, "subject": "default"})),
-    )
-    .await;
-    assert_eq!(status, 400, "`default` is fixed: {body}");
-    let (status, body) = call(http.delete(format!("{base}/al%2Fice"))).await;
-    assert_eq!(status, 400, "not a connection id: {body}");
+    // Requests that cannot name one connection unambiguously: 400 each.
+    for (req, why) in [
+        (
+            http.get(&base).query(&[("issuer", PARTNER)]),
+            "issuer without subject",
+        ),
+        (
+            http.post(format!("{base}/{id}/consent")),
+            "a per-user consent names its user",
+        ),
+        (
+            http.post(format!("{base}/default/consent"))
+                .json(&serde_json::json!({"issuer": PARTNER, "subject": "default"})),
+            "`default` is fixed",
+        ),
+        (
+            http.delete(format!("{base}/al%2Fice")),
+            "not a connection id",
+        ),
+    ] {
+        let (status, body) = call(req).await;
+        assert_eq!(status, 400, "{why}: {body}");
+    }
 
     let (status, started) = call(
         http.post(format!("{base}/{id}/consent"))
@@ -597,13 +596,7 @@ async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
     )
     .await;
     assert_eq!(status, 200, "{started}");
-    let state = url::Url::parse(started["login_url"].as_str().unwrap())
-        .unwrap()
-        .query_pairs()
-        .find(|(k, _)| k == "state")
-        .unwrap()
-        .1
-        .into_owned();
+    let state = consent_state(&started);
     let cb = reqwest::get(format!(
         "http://{}/admin/callback?state={state}&code=partner-alice",
         srv.running.addrs.http.unwrap()
@@ -665,4 +658,15 @@ async fn the_admin_api_finds_and_connects_a_user_by_issuer_and_subject() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
+}
+
+/// The `state` of a consent's login URL (what the provider hands back to the callback).
+fn consent_state(started: &serde_json::Value) -> String {
+    let login = url::Url::parse(started["login_url"].as_str().expect("a login_url")).unwrap();
+    login
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .expect("a state parameter")
+        .1
+        .into_owned()
 }

@@ -141,10 +141,7 @@ def run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp
     try:
         envoy.wait_healthy("portcullis")
         port = envoy.ports["http"]
-        # Plain requests first: a topology that refused everything would pass the invariant.
-        for case, status, marker in controls(backend.vhosts):
-            reply = send_raw(port, case.wire())
-            assert (reply.status, reply.marker) == (status, marker), f"control {case.wire()!r}: HTTP {reply.status} {reply.body[:300]!r}"
+        check_controls(port, backend.vhosts)
         results = run_corpus(port, cases, portcullis.output, backend.vhosts)
     finally:
         envoy.stop()
@@ -154,6 +151,14 @@ def run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp
 def check_matrix(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params):
     results = run_variant(request, policy_name, variant, backend_name, portcullis_for, tmp_path, pki_params)
     report(results, policy_name, f"Envoy {variant}", backend_name, tmp_path)
+
+
+def check_controls(port, vhosts):
+    """Plain requests first, with known answers: a topology that refused everything would pass the
+    invariant."""
+    for case, status, marker in controls(vhosts):
+        reply = send_raw(port, case.wire())
+        assert (reply.status, reply.marker) == (status, marker), f"control {case.wire()!r}: HTTP {reply.status} {reply.body[:300]!r}"
 
 
 def report(results, policy_name, proxy, backend_name, tmp_path=None):
@@ -202,9 +207,7 @@ def test_nginx_auth_request_lets_no_request_reach_a_location_its_api_does_not_ow
     port = free_port()
     front = Nginx(render_nginx_conf(portcullis.http_port, backend.port, port, tmp_path), port, tmp_path, "nginx-auth-request")
     try:
-        for case, status, marker in controls(backend.vhosts):
-            reply = send_raw(port, case.wire())
-            assert (reply.status, reply.marker) == (status, marker), f"control {case.wire()!r}: HTTP {reply.status} {reply.body[:300]!r}"
+        check_controls(port, backend.vhosts)
         results = run_corpus(port, cases, portcullis.output, backend.vhosts)
     finally:
         front.stop()

@@ -223,3 +223,16 @@ pub fn injected(d: &portcullis::policy::Decision) -> Result<String, String> {
         }
     }
 }
+
+/// Runs `portcullis serve --config CONFIG`, which must refuse to start: asserts exit 2 and returns
+/// what it printed on stderr.
+pub fn serve_refuses(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}

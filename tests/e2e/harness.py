@@ -96,6 +96,15 @@ def _kill_leftovers() -> None:
             proc.kill()
 
 
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for programs that cannot report the port they bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -338,14 +347,7 @@ class Nginx:
         self.port = port
         argv = [nginx_bin(), "-p", str(self.workdir), "-c", str(self.conf_path), "-e", str(self.workdir / "logs" / "error.log"), "-g", f"daemon off; pid {self.workdir}/nginx.pid;"]
         self.process = Process(name, argv, self.workdir)
-        self.process.wait_for("nginx listening", self._accepts)
-
-    def _accepts(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+        self.process.wait_for("nginx listening", lambda: accepts(self.port))
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -93,7 +93,8 @@ fn bench(c: &mut Criterion) {
     let (url, hits) = fake_token_endpoint(&rt);
     let runtime = Runtime::default();
     let policy = policy(&url, &runtime);
-    rt.block_on(runtime.credentials.start(&policy))
+    runtime.publish(&policy);
+    rt.block_on(runtime.credentials.start(policy.backend_credentials()))
         .expect("start");
     let h = headers();
 

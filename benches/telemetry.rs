@@ -34,8 +34,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use portcullis::config::Settings;
 use portcullis::policy::{
-    CheckInput, EvalOptions, Headers, PolicySet, Runtime, Settings, compile, subscription,
+    CheckInput, EvalOptions, Headers, PolicySet, Runtime, compile, subscription,
 };
 use portcullis::telemetry::{self, HeadersCarrier, Telemetry, Transport};
 use tracing::Instrument as _;
@@ -157,7 +158,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let t = Telemetry::new(&settings).expect("telemetry");
+    let t = Telemetry::new(&settings, std::sync::Arc::new(Runtime::offline())).expect("telemetry");
     group.bench_function("prometheus", |b| {
         b.iter(|| futures::executor::block_on(check(&p, &t, black_box(&input))))
     });
@@ -176,7 +177,8 @@ fn bench(c: &mut Criterion) {
 
     if std::env::var_os("PORTCULLIS_BENCH_DECISION_LOG").is_some() {
         let (p, settings) = policy(None, true);
-        let t = Telemetry::new(&settings).expect("telemetry");
+        let t =
+            Telemetry::new(&settings, std::sync::Arc::new(Runtime::offline())).expect("telemetry");
         group.bench_function("decision-log", |b| {
             b.iter(|| futures::executor::block_on(check(&p, &t, black_box(&input))))
         });
@@ -184,14 +186,14 @@ fn bench(c: &mut Criterion) {
     }
 
     let (p, settings) = policy(Some(&collector), false);
-    let t = Telemetry::new(&settings).expect("telemetry");
+    let t = Telemetry::new(&settings, std::sync::Arc::new(Runtime::offline())).expect("telemetry");
     group.bench_function("otlp-metrics", |b| {
         b.iter(|| futures::executor::block_on(check(&p, &t, black_box(&input))))
     });
 
     // Span export is process-wide, so it is switched on last. Logs at `error` only: none are expected.
     let process = telemetry::init(
-        portcullis::policy::LogFormat::Text,
+        portcullis::config::LogFormat::Text,
         "error",
         Some(&telemetry::OtlpTarget {
             endpoint: collector.clone(),

@@ -93,7 +93,12 @@ fn upgrade_store(path: &Path, args: UpgradeStoreArgs) -> ExitCode {
         Some(issuer) => crate::credentials::LegacyAction::Adopt { issuer },
         None => crate::credentials::LegacyAction::Drop,
     };
-    match crate::credentials::upgrade_legacy_store(&src, &policy, &args.credential, &action) {
+    match crate::credentials::upgrade_legacy_store(
+        &src,
+        policy.backend_credentials(),
+        &args.credential,
+        &action,
+    ) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
@@ -112,34 +117,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: &Path) -> ExitCode {
-    // Logging needs the config's format and level (and span export its OTLP endpoint) before the
-    // service starts; a config that does not load is still reported, with default logging.
-    let (format, level, otlp) = match config::load(path) {
-        Ok(src) => {
-            let t = &src.file.telemetry;
-            let format = if t.log_format.as_deref() == Some("json") {
-                policy::LogFormat::Json
-            } else {
-                policy::LogFormat::Text
-            };
-            let otlp = t
-                .otlp_endpoint
-                .as_ref()
-                .map(|endpoint| telemetry::OtlpTarget {
-                    endpoint: endpoint.clone(),
-                    protocol: t
-                        .otlp_protocol
-                        .as_deref()
-                        .and_then(telemetry::OtlpProtocol::parse)
-                        .unwrap_or(telemetry::OtlpProtocol::Grpc),
-                });
-            (
-                format,
-                t.log_level.clone().unwrap_or_else(|| "info".into()),
-                otlp,
-            )
+    // The file is read once. Logging needs its format and level (and span export its OTLP
+    // endpoint) before the service starts; a config that does not load or compile is still
+    // reported, with default logging.
+    let loaded = config::load(path).and_then(|src| {
+        let mut errs = config::ConfigErrors::default();
+        match config::settings::compile_settings(&src, &mut errs) {
+            Some(settings) if errs.is_empty() => Ok((src, settings)),
+            _ => Err(errs),
         }
-        Err(_) => (policy::LogFormat::Text, "info".into(), None),
+    });
+    let (format, level, otlp) = match &loaded {
+        Ok((_, s)) => (s.log_format, s.log_level.clone(), s.otlp.clone()),
+        Err(_) => (config::LogFormat::Text, "info".into(), None),
     };
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -153,15 +143,23 @@ fn serve(path: &Path) -> ExitCode {
         let _runtime = rt.enter();
         telemetry::init(format, &level, otlp.as_ref())
     };
-    let code = serve_on(&rt, path);
+    let code = serve_on(&rt, path, loaded.map(|(src, _)| src));
     // Spans still queued go out while the runtime is alive.
     process_telemetry.shutdown();
     code
 }
 
-fn serve_on(rt: &tokio::runtime::Runtime, path: &Path) -> ExitCode {
+fn serve_on(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    src: Result<config::Source, config::ConfigErrors>,
+) -> ExitCode {
     rt.block_on(async {
-        let running = match crate::server::start(path).await {
+        let started = match src {
+            Ok(src) => crate::server::start_with(path, src).await,
+            Err(errs) => Err(errs.into()),
+        };
+        let running = match started {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("{e}");

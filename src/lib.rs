@@ -1,14 +1,14 @@
 //! portcullis: an external authorization decision service for Envoy's ext_authz v3 API.
 //!
-//! The pipeline reads top to bottom: [`config`] (what the user wrote) compiles into a [`policy`] set
-//! (what a request is evaluated against), which [`server`] adapters expose over gRPC and HTTP.
+//! The policy core ([`check`], [`config`], [`identity`], [`credentials`], [`policy`]) is the
+//! `portcullis-core` crate, re-exported here; this crate adds what runs it as a service:
+//! [`telemetry`] (logs, traces, metrics, decision log), [`server`] (the gRPC and HTTP adapters,
+//! hot reload, the admin API) and [`cli`]. See `docs/architecture.md` for the layers.
 #![forbid(unsafe_code)]
 
+pub use portcullis_core::{check, config, credentials, identity, policy};
+
 pub mod cli;
-pub mod config;
-pub mod credentials;
-pub mod identity;
-pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

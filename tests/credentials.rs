@@ -316,7 +316,11 @@ async fn refresh_ahead_replaces_the_token_before_it_expires() {
     let rt = runtime(&clock);
     let policy = compile(&yaml(&fake, ""), &rt);
     // Fetched at start, so the first request does not pay.
-    rt.credentials.start(&policy).await.unwrap();
+    rt.publish(&policy);
+    rt.credentials
+        .start(policy.backend_credentials())
+        .await
+        .unwrap();
     assert_eq!(fake.hits(), 1);
     assert_eq!(
         injected(&decide(&policy, &clock).await),
@@ -406,7 +410,11 @@ async fn ten_thousand_checks_cost_a_handful_of_token_requests() {
     let clock = ManualClock::new(SystemTime::now());
     let rt = runtime(&clock);
     let policy = compile(&yaml(&fake, ""), &rt);
-    rt.credentials.start(&policy).await.unwrap();
+    rt.publish(&policy);
+    rt.credentials
+        .start(policy.backend_credentials())
+        .await
+        .unwrap();
     // 10,000 checks spread over 1,000 s (tokens live 600 s, refreshed 180 s early).
     for _ in 0..100 {
         let ds = futures::future::join_all((0..100).map(|_| decide(&policy, &clock))).await;

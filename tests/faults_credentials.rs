@@ -18,11 +18,14 @@ use portcullis::config;
 use portcullis::credentials::{Clock, ManualClock, Registry};
 use portcullis::policy::{self, PolicySet, Runtime};
 
+/// A policy put into service on `runtime` (compiled, then its credentials published).
 fn compile(text: &str, runtime: &Runtime) -> PolicySet {
     let src = config::parse(text, std::path::Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
-    policy::compile(&src, runtime)
+    let policy = policy::compile(&src, runtime)
         .unwrap_or_else(|e| panic!("{e}"))
-        .0
+        .0;
+    runtime.publish(&policy);
+    policy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

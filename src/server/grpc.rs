@@ -196,6 +196,7 @@ pub fn to_check_response(d: Decision) -> CheckResponse {
                     headers: upstream_headers
                         .into_iter()
                         .map(|h| header(h.name, h.value))
+                        .chain([header(crate::check::DECISION_ID_HEADER.into(), id)])
                         .collect(),
                     headers_to_remove: remove_headers,
                     query_parameters_to_remove: remove_query,
@@ -208,10 +209,7 @@ pub fn to_check_response(d: Decision) -> CheckResponse {
             let body = denial.body(&id);
             let mut headers = Vec::with_capacity(3);
             headers.push(header("content-type".into(), "application/json".into()));
-            headers.push(header(
-                crate::policy::decision::DECISION_ID_HEADER.into(),
-                id,
-            ));
+            headers.push(header(crate::check::DECISION_ID_HEADER.into(), id));
             if let Some(challenge) = denial.www_authenticate {
                 headers.push(header("www-authenticate".into(), challenge));
             }
@@ -245,5 +243,54 @@ fn header(key: String, value: String) -> HeaderValueOption {
         }),
         append: Some(false),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{DECISION_ID_HEADER, Header};
+
+    /// The adapter, not the policy, names the decision: exactly one id header on an allow and on a
+    /// deny, carrying the decision's id.
+    #[test]
+    fn the_decision_id_header_is_added_once_by_the_transport() {
+        let mut allow = Decision::new();
+        allow.upstream_headers.push(Header {
+            name: "x-user".into(),
+            value: "alice".into(),
+            sensitive: false,
+        });
+        let id = allow.id.clone();
+        let Some(auth::check_response::HttpResponse::OkResponse(ok)) =
+            to_check_response(allow).http_response
+        else {
+            panic!("an allow is an OkResponse")
+        };
+        let ids: Vec<&str> = ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .filter(|h| h.key == DECISION_ID_HEADER)
+            .map(|h| h.value.as_str())
+            .collect();
+        assert_eq!(ids, [id.as_str()]);
+
+        let mut deny = Decision::new();
+        deny.outcome = Outcome::Deny(crate::check::Denial::new(
+            crate::check::Reason::NoMatchingApi,
+        ));
+        let Some(auth::check_response::HttpResponse::DeniedResponse(denied)) =
+            to_check_response(deny).http_response
+        else {
+            panic!("a deny is a DeniedResponse")
+        };
+        let count = denied
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .filter(|h| h.key == DECISION_ID_HEADER)
+            .count();
+        assert_eq!(count, 1);
     }
 }

@@ -21,7 +21,7 @@ use tracing::Instrument as _;
 
 use super::State;
 use super::listener::Tracked;
-use crate::policy::ConnectionLimits;
+use crate::config::ConnectionLimits;
 use crate::policy::canonical::ForwardAuthSource;
 use crate::policy::{
     CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, PolicySet, Reason,
@@ -374,11 +374,7 @@ pub fn to_http_response(d: &Decision) -> Response {
             r
         }
     };
-    insert(
-        resp.headers_mut(),
-        crate::policy::decision::DECISION_ID_HEADER,
-        &d.id,
-    );
+    insert(resp.headers_mut(), crate::check::DECISION_ID_HEADER, &d.id);
     resp
 }
 
@@ -388,5 +384,24 @@ fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
         HeaderValue::from_str(value),
     ) {
         headers.insert(n, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{DECISION_ID_HEADER, Header};
+
+    #[test]
+    fn a_forward_auth_allow_carries_one_decision_id() {
+        let mut d = Decision::new();
+        d.upstream_headers.push(Header {
+            name: "x-user".into(),
+            value: "alice".into(),
+            sensitive: false,
+        });
+        let resp = to_http_response(&d);
+        let ids: Vec<_> = resp.headers().get_all(DECISION_ID_HEADER).iter().collect();
+        assert_eq!(ids, [d.id.as_str()]);
     }
 }

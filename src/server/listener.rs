@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::ConnectionLimits;
+use crate::config::ConnectionLimits;
 
 /// Descriptors kept out of the listeners' reach: the config watcher, the credential store, log and
 /// telemetry exporters, outbound JWKS and token endpoint connections, and the one a shed

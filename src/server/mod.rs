@@ -18,7 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config;
-use crate::policy::{self, Decision, PolicySet, Runtime, Settings};
+use crate::config::Settings;
+use crate::policy::{self, Decision, PolicySet, Runtime};
 use crate::proto::auth::authorization_server::AuthorizationServer;
 
 /// How long in-flight checks may take to finish after SIGTERM.
@@ -71,6 +72,17 @@ impl State {
     /// The current policy set.
     pub fn policy(&self) -> arc_swap::Guard<Arc<PolicySet>> {
         self.policy.load()
+    }
+
+    /// Puts a freshly compiled policy into service as one step: its credentials are published, it
+    /// replaces the current policy, and `digest` becomes the file's recorded digest. Returns the
+    /// policy it replaced.
+    fn install(&self, policy: PolicySet, digest: [u8; 32]) -> Arc<PolicySet> {
+        let mut recorded = self.config_digest.lock().unwrap_or_else(|p| p.into_inner());
+        self.runtime.publish(&policy);
+        let old = self.policy.swap(Arc::new(policy));
+        *recorded = digest;
+        old
     }
 
     /// A permit to evaluate one check, or `None` when too many are in flight.
@@ -140,16 +152,23 @@ impl Running {
 
 /// Loads and compiles the config file, binds the listeners and serves in the background.
 pub async fn start(config_path: &Path) -> Result<Running, StartError> {
-    let started = std::time::Instant::now();
     let src = config::load(config_path)?;
+    start_with(config_path, src).await
+}
+
+/// [`start`] with the file at `config_path` already loaded as `src` (reloads read it again).
+pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Running, StartError> {
+    let started = std::time::Instant::now();
     let runtime = Arc::new(Runtime::default());
     let (policy, settings) = policy::compile(&src, &runtime)?;
-    // Telemetry first: compiling started the key fetches and the credentials are fetched next, and
-    // both count into the metrics, which must exist by the time they finish.
-    let telemetry = crate::telemetry::Telemetry::new(&settings)?;
+    let telemetry = crate::telemetry::Telemetry::new(&settings, runtime.clone())?;
     // Opens the credential store and obtains the backend credentials the APIs use, so that the
     // first request does not pay for them.
-    runtime.credentials.start(&policy).await?;
+    runtime.publish(&policy);
+    runtime
+        .credentials
+        .start(policy.backend_credentials())
+        .await?;
     let admission = Arc::new(Semaphore::new(policy.limits.max_concurrent_checks));
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(policy),
@@ -219,7 +238,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     })
 }
 
-fn load_tls(t: &policy::TlsFiles) -> Result<ServerTlsConfig, StartError> {
+fn load_tls(t: &config::TlsFiles) -> Result<ServerTlsConfig, StartError> {
     let read = |p: &Path| {
         let max = crate::config::limits::MAX_PEM_FILE_BYTES;
         match crate::config::limits::read_bytes_at_most(p, max) {

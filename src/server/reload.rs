@@ -96,11 +96,7 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Reloaded>, Confi
         );
     }
     let summary = policy.summary.clone();
-    let old = state.policy.swap(Arc::new(policy));
-    *state
-        .config_digest
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = src.digest;
+    let old = state.install(policy, src.digest);
     Ok(Some((summary, load_ms, old)))
 }
 

@@ -18,9 +18,10 @@ use opentelemetry::metrics::{
 };
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 
+use super::Outcome;
 use super::otlp::{self, ExporterError, OtlpTarget, Signal};
-use super::{FetchResult, Outcome, TokenCacheResult};
-use crate::policy::{Decision, Reason};
+use crate::check::{Decision, Reason};
+use crate::policy::Runtime;
 
 /// Bucket bounds of `portcullis.decision.duration`, in seconds: a cached decision takes
 /// microseconds, one waiting for a token endpoint or JWKS fetch can take seconds.
@@ -43,15 +44,11 @@ pub(crate) struct Metrics {
     registry: prometheus::Registry,
     decisions: Counter<u64>,
     duration: Histogram<f64>,
-    jwks_fetches: Counter<u64>,
-    token_cache: Counter<u64>,
     apis: NamedCells<ApiCells>,
     no_api: ApiCells,
     overloaded: BoundCounter<u64>,
     reload_cells: [BoundCounter<u64>; 2],
     reload_duration: [BoundHistogram<f64>; 2],
-    jwks_cells: NamedCells<[OnceLock<BoundCounter<u64>>; 2]>,
-    token_cells: NamedCells<[OnceLock<BoundCounter<u64>>; 4]>,
     /// Decision records dropped because the log queue was full.
     pub(crate) dropped_records: Arc<AtomicU64>,
 }
@@ -73,9 +70,13 @@ impl Default for ApiCells {
 
 impl Metrics {
     /// Builds the meter provider with its Prometheus reader and, when `otlp` is set, a periodic OTLP
-    /// reader (`OTEL_METRIC_EXPORT_INTERVAL` applies; default 60 s). Must run inside a tokio runtime
-    /// when `otlp` is set.
-    pub(crate) fn new(otlp: Option<&OtlpTarget>) -> Result<Metrics, MetricsError> {
+    /// reader (`OTEL_METRIC_EXPORT_INTERVAL` applies; default 60 s). Key fetch and token cache
+    /// counts are read from `runtime` at collection time. Must run inside a tokio runtime when
+    /// `otlp` is set.
+    pub(crate) fn new(
+        otlp: Option<&OtlpTarget>,
+        runtime: Arc<Runtime>,
+    ) -> Result<Metrics, MetricsError> {
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -93,7 +94,7 @@ impl Metrics {
         let provider = builder.build();
         let meter = provider.meter("portcullis");
         let dropped_records = Arc::new(AtomicU64::new(0));
-        register_observables(&meter, dropped_records.clone());
+        register_observables(&meter, dropped_records.clone(), runtime);
 
         let decisions = meter
             .u64_counter("portcullis.decisions")
@@ -104,16 +105,6 @@ impl Metrics {
             .with_unit("s")
             .with_description("Time from receiving a check to having its decision.")
             .with_boundaries(DURATION_BUCKETS.to_vec())
-            .build();
-        let jwks_fetches = meter
-            .u64_counter("portcullis.jwks.fetches")
-            .with_description("Key set fetches by identity provider and result.")
-            .build();
-        let token_cache = meter
-            .u64_counter("portcullis.token_cache.requests")
-            .with_description(
-                "Backend credential lookups by credential and result (hit, miss, refresh, error).",
-            )
             .build();
         let reloads = meter
             .u64_counter("portcullis.config.reloads")
@@ -144,15 +135,11 @@ impl Metrics {
             registry,
             decisions,
             duration,
-            jwks_fetches,
-            token_cache,
             apis: NamedCells::default(),
             no_api: ApiCells::default(),
             overloaded,
             reload_cells,
             reload_duration,
-            jwks_cells: NamedCells::default(),
-            token_cells: NamedCells::default(),
             dropped_records,
         })
     }
@@ -212,33 +199,6 @@ impl Metrics {
         self.reload_duration[usize::from(!ok)].record(elapsed.as_secs_f64());
     }
 
-    pub(crate) fn jwks_fetch(&self, provider: &str, result: FetchResult) {
-        self.jwks_cells.with(provider, Default::default, |cells| {
-            cells[result as usize]
-                .get_or_init(|| {
-                    self.jwks_fetches.bind(&[
-                        KeyValue::new("provider", provider.to_string()),
-                        KeyValue::new("result", result.as_str()),
-                    ])
-                })
-                .add(1);
-        });
-    }
-
-    pub(crate) fn token_cache(&self, credential: &str, result: TokenCacheResult) {
-        self.token_cells
-            .with(credential, Default::default, |cells| {
-                cells[result as usize]
-                    .get_or_init(|| {
-                        self.token_cache.bind(&[
-                            KeyValue::new("credential", credential.to_string()),
-                            KeyValue::new("result", result.as_str()),
-                        ])
-                    })
-                    .add(1);
-            });
-    }
-
     /// The Prometheus text exposition (format 0.0.4) of every metric.
     pub(crate) fn prometheus_text(&self) -> String {
         use prometheus::Encoder;
@@ -259,8 +219,51 @@ impl Metrics {
     }
 }
 
-/// Counters the SDK reads at collection time from numbers kept elsewhere.
-fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>) {
+/// Counters the SDK reads at collection time from numbers kept elsewhere: the identity and
+/// credentials modules count their own events and know nothing of telemetry.
+fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime: Arc<Runtime>) {
+    let identity = runtime.clone();
+    let _ = meter
+        .u64_observable_counter("portcullis.jwks.fetches")
+        .with_description("Key set fetches by identity provider and result.")
+        .with_callback(move |o| {
+            for (provider, ok, failed) in identity.identity.jwks_fetches() {
+                // A series appears with its first event, as a counter bound on first use would.
+                for (result, n) in [("success", ok), ("error", failed)] {
+                    if n == 0 {
+                        continue;
+                    }
+                    o.observe(
+                        n,
+                        &[
+                            KeyValue::new("provider", provider.clone()),
+                            KeyValue::new("result", result),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    let _ = meter
+        .u64_observable_counter("portcullis.token_cache.requests")
+        .with_description(
+            "Backend credential lookups by credential and result (hit, miss, refresh, error).",
+        )
+        .with_callback(move |o| {
+            for (credential, result, n) in runtime.credentials.token_cache_requests() {
+                if n == 0 {
+                    continue;
+                }
+                o.observe(
+                    n,
+                    &[
+                        KeyValue::new("credential", credential),
+                        KeyValue::new("result", result),
+                    ],
+                );
+            }
+        })
+        .build();
     let _ = meter
         .u64_observable_counter("portcullis.decision_log.dropped")
         .with_description("Decision records dropped because the decision log could not keep up.")
@@ -358,7 +361,7 @@ mod tests {
 
     fn decision(
         api: Option<&str>,
-        outcome: crate::policy::Outcome,
+        outcome: crate::check::Outcome,
         waived: Option<Reason>,
     ) -> Decision {
         let mut d = Decision::new();
@@ -389,8 +392,8 @@ mod tests {
 
     #[test]
     fn outcomes_reasons_and_shed_load_are_counted() {
-        use crate::policy::{Denial, Outcome as O};
-        let m = Metrics::new(None).unwrap();
+        use crate::check::{Denial, Outcome as O};
+        let m = Metrics::new(None, Arc::new(Runtime::offline())).unwrap();
         let ms = Duration::from_millis(1);
         m.record_decision(&decision(Some("orders"), O::Allow, None), ms);
         m.record_decision(&decision(Some("orders"), O::Allow, None), ms);

@@ -13,36 +13,13 @@
 //! None of it carries a token, key, secret, raw path or (outside the decision log's `client_ip`) an
 //! IP: attribute values are config names, reason codes and ids.
 //!
-//! # Hooks for the identity and credentials modules
+//! # Counts kept by the identity and credentials modules
 //!
-//! [`jwks_fetch`] and [`token_cache`] count into the metrics of the running service. They are free
-//! functions over a process-wide handle rather than methods on [`Telemetry`] because the key and
-//! token caches live in [`crate::policy::Runtime`], across reloads, in background refresh tasks that
-//! have no path to the server's state; OpenTelemetry's own API is built around a global meter
-//! provider for the same reason. With no service running (`portcullis check`, unit tests) they do
-//! nothing; in a process running several services (integration tests) they count into the most
-//! recently started one.
-//!
-//! ```
-//! use portcullis::telemetry::{self, FetchResult, TokenCacheResult};
-//! # async fn fetch() -> Result<(), ()> { Ok(()) }
-//! # async fn example(provider: &str, credential: &str) {
-//! use tracing::Instrument as _;
-//! // A child span: inside a check it is a child of `authz.check`, in a background refresh task it
-//! // starts its own trace. INFO or above and created in this crate, or it is not exported.
-//! // Field values are config names and codes, never URLs with query strings, tokens or secrets.
-//! let result = fetch().instrument(tracing::info_span!("jwks.fetch", provider = %provider)).await;
-//! telemetry::jwks_fetch(provider, if result.is_ok() { FetchResult::Success } else { FetchResult::Error });
-//!
-//! telemetry::token_cache(credential, TokenCacheResult::Hit);
-//! let span = tracing::info_span!("token.fetch", credential = %credential, grant = "client_credentials");
-//!
-//! // Outgoing requests to an identity provider or token endpoint may carry the trace on:
-//! let mut headers = http::HeaderMap::new();
-//! telemetry::inject_trace_context(&mut headers);
-//! # drop(span);
-//! # }
-//! ```
+//! Key set fetches and token cache lookups are counted where they happen
+//! ([`crate::identity::Registry::jwks_fetches`],
+//! [`crate::credentials::Registry::token_cache_requests`]); [`Telemetry::new`] registers
+//! observable counters that read them from the service's [`Runtime`] at collection time. Neither
+//! module knows telemetry exists, and two services in one process each report their own.
 
 mod decision_log;
 mod metrics;
@@ -52,7 +29,6 @@ mod traces;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use opentelemetry::trace::TraceId;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Span;
@@ -66,13 +42,12 @@ pub use traces::{
     HeaderMapCarrier, HeadersCarrier, MetadataCarrier, inject_current as inject_trace_context,
 };
 
-use crate::policy::{Decision, LogFormat, Settings};
+use crate::check::{self, Decision};
+use crate::config::{LogFormat, Settings};
+use crate::policy::Runtime;
 
 /// How long shutdown waits for the decision log to be written out.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The metrics of the most recently started service, for the hooks.
-static CURRENT: ArcSwapOption<metrics::Metrics> = ArcSwapOption::const_empty();
 
 /// The `outcome` attribute of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,13 +67,11 @@ impl Outcome {
     /// The outcome of a decision.
     pub fn of(d: &Decision) -> Outcome {
         match &d.outcome {
-            crate::policy::Outcome::Allow => Outcome::Allow,
-            crate::policy::Outcome::Deny(denial)
-                if denial.reason == crate::policy::Reason::Internal =>
-            {
+            check::Outcome::Allow => Outcome::Allow,
+            check::Outcome::Deny(denial) if denial.reason == check::Reason::Internal => {
                 Outcome::Error
             }
-            crate::policy::Outcome::Deny(_) => Outcome::Deny,
+            check::Outcome::Deny(_) => Outcome::Deny,
         }
     }
 
@@ -109,67 +82,6 @@ impl Outcome {
             Outcome::Deny => "deny",
             Outcome::Error => "error",
         }
-    }
-}
-
-/// The `result` of a key set fetch ([`jwks_fetch`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchResult {
-    /// Keys were fetched and accepted.
-    Success = 0,
-    /// The fetch failed (network, status, unparsable or empty key set).
-    Error = 1,
-}
-
-impl FetchResult {
-    /// `success` or `error`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            FetchResult::Success => "success",
-            FetchResult::Error => "error",
-        }
-    }
-}
-
-/// The `result` of a backend credential lookup ([`token_cache`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenCacheResult {
-    /// A cached token was used.
-    Hit = 0,
-    /// No usable token was cached; one was obtained.
-    Miss = 1,
-    /// A cached token was renewed ahead of expiry (count the refresh, not the hit it served).
-    Refresh = 2,
-    /// No token could be obtained.
-    Error = 3,
-}
-
-impl TokenCacheResult {
-    /// `hit`, `miss`, `refresh` or `error`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            TokenCacheResult::Hit => "hit",
-            TokenCacheResult::Miss => "miss",
-            TokenCacheResult::Refresh => "refresh",
-            TokenCacheResult::Error => "error",
-        }
-    }
-}
-
-/// Counts one key set fetch of identity provider `provider` (`portcullis.jwks.fetches`). Pass the
-/// provider's config name, never a URL. Cheap after the first call per (provider, result): a map
-/// lookup and an atomic add.
-pub fn jwks_fetch(provider: &str, result: FetchResult) {
-    if let Some(m) = CURRENT.load().as_ref() {
-        m.jwks_fetch(provider, result);
-    }
-}
-
-/// Counts one backend credential lookup of credential `credential` (`portcullis.token_cache.requests`).
-/// Pass the credential's config name. Cheap after the first call per (credential, result).
-pub fn token_cache(credential: &str, result: TokenCacheResult) {
-    if let Some(m) = CURRENT.load().as_ref() {
-        m.token_cache(credential, result);
     }
 }
 
@@ -308,14 +220,10 @@ pub enum TelemetryError {
 }
 
 impl Telemetry {
-    /// Telemetry as the settings ask for; becomes the target of [`jwks_fetch`] and [`token_cache`].
-    /// Must run inside a tokio runtime when `otlp_endpoint` is set.
-    pub fn new(settings: &Settings) -> Result<Self, TelemetryError> {
-        let otlp = settings.otlp_endpoint.as_ref().map(|endpoint| OtlpTarget {
-            endpoint: endpoint.clone(),
-            protocol: OtlpProtocol::parse(&settings.otlp_protocol).unwrap_or(OtlpProtocol::Grpc),
-        });
-        let metrics = Arc::new(metrics::Metrics::new(otlp.as_ref())?);
+    /// Telemetry as the settings ask for, reporting the key fetches and token cache lookups of
+    /// `runtime`. Must run inside a tokio runtime when an OTLP endpoint is set.
+    pub fn new(settings: &Settings, runtime: Arc<Runtime>) -> Result<Self, TelemetryError> {
+        let metrics = Arc::new(metrics::Metrics::new(settings.otlp.as_ref(), runtime)?);
         let decision_log = if settings.decision_log {
             Some(decision_log::DecisionLog::start(
                 settings.decision_log_client_ip,
@@ -324,7 +232,6 @@ impl Telemetry {
         } else {
             None
         };
-        CURRENT.store(Some(metrics.clone()));
         Ok(Telemetry {
             metrics,
             decision_log,
@@ -428,13 +335,5 @@ impl Telemetry {
             log.flush(FLUSH_TIMEOUT);
         }
         self.metrics.shutdown();
-        // Hooks of a stopped service go nowhere rather than into a provider that no longer exports.
-        let current = CURRENT.load_full();
-        if current
-            .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m, &self.metrics))
-        {
-            let _ = CURRENT.compare_and_swap(&current, None);
-        }
     }
 }

@@ -20,35 +20,7 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one warning per signal in this period while the collector keeps failing.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// Where and how to send OTLP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OtlpTarget {
-    /// The collector's base URL, e.g. `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318`
-    /// (HTTP, where `/v1/traces` and `/v1/metrics` are appended as `OTEL_EXPORTER_OTLP_ENDPOINT` does).
-    pub endpoint: String,
-    /// The wire protocol.
-    pub protocol: OtlpProtocol,
-}
-
-/// `telemetry.otlp_protocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OtlpProtocol {
-    /// OTLP over gRPC (default).
-    Grpc,
-    /// OTLP over HTTP with protobuf bodies.
-    HttpProtobuf,
-}
-
-impl OtlpProtocol {
-    /// Parses the config value; anything unknown is `None` (compile reports it).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "grpc" => Some(OtlpProtocol::Grpc),
-            "http/protobuf" => Some(OtlpProtocol::HttpProtobuf),
-            _ => None,
-        }
-    }
-}
+pub use crate::config::{OtlpProtocol, OtlpTarget};
 
 /// Why an exporter could not be built (a malformed endpoint, mostly).
 #[derive(Debug, thiserror::Error)]

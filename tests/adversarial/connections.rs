@@ -153,9 +153,10 @@ apis:
         let policy = policy::compile(&src, &rt)
             .unwrap_or_else(|e| panic!("{e}"))
             .0;
+        rt.publish(&policy);
         let started = rt
             .credentials
-            .start(&policy)
+            .start(policy.backend_credentials())
             .await
             .map_err(|e| e.to_string());
         (policy, rt, started)

@@ -72,8 +72,8 @@ impl Req {
             .to_string();
         self
     }
-    fn decide(&self, p: &PolicySet) -> Decision {
-        let input = CheckInput {
+    fn input(&self) -> CheckInput<'_> {
+        CheckInput {
             method: self.method,
             host: self.host,
             path: &self.path,
@@ -81,14 +81,20 @@ impl Req {
             peer: self.peer,
             peer_certificate: &self.cert,
             context_extensions: self.ce.as_ref(),
-        };
-        futures::executor::block_on(p.decide(
-            &input,
-            EvalOptions {
-                explain: true,
-                ..Default::default()
-            },
-        ))
+        }
+    }
+    fn decide(&self, p: &PolicySet) -> Decision {
+        futures::executor::block_on(p.decide(&self.input(), explain()))
+    }
+    fn decide_now(&self, p: &PolicySet) -> Option<Decision> {
+        p.decide_now(&self.input(), explain())
+    }
+}
+
+fn explain() -> EvalOptions {
+    EvalOptions {
+        explain: true,
+        ..Default::default()
     }
 }
 
@@ -142,10 +148,8 @@ fn no_api_matches_denies_by_default() {
     let p = policy(&format!("{BASE}\nunmatched: allow\n"));
     let d = Req::get("/nothing").decide(&p);
     assert!(d.is_allow());
-    assert_eq!(
-        upstream(&d, "x-portcullis-decision-id"),
-        Some(d.id.as_str())
-    );
+    // The transports add the decision id header (server::grpc, server::http), once.
+    assert_eq!(upstream(&d, "x-portcullis-decision-id"), None);
 }
 
 #[test]
@@ -684,4 +688,93 @@ apis:
         assert!(d.is_allow(), "{key}: {d:?}");
         assert_eq!(d.facts.subscription_id.as_deref(), Some(id), "{key}");
     }
+}
+
+/// What a user of the decision sees: outcome, reason, status, headers in and out.
+fn answer(d: &Decision) -> String {
+    let status = match &d.outcome {
+        Outcome::Allow => 200,
+        Outcome::Deny(den) => den.status,
+    };
+    let set: Vec<String> = d
+        .upstream_headers
+        .iter()
+        .map(|h| format!("{}={}", h.name, h.value))
+        .collect();
+    format!(
+        "{status} {:?} set {set:?} remove {:?} query {:?}",
+        reason(d),
+        d.remove_headers,
+        d.remove_query
+    )
+}
+
+#[test]
+fn decide_now_answers_on_the_callers_thread_when_nothing_is_fetched() {
+    let p = policy(BASE);
+    let requests = [
+        Req::get("/orders/1").header("ocp-apim-subscription-key", "key-a-primary"),
+        Req::get("/orders/1?subscription-key=key-orders"),
+        Req::get("/orders/1"),
+        Req::get("/orders/1")
+            .header("ocp-apim-subscription-key", "key-a-primary")
+            .peer("8.8.8.8"),
+        Req::get("/open/x"),
+        Req::get("/nothing"),
+        Req::get("/orders/%2e%2e/admin"),
+    ];
+    for req in &requests {
+        let now = req
+            .decide_now(&p)
+            .unwrap_or_else(|| panic!("{}: nothing to fetch, yet it would wait", req.path));
+        assert_eq!(answer(&now), answer(&req.decide(&p)), "{}", req.path);
+    }
+}
+
+const UNREACHABLE_KEYS: &str = r#"
+identity_providers:
+  - { name: corp, issuer: "https://idp.test", jwks_uri: "http://127.0.0.1:1/jwks" }
+apis:
+  - name: orders
+    match: { path_prefix: /orders }
+    jwt: { providers: [corp] }
+"#;
+
+/// A JWT-shaped token whose key (`kid: k1`) no provider holds yet.
+fn unverifiable_token() -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.{}",
+        b64(r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#),
+        b64(r#"{"iss":"https://idp.test","sub":"alice","exp":4102444800}"#),
+        b64("not a signature")
+    )
+}
+
+#[tokio::test]
+async fn decide_now_says_when_signing_keys_would_have_to_be_fetched() {
+    let src = config::parse(UNREACHABLE_KEYS, Path::new(".")).unwrap();
+    let runtime = Runtime::on_demand();
+    let p = compile(&src, &runtime).unwrap().0;
+    let with_token =
+        Req::get("/orders/1").header("authorization", &format!("Bearer {}", unverifiable_token()));
+    assert!(
+        with_token.decide_now(&p).is_none(),
+        "the key must be fetched: no decision without waiting"
+    );
+    assert_eq!(
+        runtime.identity.providers()[0].fetches_failed,
+        0,
+        "and nothing was fetched"
+    );
+    // Waiting, the fetch is made (and fails: closed port), and the answer is the outage's.
+    let waited = p.decide(&with_token.input(), explain()).await;
+    assert_eq!(reason(&waited), Some("IdentityProviderUnavailable"));
+    assert_eq!(runtime.identity.providers()[0].fetches_failed, 1);
+    // No token at all needs no key: decided at once.
+    let none = Req::get("/orders/1")
+        .decide_now(&p)
+        .expect("no fetch needed");
+    assert_eq!(reason(&none), Some("TokenNotPresent"));
 }

@@ -1,7 +1,7 @@
 //! The configuration file as the user writes it (product contract, section 2).
 //!
 //! These types describe the YAML and nothing more: no defaults are resolved, no values are validated
-//! beyond their shape. [`crate::policy::compile`] turns them into the runtime policy set. Leaf values
+//! beyond their shape. `policy::compile` turns them into the runtime policy set. Leaf values
 //! whose meaning needs checking (durations, addresses, hashes) stay strings here so that compile can
 //! report every bad value at once, each with its path.
 

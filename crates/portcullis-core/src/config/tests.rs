@@ -111,7 +111,7 @@ fn both_paths(text: &str) -> (Option<String>, String) {
 #[test]
 fn streaming_and_tree_loading_agree_on_the_bundled_example() {
     let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/portcullis.yaml"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/portcullis.yaml"),
     )
     .unwrap();
     let (streaming, tree) = both_paths(&text);

@@ -6,13 +6,9 @@
 pub mod canonical;
 pub mod cert;
 mod compile;
-pub mod decision;
 pub mod ip;
 pub mod matcher;
-pub mod reason;
-pub mod request;
 pub mod subscription;
-pub mod template;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -25,20 +21,22 @@ use std::time::SystemTime;
 
 use futures::FutureExt;
 
+use crate::check::Io;
+
+pub use crate::check::{
+    CheckInput, Decision, Denial, Header, Headers, Outcome, Reason, Step, StepResult,
+};
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
-pub(crate) use compile::duration;
-pub use compile::{ConnectionLimits, LogFormat, Runtime, Settings, TlsFiles, compile};
-pub use decision::{Decision, Denial, Header, Outcome, Step, StepResult};
-pub use reason::Reason;
-pub use request::{CheckInput, Headers};
+pub use compile::{Runtime, compile};
 
+use crate::check::query;
+use crate::check::template::{self, Template};
 use canonical::{ForwardAuthSource, NotCanonical, RequestRules};
 use cert::{CertFailure, CertPolicy, ClientCert};
 use ip::{ClientIpSource, IpSet};
 use matcher::{ApiIndex, Matcher, Target};
 use subscription::{KeyCheck, SubscriptionStore};
-use template::Template;
 
 /// Caps on untrusted input.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +81,8 @@ pub struct PolicySet {
     /// on every request, and X.509 parsing with two digests costs more than the rest of a decision.
     /// Keyed by the full text (compared for equality), so two certificates can never share an entry.
     cert_cache: CertCache,
+    /// The backend credentials this set was compiled with, published by [`Runtime::publish`].
+    credentials: crate::credentials::CredentialSet,
 }
 
 /// Parsed certificates by their encoded text. foldhash rather than SipHash: the key is 1-2 KiB of
@@ -178,14 +178,45 @@ impl PolicySet {
     /// Decides on a request. Never panics and never allows by accident: a panic anywhere in the
     /// evaluation becomes a deny with reason `Internal`.
     pub async fn decide(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Decision {
-        deny_on_panic(self.evaluate(input, opts)).await
+        deny_on_panic(async {
+            self.evaluate(input, opts, Io::Wait)
+                .await
+                .unwrap_or_else(|| Decision::internal(None))
+        })
+        .await
     }
 
-    async fn evaluate(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Decision {
+    /// Decides on this thread without waiting, for callers with no async runtime on it (the
+    /// in-process Envoy module): `Some` when everything the decision needs is at hand (no key or
+    /// backend token to fetch, or all of them cached), `None` when it would have to wait; then
+    /// call [`PolicySet::decide`] where waiting is possible. Nothing is fetched, and nothing
+    /// counted twice, on the `None` path. Like `decide`, a panic is a deny with reason `Internal`.
+    pub fn decide_now(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Option<Decision> {
+        let evaluate = || self.evaluate(input, opts, Io::Never).now_or_never();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(evaluate)) {
+            // `now_or_never` is `None` when some step was not ready at once (a lock held by a
+            // fetch in flight): that, too, is waiting.
+            Ok(d) => d.flatten(),
+            Err(_) => {
+                tracing::error!("panic while evaluating a check; denied with Internal");
+                Some(Decision::internal(None))
+            }
+        }
+    }
+
+    /// The decision; `None` only with [`Io::Never`], when a step would have to wait for a fetch.
+    async fn evaluate(
+        &self,
+        input: &CheckInput<'_>,
+        opts: EvalOptions,
+        io: Io,
+    ) -> Option<Decision> {
         let mut d = Decision::new();
         let mut ev = Evaluation {
             d: &mut d,
             explain: opts.explain,
+            io,
+            would_wait: false,
         };
         let client_ip = ip::client_ip(self.client_ip, input.peer, input.header("x-forwarded-for"));
         ev.d.facts.client_ip = client_ip;
@@ -199,7 +230,7 @@ impl PolicySet {
                 )
             });
             ev.d.outcome = Outcome::Deny(Denial::new(Reason::RequestHeadersTooLarge));
-            return d;
+            return Some(d);
         }
 
         // Every check below sees the canonical request, never the bytes as sent.
@@ -215,7 +246,7 @@ impl PolicySet {
                 ev.fail("request", reason, || e.to_string());
                 ev.d.outcome =
                     Outcome::Deny(Denial::new(reason).with_message(format!("Bad request: {e}.")));
-                return d;
+                return Some(d);
             }
         };
         // Shown only when canonicalisation changed something the caller wrote.
@@ -248,14 +279,13 @@ impl PolicySet {
                         target.method, target.host, path
                     )
                 });
-                ev.d.upstream_headers.push(decision_id_header(&ev.d.id));
             } else {
                 ev.fail("match", Reason::NoMatchingApi, || {
                     format!("no API matches {} {}{}", target.method, target.host, path)
                 });
                 ev.d.outcome = Outcome::Deny(Denial::new(Reason::NoMatchingApi));
             }
-            return d;
+            return Some(d);
         };
         let (api_index, api) = api;
         ev.d.api = Some(api.name.clone());
@@ -266,6 +296,8 @@ impl PolicySet {
             .await
         {
             Ok(()) => {}
+            // Neither a deny nor one to waive: the caller decides again, waiting.
+            Err(_) if ev.would_wait => return None,
             Err(denial) if api.shadow => {
                 tracing::info!(api = %api.name, reason = %denial.reason, decision_id = %ev.d.id, "shadow mode: deny not enforced");
                 ev.d.waived = Some(denial.reason);
@@ -289,11 +321,10 @@ impl PolicySet {
                 ev.d.remove_headers.clear();
                 ev.d.remove_query.clear();
                 ev.d.outcome = Outcome::Deny(denial);
-                return d;
+                return Some(d);
             }
         }
-        ev.d.upstream_headers.push(decision_id_header(&ev.d.id));
-        d
+        Some(d)
     }
 
     async fn evaluate_api(
@@ -347,7 +378,7 @@ impl PolicySet {
                         api.name, store.header
                     )
                 };
-                let Ok(query_key) = subscription::query_param(input.path, &store.query) else {
+                let Ok(query_key) = query::query_param(input.path, &store.query) else {
                     let denial =
                         Denial::new(Reason::SubscriptionKeyInvalid).with_challenge(challenge());
                     return Err(ev.deny_with("subscription", denial, || {
@@ -441,10 +472,17 @@ impl PolicySet {
         match &api.jwt {
             None => ev.skip("jwt"),
             Some(jwt) => match jwt
-                .validate(input, opts.now, &api.name, self.limits.max_token_bytes)
+                .validate(
+                    input,
+                    opts.now,
+                    &api.name,
+                    self.limits.max_token_bytes,
+                    ev.io,
+                )
                 .await
             {
-                Ok(valid) => {
+                Ok(None) => return Err(ev.would_wait()),
+                Ok(Some(valid)) => {
                     ev.pass("jwt", || valid.describe());
                     ev.d.facts.subject = valid.subject().map(str::to_string);
                     token = Some(valid);
@@ -461,7 +499,7 @@ impl PolicySet {
             claims: token.as_ref().map(|t| t.claims()),
             subscription_id: subscription_id.as_deref(),
             client_ip,
-            cert: client_cert.as_deref(),
+            cert_sha1: client_cert.as_deref().map(|c| &c.sha1),
             api: &api.name,
             raw_token: token.as_ref().map(|t| t.raw()),
         };
@@ -487,8 +525,9 @@ impl PolicySet {
         // 6. Backend credential.
         match &api.backend_credential {
             None => ev.skip("backend_credential"),
-            Some(bc) => match bc.header_for(&ctx, ev.explain).await {
-                Ok(header) => {
+            Some(bc) => match bc.header_with(&ctx, ev.explain, ev.io).await {
+                Ok(None) => return Err(ev.would_wait()),
+                Ok(Some(header)) => {
                     ev.pass("backend_credential", || {
                         format!(
                             "`{}` would carry credential `{}`",
@@ -606,21 +645,24 @@ pub(crate) async fn deny_on_panic(
     }
 }
 
-fn decision_id_header(id: &str) -> Header {
-    Header {
-        name: decision::DECISION_ID_HEADER.to_string(),
-        value: id.to_string(),
-        sensitive: false,
-    }
-}
-
 /// Records steps when asked to.
 struct Evaluation<'d> {
     d: &'d mut Decision,
     explain: bool,
+    /// Whether steps may wait for a fetch.
+    io: Io,
+    /// Set when a step stopped because it would have had to wait: the evaluation has no decision.
+    would_wait: bool,
 }
 
 impl Evaluation<'_> {
+    /// Stops the evaluation without a decision (see [`PolicySet::decide_now`]). The denial it
+    /// returns only unwinds the steps; `evaluate` never answers with it.
+    fn would_wait(&mut self) -> Denial {
+        self.would_wait = true;
+        Denial::new(Reason::Internal)
+    }
+
     // Details are closures: formatting them costs allocations a normal check must not pay.
     fn step(&mut self, check: &'static str, result: StepResult, detail: impl FnOnce() -> String) {
         if self.explain {

@@ -14,7 +14,6 @@ use arc_swap::ArcSwapOption;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use super::endpoint::Issued;
-use crate::telemetry::TokenCacheResult;
 
 /// Delays between attempts after failures: exponential from 500 ms to 1 min, with jitter so that
 /// many instances do not retry in step.
@@ -204,27 +203,42 @@ impl Slot {
     }
 }
 
-/// `portcullis.token_cache.requests` of one credential, by result: counted here (for the admin
-/// API and tests) and into the service's metrics.
-#[derive(Debug)]
+/// The `result` of a backend credential lookup (`portcullis.token_cache.requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCacheResult {
+    /// A cached token was used.
+    Hit = 0,
+    /// No usable token was cached; one was obtained.
+    Miss = 1,
+    /// A cached token was renewed ahead of expiry (count the refresh, not the hit it served).
+    Refresh = 2,
+    /// No token could be obtained.
+    Error = 3,
+}
+
+impl TokenCacheResult {
+    /// `hit`, `miss`, `refresh` or `error`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenCacheResult::Hit => "hit",
+            TokenCacheResult::Miss => "miss",
+            TokenCacheResult::Refresh => "refresh",
+            TokenCacheResult::Error => "error",
+        }
+    }
+}
+
+/// `portcullis.token_cache.requests` of one credential, by result. Telemetry reads them at
+/// collection time ([`super::Registry::token_cache_requests`]).
+#[derive(Debug, Default)]
 pub struct Counters {
-    name: String,
     counts: [AtomicU64; 4],
 }
 
 impl Counters {
-    /// Counters of the credential `name`.
-    pub fn new(name: &str) -> Counters {
-        Counters {
-            name: name.to_string(),
-            counts: Default::default(),
-        }
-    }
-
     /// Adds one.
     pub fn add(&self, result: TokenCacheResult) {
         self.counts[result as usize].fetch_add(1, Ordering::Relaxed);
-        crate::telemetry::token_cache(&self.name, result);
     }
 
     /// The counts as (result, value).

@@ -860,11 +860,7 @@ fn connection_settings_that_cannot_be_keyed_safely_are_config_errors() {
 async fn start_on_legacy(
     ids: &[&str],
     connection: &str,
-) -> (
-    crate::policy::Runtime,
-    Result<(), StoreError>,
-    tempfile::TempDir,
-) {
+) -> (Registry, Result<(), StoreError>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     {
@@ -878,35 +874,50 @@ async fn start_on_legacy(
         }
         s.forget_connection_id_marker();
     }
-    let text = format!(
-        "store: {{ path: store.db, key: \"${{env:K}}\" }}\nidentity_providers: [{{ name: corp, issuer: \"{ISS}\", jwks_uri: \"http://127.0.0.1:1/jwks\" }}]\ncredentials:\n  - {{ name: crm, grant: refresh_token, token_url: \"http://127.0.0.1:1/t\", client_id: a, client_secret: b }}\napis:\n  - {{ name: a, jwt: {{ providers: [corp] }}, on_allow: {{ backend_credential: {{ name: crm, connection: \"{connection}\" }} }} }}\n"
+    let text = "store: { path: store.db, key: \"${env:K}\" }\ncredentials:\n  - { name: crm, grant: refresh_token, token_url: \"http://127.0.0.1:1/t\", client_id: a, client_secret: b }\n";
+    let src =
+        config::parse_with_env(text, dir.path(), &|n| (n == "K").then(|| key.to_string())).unwrap();
+    let registry = Registry::default();
+    let mut errs = ConfigErrors::default();
+    let set = compile_credentials(&src, &registry, &mut errs);
+    // The API's `on_allow.backend_credential`, as an API with a `jwt` section writes it.
+    let cfg = config::BackendCredential {
+        name: "crm".into(),
+        header: None,
+        format: None,
+        connection: Some(connection.into()),
+    };
+    let used = compile_backend_credential(
+        &cfg,
+        "apis[0].on_allow.backend_credential",
+        true,
+        &set,
+        &mut errs,
     );
-    let src = config::parse_with_env(&text, dir.path(), &|n| (n == "K").then(|| key.to_string()))
-        .unwrap();
-    let runtime = crate::policy::Runtime::offline();
-    let (policy, _) = crate::policy::compile(&src, &runtime).unwrap();
-    let started = runtime.credentials.start(&policy).await;
-    (runtime, started, dir)
+    assert!(errs.is_empty(), "{errs}");
+    registry.publish(&set);
+    let started = registry.start(used.as_ref()).await;
+    (registry, started, dir)
 }
 
 #[tokio::test]
 async fn a_legacy_store_is_upgraded_only_when_unambiguous() {
     // Only `default` and the fixed ids the config names: upgraded in place.
-    let (runtime, started, _d) = start_on_legacy(&["default", "shared"], "shared").await;
+    let (registry, started, _d) = start_on_legacy(&["default", "shared"], "shared").await;
     started.unwrap();
-    let store = runtime.credentials.shared.store().unwrap();
+    let store = registry.shared.store().unwrap();
     assert!(!store.has_legacy_connection_ids(), "marked upgraded");
     assert_eq!(store.ids().len(), 2, "every record kept");
 
     // Used per user, `alice` may be a user's bare `sub` (of no known issuer): refused, named.
-    let (runtime, started, _d) = start_on_legacy(&["default", "alice"], "{jwt.sub}").await;
+    let (registry, started, _d) = start_on_legacy(&["default", "alice"], "{jwt.sub}").await;
     let err = started.unwrap_err();
     assert!(
         matches!(&err, StoreError::LegacyConnections { credential, count: 1, .. } if credential == "crm"),
         "{err}"
     );
     assert!(err.to_string().contains("(`alice`)"), "{err}");
-    assert!(runtime.credentials.shared.store().is_none(), "not opened");
+    assert!(registry.shared.store().is_none(), "not opened");
 
     // An id no fixed connection can have is refused whatever the config (it could pose as a
     // per-user id, or be unreachable garbage).
@@ -922,4 +933,50 @@ async fn a_legacy_store_is_upgraded_only_when_unambiguous() {
         err.contains("6 connection(s)") && err.contains("..."),
         "{err}"
     );
+}
+
+/// Without waiting ([`Io::Never`]), a lookup uses only a cached token: before one is cached it says
+/// so and fetches nothing, counts nothing; once cached, it answers at once.
+#[tokio::test]
+async fn a_lookup_that_may_not_wait_uses_only_cached_tokens() {
+    let fake = Fake::start(Arc::new(|_f, n| {
+        (
+            200,
+            json!({"access_token": format!("cc-{n}"), "token_type": "Bearer", "expires_in": 3600})
+                .to_string(),
+        )
+    }))
+    .await;
+    let s = setup(&format!(
+        "  - {{ name: cc, grant: client_credentials, token_url: \"{}\", client_id: svc, client_secret: sec }}\n  - {{ name: obo, grant: token_exchange, token_url: \"{}\", client_id: svc, client_secret: sec, audience: api://inventory }}\n",
+        fake.url, fake.url
+    ));
+    let exp = crate::credentials::clock::unix_secs(t0()) + 300;
+    let alice = claims(json!({"sub": "alice", "exp": exp}));
+    for name in ["cc", "obo"] {
+        let p = policy(&s, bc(name, None));
+        let c = ctx(&alice, "alice.jwt.token");
+        let before = fake.forms().len();
+        assert_eq!(
+            p.header_with(&c, false, Io::Never).await.unwrap(),
+            None,
+            "{name}: nothing cached"
+        );
+        assert_eq!(fake.forms().len(), before, "{name}: nothing fetched");
+        assert!(
+            s.registry
+                .token_cache_requests()
+                .iter()
+                .all(|(n, _, count)| n != name || *count == 0),
+            "{name}: nothing counted"
+        );
+        let waited = p.header_for(&c, false).await.unwrap();
+        let now = p.header_with(&c, false, Io::Never).await.unwrap();
+        assert_eq!(
+            now.as_ref().map(|h| &h.value),
+            Some(&waited.value),
+            "{name}"
+        );
+        assert_eq!(fake.forms().len(), before + 1, "{name}: one fetch in all");
+    }
 }

@@ -51,7 +51,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::policy::{CheckInput, Denial, Reason};
+use crate::check::{CheckInput, Denial, Failure, Io, Reason};
 use cache::{TokenCache, Verified};
 pub use compile::{compile_jwt, compile_providers};
 use jose::Algorithm;
@@ -64,6 +64,8 @@ pub struct Registry {
     /// Providers by the digest of their settings. Weak: the policy sets own them, and a provider no
     /// policy uses any more is dropped (ending its refresh task).
     providers: Mutex<HashMap<[u8; 32], Weak<Provider>>>,
+    /// Fetch counts by provider name, across every generation of that provider.
+    fetch_totals: Mutex<std::collections::BTreeMap<String, Arc<provider::FetchStats>>>,
     shared: Arc<Shared>,
     http: OnceLock<Option<reqwest::Client>>,
 }
@@ -133,6 +135,7 @@ impl Registry {
         Registry {
             mode,
             providers: Mutex::new(HashMap::new()),
+            fetch_totals: Mutex::new(std::collections::BTreeMap::new()),
             shared: Arc::new(Shared {
                 cache: TokenCache::new(cache::MAX_BYTES),
                 signature_checks: AtomicU64::new(0),
@@ -148,6 +151,28 @@ impl Registry {
             signature_verifications: self.shared.signature_checks.load(Ordering::Relaxed),
             cache_hits: self.shared.cache_hits.load(Ordering::Relaxed),
         }
+    }
+
+    /// `portcullis.jwks.fetches`: (provider name, successful fetches, failed fetches) of every
+    /// provider name this registry has held, counted across settings changes.
+    pub fn jwks_fetches(&self) -> Vec<(String, u64, u64)> {
+        let totals = self.fetch_totals.lock().unwrap_or_else(|p| p.into_inner());
+        totals
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    s.ok.load(Ordering::Relaxed),
+                    s.failed.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// The running fetch counts of provider `name`, shared by its generations.
+    fn fetch_totals(&self, name: &str) -> Arc<provider::FetchStats> {
+        let mut totals = self.fetch_totals.lock().unwrap_or_else(|p| p.into_inner());
+        totals.entry(name.to_string()).or_default().clone()
     }
 
     /// Every provider some policy set still uses.
@@ -290,15 +315,6 @@ impl std::fmt::Debug for ValidToken {
     }
 }
 
-/// Why a token was refused, as the client will see it.
-#[derive(Debug)]
-pub struct JwtFailure {
-    /// The response.
-    pub denial: Denial,
-    /// Detail for explanations and logs; never the token.
-    pub detail: String,
-}
-
 impl ValidToken {
     /// The token's claims.
     pub fn claims(&self) -> &serde_json::Map<String, serde_json::Value> {
@@ -347,15 +363,17 @@ enum Extracted<'a> {
 
 impl JwtPolicy {
     /// Validates the request's token against this API's rules. `now` is the check's clock: the
-    /// token's lifetime and the re-fetch interval are measured on it.
+    /// token's lifetime and the re-fetch interval are measured on it. `Ok(None)` only with
+    /// [`Io::Never`]: the token's key is not among the keys held, and finding it needs a fetch.
     pub async fn validate(
         &self,
         input: &CheckInput<'_>,
         now: SystemTime,
         api: &str,
         max_token_bytes: usize,
-    ) -> Result<ValidToken, JwtFailure> {
-        self.run(input, now, max_token_bytes)
+        io: Io,
+    ) -> Result<Option<ValidToken>, Failure> {
+        self.run(input, now, max_token_bytes, io)
             .await
             .map_err(|(reason, detail)| self.failure(reason, detail, api))
     }
@@ -365,7 +383,8 @@ impl JwtPolicy {
         input: &CheckInput<'_>,
         now: SystemTime,
         max_token_bytes: usize,
-    ) -> Result<ValidToken, Refusal> {
+        io: Io,
+    ) -> Result<Option<ValidToken>, Refusal> {
         let token = match self.extract(input) {
             Extracted::Missing => {
                 return Err((
@@ -393,7 +412,9 @@ impl JwtPolicy {
                 (v, p, true)
             }
             None => {
-                let (v, p) = self.verify(&token, now).await?;
+                let Some((v, p)) = self.verify(&token, now, io).await? else {
+                    return Ok(None);
+                };
                 (Arc::new(v), p, false)
             }
         };
@@ -402,13 +423,13 @@ impl JwtPolicy {
             self.shared.cache.insert(hash, verified.clone());
         }
         self.check_rules(&verified.claims, &provider)?;
-        Ok(ValidToken(Arc::new(TokenInner {
+        Ok(Some(ValidToken(Arc::new(TokenInner {
             raw: token.into_owned(),
             claims: verified.claims.clone(),
             provider: provider.name.clone(),
             alg: verified.alg,
             from_cache,
-        })))
+        }))))
     }
 
     /// A cached verification this API may use: by a provider it trusts, with a key that provider
@@ -427,11 +448,14 @@ impl JwtPolicy {
         Some((v, provider.clone()))
     }
 
+    /// The verified token and the provider whose key verified it; `Ok(None)` when a key must be
+    /// fetched and `io` forbids it.
     async fn verify(
         &self,
         token: &str,
         now: SystemTime,
-    ) -> Result<(Verified, Arc<Provider>), Refusal> {
+        io: Io,
+    ) -> Result<Option<(Verified, Arc<Provider>)>, Refusal> {
         let parsed = jose::parse(token).map_err(|e| (Reason::JwtInvalid, e.to_string()))?;
         let Some(alg) = Algorithm::parse(&parsed.alg) else {
             let shown = printable(&parsed.alg);
@@ -460,7 +484,15 @@ impl JwtPolicy {
             });
             let (candidates, unavailable) = match search {
                 KeySearch::Verified(p, fingerprint) => {
-                    return Ok(verified(p, fingerprint, parsed, exp, nbf, alg, token.len()));
+                    return Ok(Some(verified(
+                        p,
+                        fingerprint,
+                        parsed,
+                        exp,
+                        nbf,
+                        alg,
+                        token.len(),
+                    )));
                 }
                 KeySearch::NotVerified { tried, unavailable } => (tried, unavailable),
             };
@@ -482,7 +514,7 @@ impl JwtPolicy {
                     let search = self.search_keys(&providers, alg, &parsed, |k| k.kid.is_none());
                     let tried = match search {
                         KeySearch::Verified(p, fingerprint) => {
-                            return Ok(verified(
+                            return Ok(Some(verified(
                                 p,
                                 fingerprint,
                                 parsed,
@@ -490,7 +522,7 @@ impl JwtPolicy {
                                 nbf,
                                 alg,
                                 token.len(),
-                            ));
+                            )));
                         }
                         KeySearch::NotVerified { tried, .. } => tried,
                     };
@@ -520,6 +552,9 @@ impl JwtPolicy {
                 ));
             }
             // Unknown key: one re-fetch per provider (single flight, rate-limited), then look again.
+            if io == Io::Never {
+                return Ok(None);
+            }
             futures::future::join_all(
                 refetchable
                     .iter()
@@ -731,7 +766,7 @@ impl JwtPolicy {
                 }
             }
             TokenLocation::Query(name) => {
-                match crate::policy::subscription::query_param(input.path, name) {
+                match crate::check::query::query_param(input.path, name) {
                     Err(_) => {
                         Extracted::Invalid(format!("the `{name}` query parameter appears twice"))
                     }
@@ -795,7 +830,7 @@ impl JwtPolicy {
     }
 
     /// Shapes a refusal: `failed_status`/`failed_message` for the 401 class, RFC 6750 challenges.
-    fn failure(&self, reason: Reason, detail: String, api: &str) -> JwtFailure {
+    fn failure(&self, reason: Reason, detail: String, api: &str) -> Failure {
         let mut denial = Denial::new(reason);
         let realm = quote(api);
         match reason {
@@ -837,7 +872,7 @@ impl JwtPolicy {
             }
             _ => {}
         }
-        JwtFailure { denial, detail }
+        Failure { denial, detail }
     }
 }
 
@@ -878,7 +913,7 @@ fn claim_values(
     name: &str,
     separator: Option<&str>,
 ) -> Option<Vec<String>> {
-    let v = crate::policy::template::claim(claims, name)?;
+    let v = crate::check::template::claim(claims, name)?;
     let mut out = Vec::new();
     let mut push = |v: &Value| match v {
         Value::String(s) => match separator {

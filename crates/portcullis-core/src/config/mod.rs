@@ -1,11 +1,12 @@
 //! Loading the configuration file: YAML, `${env:NAME}` / `${file:PATH}` substitution, and structural
 //! errors, every one reported with its path.
 //!
-//! Loading stops at the shape of the file; [`crate::policy::compile`] checks the meaning of every value.
+//! Loading stops at the shape of the file; `policy::compile` checks the meaning of every value.
 //! Before either loader runs, the text is checked against the limits in [`limits`] (size, nesting,
 //! values and text with aliases expanded), so a hostile file is refused in one cheap pass.
 
 pub mod limits;
+pub mod settings;
 mod types;
 
 use std::collections::HashSet;
@@ -17,6 +18,9 @@ use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 
 pub use limits::LimitExceeded;
+pub use settings::{
+    ConnectionLimits, LogFormat, OtlpProtocol, OtlpTarget, Settings, TlsFiles, duration, positive,
+};
 pub use types::*;
 
 /// One thing wrong with a configuration, located by its path in the file (`apis[2].jwt.audiences`).

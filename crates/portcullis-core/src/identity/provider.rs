@@ -181,8 +181,11 @@ pub struct Provider {
     /// Finished fetch attempts, successful or not; a waiter that sees it change knows a fetch
     /// happened while it waited.
     attempts: AtomicU64,
-    /// Fetch counts.
+    /// Fetch counts of this provider.
     pub stats: FetchStats,
+    /// Fetch counts of every provider of this name the registry has held, for metrics: they
+    /// survive a settings change, which replaces the provider.
+    totals: Arc<FetchStats>,
     /// Dropped with the provider, which ends the background task.
     _stop: Option<oneshot::Sender<()>>,
 }
@@ -222,6 +225,7 @@ impl Provider {
         spec: ProviderSpec,
         mode: FetchMode,
         http: Option<reqwest::Client>,
+        totals: Arc<FetchStats>,
     ) -> Arc<Provider> {
         let background = mode == FetchMode::Background
             && !spec.source.is_static()
@@ -249,6 +253,7 @@ impl Provider {
             }),
             attempts: AtomicU64::new(0),
             stats: FetchStats::default(),
+            totals,
             _stop: stop_tx,
         });
         if let Some(stop) = stop_rx {
@@ -344,7 +349,7 @@ impl Provider {
                     tracing::debug!(provider = %self.name, key = %name, reason = %why, "JWKS key skipped");
                 }
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                crate::telemetry::jwks_fetch(&self.name, crate::telemetry::FetchResult::Success);
+                self.totals.ok.fetch_add(1, Ordering::Relaxed);
                 let keys = KeySet { keys: parsed.keys };
                 tracing::info!(provider = %self.name, result = "ok", keys = keys.keys.len(), skipped = parsed.skipped.len(), "signing keys fetched");
                 self.keys.store(Some(Arc::new(keys)));
@@ -352,7 +357,7 @@ impl Provider {
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                crate::telemetry::jwks_fetch(&self.name, crate::telemetry::FetchResult::Error);
+                self.totals.failed.fetch_add(1, Ordering::Relaxed);
                 let kept = self.keys.load().is_some();
                 tracing::warn!(provider = %self.name, result = "error", error = %e, kept_last_good_keys = kept, "signing keys could not be fetched");
                 false

@@ -6,8 +6,6 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use super::cert::ClientCert;
-
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -44,8 +42,8 @@ pub struct Context<'a> {
     pub subscription_id: Option<&'a str>,
     /// The caller's address.
     pub client_ip: Option<IpAddr>,
-    /// The client certificate.
-    pub cert: Option<&'a ClientCert>,
+    /// The client certificate's SHA-1 digest (its thumbprint).
+    pub cert_sha1: Option<&'a [u8; 20]>,
     /// The matched API.
     pub api: &'a str,
     /// The caller's validated token itself (for token exchange; never rendered into headers).
@@ -173,7 +171,9 @@ fn render_var(v: &Var, ctx: &Context<'_>, out: &mut String) -> Result<(), Render
         Var::ClientIp => {
             let _ = write!(out, "{}", ctx.client_ip.ok_or(RenderError::Missing)?);
         }
-        Var::CertThumbprint => out.push_str(&ctx.cert.ok_or(RenderError::Missing)?.thumbprint()),
+        Var::CertThumbprint => out.push_str(&hex::encode_upper(
+            ctx.cert_sha1.ok_or(RenderError::Missing)?,
+        )),
         Var::Api => out.push_str(ctx.api),
         Var::Claim(name) => {
             let claims = ctx.claims.ok_or(RenderError::Missing)?;
@@ -241,7 +241,7 @@ mod tests {
             claims: Some(&c),
             subscription_id: Some("contoso"),
             client_ip: Some("10.0.0.1".parse().unwrap()),
-            cert: None,
+            cert_sha1: None,
             api: "orders",
             raw_token: None,
         };

@@ -9,12 +9,12 @@ use backon::Retryable;
 use sha2::{Digest, Sha256};
 
 use super::Shared;
-use super::cache::{Counters, Gate, Slot, Token};
+use super::cache::{Counters, Gate, Slot, Token, TokenCacheResult};
 use super::clock::unix_secs;
 use super::endpoint::{self, Issued, TokenError};
 use super::spec::{CredentialSpec, GrantKind};
 use super::store::{ConnectionRecord, ConnectionState};
-use crate::telemetry::TokenCacheResult;
+use crate::check::Io;
 
 /// Token-exchange results kept at most (one per caller token).
 const EXCHANGE_CACHE_CAPACITY: u64 = 10_000;
@@ -28,6 +28,8 @@ pub enum Unavailable {
     Failed(String),
     /// The connection does not exist or needs consent again.
     NeedsConsent(String),
+    /// No valid token is cached, and the caller asked not to wait for one ([`Io::Never`]).
+    WouldWait,
 }
 
 /// A credential with its caches.
@@ -151,6 +153,7 @@ impl Credential {
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         connection: &str,
+        io: Io,
     ) -> Result<Arc<Token>, Unavailable> {
         let now = self.now();
         if let Some(t) = slot.valid(&self.fingerprint, now) {
@@ -159,6 +162,9 @@ impl Credential {
                 self.spawn_refresh(slot, connection);
             }
             return Ok(t);
+        }
+        if io == Io::Never {
+            return Err(Unavailable::WouldWait);
         }
         self.counters.add(TokenCacheResult::Miss);
         let _one_fetch = slot.fetch.lock().await;
@@ -389,6 +395,7 @@ impl Credential {
         &self,
         subject: &str,
         subject_exp: Option<SystemTime>,
+        io: Io,
     ) -> Result<Arc<Token>, Unavailable> {
         let Kind::TokenExchange(ex) = &self.kind else {
             return Err(Unavailable::Failed(
@@ -408,6 +415,9 @@ impl Credential {
                 return Ok(t);
             }
             cache.invalidate(&key).await;
+        }
+        if io == Io::Never {
+            return Err(Unavailable::WouldWait);
         }
         self.counters.add(TokenCacheResult::Miss);
         let closed = lock(gate).closed_until(now);

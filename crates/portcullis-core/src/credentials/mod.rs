@@ -3,7 +3,7 @@
 //! basic), a token cache with refresh ahead of expiry, an encrypted store for refresh tokens, and
 //! the header injected upstream on allow.
 //!
-//! Lifetimes: a [`Registry`] lives as long as the process (in [`crate::policy::Runtime`]); each
+//! Lifetimes: a [`Registry`] lives as long as the process (the policy's `Runtime` holds it); each
 //! compiled config gets a [`CredentialSet`] whose credentials are reused from the registry when their
 //! settings did not change, so a reload keeps cached tokens. Connection slots (tokens of refresh-token
 //! connections) live in the registry keyed by credential name and connection id, so two versions of
@@ -23,10 +23,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
+use crate::check::template::{Context, RenderError, Template};
+use crate::check::{Denial, Failure, Header, Io, Reason};
 use crate::config::{self, ConfigErrors, Source};
-use crate::policy::template::{Context, RenderError, Template};
-use crate::policy::{Denial, Header, PolicySet, Reason};
 
+pub use cache::TokenCacheResult;
 use cache::{Counters, Slot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use consent::{AdminError, CallbackOutcome, ConnectionUser};
@@ -119,7 +120,7 @@ impl Shared {
     fn counters(&self, credential: &str) -> Arc<Counters> {
         locked(&self.counters)
             .entry(credential.to_string())
-            .or_insert_with(|| Arc::new(Counters::new(credential)))
+            .or_default()
             .clone()
     }
 
@@ -224,15 +225,20 @@ impl Registry {
         *locked(&self.shared.current) = set.inner.clone();
     }
 
-    /// Opens the store (when configured) and obtains the tokens the APIs of `policy` use, so the
-    /// first request does not pay for them. Fetch failures are logged, not fatal: the cache retries.
-    /// A store that cannot be opened (wrong key, corrupt file, in use) is fatal.
-    pub async fn start(&self, policy: &PolicySet) -> Result<(), StoreError> {
+    /// Opens the store (when configured) and obtains the tokens of `used` (the backend credentials
+    /// the APIs use), so the first request does not pay for them. Fetch failures are logged, not
+    /// fatal: the cache retries. A store that cannot be opened (wrong key, corrupt file, in use) is
+    /// fatal.
+    pub async fn start<'p>(
+        &self,
+        used: impl IntoIterator<Item = &'p BackendCredentialPolicy>,
+    ) -> Result<(), StoreError> {
+        let used: Vec<&BackendCredentialPolicy> = used.into_iter().collect();
         let current = self.shared.current();
         if let (Some(spec), None) = (&current.store, self.shared.store()) {
             let spec = spec.clone();
             let path = spec.path.clone();
-            let uses = ConnectionUse::of(policy);
+            let uses = ConnectionUse::of(used.iter().copied());
             let store = tokio::task::spawn_blocking(move || {
                 Store::open_with(&spec.path, &spec.key, |ids| {
                     refuse_ambiguous(&spec.path, &uses.ambiguous(ids))
@@ -254,8 +260,8 @@ impl Registry {
         for cred in current.by_name.values() {
             cred.seed_configured_refresh_token().await;
         }
-        let tasks: Vec<_> = policy
-            .backend_credentials()
+        let tasks: Vec<_> = used
+            .iter()
             .map(|bc| {
                 let bc = bc.prefetch_handle();
                 tokio::spawn(async move { bc.prefetch().await })
@@ -297,9 +303,9 @@ struct ConnectionUse {
 }
 
 impl ConnectionUse {
-    fn of(policy: &PolicySet) -> ConnectionUse {
+    fn of<'p>(used: impl IntoIterator<Item = &'p BackendCredentialPolicy>) -> ConnectionUse {
         let mut uses = ConnectionUse::default();
-        for bc in policy.backend_credentials() {
+        for bc in used {
             let name = bc.credential.name().to_string();
             match &bc.connection {
                 ConnectionRef::PerUser(_) => {
@@ -375,10 +381,11 @@ pub enum LegacyAction {
 
 /// `portcullis upgrade-store`: applies `action` to the ambiguous legacy connections of
 /// `credential` in the store the config names (the service must be stopped: the file is opened
-/// for writing), then marks the store upgraded if nothing ambiguous is left. Returns what it did.
-pub fn upgrade_legacy_store(
+/// for writing), then marks the store upgraded if nothing ambiguous is left. `used` are the
+/// backend credentials the config's APIs use. Returns what it did.
+pub fn upgrade_legacy_store<'p>(
     src: &Source,
-    policy: &PolicySet,
+    used: impl IntoIterator<Item = &'p BackendCredentialPolicy>,
     credential: &str,
     action: &LegacyAction,
 ) -> Result<String, String> {
@@ -397,7 +404,7 @@ pub fn upgrade_legacy_store(
             spec.path.display()
         ));
     }
-    let mut ambiguous = ConnectionUse::of(policy).ambiguous(&store.ids());
+    let mut ambiguous = ConnectionUse::of(used).ambiguous(&store.ids());
     let ids = ambiguous.remove(credential).unwrap_or_default();
     let mut done = Vec::new();
     for id in &ids {
@@ -496,15 +503,6 @@ enum ConnectionRef {
     PerUser(Template),
 }
 
-/// Why no credential could be injected.
-#[derive(Debug)]
-pub struct CredentialFailure {
-    /// The response.
-    pub denial: Denial,
-    /// Detail for explanations and logs; never a secret.
-    pub detail: String,
-}
-
 impl BackendCredentialPolicy {
     /// The configured credential's name.
     pub fn credential_name(&self) -> &str {
@@ -528,8 +526,8 @@ impl BackendCredentialPolicy {
         }
     }
 
-    fn fail(&self, reason: Reason, detail: impl std::fmt::Display) -> CredentialFailure {
-        CredentialFailure {
+    fn fail(&self, reason: Reason, detail: impl std::fmt::Display) -> Failure {
+        Failure {
             denial: Denial::new(reason),
             detail: format!("credential `{}`: {detail}", self.credential.name()),
         }
@@ -537,11 +535,22 @@ impl BackendCredentialPolicy {
 
     /// The header carrying the credential. With `dry_run`, nothing is fetched and the value is a
     /// placeholder (for `portcullis check`).
-    pub async fn header_for(
+    pub async fn header_for(&self, ctx: &Context<'_>, dry_run: bool) -> Result<Header, Failure> {
+        match self.header_with(ctx, dry_run, Io::Wait).await {
+            Ok(Some(h)) => Ok(h),
+            Ok(None) => Err(self.fail(Reason::Internal, "a waiting lookup returned no token")),
+            Err(f) => Err(f),
+        }
+    }
+
+    /// [`Self::header_for`], waiting for a token fetch only when `io` allows: `Ok(None)` when no
+    /// valid token is cached and `io` is [`Io::Never`] (nothing is fetched or counted then).
+    pub async fn header_with(
         &self,
         ctx: &Context<'_>,
         dry_run: bool,
-    ) -> Result<Header, CredentialFailure> {
+        io: Io,
+    ) -> Result<Option<Header>, Failure> {
         let connection: Option<Cow<'_, str>> = match &self.connection {
             ConnectionRef::None => None,
             ConnectionRef::Fixed { id, .. } => Some(Cow::Borrowed(id)),
@@ -549,18 +558,18 @@ impl BackendCredentialPolicy {
         };
         if dry_run {
             // `check` shows that a credential would be injected, never a value, and fetches nothing.
-            return Ok(Header {
+            return Ok(Some(Header {
                 name: self.header.clone(),
                 value: String::new(),
                 sensitive: true,
-            });
+            }));
         }
         let cred = &self.credential;
         let result = match &cred.kind {
-            Kind::Fixed(v) => return Ok(self.header(v)),
-            Kind::ClientCredentials(slot) => cred.slot_token(slot, DEFAULT_CONNECTION).await,
+            Kind::Fixed(v) => return Ok(Some(self.header(v))),
+            Kind::ClientCredentials(slot) => cred.slot_token(slot, DEFAULT_CONNECTION, io).await,
             Kind::RefreshToken => {
-                self.connection_token(connection.as_deref().unwrap_or(DEFAULT_CONNECTION))
+                self.connection_token(connection.as_deref().unwrap_or(DEFAULT_CONNECTION), io)
                     .await
             }
             Kind::TokenExchange(_) => match ctx.raw_token {
@@ -569,7 +578,7 @@ impl BackendCredentialPolicy {
                         .claims
                         .and_then(|c| c.get("exp"))
                         .and_then(endpoint::claim_time);
-                    cred.exchange(subject, exp).await
+                    cred.exchange(subject, exp, io).await
                 }
                 None => Err(Unavailable::Failed(
                     "token exchange needs the caller's validated token".into(),
@@ -577,7 +586,8 @@ impl BackendCredentialPolicy {
             },
         };
         match result {
-            Ok(token) => Ok(self.header(&token.value)),
+            Ok(token) => Ok(Some(self.header(&token.value))),
+            Err(Unavailable::WouldWait) => Ok(None),
             Err(Unavailable::Failed(d)) => Err(self.fail(Reason::BackendCredentialUnavailable, d)),
             Err(Unavailable::NeedsConsent(d)) => {
                 let per_user = matches!(self.connection, ConnectionRef::PerUser(_));
@@ -598,7 +608,7 @@ impl BackendCredentialPolicy {
     /// The caller's own connection id: `user:` + digest of (token `iss`, rendered template), a
     /// namespace no fixed id can spell (see [`spec::per_user_connection_id`]). Without an issuer
     /// or a value there is no caller to key it by: 403 consent required, nothing fetched.
-    fn per_user_id(&self, t: &Template, ctx: &Context<'_>) -> Result<String, CredentialFailure> {
+    fn per_user_id(&self, t: &Template, ctx: &Context<'_>) -> Result<String, Failure> {
         let subject = match t.render(ctx) {
             Ok(s) if !s.is_empty() => s,
             Ok(_) | Err(RenderError::Missing) => {
@@ -623,7 +633,7 @@ impl BackendCredentialPolicy {
         Ok(spec::per_user_connection_id(issuer, &subject))
     }
 
-    async fn connection_token(&self, id: &str) -> Result<Arc<cache::Token>, Unavailable> {
+    async fn connection_token(&self, id: &str, io: Io) -> Result<Arc<cache::Token>, Unavailable> {
         let cred = &self.credential;
         let shared = &cred.shared;
         let slot = match &self.connection {
@@ -634,6 +644,9 @@ impl BackendCredentialPolicy {
         let cached = slot
             .as_ref()
             .is_some_and(|s| s.valid(&cred.fingerprint, now).is_some());
+        if !cached && io == Io::Never {
+            return Err(Unavailable::WouldWait);
+        }
         if !cached {
             let Some(store) = shared.store() else {
                 return Err(Unavailable::Failed(
@@ -656,7 +669,7 @@ impl BackendCredentialPolicy {
             }
         }
         let slot = slot.unwrap_or_else(|| shared.slot(cred.name(), id));
-        cred.slot_token(&slot, id).await
+        cred.slot_token(&slot, id, io).await
     }
 
     fn prefetch_handle(&self) -> Prefetch {
@@ -678,7 +691,7 @@ impl Prefetch {
         let cred = &self.credential;
         let result = match (&cred.kind, &self.connection) {
             (Kind::ClientCredentials(slot), _) => {
-                Some(cred.slot_token(slot, DEFAULT_CONNECTION).await)
+                Some(cred.slot_token(slot, DEFAULT_CONNECTION, Io::Wait).await)
             }
             (Kind::RefreshToken, ConnectionRef::Fixed { id, slot }) => {
                 let connected = cred.shared.store().is_some_and(|s| {
@@ -686,7 +699,7 @@ impl Prefetch {
                         .is_some_and(|r| r.state != ConnectionState::NeedsConsent)
                 });
                 if connected {
-                    Some(cred.slot_token(slot, id).await)
+                    Some(cred.slot_token(slot, id, Io::Wait).await)
                 } else {
                     None
                 }
@@ -781,7 +794,7 @@ pub fn compile_backend_credential(
             format!("{path}.header"),
             format!("`{header}` is not a header name"),
         );
-    } else if header == "host" || header == crate::policy::decision::DECISION_ID_HEADER {
+    } else if header == "host" || header == crate::check::DECISION_ID_HEADER {
         errs.push(
             format!("{path}.header"),
             format!("`{header}` cannot carry a credential"),

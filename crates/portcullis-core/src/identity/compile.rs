@@ -60,7 +60,8 @@ pub fn compile_providers(
                 existing
             }
             None => {
-                let p = Provider::new(spec, registry.mode, registry.http());
+                let totals = registry.fetch_totals(&cfg.name);
+                let p = Provider::new(spec, registry.mode, registry.http(), totals);
                 live.insert(digest, Arc::downgrade(&p));
                 p
             }
@@ -77,7 +78,7 @@ fn duration(
     errs: &mut ConfigErrors,
 ) -> Duration {
     let Some(s) = value else { return default };
-    match crate::policy::duration(s, &path, errs) {
+    match crate::config::duration(s, &path, errs) {
         Some(d) if d.is_zero() => {
             errs.push(path, "must be greater than 0");
             default
@@ -526,7 +527,7 @@ pub fn compile_jwt(
         None => Duration::ZERO,
         Some(s) => {
             let d =
-                crate::policy::duration(s, &format!("{path}.clock_skew"), errs).unwrap_or_default();
+                crate::config::duration(s, &format!("{path}.clock_skew"), errs).unwrap_or_default();
             if d > Duration::from_secs(3600) {
                 errs.push(format!("{path}.clock_skew"), "at most 1h");
             }

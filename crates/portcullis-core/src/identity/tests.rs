@@ -1,6 +1,6 @@
 //! Signature verification and JWK parsing with keys generated here (RSA, P-256, P-384, Ed25519, HMAC).
 
-#[path = "../../tests/jwt_common/mod.rs"]
+#[path = "../../../../tests/jwt_common/mod.rs"]
 mod keys;
 
 use serde_json::json;

@@ -8,7 +8,7 @@
 //! - `providers/N/cold`: the same token not verified yet (one RS256 signature check per iteration).
 //!
 //! The target is that the largest size of each dimension stays within 1.2x of the smallest.
-//! `bench/scale.sh` runs this and tabulates the ratios from criterion's estimates.
+//! `loadtest/scale.sh` runs this and tabulates the ratios from criterion's estimates.
 //!
 //!   cargo bench --bench scaling
 

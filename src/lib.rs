@@ -6,7 +6,7 @@
 //! hot reload, the admin API) and [`cli`]. See `docs/architecture.md` for the layers.
 #![forbid(unsafe_code)]
 
-pub use portcullis_core::{check, config, credentials, identity, policy};
+pub use portcullis_core::{check, config, credentials, digest, identity, policy};
 
 pub mod cli;
 pub mod proto;

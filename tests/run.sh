@@ -40,11 +40,15 @@ if [ -z "${NGINX_BIN:-}" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/
   echo "tests/run.sh: warning: no nginx (apt-get install nginx): the nginx suites skip (and fail under CI=1)" >&2
 fi
 command -v h2load >/dev/null 2>&1 \
-  || echo "tests/run.sh: warning: no h2load (apt-get install nghttp2-client): needed only by bench/load.sh" >&2
+  || echo "tests/run.sh: warning: no h2load (apt-get install nghttp2-client): needed only by loadtest/load.sh" >&2
 
-echo "== cargo test"
+echo "== cargo test (the service and crates/portcullis-core)"
 cargo build --locked --bins
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets
+
+echo "== rustfmt, clippy"
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== Python venv"
 if [ ! -x .venv/bin/pip ]; then

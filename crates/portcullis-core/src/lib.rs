@@ -39,5 +39,6 @@
 pub mod check;
 pub mod config;
 pub mod credentials;
+pub mod digest;
 pub mod identity;
 pub mod policy;

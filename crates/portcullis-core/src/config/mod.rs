@@ -13,9 +13,9 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::digest::Sha256;
 use serde::Deserialize;
 use serde_yaml::Value;
-use sha2::{Digest, Sha256};
 
 pub use limits::LimitExceeded;
 pub use settings::{

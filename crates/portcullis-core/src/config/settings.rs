@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use super::{ConfigErrors, Source};
 

@@ -6,18 +6,19 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::digest::Sha256;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
+use super::Registry;
 use super::cache::Token;
 use super::clock::{rfc3339, unix_secs};
 use super::credential::{Credential, Kind};
 use super::endpoint;
+use super::registry::locked;
 use super::spec::{self, GrantKind};
 use super::store::{ConnectionRecord, ConnectionState};
-use super::{Registry, locked};
 
 /// How long a login URL (its `state` and PKCE verifier) stays redeemable.
 pub const CONSENT_TTL: Duration = Duration::from_secs(600);

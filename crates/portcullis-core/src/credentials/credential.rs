@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use backon::Retryable;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use super::Shared;
 use super::cache::{Counters, Gate, Slot, Token, TokenCacheResult};

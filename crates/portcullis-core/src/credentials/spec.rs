@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use crate::config::{self, ConfigErrors, Secret, Source};
 

@@ -15,12 +15,12 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use redb::{
-    Database, DatabaseError, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition,
-};
+use redb::{Database, DatabaseError, TableDefinition};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
+
+mod open;
+use open::{classify, guarded, load, open_read_only, verify, verify_copy};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
@@ -158,7 +158,7 @@ pub struct Store {
     /// `None` after a failed write: redb refuses every later transaction on that handle
     /// (`PreviousIo`), so the next write reopens the file (which also rolls the failed one back).
     db: Mutex<Option<Database>>,
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     path: PathBuf,
     records: Mutex<BTreeMap<(String, String), ConnectionRecord>>,
     /// The file has no `connection_ids` marker yet (written by an older version).
@@ -202,10 +202,12 @@ impl Store {
         key: &[u8; 32],
         legacy: impl FnOnce(&[(String, String)]) -> Result<(), StoreError>,
     ) -> Result<Store, StoreError> {
-        let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| StoreError::Io {
-            path: path.into(),
-            detail: "invalid key length".into(),
-        })?;
+        let cipher = UnboundKey::new(&AES_256_GCM, key)
+            .map(LessSafeKey::new)
+            .map_err(|_| StoreError::Io {
+                path: path.into(),
+                detail: "invalid key length".into(),
+            })?;
         let io = |e: std::io::Error| StoreError::Io {
             path: path.into(),
             detail: e.to_string(),
@@ -251,7 +253,7 @@ impl Store {
         })
     }
 
-    fn create(path: &Path, cipher: Aes256Gcm) -> Result<Store, StoreError> {
+    fn create(path: &Path, cipher: LessSafeKey) -> Result<Store, StoreError> {
         let io = |e: std::io::Error| StoreError::Io {
             path: path.into(),
             detail: e.to_string(),
@@ -469,24 +471,21 @@ impl Store {
 
     fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
-        let nonce = Nonce::from(nonce_bytes);
         let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + 16);
         out.push(SEAL_VERSION);
         out.extend_from_slice(&nonce_bytes);
-        let ct = self
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
+        let mut sealed = plaintext.to_vec();
+        self.cipher
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce_bytes),
+                Aad::from(aad),
+                &mut sealed,
             )
             .map_err(|_| StoreError::Io {
                 path: self.path.clone(),
                 detail: "encryption failed".into(),
             })?;
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(&sealed);
         Ok(out)
     }
 }
@@ -505,409 +504,23 @@ fn aad(table: &str, key: &str) -> Vec<u8> {
     v
 }
 
-fn open_sealed(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+fn open_sealed(cipher: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != SEAL_VERSION {
         return None;
     }
     let nonce_bytes: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().ok()?;
-    cipher
-        .decrypt(
-            &Nonce::from(nonce_bytes),
-            Payload {
-                msg: &sealed[1 + NONCE_LEN..],
-                aad,
-            },
+    let mut buf = sealed[1 + NONCE_LEN..].to_vec();
+    let plain = cipher
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce_bytes),
+            Aad::from(aad),
+            &mut buf,
         )
-        .ok()
-}
-
-/// redb checks its own invariants with assertions that may panic on a damaged file; a damaged file
-/// must be an error, not a crash.
-fn guarded<T>(f: impl FnOnce() -> Result<T, DatabaseError>) -> Result<T, DatabaseError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        Err(DatabaseError::Storage(redb::StorageError::Corrupted(
-            "the file's structure is damaged".into(),
-        )))
-    })
-}
-
-fn open_read_only(path: &Path) -> Result<ReadOnlyDatabase, DatabaseError> {
-    guarded(|| ReadOnlyDatabase::open(path))
-}
-
-fn classify(e: DatabaseError, path: &Path) -> StoreError {
-    match e {
-        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
-            StoreError::Locked { path: path.into() }
-        }
-        DatabaseError::Storage(redb::StorageError::Io(io))
-            if io.kind() != std::io::ErrorKind::InvalidData
-                && io.kind() != std::io::ErrorKind::UnexpectedEof =>
-        {
-            StoreError::Io {
-                path: path.into(),
-                detail: io.to_string(),
-            }
-        }
-        other => StoreError::Corrupt {
-            path: path.into(),
-            detail: other.to_string(),
-        },
-    }
-}
-
-/// What [`verify`] found.
-struct Verified {
-    /// Every record's (credential, connection id).
-    ids: Vec<(String, String)>,
-    /// The file has the connection-id marker.
-    namespaced: bool,
-}
-
-/// Whether the meta table holds the connection-id marker; an altered one is corruption.
-fn read_marker(
-    meta: &redb::ReadOnlyTable<&str, &[u8]>,
-    cipher: &Aes256Gcm,
-    path: &Path,
-) -> Result<bool, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt {
-        path: path.into(),
-        detail,
-    };
-    let marker = meta
-        .get(CONNECTION_IDS)
-        .map_err(|e| corrupt(e.to_string()))?;
-    match marker {
-        None => Ok(false),
-        Some(m) => match open_sealed(cipher, &aad("meta", CONNECTION_IDS), m.value()) {
-            Some(p) if p == CONNECTION_IDS_PLAINTEXT => Ok(true),
-            _ => Err(corrupt("the connection-id marker is altered".into())),
-        },
-    }
-}
-
-/// Checks the key-check record and that every record opens, through any readable handle.
-fn verify(
-    db: &impl ReadableDatabase,
-    cipher: &Aes256Gcm,
-    path: &Path,
-) -> Result<Verified, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt {
-        path: path.into(),
-        detail,
-    };
-    let txn = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
-    let meta = txn
-        .open_table(META)
-        .map_err(|e| corrupt(format!("no key-check record ({e})")))?;
-    let check = meta
-        .get(KEY_CHECK)
-        .map_err(|e| corrupt(e.to_string()))?
-        .ok_or_else(|| corrupt("no key-check record".into()))?;
-    match open_sealed(cipher, &aad("meta", KEY_CHECK), check.value()) {
-        Some(p) if p == KEY_CHECK_PLAINTEXT => {}
-        Some(_) => return Err(corrupt("the key-check record is altered".into())),
-        None => return Err(StoreError::WrongKey { path: path.into() }),
-    }
-    drop(check);
-    let namespaced = read_marker(&meta, cipher, path)?;
-    let mut ids = Vec::new();
-    let table = txn
-        .open_table(CONNECTIONS)
-        .map_err(|e| corrupt(e.to_string()))?;
-    for entry in table.iter().map_err(|e| corrupt(e.to_string()))? {
-        let (k, v) = entry.map_err(|e| corrupt(e.to_string()))?;
-        let key = k.value();
-        let plain = open_sealed(cipher, &aad("connections", key), v.value()).ok_or_else(|| {
-            corrupt(format!(
-                "record {:?} does not decrypt",
-                key.replace('\0', "/")
-            ))
-        })?;
-        serde_json::from_slice::<ConnectionRecord>(&plain)
-            .map_err(|e| corrupt(format!("record {:?}: {e}", key.replace('\0', "/"))))?;
-        if let Some((c, k)) = key.split_once('\0') {
-            ids.push((c.to_string(), k.to_string()));
-        }
-    }
-    Ok(Verified { ids, namespaced })
-}
-
-fn verify_copy(path: &Path, cipher: &Aes256Gcm) -> Result<Verified, StoreError> {
-    let io = |e: std::io::Error| StoreError::Io {
-        path: path.into(),
-        detail: e.to_string(),
-    };
-    let copy = std::env::temp_dir().join(format!(
-        "portcullis-store-verify-{:032x}.db",
-        rand::random::<u128>()
-    ));
-    std::fs::copy(path, &copy).map_err(io)?;
-    let result = guarded(|| Database::open(&copy))
-        .map_err(|e| classify(e, path))
-        .and_then(|db| verify(&db, cipher, path));
-    let _ = std::fs::remove_file(&copy);
-    result
-}
-
-/// The records, and whether the file's connection ids are namespaced.
-type Loaded = (BTreeMap<(String, String), ConnectionRecord>, bool);
-
-fn load(db: &Database, cipher: &Aes256Gcm, path: &Path) -> Result<Loaded, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt {
-        path: path.into(),
-        detail,
-    };
-    let txn = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
-    let namespaced = {
-        let meta = txn
-            .open_table(META)
-            .map_err(|e| corrupt(format!("no key-check record ({e})")))?;
-        read_marker(&meta, cipher, path)?
-    };
-    let table = txn
-        .open_table(CONNECTIONS)
-        .map_err(|e| corrupt(e.to_string()))?;
-    let mut out = BTreeMap::new();
-    for entry in table.iter().map_err(|e| corrupt(e.to_string()))? {
-        let (k, v) = entry.map_err(|e| corrupt(e.to_string()))?;
-        let key = k.value();
-        let plain = open_sealed(cipher, &aad("connections", key), v.value())
-            .ok_or_else(|| corrupt("a record does not decrypt".into()))?;
-        let record: ConnectionRecord =
-            serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
-        let (cred, conn) = key
-            .split_once('\0')
-            .ok_or_else(|| corrupt("a record key is malformed".into()))?;
-        out.insert((cred.to_string(), conn.to_string()), record);
-    }
-    Ok((out, namespaced))
+        .ok()?
+        .len();
+    buf.truncate(plain);
+    Some(buf)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(rt: &str) -> ConnectionRecord {
-        ConnectionRecord {
-            state: ConnectionState::Connected,
-            refresh_token: Some(rt.into()),
-            refresh_token_expires_at: None,
-            error: None,
-            seeded_from: None,
-            issuer: None,
-            subject: None,
-            created_at: 1,
-            updated_at: 2,
-        }
-    }
-
-    fn sha(path: &Path) -> Vec<u8> {
-        use sha2::Digest;
-        sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
-    }
-
-    #[test]
-    fn records_survive_reopen_and_are_not_stored_in_clear() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/store.db");
-        let key = [7u8; 32];
-        {
-            let s = Store::open(&path, &key).unwrap();
-            s.put("crm", "alice", &record("rt-secret-value-1")).unwrap();
-            s.put("crm", "bob", &record("rt-secret-value-2")).unwrap();
-            assert!(s.delete("crm", "bob").unwrap());
-            assert!(!s.delete("crm", "nobody").unwrap());
-        }
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(
-            !bytes.windows(17).any(|w| w == b"rt-secret-value-1"),
-            "the refresh token is encrypted on disk"
-        );
-        let s = Store::open(&path, &key).unwrap();
-        assert_eq!(
-            s.get("crm", "alice").unwrap().refresh_token.as_deref(),
-            Some("rt-secret-value-1")
-        );
-        assert!(s.get("crm", "bob").is_none());
-        assert_eq!(s.list("crm").len(), 1);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
-        }
-    }
-
-    #[test]
-    fn a_wrong_key_is_an_error_and_the_file_is_untouched() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        Store::open(&path, &[1u8; 32])
-            .unwrap()
-            .put("crm", "alice", &record("rt"))
-            .unwrap();
-        let before = sha(&path);
-        let err = Store::open(&path, &[2u8; 32]).unwrap_err();
-        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
-        assert!(err.to_string().contains("wrong key"));
-        assert_eq!(sha(&path), before);
-        // The right key still opens it.
-        assert!(
-            Store::open(&path, &[1u8; 32])
-                .unwrap()
-                .get("crm", "alice")
-                .is_some()
-        );
-    }
-
-    #[test]
-    fn a_corrupt_or_foreign_file_is_an_error_and_left_untouched() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        std::fs::write(
-            &path,
-            b"this is not a database at all, just some bytes".repeat(200),
-        )
-        .unwrap();
-        let before = sha(&path);
-        let err = Store::open(&path, &[1u8; 32]).unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-        assert_eq!(sha(&path), before);
-
-        let empty = dir.path().join("empty.db");
-        std::fs::write(&empty, b"").unwrap();
-        assert!(matches!(
-            Store::open(&empty, &[1u8; 32]).unwrap_err(),
-            StoreError::Corrupt { .. }
-        ));
-        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
-    }
-
-    #[test]
-    fn a_record_moved_to_another_identity_does_not_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let key = [3u8; 32];
-        {
-            let s = Store::open(&path, &key).unwrap();
-            s.put("crm", "alice", &record("rt-a")).unwrap();
-            // Copy alice's sealed value under bob's key, as an attacker with file access could.
-            let sealed = {
-                let db = s.db.lock().unwrap();
-                let txn = db.as_ref().unwrap().begin_read().unwrap();
-                let t = txn.open_table(CONNECTIONS).unwrap();
-                t.get(record_key("crm", "alice").as_str())
-                    .unwrap()
-                    .unwrap()
-                    .value()
-                    .to_vec()
-            };
-            s.write(|txn| {
-                txn.open_table(CONNECTIONS)?
-                    .insert(record_key("crm", "bob").as_str(), sealed.as_slice())?;
-                Ok(())
-            })
-            .unwrap();
-        }
-        let err = Store::open(&path, &key).unwrap_err();
-        assert!(err.to_string().contains("does not decrypt"), "{err}");
-    }
-
-    #[test]
-    fn every_write_uses_a_fresh_nonce() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("s.db"), &[9u8; 32]).unwrap();
-        let a = s.seal(b"x", b"same plaintext").unwrap();
-        let b = s.seal(b"x", b"same plaintext").unwrap();
-        assert_ne!(a, b);
-        assert_eq!(open_sealed(&s.cipher, b"x", &a).unwrap(), b"same plaintext");
-        assert!(
-            open_sealed(&s.cipher, b"y", &a).is_none(),
-            "associated data is bound"
-        );
-    }
-
-    #[test]
-    fn a_store_without_the_connection_id_marker_is_legacy_until_marked() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let key = [4u8; 32];
-        {
-            let s = Store::open(&path, &key).unwrap();
-            assert!(!s.has_legacy_connection_ids(), "a new store is namespaced");
-            s.put("crm", "alice", &record("rt-a")).unwrap();
-            s.forget_connection_id_marker();
-        }
-        {
-            let s = Store::open(&path, &key).unwrap();
-            assert!(s.has_legacy_connection_ids());
-            // Moving a record re-seals it under its new identity: it opens after a reopen.
-            let mut r = s.get("crm", "alice").unwrap();
-            r.issuer = Some("https://idp".into());
-            r.subject = Some("alice".into());
-            s.rename("crm", "alice", "user:x", &r).unwrap();
-            assert!(
-                s.rename("crm", "user:x", "user:x", &r).is_err(),
-                "never over an existing one"
-            );
-            s.mark_connection_ids_namespaced().unwrap();
-            assert!(!s.has_legacy_connection_ids());
-        }
-        let s = Store::open(&path, &key).unwrap();
-        assert!(!s.has_legacy_connection_ids(), "the mark is durable");
-        assert!(s.get("crm", "alice").is_none());
-        let moved = s.get("crm", "user:x").unwrap();
-        assert_eq!(
-            (
-                moved.refresh_token.as_deref(),
-                moved.issuer.as_deref(),
-                moved.subject.as_deref()
-            ),
-            (Some("rt-a"), Some("https://idp"), Some("alice"))
-        );
-        // An altered marker is not taken for either answer.
-        s.write(|txn| {
-            txn.open_table(META)?.insert(
-                CONNECTION_IDS,
-                b"\x01garbage-garbage-garbage-garbage".as_slice(),
-            )?;
-            Ok(())
-        })
-        .unwrap();
-        drop(s);
-        let err = Store::open(&path, &key).unwrap_err();
-        assert!(err.to_string().contains("connection-id marker"), "{err}");
-    }
-
-    #[test]
-    fn records_without_issuer_and_subject_still_read() {
-        // The JSON an older version sealed: no `issuer` or `subject`.
-        let old = br#"{"state":"connected","refresh_token":"rt","refresh_token_expires_at":null,"error":null,"seeded_from":null,"created_at":1,"updated_at":2}"#;
-        let r: ConnectionRecord = serde_json::from_slice(old).unwrap();
-        assert_eq!((r.issuer, r.subject), (None, None));
-    }
-
-    #[test]
-    fn key_format() {
-        assert!(decode_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_ok());
-        assert!(decode_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").is_ok());
-        assert!(decode_key("short").unwrap_err().contains("base64"));
-        assert!(decode_key("AAAA").unwrap_err().contains("3 bytes"));
-        assert!(decode_key("not base64 !!").is_err());
-    }
-
-    #[test]
-    fn a_second_process_cannot_open_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let _first = Store::open(&path, &[1u8; 32]).unwrap();
-        let err = Store::open(&path, &[1u8; 32]).unwrap_err();
-        assert!(
-            matches!(err, StoreError::Locked { .. } | StoreError::Corrupt { .. }),
-            "{err}"
-        );
-    }
-}
+mod tests;

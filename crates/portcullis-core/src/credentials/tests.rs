@@ -10,6 +10,8 @@ use serde_json::json;
 
 use super::*;
 use crate::config;
+use crate::config::ConfigErrors;
+use compile::parse_format;
 
 type Answer = Arc<dyn Fn(&HashMap<String, String>, usize) -> (u16, String) + Send + Sync>;
 

@@ -4,9 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::digest::Sha256;
 use reqwest::Url;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::jose::{Algorithm, KeyKind};
 use super::jwk::{self, VerifyingKey};

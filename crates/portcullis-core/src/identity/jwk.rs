@@ -8,11 +8,11 @@
 
 use std::fmt;
 
+use crate::digest::Sha256;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::{hmac, signature};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::jose::{Algorithm, KeyKind};
 

@@ -3,9 +3,11 @@
 
 use std::time::SystemTime;
 
-use sha1::Sha1;
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
+use std::sync::Arc;
 use x509_parser::prelude::*;
+
+use crate::check::{CheckInput, Reason};
 
 /// A client certificate, parsed once per request, with everything identities compare.
 #[derive(Debug, Clone)]
@@ -91,7 +93,7 @@ pub fn from_der(der: &[u8]) -> Result<ClientCert, CertError> {
         .map(str::to_lowercase)
         .collect();
     Ok(ClientCert {
-        sha1: Sha1::digest(der).into(),
+        sha1: crate::digest::sha1_thumbprint(der),
         sha256: Sha256::digest(der).into(),
         subject: Dn::from_x509(&tbs.subject),
         issuer: Dn::from_x509(&tbs.issuer),
@@ -328,3 +330,67 @@ impl CertPolicy {
 
 #[cfg(test)]
 mod tests;
+
+/// Reading the request's certificate (peer or `x-forwarded-client-cert`), parsed once per distinct
+/// certificate through the policy set's cache.
+impl super::PolicySet {
+    /// Parses `encoded` (URL-encoded PEM) through the cache. Failures are not cached: they are
+    /// cheap to find again (the size cap comes first) and caching them would let junk evict good entries.
+    pub(super) fn parse_certificate(&self, encoded: &str) -> Result<Arc<ClientCert>, CertError> {
+        if let Some(hit) = self.cert_cache.get(encoded) {
+            return Ok(hit);
+        }
+        let parsed = Arc::new(parse_url_encoded_pem(
+            encoded,
+            self.limits.max_certificate_bytes,
+        )?);
+        self.cert_cache.insert(encoded.to_string(), parsed.clone());
+        Ok(parsed)
+    }
+
+    pub(super) fn read_certificate(
+        &self,
+        policy: &CertPolicy,
+        input: &CheckInput<'_>,
+    ) -> Result<Arc<ClientCert>, (Reason, String)> {
+        let max = self.limits.max_certificate_bytes;
+        if !input.peer_certificate.is_empty() {
+            return self.parse_certificate(input.peer_certificate).map_err(|e| {
+                (
+                    Reason::ClientCertificateInvalid,
+                    format!("peer certificate: {e}"),
+                )
+            });
+        }
+        if let Some(xfcc) = input
+            .header("x-forwarded-client-cert")
+            .filter(|_| policy.trust_xfcc)
+        {
+            if xfcc.len() > max * 2 {
+                return Err((
+                    Reason::ClientCertificateInvalid,
+                    "x-forwarded-client-cert is too large".into(),
+                ));
+            }
+            // The whole header must parse (see xfcc.rs: a lenient reader lets a caller's unbalanced
+            // quote swallow the proxy's comma); only then is the nearest proxy's element read.
+            return match super::xfcc::parse(xfcc).map(|h| h.nearest.cert) {
+                Ok(Some(encoded)) => self.parse_certificate(&encoded).map_err(|e| {
+                    (
+                        Reason::ClientCertificateInvalid,
+                        format!("x-forwarded-client-cert: {e}"),
+                    )
+                }),
+                Ok(None) => Err((
+                    Reason::ClientCertificateMissing,
+                    "x-forwarded-client-cert carries no Cert".into(),
+                )),
+                Err(e) => Err((Reason::ClientCertificateInvalid, e.to_string())),
+            };
+        }
+        Err((
+            Reason::ClientCertificateMissing,
+            "no client certificate was presented".into(),
+        ))
+    }
+}

@@ -12,7 +12,7 @@ use super::canonical::{self, EscapedSlashes, ForwardAuthSource, RequestRules};
 use super::cert::{CertPolicy, Dn, Identity, normalize_serial};
 use super::ip::{self, ClientIpSource, IpSet};
 use super::matcher::{ApiIndex, HostPattern, Matcher};
-use super::subscription::{self, Scope, State, Subscription, SubscriptionStore};
+use super::subscription;
 use super::{Api, IpFilter, Limits, PolicySet, Summary};
 use crate::check::template::Template;
 
@@ -173,7 +173,8 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         }
     }
 
-    let subscriptions = compile_subscriptions(src, &api_names, &product_apis, &mut errs);
+    let subscriptions =
+        subscription::compile_subscriptions(src, &api_names, &product_apis, &mut errs);
     let providers = identity::compile_providers(src, &runtime.identity, &mut errs);
     let credentials = credentials::compile_credentials(src, &runtime.credentials, &mut errs);
 
@@ -235,139 +236,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
     ))
 }
 
-fn compile_subscriptions(
-    src: &Source,
-    api_names: &HashMap<&str, usize>,
-    product_apis: &HashMap<&str, Vec<usize>>,
-    errs: &mut ConfigErrors,
-) -> SubscriptionStore {
-    let s = &src.file.subscriptions;
-    let header = s
-        .header
-        .as_deref()
-        .unwrap_or("ocp-apim-subscription-key")
-        .to_ascii_lowercase();
-    let query = s.query.clone().unwrap_or_else(|| "subscription-key".into());
-    if header.is_empty() || !header.bytes().all(is_token_char) {
-        errs.push(
-            "subscriptions.header",
-            format!("`{header}` is not a header name"),
-        );
-    }
-    if query.is_empty() {
-        errs.push("subscriptions.query", "must not be empty");
-    }
-    let mut store = SubscriptionStore::new(header, query, s.remove_key.unwrap_or(true));
-    let keys = s
-        .keys
-        .iter()
-        .map(|k| usize::from(k.primary.is_some()) + usize::from(k.secondary.is_some()));
-    store.reserve(s.keys.len(), keys.sum());
-    let mut ids = HashSet::with_capacity(s.keys.len());
-    for (i, k) in s.keys.iter().enumerate() {
-        // Paths are formatted only for an error or a substituted key: a policy of 100,000 keys
-        // would otherwise format 200,000 strings per load for nothing.
-        let path = || format!("subscriptions.keys[{i}]");
-        if !ids.insert(k.id.as_str()) {
-            errs.push(
-                format!("{}.id", path()),
-                format!("`{}` is used by two subscriptions", k.id),
-            );
-        }
-        let scope = match k.scope.as_deref().unwrap_or("all") {
-            "all" => Some(Scope::All),
-            other => match other.split_once(':') {
-                Some(("product", name)) => match product_apis.get(name) {
-                    Some(apis) => Some(Scope::Apis(apis.clone())),
-                    None => {
-                        errs.push(
-                            format!("{}.scope", path()),
-                            format!("no product is named `{name}`"),
-                        );
-                        None
-                    }
-                },
-                Some(("api", name)) => match api_names.get(name) {
-                    Some(&idx) => Some(Scope::Apis(vec![idx])),
-                    None => {
-                        errs.push(
-                            format!("{}.scope", path()),
-                            format!("no API is named `{name}`"),
-                        );
-                        None
-                    }
-                },
-                _ => {
-                    errs.push(
-                        format!("{}.scope", path()),
-                        format!("`{other}`: use `all`, `product:NAME` or `api:NAME`"),
-                    );
-                    None
-                }
-            },
-        };
-        let state = match k.state.as_deref().unwrap_or("active") {
-            "active" => State::Active,
-            "suspended" | "cancelled" | "expired" | "submitted" | "rejected" => State::Inactive,
-            other => {
-                errs.push(
-                    format!("{}.state", path()),
-                    format!("`{other}`: use active, suspended, cancelled or expired"),
-                );
-                State::Inactive
-            }
-        };
-        // At most two: no allocation.
-        let mut hashes: [Option<subscription::KeyHash>; 2] = [None, None];
-        for (slot, (field, value)) in [("primary", &k.primary), ("secondary", &k.secondary)]
-            .into_iter()
-            .enumerate()
-        {
-            let Some(value) = value else { continue };
-            let v = value.expose();
-            if let Some(h) = subscription::parse_hash(v) {
-                hashes[slot] = Some(h);
-                continue;
-            }
-            let fpath = format!("{}.{field}", path());
-            if v.starts_with("sha256:") {
-                errs.push(&fpath, "a hash is `sha256:` followed by 64 hex digits");
-            } else if src.substituted.contains(&fpath) {
-                if v.is_empty() || v.len() > 256 {
-                    errs.push(&fpath, "a key is 1 to 256 characters");
-                } else {
-                    hashes[slot] = Some(subscription::hash_key(v));
-                }
-            } else {
-                errs.push(&fpath, "plain keys must not be written in the file: store `sha256:<hex>` (portcullis hash-key) or read the key with ${env:NAME} or ${file:PATH}");
-            }
-        }
-        let hashes: &[subscription::KeyHash] = match &hashes {
-            [Some(a), Some(b)] => &[*a, *b],
-            [Some(a), None] | [None, Some(a)] => std::slice::from_ref(a),
-            [None, None] => &[],
-        };
-        if hashes.is_empty() {
-            errs.push(path(), "a subscription needs a primary or a secondary key");
-        }
-        if let Some(scope) = scope {
-            let sub = Subscription {
-                id: Arc::from(k.id.as_str()),
-                state,
-                scope,
-            };
-            if let Err(other) = store.insert(sub, hashes) {
-                errs.push(
-                    path(),
-                    format!("a key of this subscription is also a key of `{other}`"),
-                );
-            }
-        }
-    }
-    store
-}
-
-fn is_token_char(b: u8) -> bool {
+pub(super) fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 

@@ -6,6 +6,7 @@
 pub mod canonical;
 pub mod cert;
 mod compile;
+mod explain;
 pub mod ip;
 pub mod matcher;
 pub mod subscription;
@@ -22,6 +23,7 @@ use std::time::SystemTime;
 use futures::FutureExt;
 
 use crate::check::Io;
+use explain::Evaluation;
 
 pub use crate::check::{
     CheckInput, Decision, Denial, Header, Headers, Outcome, Reason, Step, StepResult,
@@ -548,66 +550,6 @@ impl PolicySet {
         Ok(())
     }
 
-    /// Parses `encoded` (URL-encoded PEM) through the cache. Failures are not cached: they are
-    /// cheap to find again (the size cap comes first) and caching them would let junk evict good entries.
-    fn parse_certificate(&self, encoded: &str) -> Result<Arc<ClientCert>, cert::CertError> {
-        if let Some(hit) = self.cert_cache.get(encoded) {
-            return Ok(hit);
-        }
-        let parsed = Arc::new(cert::parse_url_encoded_pem(
-            encoded,
-            self.limits.max_certificate_bytes,
-        )?);
-        self.cert_cache.insert(encoded.to_string(), parsed.clone());
-        Ok(parsed)
-    }
-
-    fn read_certificate(
-        &self,
-        policy: &CertPolicy,
-        input: &CheckInput<'_>,
-    ) -> Result<Arc<ClientCert>, (Reason, String)> {
-        let max = self.limits.max_certificate_bytes;
-        if !input.peer_certificate.is_empty() {
-            return self.parse_certificate(input.peer_certificate).map_err(|e| {
-                (
-                    Reason::ClientCertificateInvalid,
-                    format!("peer certificate: {e}"),
-                )
-            });
-        }
-        if let Some(xfcc) = input
-            .header("x-forwarded-client-cert")
-            .filter(|_| policy.trust_xfcc)
-        {
-            if xfcc.len() > max * 2 {
-                return Err((
-                    Reason::ClientCertificateInvalid,
-                    "x-forwarded-client-cert is too large".into(),
-                ));
-            }
-            // The whole header must parse (see xfcc.rs: a lenient reader lets a caller's unbalanced
-            // quote swallow the proxy's comma); only then is the nearest proxy's element read.
-            return match xfcc::parse(xfcc).map(|h| h.nearest.cert) {
-                Ok(Some(encoded)) => self.parse_certificate(&encoded).map_err(|e| {
-                    (
-                        Reason::ClientCertificateInvalid,
-                        format!("x-forwarded-client-cert: {e}"),
-                    )
-                }),
-                Ok(None) => Err((
-                    Reason::ClientCertificateMissing,
-                    "x-forwarded-client-cert carries no Cert".into(),
-                )),
-                Err(e) => Err((Reason::ClientCertificateInvalid, e.to_string())),
-            };
-        }
-        Err((
-            Reason::ClientCertificateMissing,
-            "no client certificate was presented".into(),
-        ))
-    }
-
     /// The canonical request line without the query, `GET api.example.com/orders/1`, for the
     /// decision log; `None` when the request has no canonical form.
     pub fn request_line(&self, method: &str, host: &str, target: &str) -> Option<String> {
@@ -642,66 +584,5 @@ pub(crate) async fn deny_on_panic(
             tracing::error!("panic while evaluating a check; denied with Internal");
             Decision::internal(None)
         }
-    }
-}
-
-/// Records steps when asked to.
-struct Evaluation<'d> {
-    d: &'d mut Decision,
-    explain: bool,
-    /// Whether steps may wait for a fetch.
-    io: Io,
-    /// Set when a step stopped because it would have had to wait: the evaluation has no decision.
-    would_wait: bool,
-}
-
-impl Evaluation<'_> {
-    /// Stops the evaluation without a decision (see [`PolicySet::decide_now`]). The denial it
-    /// returns only unwinds the steps; `evaluate` never answers with it.
-    fn would_wait(&mut self) -> Denial {
-        self.would_wait = true;
-        Denial::new(Reason::Internal)
-    }
-
-    // Details are closures: formatting them costs allocations a normal check must not pay.
-    fn step(&mut self, check: &'static str, result: StepResult, detail: impl FnOnce() -> String) {
-        if self.explain {
-            self.d.steps.push(Step {
-                check,
-                result,
-                detail: detail(),
-            });
-        }
-    }
-
-    fn pass(&mut self, check: &'static str, detail: impl FnOnce() -> String) {
-        self.step(check, StepResult::Pass, detail);
-    }
-
-    fn skip(&mut self, check: &'static str) {
-        self.step(check, StepResult::Skip, || "not configured".into());
-    }
-
-    fn fail(&mut self, check: &'static str, reason: Reason, detail: impl FnOnce() -> String) {
-        self.step(check, StepResult::Fail(reason), detail);
-    }
-
-    fn deny(
-        &mut self,
-        check: &'static str,
-        reason: Reason,
-        detail: impl FnOnce() -> String,
-    ) -> Denial {
-        self.deny_with(check, Denial::new(reason), detail)
-    }
-
-    fn deny_with(
-        &mut self,
-        check: &'static str,
-        denial: Denial,
-        detail: impl FnOnce() -> String,
-    ) -> Denial {
-        self.fail(check, denial.reason, detail);
-        denial
     }
 }

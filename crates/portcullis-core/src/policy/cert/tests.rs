@@ -1,5 +1,6 @@
 use super::*;
 use crate::policy::testutil::make_cert;
+use sha1::{Digest as _, Sha1};
 
 fn now() -> SystemTime {
     SystemTime::now()
@@ -11,7 +12,10 @@ fn parses_url_encoded_pem_like_envoy_sends_it() {
     let encoded = percent_encoding::utf8_percent_encode(&c.pem, percent_encoding::NON_ALPHANUMERIC)
         .to_string();
     let cert = parse_url_encoded_pem(&encoded, 64 * 1024).unwrap();
-    assert_eq!(cert.sha256.as_slice(), Sha256::digest(&c.der).as_slice());
+    assert_eq!(
+        cert.sha256.as_slice(),
+        sha2::Sha256::digest(&c.der).as_slice()
+    );
     assert_eq!(cert.thumbprint(), hex::encode_upper(Sha1::digest(&c.der)));
     assert_eq!(cert.dns_names, vec!["partner.example.com"]);
     assert_eq!(cert.common_names, vec!["partner"]);

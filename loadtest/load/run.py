@@ -1,8 +1,8 @@
-"""The load harness behind bench/load.sh: portcullis against its baselines, in one run on one machine.
+"""The load harness behind loadtest/load.sh: portcullis against its baselines, in one run on one machine.
 
 Scenarios (all started at once, measured one after another, interleaved round by round):
-  grpc floor          h2load -> portcullis (bench/load/floor.yaml: allow everything) over gRPC
-  grpc realistic      h2load -> portcullis (bench/load/realistic.yaml) over gRPC
+  grpc floor          h2load -> portcullis (loadtest/load/floor.yaml: allow everything) over gRPC
+  grpc realistic      h2load -> portcullis (loadtest/load/realistic.yaml) over gRPC
   envoy               h2load -> Envoy -> backend (no authorization)
   envoy jwt_authn+rbac   ... Envoy's own filters doing the equivalent checks
   envoy+floor         ... Envoy asking portcullis (floor policy) over ext_authz gRPC

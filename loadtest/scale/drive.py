@@ -1,7 +1,7 @@
 """Runs `portcullis serve` on a generated configuration and measures start-up, memory, reloads, and
 the gRPC checks served while it reloads.
 
-    python3 bench/scale/drive.py CONFIG_DIR --bin target/release/portcullis [--rate 300]
+    python3 loadtest/scale/drive.py CONFIG_DIR --bin target/release/portcullis [--rate 300]
         [--seconds 10] [--reloads 10] [--out result.json]
 
 CONFIG_DIR comes from gen.py (portcullis.yaml + requests.json). Every check is an Envoy-shaped

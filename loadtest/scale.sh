@@ -2,9 +2,9 @@
 # Scaling run (issue 8 item 2): decision time as the policy grows, and memory, start-up and reload at
 # the largest policy with the checks served during reloads. Results: target/scale/results.{md,json}.
 #
-#   bench/scale.sh                 # everything (about 5 minutes on 2 cores, after the builds)
-#   SKIP_CRITERION=1 bench/scale.sh   # only the server run
-#   SKIP_SERVER=1 bench/scale.sh      # only the criterion bench
+#   loadtest/scale.sh                 # everything (about 5 minutes on 2 cores, after the builds)
+#   SKIP_CRITERION=1 loadtest/scale.sh   # only the server run
+#   SKIP_SERVER=1 loadtest/scale.sh      # only the criterion bench
 #
 # Knobs: KEYS CIDRS APIS PROVIDERS JWKS=inline|file RATE (checks/s) SECONDS (per phase) RELOADS.
 # Needs python3 with grpcio, xds-protos and cryptography (tests/wire/requirements.txt); uses
@@ -25,10 +25,10 @@ if [ -z "${SKIP_SERVER:-}" ]; then
   cargo build --release --bin portcullis
   BIN=${PORTCULLIS_BIN:-target/release/portcullis}
   rm -rf "$OUT/config"
-  "$PY" bench/scale/gen.py "$OUT/config" --keys "${KEYS:-100000}" --cidrs "${CIDRS:-10000}" \
+  "$PY" loadtest/scale/gen.py "$OUT/config" --keys "${KEYS:-100000}" --cidrs "${CIDRS:-10000}" \
     --apis "${APIS:-1000}" --providers "${PROVIDERS:-50}" --jwks "${JWKS:-inline}" > "$OUT/generated.json"
   run() {
-    "$PY" bench/scale/drive.py "$OUT/config" --bin "$BIN" --rate "${RATE:-300}" \
+    "$PY" loadtest/scale/drive.py "$OUT/config" --bin "$BIN" --rate "${RATE:-300}" \
       --seconds "${SECONDS_PER_PHASE:-10}" --reloads "${RELOADS:-10}" --out "$1" > /dev/null
   }
   # As shipped (glibc malloc defaults) ...
@@ -38,4 +38,4 @@ if [ -z "${SKIP_SERVER:-}" ]; then
   MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 run "$OUT/server-malloc-tuned.json"
 fi
 
-"$PY" bench/scale/report.py "$OUT"
+"$PY" loadtest/scale/report.py "$OUT"

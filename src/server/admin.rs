@@ -63,7 +63,7 @@ fn refuse(state: &State, headers: &HeaderMap) -> Option<Response> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
     let ok = presented.is_some_and(|t| {
-        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        let digest: [u8; 32] = Sha256::digest(t.as_bytes());
         bool::from(digest.ct_eq(&expected))
     });
     if ok {

@@ -167,7 +167,7 @@ pub fn parse_with_env(
         );
         return Err(errs);
     }
-    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    let digest: [u8; 32] = Sha256::digest(text.as_bytes());
     // Fast path: a file without substitutions that is valid as it stands is deserialized straight
     // from the text, without a value tree (which costs about 1 KiB per subscription key and most of
     // the load time of a large file). Anything else, including every file with an error, takes the

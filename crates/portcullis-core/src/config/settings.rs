@@ -242,7 +242,7 @@ pub fn compile_settings(src: &Source, errs: &mut ConfigErrors) -> Option<Setting
         if a.token.expose().len() < 16 {
             errs.push("admin.token", "must be at least 16 characters");
         }
-        Sha256::digest(a.token.expose().as_bytes()).into()
+        Sha256::digest(a.token.expose().as_bytes())
     });
     Some(Settings {
         grpc: grpc?,

@@ -408,7 +408,7 @@ impl Credential {
             return Err(Unavailable::Failed("the caller's token has expired".into()));
         }
         // The audience is part of the credential's settings, so the caller token's hash is the key.
-        let key: [u8; 32] = Sha256::digest(subject.as_bytes()).into();
+        let key: [u8; 32] = Sha256::digest(subject.as_bytes());
         if let Some(t) = cache.get(&key).await {
             if t.fingerprint == self.fingerprint && t.fresh_at(now) {
                 self.counters.add(TokenCacheResult::Hit);

@@ -118,7 +118,7 @@ impl CredentialSpec {
         field(Some(&self.timeout.as_millis().to_string()));
         field(self.fixed_value.as_ref().map(Secret::expose));
         field(self.refresh_token.as_ref().map(Secret::expose));
-        h.finalize().into()
+        h.finalize()
     }
 }
 

@@ -305,7 +305,7 @@ fn provider_spec(
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
-    let digest: [u8; 32] = h.finalize().into();
+    let digest: [u8; 32] = h.finalize();
     Some((
         ProviderSpec {
             name: cfg.name.clone(),

@@ -309,7 +309,7 @@ impl VerifyingKey {
                 field(&mut h, p)
             }
         }
-        h.finalize().into()
+        h.finalize()
     }
 }
 

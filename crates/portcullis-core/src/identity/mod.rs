@@ -231,7 +231,7 @@ impl JwtPolicy {
                 ),
             ));
         }
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes());
         let (verified, provider, from_cache) = match self.cached(&hash) {
             Some((v, p)) => {
                 self.shared.cache_hits.fetch_add(1, Ordering::Relaxed);

@@ -94,7 +94,7 @@ pub fn from_der(der: &[u8]) -> Result<ClientCert, CertError> {
         .collect();
     Ok(ClientCert {
         sha1: crate::digest::sha1_thumbprint(der),
-        sha256: Sha256::digest(der).into(),
+        sha256: Sha256::digest(der),
         subject: Dn::from_x509(&tbs.subject),
         issuer: Dn::from_x509(&tbs.issuer),
         common_names,

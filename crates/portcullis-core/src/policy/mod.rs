@@ -193,6 +193,8 @@ impl PolicySet {
     /// backend token to fetch, or all of them cached), `None` when it would have to wait; then
     /// call [`PolicySet::decide`] where waiting is possible. Nothing is fetched, and nothing
     /// counted twice, on the `None` path. Like `decide`, a panic is a deny with reason `Internal`.
+    /// Renewing a cached token ahead of its expiry runs on a tokio runtime: called where none is
+    /// entered, a token near its end is still used, and renewed by the next `decide`.
     pub fn decide_now(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Option<Decision> {
         let evaluate = || self.evaluate(input, opts, Io::Never).now_or_never();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(evaluate)) {

@@ -13,7 +13,7 @@ pub type KeyHash = [u8; 32];
 
 /// Hashes a plain key.
 pub fn hash_key(key: &str) -> KeyHash {
-    Sha256::digest(key.as_bytes()).into()
+    Sha256::digest(key.as_bytes())
 }
 
 /// Formats a hash the way the config writes it: `sha256:<hex>`.
@@ -145,7 +145,7 @@ impl SubscriptionStore {
     pub fn check(&self, api: usize, key: Option<&[u8]>, required: bool) -> KeyCheck<'_> {
         match key {
             Some(key) => {
-                let hash: KeyHash = Sha256::digest(key).into();
+                let hash: KeyHash = Sha256::digest(key);
                 match self.by_hash.get(&hash).map(|&i| &self.subscriptions[i]) {
                     Some(sub) if sub.state == State::Active && sub.scope.covers(api) => {
                         KeyCheck::Valid(sub)

@@ -249,18 +249,13 @@ fn header(key: String, value: String) -> HeaderValueOption {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{DECISION_ID_HEADER, Header};
+    use crate::check::DECISION_ID_HEADER;
 
     /// The adapter, not the policy, names the decision: exactly one id header on an allow and on a
     /// deny, carrying the decision's id.
     #[test]
     fn the_decision_id_header_is_added_once_by_the_transport() {
-        let mut allow = Decision::new();
-        allow.upstream_headers.push(Header {
-            name: "x-user".into(),
-            value: "alice".into(),
-            sensitive: false,
-        });
+        let allow = super::super::allow_setting_x_user();
         let id = allow.id.clone();
         let Some(auth::check_response::HttpResponse::OkResponse(ok)) =
             to_check_response(allow).http_response

@@ -390,16 +390,11 @@ fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{DECISION_ID_HEADER, Header};
+    use crate::check::DECISION_ID_HEADER;
 
     #[test]
     fn a_forward_auth_allow_carries_one_decision_id() {
-        let mut d = Decision::new();
-        d.upstream_headers.push(Header {
-            name: "x-user".into(),
-            value: "alice".into(),
-            sensitive: false,
-        });
+        let d = super::super::allow_setting_x_user();
         let resp = to_http_response(&d);
         let ids: Vec<_> = resp.headers().get_all(DECISION_ID_HEADER).iter().collect();
         assert_eq!(ids, [d.id.as_str()]);

@@ -22,6 +22,18 @@ use crate::config::Settings;
 use crate::policy::{self, Decision, PolicySet, Runtime};
 use crate::proto::auth::authorization_server::AuthorizationServer;
 
+/// An allow that sets one upstream header: what the adapters' unit tests map onto the wire.
+#[cfg(test)]
+fn allow_setting_x_user() -> Decision {
+    let mut d = Decision::new();
+    d.upstream_headers.push(crate::check::Header {
+        name: "x-user".into(),
+        value: "alice".into(),
+        sensitive: false,
+    });
+    d
+}
+
 /// How long in-flight checks may take to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 

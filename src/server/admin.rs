@@ -87,7 +87,7 @@ async fn list_credentials(AxState(state): AxState<Arc<State>>, headers: HeaderMa
     }
     json(
         StatusCode::OK,
-        &state.runtime.credentials.admin_credentials(),
+        &state.runtime.credentials.admin_credentials().await,
     )
 }
 
@@ -135,6 +135,7 @@ async fn list_connections(
         .runtime
         .credentials
         .admin_connections(&name, who.as_ref())
+        .await
     {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(&e),
@@ -181,6 +182,7 @@ async fn start_consent(
         .runtime
         .credentials
         .start_consent(&name, &id, body.redirect_after, who)
+        .await
     {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(&e),

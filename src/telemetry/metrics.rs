@@ -244,6 +244,33 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
             }
         })
         .build();
+    let store = runtime.clone();
+    let _ = meter
+        .u64_observable_counter("portcullis.store.operations")
+        .with_description(
+            "Calls to the shared store (store.redis) by operation and result (ok, error, timeout, conflict).",
+        )
+        .with_callback(move |o| {
+            for (op, result, n) in store.credentials.store_operations() {
+                o.observe(
+                    n,
+                    &[KeyValue::new("op", op), KeyValue::new("result", result)],
+                );
+            }
+        })
+        .build();
+    let leases = runtime.clone();
+    let _ = meter
+        .u64_observable_counter("portcullis.store.leases")
+        .with_description(
+            "Single-writer leases on the shared store by outcome (acquired, busy, lost, error).",
+        )
+        .with_callback(move |o| {
+            for (outcome, n) in leases.credentials.store_leases() {
+                o.observe(n, &[KeyValue::new("outcome", outcome)]);
+            }
+        })
+        .build();
     let _ = meter
         .u64_observable_counter("portcullis.token_cache.requests")
         .with_description(

@@ -206,12 +206,34 @@ pub struct Credential {
     pub refresh_token: Option<Secret>,
 }
 
-/// `store`: the encrypted persistent store.
+/// `store`: the encrypted persistent store, a file (`path`) or a shared Redis (`redis`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
-    pub path: String,
+    pub path: Option<String>,
+    pub redis: Option<RedisStore>,
     pub key: Secret,
+}
+
+/// `store.redis`: the store shared by every replica.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStore {
+    pub url: Secret,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<RedisTls>,
+    pub prefix: Option<String>,
+    pub timeout: Option<String>,
+}
+
+/// `store.redis.tls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 /// `admin`: the admin API on the HTTP listener.

@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
 use super::Registry;
+use super::backend::Backend;
 use super::cache::Token;
 use super::clock::{rfc3339, unix_secs};
 use super::credential::{Credential, Kind};
@@ -25,11 +26,14 @@ pub const CONSENT_TTL: Duration = Duration::from_secs(600);
 /// Consents pending at once; more are refused rather than growing memory without bound.
 const MAX_PENDING: usize = 1_000;
 
-/// A consent in progress, kept server-side under its `state`.
+/// A consent in progress, kept server-side under its `state` (in Redis, sealed, with `store.redis`,
+/// so the provider's redirect may land on any replica).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct PendingConsent {
     credential: String,
     connection: String,
     verifier: String,
+    #[serde(with = "unix_time")]
     expires_at: SystemTime,
     redirect_after: Option<String>,
     /// A per-user connection's (issuer, subject), recorded with it so the admin list shows whose.
@@ -138,13 +142,16 @@ impl Registry {
     }
 
     /// `GET /admin/credentials`: every credential, its grant, state and token times; never a secret.
-    pub fn admin_credentials(&self) -> Value {
+    pub async fn admin_credentials(&self) -> Value {
         let now = self.shared.clock.now();
         let current = self.shared.current();
-        let list: Vec<Value> = current
-            .by_name
-            .values()
-            .map(|c| {
+        let mut list: Vec<Value> = Vec::with_capacity(current.by_name.len());
+        for c in current.by_name.values() {
+            let records = match (&c.kind, self.shared.store()) {
+                (Kind::RefreshToken, Some(s)) => Some(s.list(c.name()).await),
+                _ => None,
+            };
+            list.push({
                 let mut v = json!({"name": c.name(), "grant": c.grant().as_str()});
                 match &c.kind {
                     Kind::Fixed(_) => v["state"] = json!("connected"),
@@ -160,11 +167,11 @@ impl Registry {
                         v["last_error"] = json!(error);
                     }
                     Kind::RefreshToken => {
-                        let records = self
-                            .shared
-                            .store()
-                            .map(|s| s.list(c.name()))
-                            .unwrap_or_default();
+                        let (records, store_error) = match records {
+                            Some(Ok(r)) => (r, None),
+                            Some(Err(e)) => (Vec::new(), Some(e)),
+                            None => (Vec::new(), None),
+                        };
                         let count = |st: ConnectionState| {
                             records.iter().filter(|(_, r)| r.state == st).count()
                         };
@@ -182,6 +189,10 @@ impl Registry {
                         });
                         v["connections"] =
                             json!({"connected": ok, "needs_consent": consent, "error": error});
+                        if let Some(e) = store_error {
+                            v["state"] = json!("error");
+                            v["last_error"] = json!(e);
+                        }
                     }
                     Kind::TokenExchange(_) => {
                         v["state"] = json!("connected");
@@ -189,15 +200,15 @@ impl Registry {
                     }
                 }
                 v
-            })
-            .collect();
+            });
+        }
         json!({ "credentials": list })
     }
 
     /// `GET /admin/credentials/{name}/connections`; with `user`
     /// (`?issuer=..&subject=..`), only that user's connection, and its `id` even before it exists
     /// (to start its consent).
-    pub fn admin_connections(
+    pub async fn admin_connections(
         &self,
         name: &str,
         user: Option<&ConnectionUser>,
@@ -213,6 +224,8 @@ impl Registry {
                     .ok_or_else(|| AdminError::Unavailable("the store is not open".into()))?;
                 store
                     .list(name)
+                    .await
+                    .map_err(AdminError::Unavailable)?
                     .into_iter()
                     .filter(|(id, _)| only.as_ref().is_none_or(|o| o == id))
                     .map(|(id, r)| {
@@ -266,7 +279,7 @@ impl Registry {
     /// `POST /admin/credentials/{name}/connections/{id}/consent`: a login URL at the provider with a
     /// fresh `state` and PKCE S256 challenge; `state` and verifier stay here for 10 minutes.
     /// A per-user connection (`user:…`) must be given with its `user`, which is recorded.
-    pub fn start_consent(
+    pub async fn start_consent(
         &self,
         name: &str,
         connection: &str,
@@ -322,25 +335,29 @@ impl Registry {
             q.append_pair("prompt", "consent");
         }
         let expires_at = now + CONSENT_TTL;
-        {
-            let mut pending = locked(&self.shared.consents);
-            pending.retain(|_, p| p.expires_at > now);
-            if pending.len() >= MAX_PENDING {
+        let pending = PendingConsent {
+            credential: name.into(),
+            connection: connection.into(),
+            verifier,
+            expires_at,
+            redirect_after,
+            user: user.map(|u| (u.issuer, u.subject)),
+        };
+        if let Some(r) = self.shared.store().and_then(Backend::redis) {
+            let json =
+                serde_json::to_vec(&pending).map_err(|e| AdminError::Unavailable(e.to_string()))?;
+            r.put_consent(&state_digest(&state), &json, CONSENT_TTL)
+                .await
+                .map_err(|e| AdminError::Unavailable(format!("cannot keep the consent: {e}")))?;
+        } else {
+            let mut p = locked(&self.shared.consents);
+            p.retain(|_, p| p.expires_at > now);
+            if p.len() >= MAX_PENDING {
                 return Err(AdminError::Unavailable(
                     "too many consents are pending; try again in a few minutes".into(),
                 ));
             }
-            pending.insert(
-                state,
-                PendingConsent {
-                    credential: name.into(),
-                    connection: connection.into(),
-                    verifier,
-                    expires_at,
-                    redirect_after,
-                    user: user.map(|u| (u.issuer, u.subject)),
-                },
-            );
+            p.insert(state, pending);
         }
         Ok(
             json!({"credential": name, "connection": connection, "login_url": url.as_str(), "expires_at": rfc3339(expires_at)}),
@@ -357,10 +374,16 @@ impl Registry {
     ) -> Result<CallbackOutcome, AdminError> {
         let now = self.shared.clock.now();
         let state = state.ok_or_else(|| AdminError::BadRequest("no `state`".into()))?;
-        let pending = {
-            let mut p = locked(&self.shared.consents);
-            p.remove(state).filter(|p| p.expires_at > now)
-        };
+        let pending = match self.shared.store().and_then(Backend::redis) {
+            // The state is single use: taken with GETDEL, whatever happens next.
+            Some(r) => r
+                .take_consent(&state_digest(state))
+                .await
+                .map_err(AdminError::Unavailable)?
+                .and_then(|p| serde_json::from_slice::<PendingConsent>(&p).ok()),
+            None => locked(&self.shared.consents).remove(state),
+        }
+        .filter(|p| p.expires_at > now);
         let pending = pending.ok_or_else(|| {
             AdminError::BadRequest("unknown or expired `state`: start the consent again".into())
         })?;
@@ -400,10 +423,14 @@ impl Registry {
                     .into(),
             ));
         };
-        let existing = self
-            .shared
-            .store()
-            .and_then(|s| s.get(&pending.credential, &pending.connection));
+        let existing = match self.shared.store() {
+            Some(s) => s
+                .get(&pending.credential, &pending.connection)
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
         let created_at = existing.as_ref().map_or(unix_secs(now), |r| r.created_at);
         let (issuer, subject) = match pending.user.clone() {
             Some((i, s)) => (Some(i), Some(s)),
@@ -435,6 +462,16 @@ impl Registry {
             now,
             c.spec.refresh_before_expiry,
         ));
+        if let Some(r) = self.shared.store().and_then(Backend::redis) {
+            if let Err(e) = r
+                .put_token(&pending.credential, &pending.connection, &token)
+                .await
+            {
+                tracing::warn!(credential = %pending.credential, problem = %e, "could not share the consented connection's token");
+            }
+            r.publish_clear(&pending.credential, &pending.connection)
+                .await;
+        }
         c.install(&slot, token, &pending.connection);
         tracing::info!(credential = %pending.credential, connection = %pending.connection, "connection connected by consent");
         Ok(CallbackOutcome {
@@ -459,16 +496,17 @@ impl Registry {
         let store = self
             .shared
             .store()
-            .cloned()
             .ok_or_else(|| AdminError::Unavailable("the store is not open".into()))?;
         let slot = self.shared.slot(name, connection);
         let _one_fetch = slot.fetch.lock().await;
-        let (n, k) = (name.to_string(), connection.to_string());
-        let existed = tokio::task::spawn_blocking(move || store.delete(&n, &k))
+        let existed = store
+            .delete(name, connection)
             .await
-            .map_err(|e| AdminError::Unavailable(e.to_string()))?
-            .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+            .map_err(AdminError::Unavailable)?;
         slot.clear();
+        if let Some(r) = store.redis() {
+            r.publish_clear(name, connection).await;
+        }
         let unstored = self.shared.take_unstored(name, connection).is_some();
         if existed || unstored {
             tracing::info!(credential = %name, connection = %connection, "connection deleted");
@@ -478,5 +516,25 @@ impl Registry {
                 "credential `{name}` has no connection `{connection}`"
             )))
         }
+    }
+}
+
+/// The Redis key of a pending consent: the digest of its `state`, so the state itself (a bearer of
+/// the consent until it is redeemed) is never stored.
+fn state_digest(state: &str) -> String {
+    hex::encode(Sha256::digest(state.as_bytes()))
+}
+
+/// `SystemTime` as Unix seconds in a pending consent.
+mod unix_time {
+    use std::time::{Duration, SystemTime};
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(super::unix_secs(*t))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let secs = <u64 as serde::Deserialize>::deserialize(d)?;
+        Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
     }
 }

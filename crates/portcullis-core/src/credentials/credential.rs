@@ -9,9 +9,11 @@ use backon::Retryable;
 use crate::digest::Sha256;
 
 use super::Shared;
+use super::backend::Backend;
 use super::cache::{Counters, Gate, Slot, Token, TokenCacheResult};
 use super::clock::unix_secs;
 use super::endpoint::{self, Issued, TokenError};
+use super::fleet::Need;
 use super::spec::{CredentialSpec, GrantKind};
 use super::store::{ConnectionRecord, ConnectionState};
 use crate::check::Io;
@@ -135,11 +137,11 @@ impl Credential {
         self.spec.grant
     }
 
-    fn now(&self) -> SystemTime {
+    pub(super) fn now(&self) -> SystemTime {
         self.shared.clock.now()
     }
 
-    fn client(&self) -> Result<&reqwest::Client, TokenError> {
+    pub(super) fn client(&self) -> Result<&reqwest::Client, TokenError> {
         self.shared
             .http
             .get_or_init(endpoint::http_client)
@@ -192,7 +194,7 @@ impl Credential {
             self.counters.add(TokenCacheResult::Error);
             return Err(Unavailable::Failed(TokenError::Busy.to_string()));
         };
-        match self.fetch(connection, now).await {
+        match self.obtain(connection, now, Need::Valid).await {
             Ok(token) => {
                 let token = Arc::new(token);
                 self.install(slot, token.clone(), connection);
@@ -259,6 +261,24 @@ impl Credential {
         });
     }
 
+    /// A new token for a slot: shared by the fleet when the store is Redis (client credentials and
+    /// refresh-token connections), else fetched by this process.
+    async fn obtain(
+        &self,
+        connection: &str,
+        now: SystemTime,
+        need: Need,
+    ) -> Result<Token, TokenError> {
+        let fleet = matches!(
+            self.spec.grant,
+            GrantKind::ClientCredentials | GrantKind::RefreshToken
+        );
+        match self.shared.store().and_then(Backend::redis) {
+            Some(r) if fleet => self.fleet_obtain(r, connection, need).await,
+            _ => self.fetch(connection, now).await,
+        }
+    }
+
     /// Obtains a new token by the grant. For refresh tokens, a rotated refresh token is persisted
     /// before this returns, so the new access token is never used unless the rotation is durable.
     pub(super) async fn fetch(
@@ -302,6 +322,7 @@ impl Credential {
         let store = self
             .shared
             .store()
+            .and_then(Backend::file)
             .ok_or_else(|| TokenError::Client("the store is not open".into()))?;
         // A rotated refresh token the store could not keep last time: the provider has already
         // spent the stored one, so this one is written first, and nothing is sent until it is.
@@ -484,9 +505,10 @@ impl Credential {
             return;
         };
         let digest = hex::encode(Sha256::digest(rt.expose().as_bytes()));
-        if store
-            .get(&self.spec.name, DEFAULT_CONNECTION)
-            .is_some_and(|r| r.seeded_from.as_deref() == Some(digest.as_str()))
+        if let Backend::File(file) = store
+            && file
+                .get(&self.spec.name, DEFAULT_CONNECTION)
+                .is_some_and(|r| r.seeded_from.as_deref() == Some(digest.as_str()))
         {
             return;
         }
@@ -496,7 +518,7 @@ impl Credential {
             refresh_token: Some(rt.expose().to_string()),
             refresh_token_expires_at: None,
             error: None,
-            seeded_from: Some(digest),
+            seeded_from: Some(digest.clone()),
             issuer: None,
             subject: None,
             created_at: now,
@@ -504,12 +526,19 @@ impl Credential {
         };
         let slot = self.shared.slot(&self.spec.name, DEFAULT_CONNECTION);
         let _one_fetch = slot.fetch.lock().await;
-        match self
-            .shared
-            .persist(&self.spec.name, DEFAULT_CONNECTION, record)
-            .await
-        {
-            Ok(()) => {
+        let written = match store {
+            Backend::File(_) => self
+                .shared
+                .persist(&self.spec.name, DEFAULT_CONNECTION, record)
+                .await
+                .map(|()| true),
+            Backend::Redis(r) => {
+                super::fleet::seed(r, &self.spec.name, DEFAULT_CONNECTION, &digest, &record).await
+            }
+        };
+        match written {
+            Ok(false) => {}
+            Ok(true) => {
                 slot.clear();
                 tracing::info!(credential = %self.spec.name, "connection `default` seeded from the configured refresh_token");
             }
@@ -575,7 +604,7 @@ async fn refresh_attempt(
     // A background refresh waits for a permit: no caller waits on it.
     let _permit = cred.shared.fetch_permit().await;
     cred.counters.add(TokenCacheResult::Refresh);
-    match cred.fetch(&connection, now).await {
+    match cred.obtain(&connection, now, Need::Fresh).await {
         Ok(token) => {
             cred.install(&slot, Arc::new(token), &connection);
             Ok(())

@@ -50,6 +50,9 @@ pub enum TokenError {
     /// used (fail closed) and the rotated refresh token is kept in memory until it can be.
     #[error("the rotated refresh token cannot be stored yet: {0}")]
     Store(String),
+    /// The shared store (`store.redis`) could not be used: a refresh token is never sent without it.
+    #[error("{0}")]
+    SharedStore(String),
     /// `limits.max_concurrent_fetches` requests are already in flight; nothing was sent.
     #[error("too many token requests in flight (limits.max_concurrent_fetches)")]
     Busy,
@@ -62,7 +65,8 @@ impl TokenError {
         match self {
             TokenError::Unreachable(_)
             | TokenError::Timeout(_)
-            | TokenError::InvalidResponse(_) => true,
+            | TokenError::InvalidResponse(_)
+            | TokenError::SharedStore(_) => true,
             TokenError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             // Busy says nothing about the provider: it must not back off every caller.
             TokenError::RefreshTokenRejected(_)

@@ -10,12 +10,14 @@
 //! one credential never refresh the same connection at once (which would spend a rotated refresh
 //! token twice).
 
+mod backend;
 mod cache;
 pub mod clock;
 mod compile;
 mod consent;
 mod credential;
 pub mod endpoint;
+mod fleet;
 mod registry;
 pub mod spec;
 pub mod store;
@@ -27,6 +29,7 @@ use std::sync::Arc;
 use crate::check::template::{Context, RenderError, Template};
 use crate::check::{Denial, Failure, Header, Io, Reason};
 
+pub use backend::Backend;
 use cache::Slot;
 pub use cache::TokenCacheResult;
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -36,7 +39,7 @@ use credential::{Credential, DEFAULT_CONNECTION, Kind, Unavailable};
 pub(crate) use registry::Shared;
 pub use registry::{DEFAULT_MAX_CONCURRENT_FETCHES, LegacyAction, Registry, upgrade_legacy_store};
 use spec::StoreSpec;
-pub use spec::{GrantKind, per_user_connection_id};
+pub use spec::{GrantKind, StoreLocation, per_user_connection_id};
 pub use store::{ConnectionRecord, ConnectionState, Store, StoreError};
 
 /// The credentials of one compiled config.
@@ -240,11 +243,21 @@ impl BackendCredentialPolicy {
                     r.state != ConnectionState::NeedsConsent && r.refresh_token.is_some()
                 })
             };
-            if !usable(store.get(cred.name(), id)) {
+            if !usable(
+                store
+                    .get(cred.name(), id)
+                    .await
+                    .map_err(Unavailable::Failed)?,
+            ) {
                 if id == DEFAULT_CONNECTION && cred.spec.refresh_token.is_some() {
                     cred.seed_configured_refresh_token().await;
                 }
-                if !usable(store.get(cred.name(), id)) {
+                if !usable(
+                    store
+                        .get(cred.name(), id)
+                        .await
+                        .map_err(Unavailable::Failed)?,
+                ) {
                     return Err(Unavailable::NeedsConsent("no refresh token".into()));
                 }
             }
@@ -275,10 +288,15 @@ impl Prefetch {
                 Some(cred.slot_token(slot, DEFAULT_CONNECTION, Io::Wait).await)
             }
             (Kind::RefreshToken, ConnectionRef::Fixed { id, slot }) => {
-                let connected = cred.shared.store().is_some_and(|s| {
-                    s.get(cred.name(), id)
-                        .is_some_and(|r| r.state != ConnectionState::NeedsConsent)
-                });
+                let connected = match cred.shared.store() {
+                    Some(s) => s
+                        .get(cred.name(), id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| r.state != ConnectionState::NeedsConsent),
+                    None => false,
+                };
                 if connected {
                     Some(cred.slot_token(slot, id, Io::Wait).await)
                 } else {

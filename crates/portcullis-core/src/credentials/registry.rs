@@ -6,11 +6,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
+use super::backend::Backend;
 use super::cache::{Counters, Slot};
 use super::clock::{Clock, SystemClock};
 use super::consent;
 use super::credential::{Credential, DEFAULT_CONNECTION};
 use super::spec;
+use super::spec::StoreLocation;
+use super::store::redis::RedisStore;
 use super::store::{ConnectionRecord, Store, StoreError};
 use super::{BackendCredentialPolicy, ConnectionRef, CredentialSet, SetInner};
 use crate::config::{ConfigErrors, Source};
@@ -31,7 +34,7 @@ pub struct Registry {
 pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(super) http: OnceLock<Result<reqwest::Client, String>>,
-    pub(super) store: OnceLock<Arc<Store>>,
+    pub(super) store: OnceLock<Backend>,
     /// Slots by credential name, then connection id.
     pub(super) slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
     pub(super) counters: Mutex<HashMap<String, Arc<Counters>>>,
@@ -70,7 +73,7 @@ pub(super) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
+    pub(crate) fn store(&self) -> Option<&Backend> {
         self.store.get()
     }
 
@@ -112,13 +115,8 @@ impl Shared {
     ) -> Result<(), String> {
         let store = self
             .store()
-            .cloned()
             .ok_or_else(|| "the store is not open".to_string())?;
-        let (c, k) = (credential.to_string(), connection.to_string());
-        tokio::task::spawn_blocking(move || store.put(&c, &k, &record))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        store.put(credential, connection, record).await
     }
 
     /// Remembers a record the store could not write (see `unstored`).
@@ -184,9 +182,9 @@ impl Registry {
     /// Makes `set` the credentials in force (called once its config compiled without error).
     pub fn publish(&self, set: &CredentialSet) {
         if let (Some(open), Some(spec)) = (self.shared.store(), &set.inner.store)
-            && open.path() != spec.path
+            && open.describe() != spec.location.describe()
         {
-            tracing::warn!(store = %spec.path.display(), open = %open.path().display(), "`store` changed: it applies after a restart");
+            tracing::warn!(store = %spec.location.describe(), open = %open.describe(), "`store` changed: it applies after a restart");
         }
         {
             let mut slots = self.shared.slots.write().unwrap_or_else(|p| p.into_inner());
@@ -215,26 +213,20 @@ impl Registry {
         let used: Vec<&BackendCredentialPolicy> = used.into_iter().collect();
         let current = self.shared.current();
         if let (Some(spec), None) = (&current.store, self.shared.store()) {
-            let spec = spec.clone();
-            let path = spec.path.clone();
-            let uses = ConnectionUse::of(used.iter().copied());
-            let store = tokio::task::spawn_blocking(move || {
-                Store::open_with(&spec.path, &spec.key, |ids| {
-                    refuse_ambiguous(&spec.path, &uses.ambiguous(ids))
-                })
-            })
-            .await
-            .map_err(|e| StoreError::Io {
-                path,
-                detail: e.to_string(),
-            })??;
-            tracing::info!(store = %store.path().display(), connections = store_len(&store, &current), "store opened");
-            if store.has_legacy_connection_ids() {
-                // `open_with` found nothing ambiguous: every old record keeps its id as a fixed one.
-                store.mark_connection_ids_namespaced()?;
-                tracing::info!(store = %store.path().display(), connections = store.ids().len(), "store upgraded to namespaced connection ids (existing connections kept as fixed ones)");
-            }
-            let _ = self.shared.store.set(Arc::new(store));
+            let backend = match &spec.location {
+                StoreLocation::File(path) => {
+                    let store = open_file(path, &spec.key, &used).await?;
+                    tracing::info!(store = %store.path().display(), connections = store_len(&store, &current), "store opened");
+                    Backend::File(Arc::new(store))
+                }
+                StoreLocation::Redis(redis) => {
+                    let store = Arc::new(RedisStore::connect(redis, &spec.key).await?);
+                    tracing::info!(store = %store.describe(), replica = %store.replica(), "shared store connected");
+                    self.listen(&store);
+                    Backend::Redis(store)
+                }
+            };
+            let _ = self.shared.store.set(backend);
         }
         for cred in current.by_name.values() {
             cred.seed_configured_refresh_token().await;
@@ -253,8 +245,47 @@ impl Registry {
     /// Opens the store directly (tests and tools); `start` does this from the config.
     pub fn open_store(&self, path: &std::path::Path, key: &[u8; 32]) -> Result<(), StoreError> {
         let store = Store::open(path, key)?;
-        let _ = self.shared.store.set(Arc::new(store));
+        let _ = self.shared.store.set(Backend::File(Arc::new(store)));
         Ok(())
+    }
+
+    /// Drops this replica's copy of a connection's token when another replica says so (after a
+    /// consent or a deletion there), for as long as the registry lives.
+    fn listen(&self, store: &Arc<RedisStore>) {
+        let weak = Arc::downgrade(&self.shared);
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .listen(|credential, id| {
+                    let Some(shared) = weak.upgrade() else {
+                        return false;
+                    };
+                    if let Some(slot) = shared.existing_slot(credential, id) {
+                        slot.clear();
+                        tracing::debug!(credential = %credential, connection = %id, "token dropped at another replica's request");
+                    }
+                    true
+                })
+                .await;
+        });
+    }
+
+    /// `portcullis.store.operations` by op and result (`store.redis` only).
+    pub fn store_operations(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.shared
+            .store()
+            .and_then(Backend::redis)
+            .map(|r| r.operations())
+            .unwrap_or_default()
+    }
+
+    /// `portcullis.store.leases` by outcome (`store.redis` only).
+    pub fn store_leases(&self) -> Vec<(&'static str, u64)> {
+        self.shared
+            .store()
+            .and_then(Backend::redis)
+            .map(|r| r.leases())
+            .unwrap_or_default()
     }
 
     /// `portcullis.token_cache.requests` by credential and result (`hit`, `miss`, `refresh`, `error`).
@@ -271,6 +302,32 @@ impl Registry {
         out.sort();
         out
     }
+}
+
+/// Opens the embedded store, refusing a legacy file whose connection ids are ambiguous for `used`,
+/// and upgrades one that is not.
+async fn open_file(
+    path: &std::path::Path,
+    key: &[u8; 32],
+    used: &[&BackendCredentialPolicy],
+) -> Result<Store, StoreError> {
+    let (path, key) = (path.to_path_buf(), *key);
+    let uses = ConnectionUse::of(used.iter().copied());
+    let p = path.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_with(&p, &key, |ids| refuse_ambiguous(&p, &uses.ambiguous(ids)))
+    })
+    .await
+    .map_err(|e| StoreError::Io {
+        path,
+        detail: e.to_string(),
+    })??;
+    if store.has_legacy_connection_ids() {
+        // `open_with` found nothing ambiguous: every old record keeps its id as a fixed one.
+        store.mark_connection_ids_namespaced()?;
+        tracing::info!(store = %store.path().display(), connections = store.ids().len(), "store upgraded to namespaced connection ids (existing connections kept as fixed ones)");
+    }
+    Ok(store)
 }
 
 /// Which connections the config's APIs use, by credential: the ones used per user, and the fixed
@@ -378,11 +435,17 @@ pub fn upgrade_legacy_store<'p>(
     {
         return Err("`--issuer` must not be empty".into());
     }
-    let store = Store::open(&spec.path, &spec.key).map_err(|e| e.to_string())?;
+    let StoreLocation::File(path) = &spec.location else {
+        return Ok(
+            "the store is `store.redis`: connection ids there were always namespaced; nothing to do"
+                .into(),
+        );
+    };
+    let store = Store::open(path, &spec.key).map_err(|e| e.to_string())?;
     if !store.has_legacy_connection_ids() {
         return Ok(format!(
             "store {}: connection ids are already namespaced; nothing to do",
-            spec.path.display()
+            path.display()
         ));
     }
     let mut ambiguous = ConnectionUse::of(used).ambiguous(&store.ids());
@@ -410,7 +473,7 @@ pub fn upgrade_legacy_store<'p>(
     }
     let mut out = format!(
         "store {}: credential `{credential}`: {} connection(s)",
-        spec.path.display(),
+        path.display(),
         done.len()
     );
     for d in &done {

@@ -125,16 +125,70 @@ impl CredentialSpec {
 /// Compiled `store`.
 #[derive(Clone)]
 pub struct StoreSpec {
-    /// The file, resolved against the config file's directory.
-    pub path: PathBuf,
+    /// Where the records live.
+    pub location: StoreLocation,
     /// The AES-256 key.
     pub key: [u8; 32],
 }
 
+/// `store.path` or `store.redis`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded file, resolved against the config file's directory.
+    File(PathBuf),
+    /// The Redis every replica shares.
+    Redis(RedisSpec),
+}
+
+impl StoreLocation {
+    /// The file or the URL without credentials, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::File(p) => p.display().to_string(),
+            StoreLocation::Redis(r) => r.display.clone(),
+        }
+    }
+}
+
+/// Compiled `store.redis`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSpec {
+    /// `url`, as given (it may carry a password, so it is never shown).
+    pub url: Secret,
+    /// The URL without user information, for logs and errors.
+    pub display: String,
+    /// `username` (an ACL user).
+    pub username: Option<String>,
+    /// `password`.
+    pub password: Option<Secret>,
+    /// `tls.ca_file`: trust this CA bundle instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `tls.cert_file` and `tls.key_file`: a client certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// `prefix` of every key.
+    pub prefix: String,
+    /// `timeout`: the bound on every Redis call.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSpec")
+            .field("url", &self.display)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default `store.redis.prefix`.
+pub const DEFAULT_REDIS_PREFIX: &str = "portcullis:";
+/// Default `store.redis.timeout`.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
 impl std::fmt::Debug for StoreSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSpec")
-            .field("path", &self.path)
+            .field("location", &self.location)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -216,9 +270,28 @@ fn url(value: &Option<String>, path: &str, errs: &mut ConfigErrors) -> Option<St
 /// Compiles `store`.
 pub fn compile_store(src: &Source, errs: &mut ConfigErrors) -> Option<StoreSpec> {
     let s = src.file.store.as_ref()?;
-    if s.path.trim().is_empty() {
-        errs.push("store.path", "must not be empty");
-    }
+    let location = match (&s.path, &s.redis) {
+        (Some(_), Some(_)) => {
+            errs.push(
+                "store",
+                "give `path` (one replica, an embedded file) or `redis` (replicas sharing one store), not both",
+            );
+            None
+        }
+        (None, None) => {
+            errs.push(
+                "store",
+                "needs `path` (an embedded file) or `redis` (a store shared by every replica)",
+            );
+            None
+        }
+        (Some(p), None) if p.trim().is_empty() => {
+            errs.push("store.path", "must not be empty");
+            None
+        }
+        (Some(p), None) => Some(StoreLocation::File(src.resolve(p))),
+        (None, Some(r)) => compile_redis(src, r, errs).map(StoreLocation::Redis),
+    };
     if !src.substituted.contains("store.key") {
         errs.push(
             "store.key",
@@ -227,15 +300,154 @@ pub fn compile_store(src: &Source, errs: &mut ConfigErrors) -> Option<StoreSpec>
         return None;
     }
     match super::store::decode_key(s.key.expose()) {
-        Ok(key) => Some(StoreSpec {
-            path: src.resolve(&s.path),
-            key,
-        }),
+        Ok(key) => location.map(|location| StoreSpec { location, key }),
         Err(e) => {
             errs.push("store.key", e);
             None
         }
     }
+}
+
+fn compile_redis(
+    src: &Source,
+    r: &config::RedisStore,
+    errs: &mut ConfigErrors,
+) -> Option<RedisSpec> {
+    let raw = r.url.expose();
+    let parsed = match url::Url::parse(raw) {
+        Ok(u) => u,
+        Err(e) => {
+            errs.push("store.redis.url", format!("is not a URL ({e})"));
+            return None;
+        }
+    };
+    let tls = match parsed.scheme() {
+        "redis" => false,
+        "rediss" => true,
+        "redis+sentinel" | "rediss+sentinel" => {
+            errs.push(
+                "store.redis.url",
+                "Redis Sentinel is not supported: give the primary's address (a managed service's primary endpoint, or a proxy in front of Sentinel)",
+            );
+            return None;
+        }
+        "redis+unix" | "unix" => {
+            errs.push(
+                "store.redis.url",
+                "a Unix socket is not supported: use redis://host:port/db",
+            );
+            return None;
+        }
+        other => {
+            errs.push(
+                "store.redis.url",
+                format!(
+                    "`{other}://` is not a Redis URL: use redis://host:port/db or rediss:// (TLS)"
+                ),
+            );
+            return None;
+        }
+    };
+    let mut ok = true;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        errs.push("store.redis.url", "names no host");
+        ok = false;
+    }
+    let db = parsed.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        errs.push(
+            "store.redis.url",
+            format!("the path is the database number (e.g. /0), not `/{db}`"),
+        );
+        ok = false;
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        errs.push(
+            "store.redis.url",
+            "takes no ?query or #fragment: give the settings as fields of `store.redis`",
+        );
+        ok = false;
+    }
+    if parsed.password().is_some() && !src.substituted.contains("store.redis.url") {
+        errs.push(
+            "store.redis.url",
+            "a password must not be written in the file: use `password: ${env:NAME}` (or substitute the whole URL)",
+        );
+        ok = false;
+    }
+    if r.password.is_some() && !src.substituted.contains("store.redis.password") {
+        errs.push(
+            "store.redis.password",
+            "the password must not be written in the file: read it with ${env:NAME} or ${file:PATH}",
+        );
+        ok = false;
+    }
+    if r.username.as_deref().is_some_and(|u| u.is_empty()) {
+        errs.push("store.redis.username", "must not be empty");
+        ok = false;
+    }
+    let mut display = parsed.clone();
+    let _ = display.set_username("");
+    let _ = display.set_password(None);
+    let prefix = r
+        .prefix
+        .clone()
+        .unwrap_or_else(|| DEFAULT_REDIS_PREFIX.into());
+    if prefix.len() > 128 || prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        errs.push(
+            "store.redis.prefix",
+            "at most 128 characters, with no spaces or control characters",
+        );
+        ok = false;
+    }
+    let timeout = match &r.timeout {
+        None => DEFAULT_REDIS_TIMEOUT,
+        Some(t) => match config::duration(t, "store.redis.timeout", errs) {
+            Some(d) if d.is_zero() || d > Duration::from_secs(60) => {
+                errs.push("store.redis.timeout", "must be more than 0 and at most 60s");
+                ok = false;
+                DEFAULT_REDIS_TIMEOUT
+            }
+            Some(d) => d,
+            None => {
+                ok = false;
+                DEFAULT_REDIS_TIMEOUT
+            }
+        },
+    };
+    let mut ca_file = None;
+    let mut client_cert = None;
+    if let Some(t) = &r.tls {
+        if !tls {
+            errs.push(
+                "store.redis.tls",
+                "applies to rediss:// URLs only: use rediss:// to connect with TLS",
+            );
+            ok = false;
+        }
+        ca_file = t.ca_file.as_deref().map(|f| src.resolve(f));
+        match (&t.cert_file, &t.key_file) {
+            (Some(c), Some(k)) => client_cert = Some((src.resolve(c), src.resolve(k))),
+            (None, None) => {}
+            _ => {
+                errs.push(
+                    "store.redis.tls",
+                    "`cert_file` and `key_file` go together (a client certificate and its key)",
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| RedisSpec {
+        url: r.url.clone(),
+        display: display.to_string(),
+        username: r.username.clone(),
+        password: r.password.clone(),
+        ca_file,
+        client_cert,
+        prefix,
+        timeout,
+    })
 }
 
 /// Compiles one `credentials[i]`.

@@ -20,12 +20,13 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
 
 mod open;
+pub mod redis;
 use open::{classify, guarded, load, open_read_only, verify, verify_copy};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
-const KEY_CHECK: &str = "key_check";
-const KEY_CHECK_PLAINTEXT: &[u8] = b"portcullis store v1";
+pub(crate) const KEY_CHECK: &str = "key_check";
+pub(crate) const KEY_CHECK_PLAINTEXT: &[u8] = b"portcullis store v1";
 /// Present (sealed) in stores whose connection ids are namespaced: fixed ids are names, per-user
 /// ids are `user:` + digest of issuer and subject. A store without it was written when a per-user
 /// id was the bare claim value, which could equal a fixed id.
@@ -38,6 +39,14 @@ const NONCE_LEN: usize = 12;
 /// Why the store cannot be used. Messages name the file and the cause; never the key.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The shared Redis store cannot be used (unreachable, refused the login, wrong key).
+    #[error("store {url}: {detail}")]
+    Redis {
+        /// The URL, without user information.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// The key does not open the file's key-check record.
     #[error(
         "store {path}: wrong key: `store.key` does not decrypt this store (the file was left untouched)"
@@ -470,33 +479,38 @@ impl Store {
     }
 
     fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + 16);
-        out.push(SEAL_VERSION);
-        out.extend_from_slice(&nonce_bytes);
-        let mut sealed = plaintext.to_vec();
-        self.cipher
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce_bytes),
-                Aad::from(aad),
-                &mut sealed,
-            )
-            .map_err(|_| StoreError::Io {
-                path: self.path.clone(),
-                detail: "encryption failed".into(),
-            })?;
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        seal_with(&self.cipher, aad, plaintext).ok_or_else(|| StoreError::Io {
+            path: self.path.clone(),
+            detail: "encryption failed".into(),
+        })
     }
 }
 
-fn record_key(credential: &str, connection: &str) -> String {
+/// Seals `plaintext` with a fresh random nonce: version byte, nonce, ciphertext and tag.
+pub(crate) fn seal_with(cipher: &LessSafeKey, aad: &[u8], plaintext: &[u8]) -> Option<Vec<u8>> {
+    let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + 16);
+    out.push(SEAL_VERSION);
+    out.extend_from_slice(&nonce_bytes);
+    let mut sealed = plaintext.to_vec();
+    cipher
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce_bytes),
+            Aad::from(aad),
+            &mut sealed,
+        )
+        .ok()?;
+    out.extend_from_slice(&sealed);
+    Some(out)
+}
+
+pub(crate) fn record_key(credential: &str, connection: &str) -> String {
     // Credential names are [A-Za-z0-9._-] and connection ids carry no control characters, so NUL
     // separates them unambiguously.
     format!("{credential}\u{0}{connection}")
 }
 
-fn aad(table: &str, key: &str) -> Vec<u8> {
+pub(crate) fn aad(table: &str, key: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(table.len() + key.len() + 1);
     v.extend_from_slice(table.as_bytes());
     v.push(0);
@@ -504,7 +518,7 @@ fn aad(table: &str, key: &str) -> Vec<u8> {
     v
 }
 
-fn open_sealed(cipher: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn open_sealed(cipher: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != SEAL_VERSION {
         return None;
     }

@@ -89,7 +89,10 @@ fn setup(credentials_yaml: &str) -> Setup {
     assert!(errs.is_empty(), "{errs}");
     registry.publish(&set);
     let spec = set.inner.store.clone().unwrap();
-    registry.open_store(&spec.path, &spec.key).unwrap();
+    let StoreLocation::File(path) = &spec.location else {
+        panic!("a file store")
+    };
+    registry.open_store(path, &spec.key).unwrap();
     Setup {
         registry,
         clock,
@@ -312,7 +315,13 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
         "  - {{ name: crm, grant: refresh_token, token_url: \"{}\", client_id: app, client_secret: sec, client_auth: client_secret_post }}\n",
         fake.url
     ));
-    let store = s.registry.shared.store().unwrap().clone();
+    let store = s
+        .registry
+        .shared
+        .store()
+        .and_then(Backend::file)
+        .unwrap()
+        .clone();
     let alice_id = per_user_connection_id(ISS, "alice");
     store
         .put("crm", &alice_id, &connected("rt-alice-0"))
@@ -383,7 +392,7 @@ async fn per_user_connections_rotate_refresh_tokens_durably_before_use() {
     let rec = store.get("crm", &alice_id).unwrap();
     assert_eq!(rec.state, ConnectionState::NeedsConsent);
     assert!(rec.error.unwrap().contains("invalid_grant"));
-    let listed = s.registry.admin_connections("crm", None).unwrap();
+    let listed = s.registry.admin_connections("crm", None).await.unwrap();
     assert_eq!(listed["connections"][0]["state"], "needs_consent");
     assert!(
         !listed.to_string().contains("rt-"),
@@ -414,6 +423,7 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     let started = s
         .registry
         .start_consent("crm", "shared", None, None)
+        .await
         .unwrap();
     let login = url::Url::parse(started["login_url"].as_str().unwrap()).unwrap();
     let q: HashMap<String, String> = login.query_pairs().into_owned().collect();
@@ -493,6 +503,7 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     let late = s
         .registry
         .start_consent("crm", "other", None, None)
+        .await
         .unwrap();
     let state: String = url::Url::parse(late["login_url"].as_str().unwrap())
         .unwrap()
@@ -510,7 +521,7 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     );
 
     // Listing and deleting.
-    let creds = s.registry.admin_credentials();
+    let creds = s.registry.admin_credentials().await;
     assert_eq!(creds["credentials"][0]["grant"], "refresh_token");
     s.registry.delete_connection("crm", "shared").await.unwrap();
     assert!(matches!(
@@ -520,7 +531,7 @@ async fn consent_redeems_the_code_with_pkce_and_state_is_single_use() {
     let e = p.header_for(&Context::default(), false).await.unwrap_err();
     assert!(e.detail.contains("needs consent"), "deleted: {}", e.detail);
     assert!(matches!(
-        s.registry.start_consent("nope", "x", None, None),
+        s.registry.start_consent("nope", "x", None, None).await,
         Err(AdminError::NotFound(_))
     ));
 }
@@ -540,7 +551,13 @@ async fn a_configured_refresh_token_seeds_the_default_connection_once() {
             .value,
         "Bearer at-1"
     );
-    let store = s.registry.shared.store().unwrap().clone();
+    let store = s
+        .registry
+        .shared
+        .store()
+        .and_then(Backend::file)
+        .unwrap()
+        .clone();
     assert_eq!(
         store
             .get("crm", "default")
@@ -686,7 +703,13 @@ async fn a_caller_never_reaches_a_fixed_connection_or_another_issuers_user() {
         "  - {{ name: crm, grant: refresh_token, token_url: \"{}\", client_id: app, client_secret: sec }}\n",
         fake.url
     ));
-    let store = s.registry.shared.store().unwrap().clone();
+    let store = s
+        .registry
+        .shared
+        .store()
+        .and_then(Backend::file)
+        .unwrap()
+        .clone();
     store
         .put("crm", "default", &connected("rt-operator"))
         .unwrap();
@@ -754,7 +777,11 @@ async fn consent_for_a_user_records_whose_connection_it_is() {
     let id = bob.connection_id();
 
     // The operator looks the user's id up before it exists.
-    let looked = s.registry.admin_connections("crm", Some(&bob)).unwrap();
+    let looked = s
+        .registry
+        .admin_connections("crm", Some(&bob))
+        .await
+        .unwrap();
     assert_eq!(looked["id"], json!(id));
     assert_eq!(looked["connections"], json!([]));
 
@@ -763,24 +790,29 @@ async fn consent_for_a_user_records_whose_connection_it_is() {
         Err(AdminError::BadRequest(m)) => m,
         other => panic!("expected 400, got {other:?}"),
     };
-    assert!(bad(s.registry.start_consent("crm", &id, None, None)).contains("names its user"));
+    assert!(bad(s.registry.start_consent("crm", &id, None, None).await).contains("names its user"));
     assert!(
         bad(s
             .registry
-            .start_consent("crm", &id, None, Some(user("https://other", "bob:ünï/%"))))
+            .start_consent("crm", &id, None, Some(user("https://other", "bob:ünï/%")))
+            .await)
         .contains("is not the connection")
     );
     assert!(
         bad(s
             .registry
-            .start_consent("crm", "shared", None, Some(bob.clone())))
+            .start_consent("crm", "shared", None, Some(bob.clone()))
+            .await)
         .contains("fixed")
     );
-    assert!(bad(s.registry.start_consent("crm", "bob:ünï", None, None)).contains("connection id"));
+    assert!(
+        bad(s.registry.start_consent("crm", "bob:ünï", None, None).await).contains("connection id")
+    );
 
     let started = s
         .registry
         .start_consent("crm", &id, None, Some(bob.clone()))
+        .await
         .unwrap();
     let state: String = url::Url::parse(started["login_url"].as_str().unwrap())
         .unwrap()
@@ -795,7 +827,7 @@ async fn consent_for_a_user_records_whose_connection_it_is() {
         .await
         .unwrap();
     assert_eq!(done.connection, id);
-    let listed = s.registry.admin_connections("crm", None).unwrap();
+    let listed = s.registry.admin_connections("crm", None).await.unwrap();
     let entry = &listed["connections"][0];
     assert_eq!(
         (
@@ -907,7 +939,7 @@ async fn a_legacy_store_is_upgraded_only_when_unambiguous() {
     // Only `default` and the fixed ids the config names: upgraded in place.
     let (registry, started, _d) = start_on_legacy(&["default", "shared"], "shared").await;
     started.unwrap();
-    let store = registry.shared.store().unwrap();
+    let store = registry.shared.store().and_then(Backend::file).unwrap();
     assert!(!store.has_legacy_connection_ids(), "marked upgraded");
     assert_eq!(store.ids().len(), 2, "every record kept");
 

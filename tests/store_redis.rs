@@ -1,0 +1,851 @@
+//! `store.redis` against a real `redis-server` (Debian's; started here on a free loopback port with
+//! its own directory): several replicas (each its own `Runtime`, as separate processes would be)
+//! share one rotating refresh-token connection, consent and client-credentials tokens; one replica
+//! refreshes at a time; a replica that died mid-refresh is never replayed; Redis down serves cached
+//! tokens and denies what needs Redis; Redis restarted with AOF loses nothing; Redis sees only
+//! ciphertext.
+//!
+//! Without `redis-server` these tests skip with a message, except under `CI=true`, where they fail.
+//! The token endpoint is a local fake with the behaviour that matters here: every refresh rotates
+//! the refresh token, and a spent one is answered `invalid_grant` and revokes the grant (reuse
+//! detection, as oidc-provider, Auth0 and Okta do).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use portcullis::config;
+use portcullis::credentials::{Clock, ManualClock, Registry};
+use portcullis::policy::{self, PolicySet, Runtime};
+
+const KEY_A: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const KEY_B: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+const CLIENT_SECRET: &str = "cs-9f8e7d6c5b4a";
+
+/// A `redis-server` of this test's own, killed on drop.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    aof: bool,
+}
+
+impl RedisServer {
+    /// `None` (after saying why) when redis-server is not installed, outside CI.
+    fn start(aof: bool) -> Option<RedisServer> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("CI").is_err(),
+                "redis-server is not installed (apt-get install redis-server); CI must have it"
+            );
+            eprintln!("SKIP: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = RedisServer {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            aof,
+        };
+        s.restart();
+        Some(s)
+    }
+
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--daemonize", "no"]);
+        if self.aof {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 16];
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"+PONG\r\n")
+    }
+
+    /// `kill -9`: with AOF and `appendfsync always`, every acknowledged write is on disk.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// Every key under the prefix with its value(s), raw bytes.
+    async fn dump(&self) -> Vec<(String, Vec<u8>)> {
+        let mut c = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("portcullis:*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for k in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let bytes: Vec<u8> = match kind.as_str() {
+                "string" => redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap(),
+                "hash" => {
+                    let m: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+                        .arg(&k)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    m.into_iter()
+                        .flat_map(|(f, v)| [f.into_bytes(), v].concat())
+                        .collect()
+                }
+                "set" => {
+                    let m: Vec<String> = redis::cmd("SMEMBERS")
+                        .arg(&k)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    m.join(",").into_bytes()
+                }
+                other => panic!("unexpected type {other} of {k}"),
+            };
+            out.push((k, bytes));
+        }
+        out
+    }
+
+    async fn cmd(&self, args: &[&str]) -> redis::Value {
+        let mut c = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut c).await.unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What the token endpoint saw.
+#[derive(Default)]
+struct IdpState {
+    n: usize,
+    /// The one refresh token that works now.
+    current: Option<String>,
+    /// Refresh tokens already spent (a replay revokes the grant).
+    spent: Vec<String>,
+    refreshes: usize,
+    invalid_grants: usize,
+    client_credentials: usize,
+    codes: usize,
+    /// Held before answering a refresh (a slow provider).
+    delay: Duration,
+}
+
+/// A token endpoint that rotates refresh tokens and detects their reuse.
+#[derive(Clone)]
+struct Idp {
+    addr: SocketAddr,
+    state: Arc<Mutex<IdpState>>,
+}
+
+impl Idp {
+    async fn start(initial_refresh_token: &str) -> Idp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let idp = Idp {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::new(Mutex::new(IdpState {
+                current: Some(initial_refresh_token.to_string()),
+                ..IdpState::default()
+            })),
+        };
+        let me = idp.clone();
+        let app = Router::new().route(
+            "/token",
+            axum::routing::post(move |body: String| {
+                let me = me.clone();
+                async move { me.answer(body).await }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        idp
+    }
+
+    async fn answer(&self, body: String) -> axum::response::Response {
+        let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect();
+        let delay = self.state.lock().unwrap().delay;
+        let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+        if grant == "refresh_token" && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut s = self.state.lock().unwrap();
+        s.n += 1;
+        let n = s.n;
+        let ok = |rt: Option<String>| {
+            let mut v = serde_json::json!({"access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": 600});
+            if let Some(rt) = rt {
+                v["refresh_token"] = rt.into();
+            }
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                v.to_string(),
+            )
+                .into_response()
+        };
+        let invalid_grant = || {
+            (
+                StatusCode::BAD_REQUEST,
+                [("content-type", "application/json")],
+                r#"{"error":"invalid_grant"}"#,
+            )
+                .into_response()
+        };
+        match grant {
+            "refresh_token" => {
+                s.refreshes += 1;
+                let given = form.get("refresh_token").cloned().unwrap_or_default();
+                if s.current.as_deref() == Some(given.as_str()) {
+                    s.spent.push(given);
+                    let next = format!("rt-{n}");
+                    s.current = Some(next.clone());
+                    ok(Some(next))
+                } else {
+                    s.invalid_grants += 1;
+                    if s.spent.contains(&given) {
+                        // Reuse detection: the whole grant is revoked.
+                        s.current = None;
+                    }
+                    invalid_grant()
+                }
+            }
+            "authorization_code" => {
+                s.codes += 1;
+                let next = format!("rt-consent-{n}");
+                s.current = Some(next.clone());
+                ok(Some(next))
+            }
+            "client_credentials" => {
+                s.client_credentials += 1;
+                ok(None)
+            }
+            _ => invalid_grant(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut IdpState) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+}
+
+fn yaml(redis: &RedisServer, idp: &Idp) -> String {
+    format!(
+        r#"
+store:
+  redis: {{ url: "{redis}", timeout: 300ms }}
+  key: "${{env:STORE_KEY}}"
+credentials:
+  - name: crm
+    grant: refresh_token
+    token_url: {url}
+    authorize_url: http://127.0.0.1:9/authorize
+    redirect_uri: https://authz.example.com/admin/callback
+    client_id: portcullis
+    client_secret: "${{env:CLIENT_SECRET}}"
+    refresh_token: "${{env:SEED_RT}}"
+    timeout: 2s
+  - name: machine
+    grant: client_credentials
+    token_url: {url}
+    client_id: portcullis
+    client_secret: "${{env:CLIENT_SECRET}}"
+apis:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    on_allow: {{ backend_credential: {{ name: crm }} }}
+  - name: machine
+    match: {{ path_prefix: /machine }}
+    on_allow: {{ backend_credential: {{ name: machine }} }}
+"#,
+        redis = redis.url(),
+        url = idp.url()
+    )
+}
+
+fn env_with(key: &'static str) -> impl Fn(&str) -> Option<String> {
+    move |name: &str| match name {
+        "STORE_KEY" => Some(key.to_string()),
+        "CLIENT_SECRET" => Some(CLIENT_SECRET.to_string()),
+        "SEED_RT" => Some("rt-seed".to_string()),
+        _ => None,
+    }
+}
+
+/// One replica: its own registry and policy, as a separate process would have.
+struct Replica {
+    runtime: Runtime,
+    policy: PolicySet,
+}
+
+async fn replica(text: &str, clock: &Arc<ManualClock>, key: &'static str) -> Replica {
+    let src = config::parse_with_env(text, std::path::Path::new("."), &env_with(key))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = Runtime {
+        credentials: Registry::with_clock(clock.clone()),
+        ..Runtime::default()
+    };
+    let policy = policy::compile(&src, &runtime)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .0;
+    runtime.publish(&policy);
+    runtime
+        .credentials
+        .start(policy.backend_credentials())
+        .await
+        .unwrap();
+    Replica { runtime, policy }
+}
+
+impl Replica {
+    /// The injected credential, or "status reason".
+    async fn check(&self, path: &str, clock: &ManualClock) -> Result<String, String> {
+        let headers: portcullis::policy::Headers = Default::default();
+        let input = portcullis::policy::CheckInput {
+            method: "GET",
+            host: "api.example.com",
+            path,
+            headers: &headers,
+            peer: Some("10.0.0.1".parse().unwrap()),
+            peer_certificate: "",
+            context_extensions: None,
+        };
+        let d = self
+            .policy
+            .decide(
+                &input,
+                portcullis::policy::EvalOptions {
+                    now: clock.now(),
+                    explain: false,
+                },
+            )
+            .await;
+        match &d.outcome {
+            portcullis::policy::Outcome::Allow => Ok(d
+                .upstream_headers
+                .iter()
+                .find(|h| h.name == "authorization")
+                .map(|h| h.value.clone())
+                .expect("an allow carries the credential")),
+            portcullis::policy::Outcome::Deny(den) => Err(format!("{} {}", den.status, den.reason)),
+        }
+    }
+
+    fn lease_outcomes(&self) -> HashMap<&'static str, u64> {
+        self.runtime
+            .credentials
+            .store_leases()
+            .into_iter()
+            .collect()
+    }
+}
+
+async fn fleet(n: usize, text: &str, clock: &Arc<ManualClock>) -> Vec<Replica> {
+    // Started together, as a rollout does: the configured refresh token is seeded once.
+    let starts = (0..n).map(|_| replica(text, clock, KEY_A));
+    futures::future::join_all(starts).await
+}
+
+fn clock() -> Arc<ManualClock> {
+    ManualClock::new(SystemTime::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_one_rotating_connection_and_refresh_it_once_per_period() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(3, &yaml(&redis, &idp), &clock).await;
+
+    for period in 0..4 {
+        // Concurrent checks on every replica: all allowed, all with the one current token.
+        let checks = replicas
+            .iter()
+            .flat_map(|r| (0..20).map(move |_| r))
+            .map(|r| r.check("/orders/1", &clock));
+        let answers = futures::future::join_all(checks).await;
+        let tokens: std::collections::BTreeSet<String> = answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|e| panic!("period {period}: denied: {e}")))
+            .collect();
+        assert_eq!(
+            tokens.len(),
+            1,
+            "period {period}: one token for the fleet: {tokens:?}"
+        );
+        let (refreshes, invalid) = idp.with(|s| (s.refreshes, s.invalid_grants));
+        assert_eq!(
+            refreshes,
+            period + 1,
+            "one refresh per period for the whole fleet"
+        );
+        assert_eq!(invalid, 0, "no refresh token was ever replayed");
+        // Past the refresh point (600 s tokens, refreshed 180 s ahead): every replica's background
+        // refresh wakes at once; one refreshes, the others take its token.
+        clock.advance(Duration::from_secs(430));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for r in &replicas {
+            for _ in 0..100 {
+                let t = r.check("/orders/1", &clock).await.unwrap();
+                if t != *tokens.first().unwrap() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let leases: u64 = replicas
+        .iter()
+        .map(|r| r.lease_outcomes().get("acquired").copied().unwrap_or(0))
+        .sum();
+    assert!(
+        leases >= 4,
+        "every refresh was made under the lease: {leases}"
+    );
+    assert_eq!(idp.with(|s| s.invalid_grants), 0);
+    assert!(
+        idp.with(|s| s.current.is_some()),
+        "the grant was never revoked"
+    );
+
+    // Redis holds only ciphertext: no refresh token, access token or client secret in any key or
+    // value under the prefix.
+    let dump = redis.dump().await;
+    assert!(
+        dump.iter()
+            .any(|(k, _)| k.starts_with("portcullis:conn:crm:")),
+        "{dump:?}"
+    );
+    let spent = idp.with(|s| s.spent.clone());
+    for (k, v) in &dump {
+        let text = String::from_utf8_lossy(v);
+        for secret in spent
+            .iter()
+            .map(String::as_str)
+            .chain(["tok-", CLIENT_SECRET, "rt-"])
+        {
+            assert!(
+                !k.contains(secret) && !text.contains(secret),
+                "`{secret}` in {k}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_credentials_are_fetched_once_for_the_fleet() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(3, &yaml(&redis, &idp), &clock).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &replicas {
+        for _ in 0..10 {
+            seen.insert(r.check("/machine/1", &clock).await.unwrap());
+        }
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        idp.with(|s| s.client_credentials),
+        1,
+        "one fetch per token lifetime for the fleet"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_died_after_sending_the_refresh_token_is_never_replayed() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(2, &yaml(&redis, &idp), &clock).await;
+    replicas[0].check("/orders/1", &clock).await.unwrap();
+    assert_eq!(idp.with(|s| s.refreshes), 1);
+
+    // What a replica killed between sending the refresh token and storing the answer leaves.
+    redis
+        .cmd(&["HSET", "portcullis:conn:crm:default", "f", "4242.deadbeef"])
+        .await;
+    clock.advance(Duration::from_secs(601));
+    let denied = replicas[1].check("/orders/1", &clock).await.unwrap_err();
+    assert!(
+        denied.starts_with("503 BackendCredentialUnavailable"),
+        "{denied}"
+    );
+    assert_eq!(
+        idp.with(|s| s.refreshes),
+        1,
+        "the possibly spent token was not sent"
+    );
+    let listed = replicas[0]
+        .runtime
+        .credentials
+        .admin_connections("crm", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["connections"][0]["state"], "needs_consent",
+        "{listed}"
+    );
+    assert_eq!(idp.with(|s| s.invalid_grants), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_holder_that_stops_loses_the_lease_after_its_ttl() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(2, &yaml(&redis, &idp), &clock).await;
+    // A holder that died before sending anything: its lease (TTL = timeout 2 s + 5 s) blocks the
+    // others until it runs out, then one of them refreshes.
+    redis
+        .cmd(&[
+            "SET",
+            "portcullis:lease:crm:default",
+            "4242.deadbeef:0",
+            "PX",
+            "1500",
+        ])
+        .await;
+    let t = replicas[1].check("/orders/1", &clock).await;
+    assert!(
+        t.is_ok(),
+        "served once the dead holder's lease ran out: {t:?}"
+    );
+    assert_eq!(idp.with(|s| (s.refreshes, s.invalid_grants)), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consent_started_on_one_replica_completes_on_another_and_every_replica_uses_it() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(3, &yaml(&redis, &idp), &clock).await;
+    let started = replicas[0]
+        .runtime
+        .credentials
+        .start_consent("crm", "partner", None, None)
+        .await
+        .unwrap();
+    let login = url::Url::parse(started["login_url"].as_str().unwrap()).unwrap();
+    let state = login
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    // Redis keeps the consent under the digest of its state, sealed: neither the state nor the
+    // PKCE verifier is readable there.
+    let dump = redis.dump().await;
+    let consent = dump
+        .iter()
+        .find(|(k, _)| k.starts_with("portcullis:consent:"))
+        .expect("kept in Redis");
+    assert!(
+        !consent.0.contains(&state) && !String::from_utf8_lossy(&consent.1).contains("partner")
+    );
+
+    let done = replicas[1]
+        .runtime
+        .credentials
+        .complete_consent(Some(&state), Some("the-code"), None)
+        .await
+        .unwrap();
+    assert_eq!(done.connection, "partner");
+    assert!(
+        replicas[2]
+            .runtime
+            .credentials
+            .complete_consent(Some(&state), Some("the-code"), None)
+            .await
+            .is_err(),
+        "a state is single use across the fleet"
+    );
+    for r in &replicas {
+        let listed = r
+            .runtime
+            .credentials
+            .admin_connections("crm", None)
+            .await
+            .unwrap();
+        let partner = listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "partner")
+            .unwrap_or_else(|| panic!("every replica lists it: {listed}"));
+        assert_eq!(partner["state"], "connected");
+    }
+    assert_eq!(idp.with(|s| s.codes), 1);
+
+    // Deleted through one replica: gone for all of them.
+    replicas[2]
+        .runtime
+        .credentials
+        .delete_connection("crm", "partner")
+        .await
+        .unwrap();
+    for r in &replicas {
+        let listed = r
+            .runtime
+            .credentials
+            .admin_connections("crm", None)
+            .await
+            .unwrap();
+        assert!(
+            !listed["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["id"] == "partner"),
+            "{listed}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_serves_cached_tokens_denies_what_needs_it_and_loses_nothing_with_aof() {
+    let Some(mut redis) = RedisServer::start(true) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(2, &yaml(&redis, &idp), &clock).await;
+    let token = replicas[0].check("/orders/1", &clock).await.unwrap();
+
+    redis.kill();
+    // Cached and valid: still allowed, on both replicas (the second took the shared token).
+    assert_eq!(replicas[0].check("/orders/1", &clock).await.unwrap(), token);
+    // Expired: a refresh needs the shared record, so it is denied, never replayed.
+    clock.advance(Duration::from_secs(601));
+    let denied = replicas[1].check("/orders/1", &clock).await.unwrap_err();
+    assert!(
+        denied.starts_with("503 BackendCredentialUnavailable"),
+        "{denied}"
+    );
+    let refreshes = idp.with(|s| s.refreshes);
+    assert_eq!(refreshes, 1, "nothing was sent without the store");
+    // Client credentials carry no rotation: fetched by the replica itself.
+    assert!(replicas[1].check("/machine/1", &clock).await.is_ok());
+
+    // Back (AOF, appendfsync always): the rotated refresh token is still there; no new consent.
+    redis.restart();
+    let mut answer = Err(String::new());
+    for _ in 0..100 {
+        // The denial's backoff gate (on the injected clock) opens within a few seconds.
+        answer = replicas[1].check("/orders/1", &clock).await;
+        if answer.is_ok() {
+            break;
+        }
+        clock.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fresh = answer.unwrap_or_else(|e| panic!("not served after Redis came back: {e}"));
+    assert_ne!(fresh, token);
+    assert_eq!(idp.with(|s| (s.refreshes, s.invalid_grants)), (2, 0));
+    let ops = replicas[1].runtime.credentials.store_operations();
+    assert!(
+        ops.iter()
+            .any(|(_, r, n)| (*r == "error" || *r == "timeout") && *n > 0),
+        "the outage is counted: {ops:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_is_refused_at_start_and_nothing_is_written() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let _first = fleet(1, &yaml(&redis, &idp), &clock).await;
+    let before = redis.dump().await;
+    let src = config::parse_with_env(
+        &yaml(&redis, &idp),
+        std::path::Path::new("."),
+        &env_with(KEY_B),
+    )
+    .unwrap();
+    let runtime = Runtime {
+        credentials: Registry::with_clock(clock.clone()),
+        ..Runtime::default()
+    };
+    let policy = policy::compile(&src, &runtime).unwrap().0;
+    runtime.publish(&policy);
+    let err = runtime
+        .credentials
+        .start(policy.backend_credentials())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("wrong key"), "{err}");
+    assert!(
+        err.contains(&format!("redis://127.0.0.1:{}/0", redis.port)),
+        "{err}"
+    );
+    assert!(!err.contains(KEY_B) && !err.contains(KEY_A), "{err}");
+    let mut after = redis.dump().await;
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "nothing was written with the wrong key"
+    );
+}
+
+#[test]
+fn store_redis_settings_are_checked_with_their_paths() {
+    let env = |name: &str| match name {
+        "K" => Some(KEY_A.to_string()),
+        "PW" => Some("hunter2-redis".to_string()),
+        _ => None,
+    };
+    let errors = |store: &str| {
+        let text = format!("store:\n{store}\n  key: \"${{env:K}}\"\n");
+        let src = config::parse_with_env(&text, std::path::Path::new("."), &env).unwrap();
+        match policy::compile(&src, &Runtime::offline()) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(
+        errors("  redis: { url: \"redis://cache:6379/0\", password: \"${env:PW}\" }"),
+        ""
+    );
+    for (store, needle) in [
+        (
+            "  path: a.db\n  redis: { url: \"redis://h:6379/0\" }",
+            "store: give `path`",
+        ),
+        (
+            "  redis: { url: \"redis+sentinel://h:26379/mymaster\" }",
+            "store.redis.url: Redis Sentinel is not supported",
+        ),
+        (
+            "  redis: { url: \"http://h:6379/0\" }",
+            "store.redis.url: `http://` is not a Redis URL",
+        ),
+        (
+            "  redis: { url: \"redis://:hunter2@h:6379/0\" }",
+            "store.redis.url: a password must not be written in the file",
+        ),
+        (
+            "  redis: { url: \"redis://h:6379/0\", password: hunter2 }",
+            "store.redis.password: the password must not be written",
+        ),
+        (
+            "  redis: { url: \"redis://h:6379/zero\" }",
+            "store.redis.url: the path is the database number",
+        ),
+        (
+            "  redis: { url: \"redis://h:6379/0\", tls: { ca_file: ca.pem } }",
+            "store.redis.tls: applies to rediss:// URLs only",
+        ),
+        (
+            "  redis: { url: \"rediss://h:6380/0\", tls: { cert_file: c.pem } }",
+            "store.redis.tls: `cert_file` and `key_file` go together",
+        ),
+        (
+            "  redis: { url: \"redis://h:6379/0\", timeout: 0s }",
+            "store.redis.timeout: must be more than 0",
+        ),
+        (
+            "  redis: { url: \"redis://h:6379/0\", prefix: \"a b\" }",
+            "store.redis.prefix",
+        ),
+    ] {
+        let e = errors(store);
+        assert!(e.contains(needle), "`{needle}` missing for {store}:\n{e}");
+        assert!(!e.contains("hunter2"), "a password is never shown: {e}");
+    }
+}

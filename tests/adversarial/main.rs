@@ -5,6 +5,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../redis_common/mod.rs"]
+mod redis_common;
 mod support;
 
 mod config;
@@ -13,4 +15,5 @@ mod forward_auth;
 mod listeners;
 mod request_line;
 mod shadow;
+mod shared_store;
 mod xfcc;

@@ -639,17 +639,21 @@ impl RedisStore {
         let Some(sealed) = sealed else {
             return Ok(None);
         };
-        let t: SharedToken = open_sealed(
+        let opened = open_sealed(
             &self.cipher,
             &aad("tokens", &record_key(credential, id)),
             &sealed,
         )
-        .and_then(|p| serde_json::from_slice(&p).ok())
-        .ok_or_else(|| {
-            format!("the shared token of `{credential}` does not open with `store.key`")
-        })?;
+        .and_then(|p| serde_json::from_slice::<SharedToken>(&p).ok());
         let mut fingerprint = [0u8; 32];
-        hex::decode_to_slice(&t.fingerprint, &mut fingerprint).map_err(|e| e.to_string())?;
+        let Some(t) =
+            opened.filter(|t| hex::decode_to_slice(&t.fingerprint, &mut fingerprint).is_ok())
+        else {
+            // Altered, moved from another key or sealed with another key: never used; the next
+            // token obtained replaces it.
+            tracing::error!(store = %self.display, credential = %credential, "a shared token does not open with `store.key`; ignoring it");
+            return Ok(None);
+        };
         Ok(Some(Token {
             value: t.value,
             fingerprint,

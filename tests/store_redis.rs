@@ -17,7 +17,9 @@ use std::time::Duration;
 use portcullis::config;
 use portcullis::credentials::Registry;
 use portcullis::policy::{self, Runtime};
-use redis_common::{CLIENT_SECRET, Idp, KEY_A, KEY_B, RedisServer, clock, env_with, fleet, yaml};
+use redis_common::{
+    CLIENT_SECRET, Idp, KEY_A, KEY_B, RedisServer, clock, env_with, fleet, try_replica, yaml,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_one_rotating_connection_and_refresh_it_once_per_period() {
@@ -437,5 +439,110 @@ fn store_redis_settings_are_checked_with_their_paths() {
         let e = errors(store);
         assert!(e.contains(needle), "`{needle}` missing for {store}:\n{e}");
         assert!(!e.contains("hunter2"), "a password is never shown: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let pki = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = pki.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "redis test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.into()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_pem, server_key) = leaf("127.0.0.1");
+    let (client_pem, client_key) = leaf("portcullis.example.com");
+    let ca_file = write("ca.pem", ca.pem());
+    let (server_pem, server_key) = (
+        write("server.pem", server_pem),
+        write("server.key", server_key),
+    );
+    let (client_pem, client_key) = (
+        write("client.pem", client_pem),
+        write("client.key", client_key),
+    );
+
+    let Some(redis) = RedisServer::start_with(false, |port| {
+        [
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &server_pem,
+            "--tls-key-file",
+            &server_key,
+            "--tls-ca-cert-file",
+            &ca_file,
+            "--tls-auth-clients",
+            "yes",
+        ]
+        .map(String::from)
+        .to_vec()
+    }) else {
+        return;
+    };
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let text = |tls: &str| {
+        format!(
+            r#"
+store:
+  redis: {{ url: "rediss://127.0.0.1:{port}/0", tls: {tls}, timeout: 300ms }}
+  key: "${{env:STORE_KEY}}"
+credentials:
+  - {{ name: machine, grant: client_credentials, token_url: "{url}", client_id: portcullis, client_secret: "${{env:CLIENT_SECRET}}" }}
+apis:
+  - {{ name: machine, match: {{ path_prefix: /machine }}, on_allow: {{ backend_credential: {{ name: machine }} }} }}
+"#,
+            port = redis.port,
+            url = idp.url()
+        )
+    };
+    let full = text(&format!(
+        "{{ ca_file: {ca_file}, cert_file: {client_pem}, key_file: {client_key} }}"
+    ));
+    let a = try_replica(&full, &clock, KEY_A).await.unwrap();
+    let b = try_replica(&full, &clock, KEY_A).await.unwrap();
+    let token = a.check("/machine/1", &clock).await.unwrap();
+    assert_eq!(
+        b.check("/machine/1", &clock).await.unwrap(),
+        token,
+        "shared over TLS"
+    );
+    assert_eq!(idp.with(|s| s.client_credentials), 1);
+
+    // Without the client certificate Redis refuses the handshake; without the private CA the
+    // server is not trusted. Both stop start-up with the URL (and no key or password) named.
+    for tls in [
+        format!("{{ ca_file: {ca_file} }}"),
+        format!("{{ cert_file: {client_pem}, key_file: {client_key} }}"),
+    ] {
+        let err = match try_replica(&text(&tls), &clock, KEY_A).await {
+            Ok(_) => panic!("started with tls {tls}"),
+            Err(e) => e,
+        };
+        assert!(
+            err.starts_with(&format!(
+                "store rediss://127.0.0.1:{}/0: unreachable",
+                redis.port
+            )),
+            "{err}"
+        );
     }
 }

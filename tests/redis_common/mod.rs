@@ -27,11 +27,18 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     aof: bool,
+    /// Extra arguments (TLS); with `--tls-port` the plain port is off.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// `None` (after saying why) when redis-server is not installed, outside CI.
     pub fn start(aof: bool) -> Option<RedisServer> {
+        RedisServer::start_with(aof, |_| Vec::new())
+    }
+
+    /// [`RedisServer::start`] with extra arguments made from the chosen port (e.g. `--tls-port`).
+    pub fn start_with(aof: bool, extra: impl FnOnce(u16) -> Vec<String>) -> Option<RedisServer> {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -55,6 +62,7 @@ impl RedisServer {
             port,
             dir: tempfile::tempdir().unwrap(),
             aof,
+            extra: extra(port),
         };
         s.restart();
         Some(s)
@@ -62,8 +70,15 @@ impl RedisServer {
 
     pub fn restart(&mut self) {
         assert!(self.child.is_none());
+        let tls = self.extra.iter().any(|a| a == "--tls-port");
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let plain = if tls {
+            "0".to_string()
+        } else {
+            self.port.to_string()
+        };
+        cmd.args(["--port", &plain, "--bind", "127.0.0.1"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--save", "", "--daemonize", "no"]);
@@ -79,7 +94,12 @@ impl RedisServer {
             .unwrap();
         self.child = Some(child);
         for _ in 0..200 {
-            if self.ping() {
+            let up = if tls {
+                std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                self.ping()
+            };
+            if up {
                 return;
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -350,6 +370,17 @@ pub struct Replica {
 }
 
 pub async fn replica(text: &str, clock: &Arc<ManualClock>, key: &'static str) -> Replica {
+    try_replica(text, clock, key)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A replica, or why it did not start (the store's error).
+pub async fn try_replica(
+    text: &str,
+    clock: &Arc<ManualClock>,
+    key: &'static str,
+) -> Result<Replica, String> {
     let src = config::parse_with_env(text, std::path::Path::new("."), &env_with(key))
         .unwrap_or_else(|e| panic!("{e}"));
     let runtime = Runtime {
@@ -364,8 +395,8 @@ pub async fn replica(text: &str, clock: &Arc<ManualClock>, key: &'static str) ->
         .credentials
         .start(policy.backend_credentials())
         .await
-        .unwrap();
-    Replica { runtime, policy }
+        .map_err(|e| e.to_string())?;
+    Ok(Replica { runtime, policy })
 }
 
 impl Replica {

@@ -706,7 +706,10 @@ def main() -> int:
                                               "--dir", str(work / "redis"), "--save", "", "--appendonly", "no"],
               logdir)
         wait_until("redis", lambda: redis_info(redis_port) is not None)
-        config = work / "realistic-redis.yaml"
+        # In a directory of its own: portcullis watches its config's directory, and h2load writes its log
+        # into `work` all the time.
+        (work / "redis-config").mkdir()
+        config = work / "redis-config" / "realistic.yaml"
         config.write_text((HERE / "realistic.yaml").read_text() +
                           "\nstore:\n  redis: { url: \"${env:LOAD_REDIS_URL}\" }\n  key: ${env:LOAD_STORE_KEY}\n")
         realistic_redis = start_portcullis("portcullis realistic redis", config, logdir, {

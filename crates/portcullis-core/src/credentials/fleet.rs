@@ -62,7 +62,13 @@ impl Credential {
         need: Need,
     ) -> Result<Token, TokenError> {
         let name = self.spec.name.as_str();
-        let deadline = tokio::time::Instant::now() + self.lease_ttl() + LEASE_MARGIN;
+        // A check waits for another replica's token no longer than for a fetch of its own; the
+        // background refresh waits out the holder's whole lease.
+        let wait = match need {
+            Need::Valid => self.spec.timeout,
+            Need::Fresh => self.lease_ttl() + LEASE_MARGIN,
+        };
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             match r.token(name, connection).await {
                 Ok(Some(t)) if need.met_by(&t, &self.fingerprint, self.now()) => return Ok(t),

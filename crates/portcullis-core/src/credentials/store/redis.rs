@@ -195,12 +195,22 @@ impl RedisStore {
                 Ok(Err(e)) => describe(&e),
                 Err(_) => "no answer in time".into(),
             };
-            // A refused login or a missing permission will not fix itself.
-            let permanent = e.contains("WRONGPASS")
-                || e.contains("NOAUTH")
-                || e.contains("NOPERM")
-                || e.contains("invalid username-password");
-            if permanent || tokio::time::Instant::now() >= deadline {
+            // A refused login, a missing permission or a server certificate this replica does not
+            // trust will not fix itself: say so at once.
+            let permanent = [
+                "WRONGPASS",
+                "NOAUTH",
+                "NOPERM",
+                "AuthenticationFailed",
+                "invalid username-password",
+                "invalid peer certificate",
+            ]
+            .iter()
+            .any(|p| e.contains(p));
+            if permanent {
+                return Err(fail(format!("refused: {e}")));
+            }
+            if tokio::time::Instant::now() >= deadline {
                 return Err(fail(format!("unreachable: {e}")));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

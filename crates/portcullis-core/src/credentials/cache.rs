@@ -162,7 +162,15 @@ pub struct SlotMeta {
     pub gate: Gate,
     /// The last failure, safe to show.
     pub last_error: Option<String>,
+    /// When a check last looked for the fleet's token while this slot was backing off
+    /// (`store.redis`): at most one look per [`PEEK_INTERVAL`].
+    pub last_peek: Option<std::time::Instant>,
 }
+
+/// While a slot backs off after a failure, how often a check may look in the shared store for a
+/// token another replica obtained (so a replica recovers as soon as the fleet does, not when its
+/// own backoff ends).
+pub const PEEK_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Slot {
     /// The token, if it was obtained with these settings and is still valid at `now`.

@@ -182,6 +182,10 @@ impl Credential {
                 .map(|until| (until, m.last_error.clone()))
         };
         if let Some((until, last)) = gate {
+            if let Some(t) = self.peek_shared(slot, connection).await {
+                self.install(slot, t.clone(), connection);
+                return Ok(t);
+            }
             let last = last.unwrap_or_else(|| "the last attempt failed".into());
             return Err(Unavailable::Failed(format!(
                 "{last}; next attempt in {}",
@@ -277,6 +281,32 @@ impl Credential {
             Some(r) if fleet => self.fleet_obtain(r, connection, need).await,
             _ => self.fetch(connection, now).await,
         }
+    }
+
+    /// While this slot backs off: the fleet's token, if another replica has a valid one (looked for
+    /// at most once per [`super::cache::PEEK_INTERVAL`], so a slow or absent Redis costs one
+    /// check at a time, not every check).
+    async fn peek_shared(&self, slot: &Slot, connection: &str) -> Option<Arc<Token>> {
+        let r = self.shared.store().and_then(Backend::redis)?;
+        if !matches!(
+            self.spec.grant,
+            GrantKind::ClientCredentials | GrantKind::RefreshToken
+        ) {
+            return None;
+        }
+        {
+            let mut m = slot.meta();
+            let now = std::time::Instant::now();
+            if m
+                .last_peek
+                .is_some_and(|p| now.duration_since(p) < super::cache::PEEK_INTERVAL)
+            {
+                return None;
+            }
+            m.last_peek = Some(now);
+        }
+        let t = r.token(&self.spec.name, connection).await.ok()??;
+        (t.fingerprint == self.fingerprint && t.valid_at(self.now())).then(|| Arc::new(t))
     }
 
     /// Obtains a new token by the grant. For refresh tokens, a rotated refresh token is persisted

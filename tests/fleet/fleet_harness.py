@@ -558,6 +558,16 @@ class Traffic:
         return [o for o in self.outcomes if start <= o.t < end]
 
 
+def timeline(outcomes: list[Outcome], t0: float, marks: dict[str, float] | None = None) -> str:
+    """Per second from `t0`: allowed / denied-by-portcullis (reason) / made by Envoy, for messages."""
+    rows: dict[int, Counter] = {}
+    for o in outcomes:
+        key = "allow" if o.allowed else (o.reason or f"envoy {o.status}")
+        rows.setdefault(int(o.t - t0 if o.t >= t0 else o.t - t0 - 1), Counter())[key] += 1
+    at = {int(t - t0): name for name, t in (marks or {}).items()}
+    return "\n".join(f"{s:+4d}s {dict(c)}" + (f"   <- {at[s]}" if s in at else "") for s, c in sorted(rows.items()))
+
+
 class TokenVerifier:
     """Checks an injected token as the backend would: the provider's RS256 signature, issuer and
     audience; returns its claims. Expiry is checked against the moment it was received (`at`)."""

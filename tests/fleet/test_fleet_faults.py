@@ -7,11 +7,13 @@ new consent does."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 import urllib.request
 
 from credentials_harness import drive_consent
-from fleet_harness import PREFIX, check_denial, check_token, eventually
+from fleet_harness import PREFIX, check_denial, check_token, eventually, timeline
 
 
 def warm(fleet):
@@ -53,7 +55,8 @@ def test_lease_holder_killed_after_sending_the_refresh_token(fleet_factory):
 
         lease = eventually("a lease held while the refresh is at the provider", holder, timeout=30, interval=0.02,
                            diagnostics=fleet.tails)
-        pid = int(lease.split(b":", 1)[0])
+        # The value starts with the holder's pid (then a random part: "<pid>:<hex>" in the contract).
+        pid = int(re.match(rb"\d+", lease).group())
         (victim,) = [r for r in fleet.replicas if r.pid == pid]
         killed_at = time.time()
         victim.kill()
@@ -88,7 +91,8 @@ def test_lease_holder_killed_after_sending_the_refresh_token(fleet_factory):
     # Answers Envoy made itself (no portcullis decision): only while the dead replica was being taken
     # out of the cluster by its health check.
     envoy_made = [o for o in outcomes if o.status != 200 and not o.from_portcullis]
-    assert all(killed_at - 1 <= o.t <= killed_at + 5 for o in envoy_made), [f"{o.t - killed_at:+.1f}s {o}" for o in envoy_made[:5]]
+    late = [f"{o.t - killed_at:+.1f}s {o}" for o in envoy_made if not killed_at <= o.t <= killed_at + 5]
+    assert late == [], late[:5]
 
     # The provider never saw the spent token again, and answered no invalid_grant.
     assert fleet.refresh_count() == refreshes_at_kill, f"a refresh was sent after the holder died\n{fleet.tails()}"
@@ -110,8 +114,9 @@ def test_lease_holder_killed_after_sending_the_refresh_token(fleet_factory):
 def test_redis_down_for_20_seconds(fleet_factory):
     """Redis stops 2-3 s after consent for 20 s; the access tokens live 15 s. Checks keep being allowed
     with the cached token while it is valid; after it expired a check needs a new token, which needs
-    Redis: 503 BackendCredentialUnavailable. When Redis is back (same port, its data reloaded), checks
-    are allowed again without a new consent and without a replayed refresh token."""
+    Redis: 503 BackendCredentialUnavailable. When Redis is back (same port, its data reloaded), every
+    replica allows again within 5 s (the fresh shared token is one Redis read away), without a new
+    consent and without a replayed refresh token."""
     ttl = 15
     fleet = fleet_factory(access_token_ttl=ttl, refresh_before_expiry="5s")
     fleet.consent()
@@ -131,14 +136,17 @@ def test_redis_down_for_20_seconds(fleet_factory):
                 assert resp.status == 200, r.name
         while time.time() < down_at + 20:
             time.sleep(0.2)
+        back_at = time.time()                     # Redis listens again from here on
         fleet.redis.start()                       # same port, same directory
-        up_at = time.time()
-        eventually("allowed again after Redis is back", lambda: any(o.allowed and o.t > up_at for o in traffic.outcomes),
+        eventually("allowed again after Redis is back", lambda: any(o.allowed and o.t > back_at for o in traffic.outcomes),
                    timeout=45, diagnostics=fleet.tails)
-        recovered_at = min(o.t for o in traffic.outcomes if o.allowed and o.t > up_at)
-        # Let every replica pick the new token up.
-        time.sleep(5)
-    settled = recovered_at + 5
+        recovered_at = min(o.t for o in traffic.outcomes if o.allowed and o.t > back_at)
+        # Within 5 s of Redis' return every replica must have the new shared token; watch 10 s more.
+        while time.time() < back_at + 15:
+            time.sleep(0.2)
+    settled = back_at + 5
+    story = timeline(traffic.outcomes, down_at, {"redis down": down_at, "token expired": exp, "redis back": back_at})
+    print(f"Redis down {back_at - down_at:.1f} s; token expired {exp - down_at:.1f} s after; allowed again {recovered_at - back_at:.1f} s after Redis")
 
     assert traffic.errors == [], traffic.errors[:5]
     outcomes = traffic.outcomes
@@ -149,14 +157,15 @@ def test_redis_down_for_20_seconds(fleet_factory):
     while_valid = traffic.between(down_at, exp - 1)
     assert while_valid and all(o.allowed for o in while_valid), [str(o) for o in while_valid if not o.allowed][:5]
     # Redis down, token expired: 503 BackendCredentialUnavailable from portcullis (never an allow).
-    while_expired = traffic.between(exp + 1.5, up_at)
+    while_expired = traffic.between(exp + 1.5, back_at)
     assert while_expired, "no request fell between the token's expiry and Redis' return"
     wrong = [o for o in while_expired if (o.status, o.reason) != (503, "BackendCredentialUnavailable")]
     assert wrong == [], [str(o) for o in wrong[:5]]
     # Redis back: allowed again (a few seconds for every replica), with a new token, no new consent.
-    assert recovered_at - up_at < 40, recovered_at - up_at
+    assert recovered_at - back_at < 40, recovered_at - back_at
     after = traffic.between(settled, time.time() + 1)
-    assert after and all(o.allowed for o in after), [str(o) for o in after if not o.allowed][:5]
+    late = Counter(fleet.replica_of(o.decision_id) for o in after if not o.allowed)
+    assert after and not late, f"still denied more than 5 s after Redis was back (by replica: {dict(late)}):\n{story}\n{fleet.tails()}"
     assert fleet.idp.stats()["authorization"] == authorizations, "a new consent was needed"
     for r in fleet.replicas:
         assert r.connection(fleet.connection)["state"] == "connected", r.name

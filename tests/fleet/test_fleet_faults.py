@@ -13,7 +13,7 @@ from collections import Counter
 import urllib.request
 
 from credentials_harness import drive_consent
-from fleet_harness import PREFIX, check_denial, check_token, eventually, timeline
+from fleet_harness import PREFIX, check_denial, check_token, eventually, metric_sum, timeline
 
 
 def warm(fleet):
@@ -171,6 +171,11 @@ def test_redis_down_for_20_seconds(fleet_factory):
         assert r.connection(fleet.connection)["state"] == "connected", r.name
     assert_no_replay(fleet)
     assert fleet.tap.errors() == [], [(c.grant_type, c.status, c.answer) for c in fleet.tap.errors()]
+    # The outage is visible on /metrics.
+    for r in fleet.replicas:
+        text = r.metrics()
+        failed = sum(metric_sum(text, "portcullis_store_operations_total", result=res) for res in ("error", "timeout"))
+        assert failed > 0, (r.name, [l for l in text.splitlines() if l.startswith("portcullis_store")])
 
 
 def test_redis_killed_and_restarted_with_aof_loses_nothing(fleet_factory):

@@ -250,6 +250,124 @@ class RedisServer:
         return out
 
 
+class RedisGate:
+    """A TCP pass-through in front of Redis that reads the commands replicas send. Armed, it freezes
+    the connection of the replica that has just taken a refresh lease (`SET <prefix>lease:... <fence>
+    NX ...`) at its next script call carrying that fence (the in-flight marker's compare-and-set, sent
+    before the refresh token goes out), and every later command of it: the holder is stopped after
+    taking the lease and before the refresh token leaves, for as long as the test needs to kill it.
+
+    Only a test that wants this window uses it (`start_fleet(redis_gate=True)`); restarting Redis
+    behind it is not supported."""
+
+    def __init__(self, redis_port: int):
+        self.redis_port = redis_port
+        self.armed = threading.Event()
+        self.fences: set[bytes] = set()
+        self.held: list[bytes] = []          # fences whose holder is frozen, in order
+        self.commands = Counter()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._closed = False
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="redis-gate", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.redis_port), timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, server]
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+            threading.Thread(target=self._commands, args=(client, server), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _commands(self, client: socket.socket, server: socket.socket) -> None:
+        f = client.makefile("rb")
+        frozen = False
+        try:
+            while True:
+                raw, args = self._read_command(f)
+                if raw is None:
+                    break
+                name = args[0].upper() if args else b""
+                self.commands[name.decode(errors="replace")] += 1
+                if name == b"SET" and len(args) >= 3 and b":lease:" in b":" + args[1] and b"NX" in (a.upper() for a in args[3:]):
+                    self.fences.add(args[2])
+                if not frozen and self.armed.is_set() and name in (b"EVAL", b"EVALSHA"):
+                    fence = next((a for a in args[3:] if a in self.fences), None)
+                    if fence is not None:
+                        frozen = True
+                        self.armed.clear()       # one holder only: the next lease holder must go through
+                        self.held.append(fence)
+                if frozen:
+                    continue                     # swallowed: the replica waits for an answer forever
+                server.sendall(raw)
+        except (OSError, ValueError):
+            pass
+        self._pump_close(client, server)
+
+    @staticmethod
+    def _pump_close(*socks) -> None:
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _read_command(f) -> tuple[bytes | None, list[bytes]]:
+        """One RESP command (an array of bulk strings, as every client library sends them)."""
+        head = f.readline()
+        if not head:
+            return None, []
+        if not head.startswith(b"*"):
+            return head, head.split()            # an inline command (redis-cli, telnet)
+        parts = [head]
+        args = []
+        for _ in range(int(head[1:].strip())):
+            size_line = f.readline()
+            parts.append(size_line)
+            n = int(size_line[1:].strip())
+            data = f.read(n + 2)
+            parts.append(data)
+            args.append(data[:-2])
+        return b"".join(parts), args
+
+    def stop(self) -> None:
+        self._closed = True
+        self._sock.close()
+        self._pump_close(*self._conns)
+        for s in self._conns:
+            s.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # the recording pass-through in front of the token endpoint
 # ---------------------------------------------------------------------------------------------------
@@ -640,10 +758,10 @@ unmatched: deny
 """
 
 
-def redis_store(redis: RedisServer, timeout: str = "500ms") -> str:
+def redis_store(url: str, timeout: str = "500ms") -> str:
     return f"""store:
   redis:
-    url: {redis.url}
+    url: {url}
     prefix: "{PREFIX}"
     timeout: {timeout}
   key: "${{env:PORTCULLIS_STORE_KEY}}"
@@ -670,6 +788,7 @@ class Fleet:
     redirect_uri: str
     access_token_ttl: int
     verify: TokenVerifier
+    gate: RedisGate | None = None
     closers: list = field(default_factory=list)
 
     # -- through Envoy --------------------------------------------------------------------------
@@ -747,7 +866,8 @@ class Fleet:
 
 
 def start_fleet(workdir: Path, *, store: str = "redis", access_token_ttl: int = 20, refresh_before_expiry: str = "10s",
-                timeout: str = "10s", redis_timeout: str = "500ms", aof: bool = False, seeded: bool = False) -> Fleet:
+                timeout: str = "10s", redis_timeout: str = "500ms", aof: bool = False, seeded: bool = False,
+                redis_gate: bool = False) -> Fleet:
     """Starts the whole topology. `store`: "redis" (the fix) or "embedded" (each replica its own
     `store.path`: issue 14's deployment). `seeded`: the `default` connection is seeded from a refresh
     token obtained by hand (what a multi-replica deployment without a shared store had to do)."""
@@ -770,10 +890,13 @@ def start_fleet(workdir: Path, *, store: str = "redis", access_token_ttl: int = 
         closers.append(idp.close)
         tap = TokenTap(idp.issuer)
         closers.append(tap.stop)
-        redis = None
+        redis = gate = None
         if redis_bin:
             redis = RedisServer(workdir, aof=aof)
             closers.append(redis.stop)
+            if redis_gate:
+                gate = RedisGate(redis.port)
+                closers.append(gate.stop)
         env = {"PORTCULLIS_STORE_KEY": STORE_KEY, "PORTCULLIS_ADMIN_TOKEN": ADMIN_TOKEN, "FLEET_CLIENT_SECRET": CLIENT_SECRET}
         connection = "shared"
         if seeded:
@@ -783,7 +906,7 @@ def start_fleet(workdir: Path, *, store: str = "redis", access_token_ttl: int = 
 
         def config(i: int) -> str:
             if redis:
-                store_text = redis_store(redis, redis_timeout)
+                store_text = redis_store(gate.url if gate else redis.url, redis_timeout)
             else:
                 (workdir / f"replica{i + 1}").mkdir(exist_ok=True)
                 store_text = embedded_store(workdir / f"replica{i + 1}" / "store.db")
@@ -814,7 +937,7 @@ def start_fleet(workdir: Path, *, store: str = "redis", access_token_ttl: int = 
         undo()
         raise
     return Fleet(workdir, idp, tap, redis, replicas, envoy, backend, connection, redirect_uri, access_token_ttl,
-                 TokenVerifier(idp), closers)
+                 TokenVerifier(idp), gate, closers)
 
 
 def eventually(what: str, f, timeout: float = 30.0, interval: float = 0.2, diagnostics=None):

@@ -213,3 +213,60 @@ def test_redis_killed_and_restarted_with_aof_loses_nothing(fleet_factory):
     assert fleet.idp.stats()["authorization"] == authorizations, "a new consent was needed"
     for r in fleet.replicas:
         assert r.connection(fleet.connection)["state"] == "connected", r.name
+
+
+def test_lease_holder_killed_before_sending_the_refresh_token(fleet_factory):
+    """The holder is stopped right after taking the lease, before its in-flight marker is written and
+    before the refresh token leaves (a pass-through in front of Redis freezes it), and killed with -9.
+    The refresh token in Redis was never sent, so the survivors take over once the lease's TTL has
+    passed: they refresh with it and go on serving, before the cached token expires, without a deny,
+    without a new consent, without invalid_grant."""
+    ttl, timeout_s = 30, 10
+    lease_ttl = timeout_s + 5
+    fleet = fleet_factory(access_token_ttl=ttl, refresh_before_expiry="20s", timeout=f"{timeout_s}s", redis_gate=True)
+    fleet.consent()
+    warm(fleet)
+    first = check_token(fleet.replicas[0].check())
+    exp = fleet.verify(first, time.time())["exp"]
+    refreshes_before = fleet.refresh_count()
+    authorizations = fleet.idp.stats()["authorization"]
+
+    with fleet.traffic(workers=3, pause=0.05) as traffic:
+        fleet.gate.armed.set()
+        fence = eventually("a lease holder frozen before its in-flight marker", lambda: fleet.gate.held and fleet.gate.held[0],
+                           timeout=30, interval=0.01, diagnostics=fleet.tails)
+        pid = int(re.match(rb"\d+", fence).group())
+        (victim,) = [r for r in fleet.replicas if r.pid == pid]
+        victim.kill()
+        killed_at = time.time()
+        survivors = [r for r in fleet.replicas if r is not victim]
+        assert fleet.refresh_count() == refreshes_before, "the refresh token left before the holder was frozen"
+        assert fleet.lease() is not None, "the dead holder's lease is there"
+
+        eventually("the dead holder's lease expires", lambda: fleet.lease() != fence, timeout=lease_ttl + 2, interval=0.1,
+                   diagnostics=fleet.tails)
+        lease_gone = time.time() - killed_at
+        eventually("a survivor refreshes", lambda: [c for c in fleet.tap.refreshes() if c.t > killed_at], timeout=lease_ttl + 10,
+                   diagnostics=fleet.tails)
+        while time.time() < exp + 4:
+            time.sleep(0.2)
+
+    assert lease_gone <= lease_ttl + 1, lease_gone
+    story = timeline(traffic.outcomes, killed_at, {"holder killed": killed_at, "first token expired": exp})
+    assert traffic.errors == [], traffic.errors[:5]
+    for o in traffic.outcomes:
+        if o.status == 200:
+            fleet.verify.assert_valid(o)
+    denied = [o for o in traffic.outcomes if o.status != 200 and o.from_portcullis]
+    assert denied == [], f"denied by portcullis:\n{story}\n{fleet.tails()}"
+    late = [f"{o.t - killed_at:+.1f}s {o}" for o in traffic.outcomes
+            if o.status != 200 and not o.from_portcullis and not killed_at - 1 <= o.t <= killed_at + 5]
+    assert late == [], late[:5]
+    after = traffic.between(exp + 1.5, time.time() + 1)
+    assert after and all(o.allowed and o.token != first for o in after), story
+    refreshed = [c for c in fleet.tap.refreshes() if c.t > killed_at]
+    assert len(refreshed) <= 2 and all(c.status == 200 for c in refreshed), [(c.status, c.answer) for c in refreshed]
+    assert_no_replay(fleet)
+    assert fleet.idp.stats()["authorization"] == authorizations, "a new consent was needed"
+    for r in survivors:
+        assert r.connection(fleet.connection)["state"] == "connected", r.name

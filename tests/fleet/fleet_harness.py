@@ -51,7 +51,7 @@ for _d in ("e2e", "credentials", "idp"):
 
 from credentials_harness import admin as _admin  # noqa: E402
 from credentials_harness import drive_consent  # noqa: E402
-from harness import Backend, Envoy, Process, free_port, missing, request  # noqa: E402
+from harness import Backend, Envoy, Process, envoy_bin, free_port, missing, request  # noqa: E402
 from idp import Idp, start_idp  # noqa: E402
 
 ADMIN_TOKEN = "admin-token-for-the-fleet-suite"
@@ -81,11 +81,11 @@ def portcullis_bin() -> str:
 
 
 def redis_server_bin() -> str:
-    path = os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-    if not path:
-        missing("no redis-server (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)")
-    return path
+    for path in (os.environ.get("REDIS_SERVER_BIN"), shutil.which("redis-server"), "/usr/bin/redis-server"):
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    missing("no redis-server (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)")
+    raise AssertionError("unreachable")
 
 
 def require_idp() -> None:
@@ -871,7 +871,10 @@ def start_fleet(workdir: Path, *, store: str = "redis", access_token_ttl: int = 
     """Starts the whole topology. `store`: "redis" (the fix) or "embedded" (each replica its own
     `store.path`: issue 14's deployment). `seeded`: the `default` connection is seeded from a refresh
     token obtained by hand (what a multi-replica deployment without a shared store had to do)."""
+    # Every prerequisite before anything starts: a missing one skips (fails under CI=true).
+    portcullis_bin()
     require_idp()
+    envoy_bin()
     redis_bin = redis_server_bin() if store == "redis" else None
     closers: list = []
 

@@ -833,11 +833,10 @@ class Fleet:
     def grant_errors(self) -> list[str]:
         return [line for line in self.idp.stderr.splitlines() if "grant.error" in line]
 
-    def replica_of(self, decision_id: str | None) -> str | None:
-        for r in self.replicas:
-            if decision_id in r.decision_ids():
-                return r.name
-        return None
+    def deciders(self, outcomes: list[Outcome]) -> Counter:
+        """How many of `outcomes` each replica decided (by decision id, from the decision logs)."""
+        by_id = {d: r.name for r in self.replicas for d in r.decision_ids()}
+        return Counter(by_id.get(o.decision_id) for o in outcomes)
 
     def lease(self) -> bytes | None:
         assert self.redis

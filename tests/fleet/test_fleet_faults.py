@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter
 import urllib.request
 
 from credentials_harness import drive_consent
@@ -164,7 +163,7 @@ def test_redis_down_for_20_seconds(fleet_factory):
     # Redis back: allowed again (a few seconds for every replica), with a new token, no new consent.
     assert recovered_at - back_at < 40, recovered_at - back_at
     after = traffic.between(settled, time.time() + 1)
-    late = Counter(fleet.replica_of(o.decision_id) for o in after if not o.allowed)
+    late = fleet.deciders([o for o in after if not o.allowed])
     assert after and not late, f"still denied more than 5 s after Redis was back (by replica: {dict(late)}):\n{story}\n{fleet.tails()}"
     assert fleet.idp.stats()["authorization"] == authorizations, "a new consent was needed"
     for r in fleet.replicas:

@@ -196,7 +196,18 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM: a clean shutdown (with the default settings nothing is saved)."""
         if self.process:
+            if self.process.alive():
+                self.process.proc.send_signal(signal.SIGCONT)
             self.process.stop(signal.SIGTERM)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung or partitioned Redis)."""
+        assert self.process
+        self.process.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process
+        self.process.proc.send_signal(signal.SIGCONT)
 
     def shutdown_save(self) -> None:
         """SHUTDOWN SAVE: writes dump.rdb even without save points, then exits; a later `start()`
@@ -611,6 +622,7 @@ class Outcome:
     token: str | None        # the bearer token the backend received (allows only)
     decision_id: str | None
     detail: str = ""
+    seconds: float = 0.0     # how long the answer took (Traffic sets it)
 
     @property
     def allowed(self) -> bool:
@@ -654,7 +666,10 @@ class Traffic:
         while not self._stop.is_set():
             n += 1
             try:
-                self.outcomes.append(classify(request(f"{self.url}?w={i}&n={n}", timeout=30)))
+                sent = time.time()
+                outcome = classify(request(f"{self.url}?w={i}&n={n}", timeout=30))
+                outcome.seconds = outcome.t - sent
+                self.outcomes.append(outcome)
             except OSError as e:
                 self.errors.append(f"{time.time():.3f} {e!r}")
             self._stop.wait(self.pause)

@@ -2,7 +2,7 @@
 # Runs the whole test suite: Rust unit and integration tests, then the Python suites (real OpenID
 # Provider, deploy manifests, wire compatibility, end-to-end with Envoy and nginx).
 # Installs what it needs locally and idempotently: Python packages into ./.venv, npm packages into
-# tests/idp/node_modules. Debian packages (nginx, h2load) are installed by .ci/run; suites that need
+# tests/idp/node_modules. Debian packages (nginx, redis-server, h2load) are installed by .ci/run; suites that need
 # them skip with a message when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,8 @@ fi
 if [ -z "${NGINX_BIN:-}" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   echo "tests/run.sh: warning: no nginx (apt-get install nginx): the nginx suites skip (and fail under CI=1)" >&2
 fi
+command -v redis-server >/dev/null 2>&1 \
+  || echo "tests/run.sh: warning: no redis-server (apt-get install redis-server): the shared-store suites skip (and fail under CI=1)" >&2
 command -v h2load >/dev/null 2>&1 \
   || echo "tests/run.sh: warning: no h2load (apt-get install nghttp2-client): needed only by loadtest/load.sh" >&2
 

@@ -297,8 +297,7 @@ impl Credential {
         {
             let mut m = slot.meta();
             let now = std::time::Instant::now();
-            if m
-                .last_peek
+            if m.last_peek
                 .is_some_and(|p| now.duration_since(p) < super::cache::PEEK_INTERVAL)
             {
                 return None;
@@ -371,12 +370,7 @@ impl Credential {
         let mut record = store
             .get(&self.spec.name, connection)
             .ok_or_else(|| TokenError::RefreshTokenRejected("no connection".into()))?;
-        let rt = match (&record.state, &record.refresh_token) {
-            (ConnectionState::NeedsConsent, _) | (_, None) => {
-                return Err(TokenError::RefreshTokenRejected("no refresh token".into()));
-            }
-            (_, Some(rt)) => rt.clone(),
-        };
+        let rt = usable_refresh_token(&record)?;
         let result = endpoint::request(
             client,
             &self.spec,
@@ -387,18 +381,8 @@ impl Credential {
         .await;
         match result {
             Ok(issued) => {
-                let rotated = issued.refresh_token.as_ref().is_some_and(|new| *new != rt);
-                let changed = rotated || record.state != ConnectionState::Connected;
+                let (rotated, changed) = apply_refresh(&mut record, &issued, &rt, now);
                 if changed {
-                    if let Some(new) = &issued.refresh_token {
-                        record.refresh_token = Some(new.clone());
-                    }
-                    if let Some(exp) = issued.refresh_token_expires_at {
-                        record.refresh_token_expires_at = Some(unix_secs(exp));
-                    }
-                    record.state = ConnectionState::Connected;
-                    record.error = None;
-                    record.updated_at = unix_secs(now);
                     // Fail closed: the access token is not used unless the rotation is durable.
                     // The rotated token is kept in memory so the connection is not lost with it.
                     if let Err(e) = self
@@ -417,21 +401,11 @@ impl Credential {
                 Ok(issued)
             }
             Err(e) => {
-                let (state, error) = match &e {
-                    TokenError::RefreshTokenRejected(_) => {
-                        (ConnectionState::NeedsConsent, e.to_string())
-                    }
-                    e if !e.is_transient() => (ConnectionState::Error, e.to_string()),
-                    // Transient trouble at the provider does not change the connection.
-                    _ => return Err(e),
-                };
-                record.state = state;
-                record.error = Some(error);
-                record.updated_at = unix_secs(now);
-                if let Err(pe) = self
-                    .shared
-                    .persist(&self.spec.name, connection, record)
-                    .await
+                if apply_refresh_failure(&mut record, &e, now)
+                    && let Err(pe) = self
+                        .shared
+                        .persist(&self.spec.name, connection, record)
+                        .await
                 {
                     tracing::error!(credential = %self.spec.name, error = %pe, "cannot record the connection's state");
                 }
@@ -577,6 +551,58 @@ impl Credential {
             }
         }
     }
+}
+
+/// The refresh token a connection record holds, or why it cannot be refreshed.
+pub(super) fn usable_refresh_token(record: &ConnectionRecord) -> Result<String, TokenError> {
+    match (&record.state, &record.refresh_token) {
+        (ConnectionState::NeedsConsent, _) | (_, None) => {
+            Err(TokenError::RefreshTokenRejected("no refresh token".into()))
+        }
+        (_, Some(rt)) => Ok(rt.clone()),
+    }
+}
+
+/// Applies a refresh answer to the record that sent `sent`: whether the refresh token rotated, and
+/// whether the record changed (and must be stored before the access token is used).
+pub(super) fn apply_refresh(
+    record: &mut ConnectionRecord,
+    issued: &Issued,
+    sent: &str,
+    now: SystemTime,
+) -> (bool, bool) {
+    let rotated = issued.refresh_token.as_ref().is_some_and(|new| new != sent);
+    let changed = rotated || record.state != ConnectionState::Connected;
+    if changed {
+        if let Some(new) = &issued.refresh_token {
+            record.refresh_token = Some(new.clone());
+        }
+        if let Some(exp) = issued.refresh_token_expires_at {
+            record.refresh_token_expires_at = Some(unix_secs(exp));
+        }
+        record.state = ConnectionState::Connected;
+        record.error = None;
+        record.updated_at = unix_secs(now);
+    }
+    (rotated, changed)
+}
+
+/// What a failed refresh makes of the connection: needs consent (the token was refused), an error
+/// (a configuration problem), or nothing (transient trouble at the provider changes nothing).
+pub(super) fn apply_refresh_failure(
+    record: &mut ConnectionRecord,
+    e: &TokenError,
+    now: SystemTime,
+) -> bool {
+    let state = match e {
+        TokenError::RefreshTokenRejected(_) => ConnectionState::NeedsConsent,
+        e if !e.is_transient() => ConnectionState::Error,
+        _ => return false,
+    };
+    record.state = state;
+    record.error = Some(e.to_string());
+    record.updated_at = unix_secs(now);
+    true
 }
 
 /// Retries a background refresh with exponential backoff and jitter (`backon`), on the injected

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use super::cache::Token;
 use super::clock::unix_secs;
-use super::credential::Credential;
+use super::credential::{Credential, apply_refresh, apply_refresh_failure, usable_refresh_token};
 use super::endpoint::{self, TokenError};
 use super::spec::GrantKind;
 use super::store::redis::RedisStore;
@@ -201,12 +201,7 @@ impl Credential {
             }
         }
         let mut record = state.record;
-        let rt = match (&record.state, &record.refresh_token) {
-            (ConnectionState::NeedsConsent, _) | (_, None) => {
-                return Err(TokenError::RefreshTokenRejected("no refresh token".into()));
-            }
-            (_, Some(rt)) => rt.clone(),
-        };
+        let rt = usable_refresh_token(&record)?;
         if r.mark(name, connection, fence, state.version)
             .await
             .map_err(store_err)?
@@ -226,17 +221,8 @@ impl Credential {
         .await;
         match result {
             Ok(issued) => {
-                let rotated = issued.refresh_token.as_ref().is_some_and(|new| *new != rt);
-                if rotated || record.state != ConnectionState::Connected {
-                    if let Some(new) = &issued.refresh_token {
-                        record.refresh_token = Some(new.clone());
-                    }
-                    if let Some(exp) = issued.refresh_token_expires_at {
-                        record.refresh_token_expires_at = Some(unix_secs(exp));
-                    }
-                    record.state = ConnectionState::Connected;
-                    record.error = None;
-                    record.updated_at = unix_secs(now);
+                let (rotated, changed) = apply_refresh(&mut record, &issued, &rt, now);
+                if changed {
                     // Fail closed: the access token is not used unless the rotation is stored.
                     match r.owner_write(name, connection, Some(&record)).await {
                         Ok(true) => {}
@@ -261,22 +247,10 @@ impl Credential {
                 Ok(issued)
             }
             Err(e) => {
-                let outcome = match &e {
-                    TokenError::RefreshTokenRejected(_) => {
-                        Some((ConnectionState::NeedsConsent, e.to_string()))
-                    }
-                    e if !e.is_transient() => Some((ConnectionState::Error, e.to_string())),
-                    // Transient trouble at the provider does not change the connection.
-                    _ => None,
-                };
-                let write = match outcome {
-                    Some((st, error)) => {
-                        record.state = st;
-                        record.error = Some(error);
-                        record.updated_at = unix_secs(now);
-                        r.owner_write(name, connection, Some(&record)).await
-                    }
-                    None => r.owner_write(name, connection, None).await,
+                let write = if apply_refresh_failure(&mut record, &e, now) {
+                    r.owner_write(name, connection, Some(&record)).await
+                } else {
+                    r.owner_write(name, connection, None).await
                 };
                 if let Err(pe) = write {
                     tracing::error!(credential = %name, problem = %pe, "cannot record the connection's state");

@@ -460,29 +460,28 @@ impl RedisStore {
         r: &ConnectionRecord,
     ) -> Result<bool, String> {
         let sealed = self.seal_record(credential, id, r)?;
-        let mut c = self.conn.clone();
-        let n: i64 = self
-            .timed(
-                "cas",
-                self.scripts
-                    .put_if_version
-                    .key(self.conn_key(credential, id))
-                    .key(self.set_key(credential))
-                    .arg(version.to_string())
-                    .arg(sealed)
-                    .arg(id)
-                    .invoke_async(&mut c),
-            )
-            .await?;
-        self.cas_result(n)
+        let keys = [self.conn_key(credential, id), self.set_key(credential)];
+        let version = version.to_string();
+        let args: [&[u8]; 3] = [version.as_bytes(), &sealed, id.as_bytes()];
+        Ok(self.cas(&self.scripts.put_if_version, &keys, &args).await? >= 0)
     }
 
-    fn cas_result(&self, n: i64) -> Result<bool, String> {
+    /// Runs one compare-and-set script: its result (negative: the condition did not hold).
+    async fn cas(&self, script: &Script, keys: &[String], args: &[&[u8]]) -> Result<i64, String> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(*a);
+        }
+        let mut c = self.conn.clone();
+        let n: i64 = self.timed("cas", invocation.invoke_async(&mut c)).await?;
         if n < 0 {
             let mut ops = self.operations.lock().unwrap_or_else(|p| p.into_inner());
             *ops.entry(("cas", "conflict")).or_default() += 1;
         }
-        Ok(n >= 0)
+        Ok(n)
     }
 
     /// Writes a record while holding the lease `fence`, if still at `version` (a marker is kept).
@@ -495,23 +494,14 @@ impl RedisStore {
         r: &ConnectionRecord,
     ) -> Result<bool, String> {
         let sealed = self.seal_record(credential, id, r)?;
-        let mut c = self.conn.clone();
-        let n: i64 = self
-            .timed(
-                "cas",
-                self.scripts
-                    .lease_write
-                    .key(self.conn_key(credential, id))
-                    .key(self.lease_key(credential, id))
-                    .key(self.set_key(credential))
-                    .arg(fence)
-                    .arg(version.to_string())
-                    .arg(sealed)
-                    .arg(id)
-                    .invoke_async(&mut c),
-            )
-            .await?;
-        self.cas_result(n)
+        let keys = [
+            self.conn_key(credential, id),
+            self.lease_key(credential, id),
+            self.set_key(credential),
+        ];
+        let version = version.to_string();
+        let args: [&[u8]; 4] = [fence.as_bytes(), version.as_bytes(), &sealed, id.as_bytes()];
+        Ok(self.cas(&self.scripts.lease_write, &keys, &args).await? >= 0)
     }
 
     /// Sets this replica's in-flight marker before its refresh token is sent: only while holding
@@ -523,21 +513,18 @@ impl RedisStore {
         fence: &str,
         version: i64,
     ) -> Result<Option<i64>, String> {
-        let mut c = self.conn.clone();
-        let n: i64 = self
-            .timed(
-                "cas",
-                self.scripts
-                    .mark
-                    .key(self.conn_key(credential, id))
-                    .key(self.lease_key(credential, id))
-                    .arg(fence)
-                    .arg(version.to_string())
-                    .arg(&self.replica)
-                    .invoke_async(&mut c),
-            )
-            .await?;
-        Ok(self.cas_result(n)?.then_some(n))
+        let keys = [
+            self.conn_key(credential, id),
+            self.lease_key(credential, id),
+        ];
+        let version = version.to_string();
+        let args: [&[u8]; 3] = [
+            fence.as_bytes(),
+            version.as_bytes(),
+            self.replica.as_bytes(),
+        ];
+        let n = self.cas(&self.scripts.mark, &keys, &args).await?;
+        Ok((n >= 0).then_some(n))
     }
 
     /// Stores the answer to this replica's refresh (or, with `None`, only clears its marker):
@@ -553,19 +540,9 @@ impl RedisStore {
             Some(r) => self.seal_record(credential, id, r)?,
             None => Vec::new(),
         };
-        let mut c = self.conn.clone();
-        let n: i64 = self
-            .timed(
-                "cas",
-                self.scripts
-                    .owner_write
-                    .key(self.conn_key(credential, id))
-                    .arg(&self.replica)
-                    .arg(sealed)
-                    .invoke_async(&mut c),
-            )
-            .await?;
-        self.cas_result(n)
+        let keys = [self.conn_key(credential, id)];
+        let args: [&[u8]; 2] = [self.replica.as_bytes(), &sealed];
+        Ok(self.cas(&self.scripts.owner_write, &keys, &args).await? >= 0)
     }
 
     /// Deletes a connection, its shared token and its place in the list. Returns whether it existed.

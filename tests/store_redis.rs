@@ -18,18 +18,21 @@ use portcullis::config;
 use portcullis::credentials::Registry;
 use portcullis::policy::{self, Runtime};
 use redis_common::{
-    CLIENT_SECRET, Idp, KEY_A, KEY_B, RedisServer, clock, env_with, fleet, replica, try_replica,
-    yaml,
+    CLIENT_SECRET, Idp, KEY_A, KEY_B, RedisServer, Setup, clock, env_with, replica, setup,
+    try_replica, yaml,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_one_rotating_connection_and_refresh_it_once_per_period() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas,
+    }) = setup(3, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let replicas = fleet(3, &yaml(&redis, &idp), &clock).await;
 
     for period in 0..4 {
         // Concurrent checks on every replica: all allowed, all with the one current token.
@@ -108,12 +111,15 @@ async fn three_replicas_share_one_rotating_connection_and_refresh_it_once_per_pe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_credentials_are_fetched_once_for_the_fleet() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis: _redis,
+        idp,
+        clock,
+        replicas,
+    }) = setup(3, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let replicas = fleet(3, &yaml(&redis, &idp), &clock).await;
     let mut seen = std::collections::BTreeSet::new();
     for r in &replicas {
         for _ in 0..10 {
@@ -130,12 +136,15 @@ async fn client_credentials_are_fetched_once_for_the_fleet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_that_died_after_sending_the_refresh_token_is_never_replayed() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas,
+    }) = setup(2, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let replicas = fleet(2, &yaml(&redis, &idp), &clock).await;
     replicas[0].check("/orders/1", &clock).await.unwrap();
     assert_eq!(idp.with(|s| s.refreshes), 1);
 
@@ -169,12 +178,15 @@ async fn a_replica_that_died_after_sending_the_refresh_token_is_never_replayed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_holder_that_stops_loses_the_lease_after_its_ttl() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas,
+    }) = setup(2, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let replicas = fleet(2, &yaml(&redis, &idp), &clock).await;
     // A holder that died before sending anything: its lease (TTL = timeout 2 s + 5 s) blocks the
     // others until it runs out, then one of them refreshes.
     redis
@@ -196,12 +208,15 @@ async fn a_lease_holder_that_stops_loses_the_lease_after_its_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn consent_started_on_one_replica_completes_on_another_and_every_replica_uses_it() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock: _,
+        replicas,
+    }) = setup(3, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let replicas = fleet(3, &yaml(&redis, &idp), &clock).await;
     let started = replicas[0]
         .runtime
         .credentials
@@ -286,12 +301,15 @@ async fn consent_started_on_one_replica_completes_on_another_and_every_replica_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_serves_cached_tokens_denies_what_needs_it_and_loses_nothing_with_aof() {
-    let Some(mut redis) = RedisServer::start(true) else {
+    let Some(Setup {
+        mut redis,
+        idp,
+        clock,
+        replicas,
+    }) = setup(2, true).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let replicas = fleet(2, &yaml(&redis, &idp), &clock).await;
     let token = replicas[0].check("/orders/1", &clock).await.unwrap();
 
     redis.kill();
@@ -331,12 +349,15 @@ async fn redis_down_serves_cached_tokens_denies_what_needs_it_and_loses_nothing_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_is_refused_at_start_and_nothing_is_written() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas: _first,
+    }) = setup(1, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let _first = fleet(1, &yaml(&redis, &idp), &clock).await;
     let before = redis.dump().await;
     let src = config::parse_with_env(
         &yaml(&redis, &idp),

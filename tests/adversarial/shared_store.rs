@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sha2::Digest;
 
-use crate::redis_common::{Idp, RedisServer, Replica, clock, fleet, yaml};
+use crate::redis_common::{RedisServer, Replica, Setup, setup, yaml};
 
 async fn consent(r: &Replica, connection: &str) -> String {
     let started = r
@@ -86,12 +86,15 @@ async fn set_raw(redis: &RedisServer, key: &str, field: Option<&str>, value: &[u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_record_moved_to_another_connection_is_never_used() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas: fleet,
+    }) = setup(2, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let fleet = fleet(2, &yaml(&redis, &idp), &clock).await;
     // A second connection, by consent.
     let state = consent(&fleet[0], "partner").await;
     fleet[0]
@@ -124,12 +127,15 @@ async fn a_record_moved_to_another_connection_is_never_used() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_token_moved_from_another_credential_is_never_injected() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas: fleet,
+    }) = setup(1, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let fleet = fleet(1, &yaml(&redis, &idp), &clock).await;
     let machine = fleet[0].check("/machine/1", &clock).await.unwrap();
     // The client-credentials token sealed for `machine`, placed where `crm`'s token lives.
     let sealed = get(&redis, "portcullis:token:machine:default").await;
@@ -143,12 +149,15 @@ async fn a_token_moved_from_another_credential_is_never_injected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_or_replayed_consents_are_refused() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock: _,
+        replicas: fleet,
+    }) = setup(2, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let fleet = fleet(2, &yaml(&redis, &idp), &clock).await;
     let creds = |i: usize| &fleet[i].runtime.credentials;
 
     // A state the attacker made up, with a value they wrote: nothing opens it.
@@ -197,12 +206,15 @@ async fn forged_or_replayed_consents_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_in_flight_marker_denies_and_sends_nothing() {
-    let Some(redis) = RedisServer::start(false) else {
+    let Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas: fleet,
+    }) = setup(1, false).await
+    else {
         return;
     };
-    let idp = Idp::start("rt-seed").await;
-    let clock = clock();
-    let fleet = fleet(1, &yaml(&redis, &idp), &clock).await;
     fleet[0].check("/orders/1", &clock).await.unwrap();
     let refreshes = idp.with(|s| s.refreshes);
     redis

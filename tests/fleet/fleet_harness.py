@@ -51,7 +51,7 @@ for _d in ("e2e", "credentials", "idp"):
 
 from credentials_harness import admin as _admin  # noqa: E402
 from credentials_harness import drive_consent  # noqa: E402
-from harness import Backend, Envoy, Process, envoy_bin, free_port, missing, request  # noqa: E402
+from harness import Backend, Envoy, Process, envoy_bin, free_port, missing, portcullis_bin, request  # noqa: E402
 from idp import Idp, start_idp  # noqa: E402
 
 ADMIN_TOKEN = "admin-token-for-the-fleet-suite"
@@ -71,13 +71,6 @@ START_TIMEOUT = 60.0
 # ---------------------------------------------------------------------------------------------------
 # prerequisites
 # ---------------------------------------------------------------------------------------------------
-
-
-def portcullis_bin() -> str:
-    path = os.environ.get("PORTCULLIS_BIN") or str(ROOT / "target" / "debug" / "portcullis")
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"portcullis binary not found at {path}: run `cargo build` or set $PORTCULLIS_BIN")
-    return path
 
 
 def redis_server_bin() -> str:

@@ -451,3 +451,26 @@ pub async fn fleet(n: usize, text: &str, clock: &Arc<ManualClock>) -> Vec<Replic
 pub fn clock() -> Arc<ManualClock> {
     ManualClock::new(SystemTime::now())
 }
+
+/// What most shared-store tests start with: a Redis, the token endpoint (whose current refresh
+/// token is the one the config seeds), a clock, and `n` replicas of [`yaml`].
+pub struct Setup {
+    pub redis: RedisServer,
+    pub idp: Idp,
+    pub clock: Arc<ManualClock>,
+    pub replicas: Vec<Replica>,
+}
+
+/// [`Setup`] with `n` replicas; `None` (after saying why) without redis-server, outside CI.
+pub async fn setup(n: usize, aof: bool) -> Option<Setup> {
+    let redis = RedisServer::start(aof)?;
+    let idp = Idp::start("rt-seed").await;
+    let clock = clock();
+    let replicas = fleet(n, &yaml(&redis, &idp), &clock).await;
+    Some(Setup {
+        redis,
+        idp,
+        clock,
+        replicas,
+    })
+}

@@ -5,7 +5,8 @@
 #   ROUNDS=5 SAT_SECONDS=10 RATE_SECONDS=20 bash loadtest/load.sh    # longer, steadier
 #   PORTCULLIS_BIN=/path/to/portcullis bash loadtest/load.sh         # measure another build
 #
-# Scenarios: portcullis over gRPC with an allow-everything policy (the floor) and with
+# Scenarios: a no-op Check server (examples/noop_check.rs: the bare transport, the lowest baseline),
+# portcullis over gRPC with an allow-everything policy (the floor) and with
 # loadtest/load/realistic.yaml; Envoy with no authorization, with its own jwt_authn + rbac, and with
 # portcullis (floor and realistic) as its ext_authz server. Details and every setting: loadtest/load/run.py.
 #
@@ -27,6 +28,11 @@ fi
 if [ -z "${PORTCULLIS_BIN:-}" ]; then
   export PORTCULLIS_BIN=$root/target/release/portcullis
   [ -x "$PORTCULLIS_BIN" ] || cargo build --release
+fi
+# The no-op Check server, the lowest baseline (examples/noop_check.rs), from the same profile.
+if [ -z "${NOOP_BIN:-}" ]; then
+  export NOOP_BIN=$(dirname "$PORTCULLIS_BIN")/examples/noop_check
+  [ -x "$NOOP_BIN" ] || cargo build --release --example noop_check
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

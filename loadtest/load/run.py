@@ -1,8 +1,11 @@
 """The load harness behind loadtest/load.sh: portcullis against its baselines, in one run on one machine.
 
 Scenarios (all started at once, measured one after another, interleaved round by round):
+  grpc noop           h2load -> a no-op Check server (examples/noop_check.rs: decode, answer OK): the bare
+                      transport, the lowest baseline every ratio is also taken against
   grpc floor          h2load -> portcullis (loadtest/load/floor.yaml: allow everything) over gRPC
   grpc realistic      h2load -> portcullis (loadtest/load/realistic.yaml) over gRPC
+  grpc realistic redis  the same with `store.redis` on a local redis-server (its token shared through Redis)
   envoy               h2load -> Envoy -> backend (no authorization)
   envoy jwt_authn+rbac   ... Envoy's own filters doing the equivalent checks
   envoy+floor         ... Envoy asking portcullis (floor policy) over ext_authz gRPC
@@ -76,6 +79,8 @@ def env_float(name: str, default: float) -> float:
 
 
 PORTCULLIS_BIN = os.environ.get("PORTCULLIS_BIN") or str(ROOT / "target/release/portcullis")
+# The bare transport (examples/noop_check.rs): decodes the CheckRequest and answers OK, nothing else.
+NOOP_BIN = os.environ.get("NOOP_BIN") or str(Path(PORTCULLIS_BIN).parent / "examples" / "noop_check")
 ENVOY_BIN = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv/bin/envoy")
 SAT_SECONDS = env_float("SAT_SECONDS", 4)
 RATE_SECONDS = env_float("RATE_SECONDS", 6)
@@ -372,7 +377,7 @@ def start_envoy(name: str, template: str, work: Path, logdir: Path, values: dict
 
 def verify_grpc(s: Scenario, body: bytes, m: Material, realistic: bool) -> None:
     req = external_auth_pb2.CheckRequest.FromString(body[5:])  # the exact bytes h2load will send
-    with grpc.insecure_channel(f"127.0.0.1:{s.portcullis.grpc_port}") as ch:
+    with grpc.insecure_channel(urllib.parse.urlsplit(s.url).netloc) as ch:
         stub = external_auth_pb2_grpc.AuthorizationStub(ch)
         resp = stub.Check(req, timeout=10)
         if resp.status.code != 0 or resp.WhichOneof("http_response") != "ok_response":
@@ -555,7 +560,7 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         f"Saturation {SAT_SECONDS:g} s and rate (50% of the scenario's saturation) {RATE_SECONDS:g} s per "
         f"round, {ROUNDS} rounds interleaved. Throughput: median of the rounds; latency: h2load's per-request "
         f"times of all rounds at the fixed rate.", "",
-        "| scenario | saturation req/s | rate req/s | p50 ms | p99 ms | p99.9 ms | portcullis CPU s (µs/req) "
+        "| scenario | saturation req/s | rate req/s | p50 ms | p99 ms | p99.9 ms | portcullis (or no-op) CPU s (µs/req) "
         "| Envoy CPU s (µs/req) | backend CPU µs/req | h2load CPU µs/req | peak RSS MiB portcullis / Envoy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -571,14 +576,14 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         def one(prefix):
             v = [x for n, x in row["peak_rss_mib"].items() if n.startswith(prefix)]
             return f"{v[0]:.0f}" if v else "–"
-        return f"{one('portcullis')} / {one('envoy')}"
+        return f"{one(('portcullis', 'noop'))} / {one('envoy')}"
 
     for name, row in rows.items():
         backend = row["saturation_cpu_ms_per_1k"].get("backend envoy")
         lines.append(
             f"| {name} | {row['saturation_rps']:,.0f} | {row.get('rate_rps', float('nan')):,.0f} | "
             f"{ms(row['rate_p50_us'])} | {ms(row['rate_p99_us'])} | {ms(row['rate_p999_us'])} | "
-            f"{proc_cell(row, 'portcullis')} | {proc_cell(row, 'envoy')} | "
+            f"{proc_cell(row, ('portcullis', 'noop'))} | {proc_cell(row, 'envoy')} | "
             f"{'–' if backend is None else f'{backend:.1f}'} | {row['saturation_loadgen_cpu_ms_per_1k']:.1f} | "
             f"{rss_cell(row)} |")
     lines += ["", "Latency columns at the fixed rate; CPU columns over all saturation rounds: seconds, and CPU "
@@ -591,11 +596,11 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
     per_req = {}
     for name, row in rows.items():
         c = row["saturation_cpu_ms_per_1k"]
-        pc = next((v for n, v in c.items() if n.startswith("portcullis")), 0.0)
+        pc = next((v for n, v in c.items() if n.startswith(("portcullis", "noop"))), 0.0)
         fe = next((v for n, v in c.items() if n.startswith("envoy")), 0.0)
         be = c.get("backend envoy", 0.0)
         per_req[name] = pc + fe + be
-        base = "grpc floor" if name.startswith("grpc") else "envoy"
+        base = ("grpc noop" if "grpc noop" in rows else "grpc floor") if name.startswith("grpc") else "envoy"
         added = "" if name == base or base not in per_req else f"{per_req[name] - per_req[base]:+.1f} vs {base}"
         lines.append(f"| {name} | {pc:.1f} | {fe:.1f} | {be:.1f} | {per_req[name]:.1f} | {added} |")
     lines.append("")
@@ -611,14 +616,29 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
             text = f"{v:.3f}x"
             ok = None if target is None else v >= target
             tgt = "" if target is None else f">= {target}x"
+        elif kind == "p99ratio":
+            v = ra["rate_p99_us"] / rb["rate_p99_us"]
+            ok = None if target is None else v <= target
+            tgt = "" if target is None else f"<= {target}x"
+            kind = "ratio"
         else:
             v = ra["rate_p99_us"] - rb["rate_p99_us"]
             text = f"{v:+.0f} us"
             ok = None if target is None else v <= target
             tgt = "" if target is None else f"<= {target} us"
+        spread = rounds(a, b) if kind == "ratio" and "throughput" in label else None
         ratios.append({"label": label, "value": round(v, 4), "target": tgt or None,
-                       "met": ok, "kind": kind, "a": a, "b": b})
+                       "met": ok, "kind": kind, "a": a, "b": b, "rounds_min_median_max": spread})
 
+    def rounds(a, b):
+        """min / median / max of the per-round throughput ratios (rounds are interleaved)."""
+        pairs = [x["rps"] / y["rps"] for x, y in zip(rows[a]["rounds"]["saturation"], rows[b]["rounds"]["saturation"])]
+        return f"{min(pairs):.3f} / {statistics.median(pairs):.3f} / {max(pairs):.3f}"
+
+    ratio("floor / no-op server throughput (gRPC)", "grpc floor", "grpc noop", 0.95)
+    ratio("realistic / no-op server throughput (gRPC)", "grpc realistic", "grpc noop", 0.85)
+    ratio("p99 realistic / p99 no-op, each at 50% of its saturation (gRPC)", "grpc realistic", "grpc noop", 1.2,
+          "p99ratio")
     ratio("realistic / floor throughput (gRPC)", "grpc realistic", "grpc floor", 0.85)
     ratio("realistic on store.redis / realistic throughput (gRPC)", "grpc realistic redis", "grpc realistic", 0.97)
     ratio("p99 realistic - floor at 50% (gRPC)", "grpc realistic", "grpc floor", None, "p99")
@@ -632,11 +652,11 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         p99 = rows["grpc realistic"]["rate_p99_us"]
         ratios.insert(2, {"label": "p99 realistic at 50% of saturation (gRPC)", "value": p99, "target": "<= 1000 us",
                           "met": p99 <= 1000, "kind": "p99", "a": "grpc realistic", "b": None})
-    lines += ["| comparison | value | target |", "|---|---:|---|"]
+    lines += ["| comparison | value (median) | per round: min / median / max | target |", "|---|---:|---:|---|"]
     for r in ratios:
         v = f"{r['value']:.3f}x" if r["kind"] == "ratio" else f"{r['value']:+.0f} us" if r["b"] else f"{r['value']:.0f} us"
         t = "" if not r["target"] else f"{r['target']} — {'met' if r['met'] else 'MISSED'}"
-        lines.append(f"| {r['label']} | {v} | {t} |")
+        lines.append(f"| {r['label']} | {v} | {r.get('rounds_min_median_max') or ''} | {t} |")
     lines += ["", "Notes: p99 differences compare each scenario at 50% of its own saturation. " +
               meta["notes"], ""]
     return "\n".join(lines), {"meta": meta, "scenarios": rows, "comparisons": ratios}
@@ -680,8 +700,8 @@ def main() -> int:
     token_port = int(tok.popen.stdout.readline())
     token_stats = f"http://127.0.0.1:{token_port}/stats"
 
-    names = ["grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac", "envoy+floor",
-             "envoy+realistic"]
+    names = ["grpc noop", "grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac",
+             "envoy+floor", "envoy+realistic"]
     wanted = [w.strip() for w in os.environ.get("SCENARIOS", ",".join(names)).split(",") if w.strip()]
     if set(wanted) - set(names) or not wanted:
         raise SystemExit(f"unknown SCENARIOS {sorted(set(wanted) - set(names))}; known: {names}")
@@ -694,6 +714,14 @@ def main() -> int:
         realistic = start_portcullis("portcullis realistic", HERE / "realistic.yaml", logdir, {
             "LOAD_JWKS_FILE": str(work / "jwks.json"), "LOAD_SUBSCRIPTION_KEY": m.subscription_key,
             "LOAD_TOKEN_URL": f"http://127.0.0.1:{token_port}/token", "LOAD_CLIENT_SECRET": m.client_secret})
+    noop_port = None
+    if "grpc noop" in wanted:
+        if not os.access(NOOP_BIN, os.X_OK):
+            raise SystemExit(f"missing {NOOP_BIN}: cargo build --release --example noop_check")
+        noop_port = free_port()
+        noop = start("noop", pinned(SERVER_CPUS) + [NOOP_BIN, f"127.0.0.1:{noop_port}"], logdir, stdout=subprocess.PIPE)
+        if not noop.popen.stdout.readline().startswith(b"listening"):
+            raise SystemExit("the no-op server did not start")
     redis_port = None
     if "grpc realistic redis" in wanted:
         # The same policy with its store on a shared Redis (issue 14): the token is cached locally, so
@@ -729,7 +757,9 @@ def main() -> int:
     for name in names:
         if name not in wanted:
             continue
-        if name == "grpc floor":
+        if name == "grpc noop":
+            scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{noop_port}{CHECK_PATH}", [noop], None))
+        elif name == "grpc floor":
             scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{floor.grpc_port}{CHECK_PATH}", [floor.proc], floor))
         elif name == "grpc realistic":
             scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{realistic.grpc_port}{CHECK_PATH}",

@@ -120,13 +120,15 @@ fn serve(path: &Path) -> ExitCode {
     // The file is read once. Logging needs its format and level (and span export its OTLP
     // endpoint) before the service starts; a config that does not load or compile is still
     // reported, with default logging.
-    let loaded = config::load(path).and_then(|src| {
-        let mut errs = config::ConfigErrors::default();
-        match config::settings::compile_settings(&src, &mut errs) {
-            Some(settings) if errs.is_empty() => Ok((src, settings)),
-            _ => Err(errs),
-        }
-    });
+    let loaded = config::load_pruned(path)
+        .map_err(policy::every_error)
+        .and_then(|src| {
+            let mut errs = config::ConfigErrors::default();
+            match config::settings::compile_settings(&src, &mut errs) {
+                Some(settings) if errs.is_empty() => Ok((src, settings)),
+                _ => Err(errs),
+            }
+        });
     let (format, level, otlp) = match &loaded {
         Ok((_, s)) => (s.log_format, s.log_level.clone(), s.otlp.clone()),
         Err(_) => (config::LogFormat::Text, "info".into(), None),
@@ -181,7 +183,8 @@ fn serve_on(
 }
 
 fn validate(path: &Path) -> ExitCode {
-    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::offline()));
+    // Every error at once: structural ones, and those of compiling the rest of the file.
+    let compiled = policy::compile_loaded(config::load_pruned(path), &Runtime::offline());
     match compiled {
         Ok((policy, settings)) => {
             println!("{}: valid", path.display());

@@ -175,6 +175,42 @@ fn serve_logs_its_listeners_and_exits_0_on_sigterm() {
     assert_eq!(exit.code(), Some(0));
 }
 
+/// A structural error (an unknown field, a value of the wrong type) no longer hides the errors of
+/// the rest of the file: the entries that parsed are compiled too, and every error is reported in one
+/// run. An error that the removed value itself causes further down is not repeated.
+#[test]
+fn validate_reports_structural_and_semantic_errors_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "apis:\n  - name: a\n    bogus_field: 1\n  - name: b\n    ip_filter: {action: allow, addresses: [10.0.0.300]}\n  - name: c\n    jwt: {providers: 7}\n  - name: d\n    jwt: {providers: [nobody]}\nlimits: {max_token_bytes: lots}\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for needle in [
+        "apis[0].bogus_field: unknown field",
+        "apis[1].ip_filter.addresses[0]: `10.0.0.300` is not an IP address",
+        "apis[2].jwt.providers: invalid type",
+        "limits.max_token_bytes: invalid type",
+        "apis[3].jwt.providers[0]",
+        "5 errors",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle} in:\n{stderr}");
+    }
+    assert_eq!(
+        stderr.matches("apis[2]").count(),
+        1,
+        "nothing repeated about the value that was set aside:\n{stderr}"
+    );
+}
+
 #[test]
 fn serve_refuses_a_broken_config_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();

@@ -221,6 +221,11 @@ async fn reload_swaps_good_configs_and_keeps_the_last_good_one() {
     srv.write_config("apis: [{name: orders, match: {path_prefix: orders}, bogus: 1}]\n");
     let errs = srv.running.reload().await.unwrap_err();
     assert!(errs.to_string().contains("apis[0].bogus"), "{errs}");
+    // ... all of them at once: the semantic error of the same entry comes with the structural one.
+    assert!(
+        errs.to_string().contains("apis[0].match.path_prefix"),
+        "{errs}"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(code(&mut client, get("/orders").request()).await, 0);
 

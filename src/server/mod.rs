@@ -164,7 +164,7 @@ impl Running {
 
 /// Loads and compiles the config file, binds the listeners and serves in the background.
 pub async fn start(config_path: &Path) -> Result<Running, StartError> {
-    let src = config::load(config_path)?;
+    let src = config::load_pruned(config_path).map_err(policy::every_error)?;
     start_with(config_path, src).await
 }
 

@@ -78,7 +78,8 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Reloaded>, Confi
         errs.push("", "the config file is empty (a write in progress?)");
         return Err(errs);
     }
-    let src = config::load_text(state.config_path(), &text)?;
+    // A reload that fails logs every error at once, structural and semantic.
+    let src = config::load_text_pruned(state.config_path(), &text).map_err(policy::every_error)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     {
         let digest = state

@@ -159,13 +159,54 @@ pub fn parse_with_env(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Source, ConfigErrors> {
+    parse_pruned(text, base_dir, env).map_err(|f| f.errors)
+}
+
+/// A configuration that did not load: its errors, and, when every structural error could be set
+/// aside (an unknown field, a value of the wrong type), the rest of the file without those values,
+/// so that the later stages can report their own errors in the same run.
+#[derive(Debug)]
+pub struct LoadFailure {
+    /// What is wrong, each with its path.
+    pub errors: ConfigErrors,
+    /// The file without the values that had errors, when it could be read that way.
+    pub pruned: Option<Box<Source>>,
+}
+
+impl From<ConfigErrors> for LoadFailure {
+    fn from(errors: ConfigErrors) -> Self {
+        LoadFailure {
+            errors,
+            pruned: None,
+        }
+    }
+}
+
+/// [`load`], keeping what could be read of a file with structural errors ([`LoadFailure`]).
+pub fn load_pruned(path: &Path) -> Result<Source, LoadFailure> {
+    let text = read(path)?;
+    load_text_pruned(path, &text)
+}
+
+/// [`load_text`], keeping what could be read of a file with structural errors.
+pub fn load_text_pruned(path: &Path, text: &str) -> Result<Source, LoadFailure> {
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse_pruned(text, &base_dir, &|name| std::env::var(name).ok())
+}
+
+/// [`parse_with_env`], keeping what could be read of a file with structural errors.
+pub fn parse_pruned(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Source, LoadFailure> {
     if text.len() as u64 > limits::MAX_FILE_BYTES {
         let mut errs = ConfigErrors::default();
         errs.push(
             "",
             format!("the config file is {}", LimitExceeded::FileSize),
         );
-        return Err(errs);
+        return Err(errs.into());
     }
     let digest: [u8; 32] = Sha256::digest(text.as_bytes());
     // Fast path: a file without substitutions that is valid as it stands is deserialized straight
@@ -231,14 +272,14 @@ fn parse_tree(
     env: &dyn Fn(&str) -> Option<String>,
     digest: [u8; 32],
     values: u64,
-) -> Result<Source, ConfigErrors> {
+) -> Result<Source, LoadFailure> {
     let mut errs = ConfigErrors::default();
     let mut value: Value = match serde_yaml::from_str(text) {
         Ok(Value::Null) => Value::Mapping(Default::default()),
         Ok(v) => v,
         Err(e) => {
             errs.push("", format!("not valid YAML: {e}"));
-            return Err(errs);
+            return Err(errs.into());
         }
     };
     let mut substituted = HashSet::new();
@@ -272,9 +313,25 @@ fn parse_tree(
                 if !seen.insert((path.clone(), message.clone())) {
                     break None;
                 }
-                let removable =
-                    !message.starts_with("missing field") && remove_at(&mut value, e.path());
-                errs.push(path, message);
+                // A required field missing from a section: the section itself is set aside (when it
+                // is a field of its parent, not an entry of a list), so the rest of the file is still
+                // read. When the field is missing because its value was set aside for an error
+                // already reported, nothing new is said.
+                let missing = message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.strip_suffix('`'));
+                let ours = missing.is_some_and(|field| {
+                    let child = if path.is_empty() {
+                        field.to_string()
+                    } else {
+                        format!("{path}.{field}")
+                    };
+                    errs.0.iter().any(|e| e.path == child)
+                });
+                let removable = remove_at(&mut value, e.path());
+                if !ours {
+                    errs.push(path, message);
+                }
                 if !removable || errs.0.len() > MAX_ERRORS as usize {
                     break None;
                 }
@@ -290,14 +347,20 @@ fn parse_tree(
             }
         }
     };
-    match file {
-        Some(file) if errs.is_empty() => Ok(Source {
-            file,
-            substituted,
-            base_dir: base_dir.to_path_buf(),
-            digest,
+    let source = file.map(|file| Source {
+        file,
+        substituted,
+        base_dir: base_dir.to_path_buf(),
+        digest,
+    });
+    match source {
+        Some(source) if errs.is_empty() => Ok(source),
+        // Every structural error was removed and the rest of the file read: it goes with the
+        // errors, so the later stages report theirs in the same run.
+        pruned => Err(LoadFailure {
+            errors: errs,
+            pruned: pruned.map(Box::new),
         }),
-        _ => Err(errs),
     }
 }
 

@@ -104,7 +104,7 @@ fn both_paths(text: &str) -> (Option<String>, String) {
     let streaming = parse_streaming(text).map(|f| format!("{f:#?}"));
     let tree = parse_tree(text, Path::new("."), &|_| None, [0; 32], 100)
         .map(|s| format!("{:#?}", s.file))
-        .unwrap_or_else(|e| format!("error: {e}"));
+        .unwrap_or_else(|e| format!("error: {}", e.errors));
     (streaming, tree)
 }
 

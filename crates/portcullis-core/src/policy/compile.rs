@@ -52,6 +52,48 @@ impl Runtime {
     }
 }
 
+/// Compiles what [`config::load_pruned`] (or its siblings) read. When the file had structural
+/// errors (an unknown field, a value of the wrong type) and the rest of it could still be read, that
+/// rest is compiled too, offline and without publishing anything, so its errors (an invalid address,
+/// an unknown provider) are reported with the structural ones in one run instead of one stage at a
+/// time. An error of the later stage at a path that a structural error already names (or one above
+/// or below it, which the removal of that value can cause) is left out.
+pub fn compile_loaded(
+    loaded: Result<Source, config::LoadFailure>,
+    runtime: &Runtime,
+) -> Result<(PolicySet, Settings), ConfigErrors> {
+    match loaded {
+        Ok(src) => compile(&src, runtime),
+        Err(f) => Err(every_error(f)),
+    }
+}
+
+/// Every error of a file that did not load: its structural errors, then those of compiling what
+/// could be read without them (see [`compile_loaded`]).
+pub fn every_error(failure: config::LoadFailure) -> ConfigErrors {
+    let mut errs = failure.errors;
+    if let Some(src) = failure.pruned
+        && let Err(later) = compile(&src, &Runtime::offline())
+    {
+        let structural: Vec<String> = errs.0.iter().map(|e| e.path.clone()).collect();
+        let related = |a: &str, b: &str| {
+            let under = |x: &str, y: &str| {
+                x.len() > y.len()
+                    && x.starts_with(y)
+                    && matches!(x.as_bytes()[y.len()], b'.' | b'[')
+            };
+            a == b || under(a, b) || under(b, a)
+        };
+        errs.0.extend(
+            later
+                .0
+                .into_iter()
+                .filter(|e| !structural.iter().any(|p| related(p, &e.path))),
+        );
+    }
+    errs
+}
+
 /// Compiles a loaded configuration. Every error is reported, each with its path.
 pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings), ConfigErrors> {
     let f = &src.file;

@@ -30,7 +30,7 @@ pub use crate::check::{
 };
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
-pub use compile::{Runtime, compile};
+pub use compile::{Runtime, compile, compile_loaded, every_error};
 
 use crate::check::query;
 use crate::check::template::{self, Template};

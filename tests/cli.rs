@@ -27,18 +27,25 @@ fn validate_the_bundled_example() {
     assert!(stdout.contains("4 APIs"), "{stdout}");
 }
 
-#[test]
-fn validate_reports_every_error_with_its_path_and_exits_2() {
+/// `portcullis validate` on `yaml`: exit 2, and what it printed on stderr.
+fn validate_refuses(yaml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.yaml");
-    std::fs::write(&cfg, "apis:\n  - name: a\n    match: {path_prefix: x}\n    ip_filter: {action: allow, addresses: [nope]}\n  - name: a\nunmatched: perhaps\n").unwrap();
+    std::fs::write(&cfg, yaml).unwrap();
     let out = Command::new(BIN)
         .args(["validate", "--config"])
         .arg(&cfg)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn validate_reports_every_error_with_its_path_and_exits_2() {
+    let stderr = validate_refuses(
+        "apis:\n  - name: a\n    match: {path_prefix: x}\n    ip_filter: {action: allow, addresses: [nope]}\n  - name: a\nunmatched: perhaps\n",
+    );
     for needle in [
         "apis[0].match.path_prefix",
         "apis[0].ip_filter.addresses[0]",
@@ -180,20 +187,9 @@ fn serve_logs_its_listeners_and_exits_0_on_sigterm() {
 /// run. An error that the removed value itself causes further down is not repeated.
 #[test]
 fn validate_reports_structural_and_semantic_errors_in_one_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("bad.yaml");
-    std::fs::write(
-        &cfg,
+    let stderr = validate_refuses(
         "apis:\n  - name: a\n    bogus_field: 1\n  - name: b\n    ip_filter: {action: allow, addresses: [10.0.0.300]}\n  - name: c\n    jwt: {providers: 7}\n  - name: d\n    jwt: {providers: [nobody]}\nlimits: {max_token_bytes: lots}\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["validate", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    );
     for needle in [
         "apis[0].bogus_field: unknown field",
         "apis[1].ip_filter.addresses[0]: `10.0.0.300` is not an IP address",

@@ -18,19 +18,13 @@ use portcullis::config;
 use portcullis::credentials::Registry;
 use portcullis::policy::{self, Runtime};
 use redis_common::{
-    CLIENT_SECRET, Idp, KEY_A, KEY_B, RedisServer, Setup, clock, env_with, replica, setup,
-    try_replica, yaml,
+    CLIENT_SECRET, Idp, KEY_A, KEY_B, RedisServer, clock, env_with, replica, setup, try_replica,
+    yaml,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_one_rotating_connection_and_refresh_it_once_per_period() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas,
-    }) = setup(3, false).await
-    else {
+    let Some((redis, idp, clock, replicas)) = setup(3, false).await else {
         return;
     };
 
@@ -111,13 +105,7 @@ async fn three_replicas_share_one_rotating_connection_and_refresh_it_once_per_pe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_credentials_are_fetched_once_for_the_fleet() {
-    let Some(Setup {
-        redis: _redis,
-        idp,
-        clock,
-        replicas,
-    }) = setup(3, false).await
-    else {
+    let Some((_redis, idp, clock, replicas)) = setup(3, false).await else {
         return;
     };
     let mut seen = std::collections::BTreeSet::new();
@@ -136,13 +124,7 @@ async fn client_credentials_are_fetched_once_for_the_fleet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_that_died_after_sending_the_refresh_token_is_never_replayed() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas,
-    }) = setup(2, false).await
-    else {
+    let Some((redis, idp, clock, replicas)) = setup(2, false).await else {
         return;
     };
     replicas[0].check("/orders/1", &clock).await.unwrap();
@@ -178,13 +160,7 @@ async fn a_replica_that_died_after_sending_the_refresh_token_is_never_replayed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_holder_that_stops_loses_the_lease_after_its_ttl() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas,
-    }) = setup(2, false).await
-    else {
+    let Some((redis, idp, clock, replicas)) = setup(2, false).await else {
         return;
     };
     // A holder that died before sending anything: its lease (TTL = timeout 2 s + 5 s) blocks the
@@ -208,13 +184,7 @@ async fn a_lease_holder_that_stops_loses_the_lease_after_its_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn consent_started_on_one_replica_completes_on_another_and_every_replica_uses_it() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock: _,
-        replicas,
-    }) = setup(3, false).await
-    else {
+    let Some((redis, idp, _, replicas)) = setup(3, false).await else {
         return;
     };
     let started = replicas[0]
@@ -301,13 +271,7 @@ async fn consent_started_on_one_replica_completes_on_another_and_every_replica_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_serves_cached_tokens_denies_what_needs_it_and_loses_nothing_with_aof() {
-    let Some(Setup {
-        mut redis,
-        idp,
-        clock,
-        replicas,
-    }) = setup(2, true).await
-    else {
+    let Some((mut redis, idp, clock, replicas)) = setup(2, true).await else {
         return;
     };
     let token = replicas[0].check("/orders/1", &clock).await.unwrap();
@@ -349,13 +313,7 @@ async fn redis_down_serves_cached_tokens_denies_what_needs_it_and_loses_nothing_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_is_refused_at_start_and_nothing_is_written() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas: _first,
-    }) = setup(1, false).await
-    else {
+    let Some((redis, idp, clock, _first)) = setup(1, false).await else {
         return;
     };
     let before = redis.dump().await;

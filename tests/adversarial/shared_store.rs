@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sha2::Digest;
 
-use crate::redis_common::{RedisServer, Replica, Setup, setup, yaml};
+use crate::redis_common::{RedisServer, Replica, setup, yaml};
 
 async fn consent(r: &Replica, connection: &str) -> String {
     let started = r
@@ -86,13 +86,7 @@ async fn set_raw(redis: &RedisServer, key: &str, field: Option<&str>, value: &[u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_record_moved_to_another_connection_is_never_used() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas: fleet,
-    }) = setup(2, false).await
-    else {
+    let Some((redis, idp, clock, fleet)) = setup(2, false).await else {
         return;
     };
     // A second connection, by consent.
@@ -127,13 +121,7 @@ async fn a_record_moved_to_another_connection_is_never_used() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_token_moved_from_another_credential_is_never_injected() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas: fleet,
-    }) = setup(1, false).await
-    else {
+    let Some((redis, idp, clock, fleet)) = setup(1, false).await else {
         return;
     };
     let machine = fleet[0].check("/machine/1", &clock).await.unwrap();
@@ -149,13 +137,7 @@ async fn a_token_moved_from_another_credential_is_never_injected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_or_replayed_consents_are_refused() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock: _,
-        replicas: fleet,
-    }) = setup(2, false).await
-    else {
+    let Some((redis, idp, _, fleet)) = setup(2, false).await else {
         return;
     };
     let creds = |i: usize| &fleet[i].runtime.credentials;
@@ -206,13 +188,7 @@ async fn forged_or_replayed_consents_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_in_flight_marker_denies_and_sends_nothing() {
-    let Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas: fleet,
-    }) = setup(1, false).await
-    else {
+    let Some((redis, idp, clock, fleet)) = setup(1, false).await else {
         return;
     };
     fleet[0].check("/orders/1", &clock).await.unwrap();

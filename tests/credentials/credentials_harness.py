@@ -41,6 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def check_over(channel, path: str, headers: dict | None = None, timeout: float = 15) -> external_auth_pb2.CheckResponse:
+    """A Check on `channel`, as Envoy would send it for `GET https://api.example.com{path}`."""
+    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        id="1", method="GET", host="api.example.com", path=path, scheme="https", protocol="HTTP/1.1",
+        headers={":method": "GET", ":path": path, ":authority": "api.example.com", **(headers or {})})
+    peer = attribute_context_pb2.AttributeContext.Peer(
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.0.0.7", port_value=40000)))
+    req = external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
+        source=peer, request=attribute_context_pb2.AttributeContext.Request(http=http)))
+    return stub.Check(req, timeout=timeout)
+
 class Portcullis:
     """`portcullis serve` on a config file; stderr (JSON logs) is collected by a thread."""
 
@@ -84,15 +97,7 @@ class Portcullis:
         return "".join(self.lines)
 
     def check(self, path: str, headers: dict | None = None) -> external_auth_pb2.CheckResponse:
-        stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
-        http = attribute_context_pb2.AttributeContext.HttpRequest(
-            id="1", method="GET", host="api.example.com", path=path, scheme="https", protocol="HTTP/1.1",
-            headers={":method": "GET", ":path": path, ":authority": "api.example.com", **(headers or {})})
-        peer = attribute_context_pb2.AttributeContext.Peer(
-            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.0.0.7", port_value=40000)))
-        req = external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
-            source=peer, request=attribute_context_pb2.AttributeContext.Request(http=http)))
-        return stub.Check(req, timeout=15)
+        return check_over(self._channel, path, headers, timeout=15)
 
     def kill(self):
         """SIGKILL: no chance to flush or close anything."""

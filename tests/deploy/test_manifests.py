@@ -111,10 +111,15 @@ def pod_spec() -> dict:
     return deployment()["spec"]["template"]["spec"]
 
 
-def container() -> dict:
-    containers = pod_spec()["containers"]
-    assert [c["name"] for c in containers] == ["portcullis"]
+def only_container(spec: dict, name: str) -> dict:
+    """The one container of a pod spec, which must be `name`."""
+    containers = spec["containers"]
+    assert [c["name"] for c in containers] == [name]
     return containers[0]
+
+
+def container() -> dict:
+    return only_container(pod_spec(), "portcullis")
 
 
 def configmap_portcullis_yaml() -> dict:
@@ -400,9 +405,7 @@ def redis_pod_spec() -> dict:
 
 
 def redis_container() -> dict:
-    containers = redis_pod_spec()["containers"]
-    assert [c["name"] for c in containers] == ["redis"]
-    return containers[0]
+    return only_container(redis_pod_spec(), "redis")
 
 
 def redis_configmap() -> dict:

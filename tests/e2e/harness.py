@@ -45,6 +45,26 @@ START_TIMEOUT = 60.0
 # ---------------------------------------------------------------------------------------------------
 
 
+def listener_addrs(output: str) -> dict[str, str]:
+    """The `listening` lines portcullis logged (JSON or text): {"grpc": addr, "http": addr}."""
+    found: dict[str, str] = {}
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            fields = rec.get("fields", rec)
+            if fields.get("listener") in ("grpc", "http") and fields.get("addr"):
+                found[fields["listener"]] = fields["addr"]
+        else:
+            m = _LISTENING_TEXT.search(line)
+            if m:
+                found[m.group(1)] = m.group(2)
+    return found
+
+
 def missing(what: str) -> None:
     """A missing tool skips on a developer's machine but fails in CI, where .ci/run installs it."""
     if os.environ.get("CI"):
@@ -203,21 +223,7 @@ class Portcullis:
         self.http = addrs.get("http")
 
     def _listeners(self) -> dict | None:
-        found: dict[str, str] = {}
-        for line in self.process.output().splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                fields = rec.get("fields", rec)
-                if fields.get("listener") in ("grpc", "http") and fields.get("addr"):
-                    found[fields["listener"]] = fields["addr"]
-            else:
-                m = _LISTENING_TEXT.search(line)
-                if m:
-                    found[m.group(1)] = m.group(2)
+        found = listener_addrs(self.process.output())
         if "grpc" in found and (not self._wants_http or "http" in found):
             return found
         return None

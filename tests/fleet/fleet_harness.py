@@ -40,8 +40,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from envoy.config.core.v3 import address_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -50,8 +49,9 @@ for _d in ("e2e", "credentials", "idp"):
         sys.path.insert(0, str(ROOT / "tests" / _d))
 
 from credentials_harness import admin as _admin  # noqa: E402
-from credentials_harness import drive_consent  # noqa: E402
-from harness import Backend, Envoy, Process, envoy_bin, free_port, missing, portcullis_bin, request  # noqa: E402
+from credentials_harness import check_over, drive_consent  # noqa: E402
+from harness import (  # noqa: E402
+    Backend, Envoy, Process, envoy_bin, free_port, listener_addrs, missing, portcullis_bin, request)
 from idp import Idp, start_idp  # noqa: E402
 
 ADMIN_TOKEN = "admin-token-for-the-fleet-suite"
@@ -474,22 +474,6 @@ class TokenTap:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _listening(output: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in output.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        fields = rec.get("fields", rec)
-        if fields.get("listener") in ("grpc", "http") and fields.get("addr"):
-            found[fields["listener"]] = fields["addr"]
-    return found
-
-
 class Replica:
     """`portcullis serve` with fixed loopback ports (so Envoy's cluster and the redirect URI can name
     them before it starts); stdout (decision log) and stderr (JSON logs) in `<name>.log`."""
@@ -502,7 +486,7 @@ class Replica:
         self.config_path.write_text(config_text)
         self.process = Process(name, [portcullis_bin(), "serve", "--config", str(self.config_path)], workdir,
                                env={**os.environ, "RUST_BACKTRACE": "1", **env})
-        self.process.wait_for(f"{name} listening", lambda: {"grpc", "http"} <= _listening(self.output()).keys(),
+        self.process.wait_for(f"{name} listening", lambda: {"grpc", "http"} <= listener_addrs(self.output()).keys(),
                               timeout=START_TIMEOUT)
         self._channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
 
@@ -518,15 +502,7 @@ class Replica:
 
     def check(self, path: str = "/crm/direct", headers: dict | None = None) -> external_auth_pb2.CheckResponse:
         """A Check straight to this replica (no Envoy), as Envoy would send it."""
-        stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
-        http = attribute_context_pb2.AttributeContext.HttpRequest(
-            id="1", method="GET", host="api.example.com", path=path, scheme="https", protocol="HTTP/1.1",
-            headers={":method": "GET", ":path": path, ":authority": "api.example.com", **(headers or {})})
-        peer = attribute_context_pb2.AttributeContext.Peer(
-            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.0.0.7", port_value=40000)))
-        req = external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
-            source=peer, request=attribute_context_pb2.AttributeContext.Request(http=http)))
-        return stub.Check(req, timeout=30)
+        return check_over(self._channel, path, headers, timeout=30)
 
     def admin(self, method: str, path: str, body: dict | None = None):
         return _admin(self.http_port, method, path, body, token=ADMIN_TOKEN)

@@ -453,24 +453,15 @@ pub fn clock() -> Arc<ManualClock> {
 }
 
 /// What most shared-store tests start with: a Redis, the token endpoint (whose current refresh
-/// token is the one the config seeds), a clock, and `n` replicas of [`yaml`].
-pub struct Setup {
-    pub redis: RedisServer,
-    pub idp: Idp,
-    pub clock: Arc<ManualClock>,
-    pub replicas: Vec<Replica>,
-}
-
-/// [`Setup`] with `n` replicas; `None` (after saying why) without redis-server, outside CI.
-pub async fn setup(n: usize, aof: bool) -> Option<Setup> {
+/// token is the one the config seeds), a clock, and `n` replicas of [`yaml`]; `None` (after saying
+/// why) without redis-server, outside CI. Keep the `RedisServer`: dropping it stops Redis.
+pub async fn setup(
+    n: usize,
+    aof: bool,
+) -> Option<(RedisServer, Idp, Arc<ManualClock>, Vec<Replica>)> {
     let redis = RedisServer::start(aof)?;
     let idp = Idp::start("rt-seed").await;
     let clock = clock();
     let replicas = fleet(n, &yaml(&redis, &idp), &clock).await;
-    Some(Setup {
-        redis,
-        idp,
-        clock,
-        replicas,
-    })
+    Some((redis, idp, clock, replicas))
 }

@@ -371,15 +371,7 @@ impl Credential {
             .get(&self.spec.name, connection)
             .ok_or_else(|| TokenError::RefreshTokenRejected("no connection".into()))?;
         let rt = usable_refresh_token(&record)?;
-        let result = endpoint::request(
-            client,
-            &self.spec,
-            endpoint::refresh_form(&self.spec, &rt),
-            now,
-            true,
-        )
-        .await;
-        match result {
+        match self.send_refresh(client, &rt, now).await {
             Ok(issued) => {
                 let (rotated, changed) = apply_refresh(&mut record, &issued, &rt, now);
                 if changed {
@@ -412,6 +404,17 @@ impl Credential {
                 Err(e)
             }
         }
+    }
+
+    /// Sends a refresh token to the token endpoint (the caller has made sure it may be spent).
+    pub(super) async fn send_refresh(
+        &self,
+        client: &reqwest::Client,
+        refresh_token: &str,
+        now: SystemTime,
+    ) -> Result<Issued, TokenError> {
+        let form = endpoint::refresh_form(&self.spec, refresh_token);
+        endpoint::request(client, &self.spec, form, now, true).await
     }
 
     /// RFC 8693: exchanges the caller's validated token; results are cached per caller token and

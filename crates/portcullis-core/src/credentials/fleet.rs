@@ -211,15 +211,7 @@ impl Credential {
                 "the connection changed while this replica was about to refresh it".into(),
             ));
         }
-        let result = endpoint::request(
-            client,
-            &self.spec,
-            endpoint::refresh_form(&self.spec, &rt),
-            now,
-            true,
-        )
-        .await;
-        match result {
+        match self.send_refresh(client, &rt, now).await {
             Ok(issued) => {
                 let (rotated, changed) = apply_refresh(&mut record, &issued, &rt, now);
                 if changed {

@@ -24,6 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `bytes` fields as `bytes::Bytes`: tonic decodes from one buffer, so header values become
         // slices of it instead of one copy (and allocation) per header.
         .bytes(".")
+        // `google.protobuf.Struct` as its encoded bytes: the decision writes its dynamic metadata
+        // straight into protobuf (portcullis_core::check::metadata), with no map of Values to
+        // build; incoming Structs (metadata_context), which nothing reads, are kept as bytes.
+        .extern_path(".google.protobuf.Struct", "crate::proto::RawStruct")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -2,7 +2,8 @@
 //! CheckResponse. `floor` allows everything with no checks (the adapter and response alone);
 //! `realistic` runs every check (tests/realistic: JWT from the verified-token cache, IP filter,
 //! subscription key, client certificate, claim headers, backend credential). The difference is what
-//! the policy costs on top of the transport.
+//! the policy costs on top of the transport. `realistic_no_metadata` is `realistic` with
+//! `dynamic_metadata: false`: the difference is what the facts for Envoy cost per allow.
 //!
 //!   cargo bench --bench wire
 
@@ -24,6 +25,10 @@ fn bench(c: &mut Criterion) {
     for (name, s) in [
         ("floor", realistic::floor()),
         ("realistic", realistic::realistic()),
+        (
+            "realistic_no_metadata",
+            realistic::realistic_without_metadata(),
+        ),
     ] {
         let first = rt.block_on(portcullis::server::grpc::decide(&s.policy, &s.request));
         assert_eq!(

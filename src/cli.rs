@@ -399,7 +399,33 @@ pub fn explain_text(d: &Decision) -> String {
             );
         }
     }
+    if !d.metadata.is_empty() {
+        // The decision id is new on every run: left out, so the output is reproducible.
+        let _ = writeln!(s, "dynamic metadata (envoy.filters.http.ext_authz):");
+        for (key, value) in d.metadata.entries().unwrap_or_default() {
+            if key == "decision_id" {
+                continue;
+            }
+            let shown = match value {
+                portcullis_core::check::metadata::MetaValue::String(v) => v,
+                portcullis_core::check::metadata::MetaValue::Bool(b) => b.to_string(),
+                portcullis_core::check::metadata::MetaValue::List(items) => {
+                    format!("[{}]", items.join(", "))
+                }
+            };
+            let _ = writeln!(s, "  {key}: {shown}");
+        }
+    }
     s
+}
+
+/// The dynamic metadata without the decision id (new on every run), for reproducible output.
+fn metadata_json(d: &Decision) -> serde_json::Value {
+    let mut m = d.metadata.to_json();
+    if let Some(map) = m.as_object_mut() {
+        map.remove("decision_id");
+    }
+    m
 }
 
 fn explain_json(d: &Decision) -> String {
@@ -430,6 +456,7 @@ fn explain_json(d: &Decision) -> String {
         "headers_to_set": d.upstream_headers.iter().map(|h| serde_json::json!({"name": h.name, "value": if h.sensitive { "<redacted credential>" } else { h.value.as_str() }})).collect::<Vec<_>>(),
         "headers_to_remove": d.remove_headers,
         "query_parameters_to_remove": d.remove_query,
+        "dynamic_metadata": metadata_json(d),
     })
     .to_string()
 }

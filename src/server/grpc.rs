@@ -70,7 +70,7 @@ impl Authorization for AuthorizationService {
                     .instrument(trace.span().clone())
                     .await
             }
-            Err(detail) => invalid_request(detail),
+            Err(detail) => policy.with_metadata(invalid_request(detail)),
         };
         self.state.record(&decision, started.elapsed(), &trace, || {
             let http = req.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
@@ -89,7 +89,7 @@ pub async fn decide(policy: &crate::policy::PolicySet, req: &CheckRequest) -> Ch
                 .decide(&parts.input(req), EvalOptions::default())
                 .await
         }
-        Err(detail) => invalid_request(detail),
+        Err(detail) => policy.with_metadata(invalid_request(detail)),
     };
     to_check_response(decision)
 }
@@ -182,8 +182,11 @@ pub fn to_check_response(d: Decision) -> CheckResponse {
         upstream_headers,
         remove_headers,
         remove_query,
+        metadata,
         ..
     } = d;
+    let dynamic_metadata =
+        (!metadata.is_empty()).then(|| crate::proto::RawStruct(metadata.into_bytes()));
     match outcome {
         Outcome::Allow => CheckResponse {
             status: Some(rpc::Status {
@@ -203,7 +206,7 @@ pub fn to_check_response(d: Decision) -> CheckResponse {
                     ..Default::default()
                 },
             )),
-            dynamic_metadata: None,
+            dynamic_metadata,
         },
         Outcome::Deny(denial) => {
             let body = denial.body(&id);
@@ -228,7 +231,7 @@ pub fn to_check_response(d: Decision) -> CheckResponse {
                         body,
                     },
                 )),
-                dynamic_metadata: None,
+                dynamic_metadata,
             }
         }
     }

@@ -13,6 +13,7 @@ mod config;
 mod connections;
 mod forward_auth;
 mod listeners;
+mod metadata;
 mod request_line;
 mod shadow;
 mod shared_store;

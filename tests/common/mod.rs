@@ -135,6 +135,8 @@ pub struct Seen {
     pub body: Option<serde_json::Value>,
     pub removed: Vec<String>,
     pub removed_query: Vec<String>,
+    /// `dynamic_metadata` as JSON (`null` when absent), decoded by prost's own `Struct`.
+    pub metadata: serde_json::Value,
 }
 
 pub fn seen(r: &CheckResponse) -> Seen {
@@ -147,6 +149,7 @@ pub fn seen(r: &CheckResponse) -> Seen {
         body: None,
         removed: vec![],
         removed_query: vec![],
+        metadata: metadata(r),
     };
     match &r.http_response {
         Some(HttpResponse::OkResponse(ok)) => {
@@ -170,6 +173,31 @@ pub fn seen(r: &CheckResponse) -> Seen {
         _ => {}
     }
     s
+}
+
+/// A response's `dynamic_metadata` as JSON (`null` when absent), decoded from the wire by prost's
+/// own `google.protobuf.Struct`.
+pub fn metadata(r: &CheckResponse) -> serde_json::Value {
+    let Some(raw) = &r.dynamic_metadata else {
+        return serde_json::Value::Null;
+    };
+    let s = raw.decode_struct().expect("a google.protobuf.Struct");
+    serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
+}
+
+fn json_of(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    match v.kind {
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::NumberValue(n)) => serde_json::json!(n),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(json_of).collect()),
+        Some(Kind::StructValue(s)) => {
+            Value::Object(s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
+        }
+        Some(Kind::NullValue(_)) | None => Value::Null,
+    }
 }
 
 /// Decides in process, without a server, on `GET api.example.com/orders/1` from 10.0.0.1 carrying

@@ -38,6 +38,15 @@ pub fn floor() -> Scenario {
 
 /// The realistic policy with a request it allows (the token is signed once, here).
 pub fn realistic() -> Scenario {
+    realistic_with("")
+}
+
+/// The realistic policy without `dynamic_metadata`: what the metadata costs is the difference.
+pub fn realistic_without_metadata() -> Scenario {
+    realistic_with("dynamic_metadata: false")
+}
+
+fn realistic_with(top: &str) -> Scenario {
     let key = keys::rsa(0, Some("k1"));
     let mut claims = keys::claims(ISS, "api://orders", "client-42");
     claims["scope"] = "orders.read orders.write".into();
@@ -61,6 +70,7 @@ pub fn realistic() -> Scenario {
 
     let yaml = format!(
         r#"
+{top}
 identity_providers:
   - {{ name: corp, issuer: "{ISS}", algorithms: [RS256], keys: [{jwk}] }}
 credentials:

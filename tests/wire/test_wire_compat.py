@@ -156,6 +156,8 @@ def assert_denied(resp, grpc_code: int, http_status: int, reason: str, challenge
     body = json.loads(denied.body)
     assert body["statusCode"] == http_status and body["reason"] == reason and body["message"], body
     assert re.fullmatch(r"[0-9a-f]{32}", body["decisionId"]) and headers["x-portcullis-decision-id"] == body["decisionId"]
+    meta = dict(resp.dynamic_metadata)
+    assert meta.get("decision_id") == body["decisionId"] and meta.get("reason") == reason, meta
     if challenge:
         assert challenge in headers["www-authenticate"], headers
     else:
@@ -180,6 +182,14 @@ def test_allow_with_headers_to_set_remove_and_query_parameters_to_remove(check):
     assert list(ok.headers_to_remove) == ["ocp-apim-subscription-key"]
     assert list(ok.query_parameters_to_remove) == ["subscription-key"]
     assert not ok.response_headers_to_add and not ok.query_parameters_to_set
+    # The facts for the rest of Envoy, decoded by Envoy's own generated google.protobuf.Struct.
+    meta = resp.dynamic_metadata
+    assert dict(meta) == {
+        "api": "orders",
+        "decision_id": headers["x-portcullis-decision-id"],
+        "subscription_id": "team-a",
+    }, meta
+    assert not ok.HasField("dynamic_metadata"), "only the top-level field (ok_response's is deprecated)"
 
 
 def test_allow_with_the_key_only_in_the_query(check):

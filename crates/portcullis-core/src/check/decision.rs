@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::metadata::Metadata;
 use super::reason::Reason;
 
 /// The header that carries the decision id, upstream on allow and to the client on deny.
@@ -28,6 +29,8 @@ pub struct Decision {
     pub remove_query: Vec<String>,
     /// Facts for the decision log.
     pub facts: Facts,
+    /// The facts for the proxy: ext_authz `dynamic_metadata` (empty: none).
+    pub metadata: Metadata,
     /// Each check on the way, when the caller asked for an explanation (`portcullis check`).
     pub steps: Vec<Step>,
 }
@@ -145,6 +148,7 @@ impl Decision {
             remove_headers: Vec::new(),
             remove_query: Vec::new(),
             facts: Facts::default(),
+            metadata: Metadata::new(),
             steps: Vec::new(),
         }
     }

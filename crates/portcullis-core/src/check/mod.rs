@@ -6,6 +6,7 @@
 //! telemetry and the transports can all use it without depending on each other.
 
 pub mod decision;
+pub mod metadata;
 pub mod query;
 pub mod reason;
 pub mod request;
@@ -14,6 +15,7 @@ pub mod template;
 pub use decision::{
     DECISION_ID_HEADER, Decision, Denial, Facts, Header, Outcome, Step, StepResult,
 };
+pub use metadata::Metadata;
 pub use reason::Reason;
 pub use request::{CheckInput, Headers};
 

@@ -40,6 +40,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub apis: Vec<Api>,
     pub unmatched: Option<String>,
+    /// Send the decision's facts to the proxy as ext_authz `dynamic_metadata` (default true).
+    pub dynamic_metadata: Option<bool>,
 }
 
 /// `listen`: where the service accepts connections.
@@ -357,6 +359,9 @@ pub struct OnAllow {
     #[serde(default)]
     pub remove_headers: Vec<String>,
     pub backend_credential: Option<BackendCredential>,
+    /// Entries added to the decision's `dynamic_metadata`: name -> template.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// `apis[].on_allow.backend_credential`.

@@ -61,6 +61,7 @@ use jose::Algorithm;
 use provider::Provider;
 pub(crate) use registry::Shared;
 pub use registry::{ProviderStatus, Registry, RegistryStats};
+pub use rules::scope_iter;
 use rules::{kid_note, numeric_date, printable};
 
 /// The providers of one compiled config, by name.

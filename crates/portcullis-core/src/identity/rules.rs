@@ -224,21 +224,25 @@ pub(super) fn numeric_date(
 
 /// Scopes from `scp` and `scope`: space-separated strings or arrays of strings.
 pub(super) fn token_scopes(claims: &Map<String, Value>) -> Vec<&str> {
-    let mut out = Vec::new();
-    for name in ["scp", "scope"] {
-        match claims.get(name) {
-            Some(Value::String(s)) => out.extend(s.split(' ').filter(|s| !s.is_empty())),
-            Some(Value::Array(items)) => out.extend(
-                items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .flat_map(|s| s.split(' '))
-                    .filter(|s| !s.is_empty()),
-            ),
-            _ => {}
-        }
-    }
-    out
+    scope_iter(claims).collect()
+}
+
+/// The token's scopes (`scp`, then `scope`; space-separated strings or arrays of strings), without
+/// allocating: the `dynamic_metadata` of every allow lists them.
+pub fn scope_iter(claims: &Map<String, Value>) -> impl Iterator<Item = &str> + Clone {
+    ["scp", "scope"]
+        .into_iter()
+        .filter_map(|name| claims.get(name))
+        .flat_map(|v| {
+            let (one, many) = match v {
+                Value::String(s) => (Some(s.as_str()), None),
+                Value::Array(items) => (None, Some(items.iter().filter_map(Value::as_str))),
+                _ => (None, None),
+            };
+            one.into_iter().chain(many.into_iter().flatten())
+        })
+        .flat_map(|s| s.split(' '))
+        .filter(|s| !s.is_empty())
 }
 
 /// A claim's values for `required_claims`: `None` when absent (or null, or an empty array).

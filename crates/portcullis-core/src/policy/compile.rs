@@ -220,17 +220,16 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
     let providers = identity::compile_providers(src, &runtime.identity, &mut errs);
     let credentials = credentials::compile_credentials(src, &runtime.credentials, &mut errs);
 
+    let shared = ApiShared {
+        request_rules,
+        open_apis: &open_apis,
+        providers: &providers,
+        credentials: &credentials,
+        dynamic_metadata: f.dynamic_metadata.unwrap_or(true),
+    };
     let mut apis = Vec::with_capacity(f.apis.len());
     for (i, a) in f.apis.iter().enumerate() {
-        let api = compile_api(
-            i,
-            a,
-            request_rules,
-            &open_apis,
-            &providers,
-            &credentials,
-            &mut errs,
-        );
+        let api = compile_api(i, a, &shared, &mut errs);
         if let Some(api) = api {
             apis.push(api);
         }
@@ -262,6 +261,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         apis,
         index,
         unmatched_allow,
+        dynamic_metadata: shared.dynamic_metadata,
         client_ip,
         request_rules,
         forward_auth,
@@ -282,15 +282,29 @@ pub(super) fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// What every API of one file is compiled against.
+struct ApiShared<'a> {
+    request_rules: RequestRules,
+    open_apis: &'a HashSet<usize>,
+    providers: &'a identity::ProviderSet,
+    credentials: &'a credentials::CredentialSet,
+    /// `dynamic_metadata` (top level).
+    dynamic_metadata: bool,
+}
+
 fn compile_api(
     i: usize,
     a: &config::Api,
-    request_rules: RequestRules,
-    open_apis: &HashSet<usize>,
-    providers: &identity::ProviderSet,
-    credentials: &credentials::CredentialSet,
+    shared: &ApiShared<'_>,
     errs: &mut ConfigErrors,
 ) -> Option<Api> {
+    let ApiShared {
+        request_rules,
+        open_apis,
+        providers,
+        credentials,
+        dynamic_metadata,
+    } = *shared;
     let path = format!("apis[{i}]");
     let before = errs.0.len();
 
@@ -450,20 +464,37 @@ fn compile_api(
             errs.push(&hpath, "the host and pseudo-headers cannot be set");
             continue;
         }
-        match Template::parse(value) {
-            Ok(t) => {
-                if t.uses_claims() && a.jwt.is_none() {
-                    errs.push(&hpath, "uses {jwt.*} but the API has no `jwt` section");
-                }
-                if t.uses_cert() && a.client_certificate.is_none() {
-                    errs.push(
-                        &hpath,
-                        "uses {cert.*} but the API has no `client_certificate` section",
-                    );
-                }
-                set_headers.push((lname, t));
-            }
-            Err(e) => errs.push(&hpath, e),
+        if let Some(t) = api_template(a, value, &hpath, errs) {
+            set_headers.push((lname, t));
+        }
+    }
+    let mut metadata = Vec::new();
+    for (name, value) in &a.on_allow.metadata {
+        let mpath = format!("{path}.on_allow.metadata.{name}");
+        if !dynamic_metadata {
+            errs.push(&mpath, "`dynamic_metadata: false` sends no metadata");
+            continue;
+        }
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            errs.push(
+                &mpath,
+                format!("`{name}`: a metadata name is letters, digits, `_`, `-` and `.` (Envoy reads `:` as a path separator)"),
+            );
+            continue;
+        }
+        if crate::check::metadata::STANDARD_KEYS.contains(&name.as_str()) {
+            errs.push(
+                &mpath,
+                format!("`{name}` is one of the facts portcullis sends itself"),
+            );
+            continue;
+        }
+        if let Some(t) = api_template(a, value, &mpath, errs) {
+            metadata.push((name.clone(), t));
         }
     }
     let mut remove_headers = Vec::new();
@@ -524,8 +555,36 @@ fn compile_api(
         cert,
         jwt,
         set_headers,
+        metadata,
         remove_headers,
         backend_credential,
         shadow,
     })
+}
+
+/// A template of `on_allow`, checked against what the API validates.
+fn api_template(
+    a: &config::Api,
+    value: &str,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Option<Template> {
+    match Template::parse(value) {
+        Ok(t) => {
+            if t.uses_claims() && a.jwt.is_none() {
+                errs.push(path, "uses {jwt.*} but the API has no `jwt` section");
+            }
+            if t.uses_cert() && a.client_certificate.is_none() {
+                errs.push(
+                    path,
+                    "uses {cert.*} but the API has no `client_certificate` section",
+                );
+            }
+            Some(t)
+        }
+        Err(e) => {
+            errs.push(path, e);
+            None
+        }
+    }
 }

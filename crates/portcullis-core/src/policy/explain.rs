@@ -11,6 +11,19 @@ pub(super) struct Evaluation<'d> {
     pub(super) io: Io,
     /// Set when a step stopped because it would have had to wait: the evaluation has no decision.
     pub(super) would_wait: bool,
+    /// What the checks established, for the decision's `dynamic_metadata`.
+    pub(super) seen: Seen,
+}
+
+/// What passed checks established about the caller (cheap clones of what they hold).
+#[derive(Default)]
+pub(super) struct Seen {
+    /// The validated token.
+    pub(super) token: Option<crate::identity::ValidToken>,
+    /// The client certificate that matched an identity.
+    pub(super) cert: Option<std::sync::Arc<super::cert::ClientCert>>,
+    /// The product of the subscription's scope.
+    pub(super) product: Option<std::sync::Arc<str>>,
 }
 
 impl Evaluation<'_> {

@@ -22,8 +22,8 @@ use std::time::SystemTime;
 
 use futures::FutureExt;
 
-use crate::check::Io;
-use explain::Evaluation;
+use crate::check::{Io, Metadata};
+use explain::{Evaluation, Seen};
 
 pub use crate::check::{
     CheckInput, Decision, Denial, Header, Headers, Outcome, Reason, Step, StepResult,
@@ -70,6 +70,8 @@ pub struct PolicySet {
     apis: Vec<Api>,
     index: ApiIndex,
     unmatched_allow: bool,
+    /// Send the decision's facts as `dynamic_metadata`.
+    dynamic_metadata: bool,
     client_ip: ClientIpSource,
     request_rules: RequestRules,
     /// Where forward-auth reads the request it decides on.
@@ -146,6 +148,8 @@ pub(crate) struct Api {
     pub cert: Option<CertPolicy>,
     pub jwt: Option<JwtPolicy>,
     pub set_headers: Vec<(String, Template)>,
+    /// `on_allow.metadata`: extra `dynamic_metadata` entries.
+    pub metadata: Vec<(String, Template)>,
     pub remove_headers: Vec<String>,
     pub backend_credential: Option<BackendCredentialPolicy>,
     pub shadow: bool,
@@ -221,6 +225,7 @@ impl PolicySet {
             explain: opts.explain,
             io,
             would_wait: false,
+            seen: Seen::default(),
         };
         let client_ip = ip::client_ip(self.client_ip, input.peer, input.header("x-forwarded-for"));
         ev.d.facts.client_ip = client_ip;
@@ -234,7 +239,7 @@ impl PolicySet {
                 )
             });
             ev.d.outcome = Outcome::Deny(Denial::new(Reason::RequestHeadersTooLarge));
-            return Some(d);
+            return Some(self.finish(ev.seen, d));
         }
 
         // Every check below sees the canonical request, never the bytes as sent.
@@ -250,7 +255,7 @@ impl PolicySet {
                 ev.fail("request", reason, || e.to_string());
                 ev.d.outcome =
                     Outcome::Deny(Denial::new(reason).with_message(format!("Bad request: {e}.")));
-                return Some(d);
+                return Some(self.finish(ev.seen, d));
             }
         };
         // Shown only when canonicalisation changed something the caller wrote.
@@ -289,7 +294,7 @@ impl PolicySet {
                 });
                 ev.d.outcome = Outcome::Deny(Denial::new(Reason::NoMatchingApi));
             }
-            return Some(d);
+            return Some(self.finish(ev.seen, d));
         };
         let (api_index, api) = api;
         ev.d.api = Some(api.name.clone());
@@ -310,6 +315,7 @@ impl PolicySet {
                 // so a caller can never supply one (`x-user-id: admin`) on a waived deny. Only
                 // the key removal, decided before any check could fail, is already in place.
                 ev.d.upstream_headers.clear();
+                ev.d.metadata = Metadata::new();
                 ev.d.remove_headers
                     .extend(api.set_headers.iter().map(|(name, _)| name.clone()));
                 ev.d.remove_headers
@@ -322,13 +328,14 @@ impl PolicySet {
             }
             Err(denial) => {
                 ev.d.upstream_headers.clear();
+                ev.d.metadata = Metadata::new();
                 ev.d.remove_headers.clear();
                 ev.d.remove_query.clear();
                 ev.d.outcome = Outcome::Deny(denial);
-                return Some(d);
+                return Some(self.finish(ev.seen, d));
             }
         }
-        Some(d)
+        Some(self.finish(ev.seen, d))
     }
 
     async fn evaluate_api(
@@ -397,6 +404,7 @@ impl PolicySet {
                     KeyCheck::Valid(sub) => {
                         ev.pass("subscription", || format!("subscription `{}`", sub.id));
                         subscription_id = Some(sub.id.clone());
+                        ev.seen.product = sub.product.clone();
                     }
                     KeyCheck::NotNeeded => {
                         ev.pass("subscription", || "no key, none required".into())
@@ -467,6 +475,7 @@ impl PolicySet {
                         ));
                     }
                 }
+                ev.seen.cert = Some(cert.clone());
                 client_cert = Some(cert);
             }
         }
@@ -489,6 +498,7 @@ impl PolicySet {
                 Ok(Some(valid)) => {
                     ev.pass("jwt", || valid.describe());
                     ev.d.facts.subject = valid.subject().map(str::to_string);
+                    ev.seen.token = Some(valid.clone());
                     token = Some(valid);
                 }
                 Err(failure) => {
@@ -525,6 +535,14 @@ impl PolicySet {
         }
         ev.d.remove_headers
             .extend(api.remove_headers.iter().cloned());
+        if self.dynamic_metadata {
+            for (name, tpl) in &api.metadata {
+                // Missing: the entry is left out; control characters: left out by `Metadata`.
+                if let Ok(value) = tpl.render(&ctx) {
+                    ev.d.metadata.string(name, &value);
+                }
+            }
+        }
 
         // 6. Backend credential.
         match &api.backend_credential {
@@ -550,6 +568,73 @@ impl PolicySet {
             },
         }
         Ok(())
+    }
+
+    /// Adds the `dynamic_metadata` of a decision made without evaluating a request (a CheckRequest
+    /// too incomplete to read): its id and reason.
+    pub fn with_metadata(&self, d: Decision) -> Decision {
+        self.finish(Seen::default(), d)
+    }
+
+    /// Adds the standard facts to the decision's `dynamic_metadata` (documented in the README,
+    /// "Identity for the rest of Envoy"): on every answer the API and the decision id; on a deny
+    /// its reason; on an allow what the checks established. Never a token, key or secret.
+    fn finish(&self, seen: Seen, mut d: Decision) -> Decision {
+        if !self.dynamic_metadata {
+            return d;
+        }
+        let m = &mut d.metadata;
+        if let Some(api) = &d.api {
+            m.string("api", api);
+        }
+        m.string("decision_id", &d.id);
+        match &d.outcome {
+            Outcome::Deny(denial) => {
+                m.string("reason", denial.reason.as_str());
+                return d;
+            }
+            Outcome::Allow => {}
+        }
+        if let Some(reason) = d.waived {
+            m.string("shadow_reason", reason.as_str());
+        }
+        if let Some(id) = &d.facts.subscription_id {
+            m.string("subscription_id", id);
+        }
+        if let Some(product) = &seen.product {
+            m.string("product", product);
+        }
+        if let Some(token) = &seen.token {
+            let claims = token.claims();
+            let text = |name: &str| claims.get(name).and_then(serde_json::Value::as_str);
+            if let Some(sub) = text("sub") {
+                m.string("subject", sub);
+            }
+            if let Some(iss) = text("iss") {
+                m.string("issuer", iss);
+            }
+            if let Some(client) = text("client_id")
+                .or_else(|| text("azp"))
+                .or_else(|| text("appid"))
+            {
+                m.string("client_id", client);
+            }
+            let scopes = crate::identity::scope_iter(claims);
+            if scopes.clone().next().is_some() {
+                m.strings("scopes", scopes);
+            }
+        }
+        if let Some(cert) = &seen.cert {
+            let mut hex = [0u8; 40];
+            // The thumbprint's form ({cert.thumbprint}), without a String.
+            if hex::encode_to_slice(cert.sha1, &mut hex).is_ok() {
+                hex.make_ascii_uppercase();
+            }
+            if let Ok(thumbprint) = std::str::from_utf8(&hex) {
+                m.string("client_certificate_thumbprint", thumbprint);
+            }
+        }
+        d
     }
 
     /// The canonical request line without the query, `GET api.example.com/orders/1`, for the

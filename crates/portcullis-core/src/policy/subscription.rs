@@ -65,6 +65,8 @@ pub struct Subscription {
     pub state: State,
     /// Covered APIs.
     pub scope: Scope,
+    /// The product of a `product:NAME` scope.
+    pub product: Option<Arc<str>>,
 }
 
 /// Every subscription, indexed by key hash.
@@ -276,10 +278,15 @@ pub(super) fn compile_subscriptions(
             errs.push(path(), "a subscription needs a primary or a secondary key");
         }
         if let Some(scope) = scope {
+            let product = match k.scope.as_deref().and_then(|s| s.split_once(':')) {
+                Some(("product", name)) => Some(Arc::from(name)),
+                _ => None,
+            };
             let sub = Subscription {
                 id: Arc::from(k.id.as_str()),
                 state,
                 scope,
+                product,
             };
             if let Err(other) = store.insert(sub, hashes) {
                 errs.push(
@@ -307,6 +314,7 @@ mod tests {
                 id: "all".into(),
                 state: State::Active,
                 scope: Scope::All,
+                product: None,
             },
             &[hash_key("k-all"), hash_key("k-all-2")],
         )
@@ -316,6 +324,7 @@ mod tests {
                 id: "api1".into(),
                 state: State::Active,
                 scope: Scope::Apis(vec![1]),
+                product: None,
             },
             &[hash_key("k-api1")],
         )
@@ -325,6 +334,7 @@ mod tests {
                 id: "off".into(),
                 state: State::Inactive,
                 scope: Scope::All,
+                product: None,
             },
             &[hash_key("k-off")],
         )
@@ -361,6 +371,7 @@ mod tests {
                 id: "dup".into(),
                 state: State::Active,
                 scope: Scope::All,
+                product: None,
             },
             &[hash_key("k-api1")],
         );

@@ -11,6 +11,7 @@ mod support;
 
 mod config;
 mod connections;
+mod entra;
 mod forward_auth;
 mod listeners;
 mod request_line;

@@ -4,10 +4,8 @@
 
 use serde_json::{Value, json};
 
+use crate::keys;
 use crate::support::{compile, decide, request, verdict};
-
-#[path = "../jwt_common/mod.rs"]
-mod keys;
 
 const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 const OTHER_TID: &str = "f8cdef31-a31e-4b4a-93e4-5f571e91255a";

@@ -189,6 +189,9 @@ fn validate(path: &Path) -> ExitCode {
         Ok((policy, settings)) => {
             println!("{}: valid", path.display());
             println!("  {}", policy.summary);
+            for note in &policy.summary.notes {
+                println!("  {note}");
+            }
             println!(
                 "  gRPC listener {}{}",
                 settings.grpc,

@@ -220,3 +220,41 @@ fn serve_refuses_a_broken_config_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("apis[0].bogus"));
 }
+
+#[test]
+fn validate_refuses_entra_presets_that_name_no_single_tenant_or_no_rule() {
+    let tid = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    let stderr = validate_refuses(&format!(
+        r#"
+identity_providers:
+  - name: multi
+    entra: {{ tenant_id: common, audiences: [api://orders] }}
+  - name: no-rule
+    entra: {{ tenant_id: {tid} }}
+  - name: with-issuer
+    issuer: https://sts.windows.net/{tid}/
+    entra: {{ tenant_id: {tid}, client_application_ids: [not-a-guid] }}
+  - name: domain-with-keys
+    jwks_file: /nonexistent/jwks.json
+    entra: {{ tenant_id: contoso.onmicrosoft.com, audiences: [api://orders] }}
+  - name: plain
+    discovery_url: https://idp.example/.well-known/openid-configuration
+apis:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    jwt: {{ providers: [multi, no-rule, with-issuer, domain-with-keys] }}
+"#
+    ));
+    for needle in [
+        "identity_providers[0].entra.tenant_id: `common` is not one tenant",
+        "identity_providers[1].entra: give client_application_ids, or audiences or backend_application_ids",
+        "identity_providers[2].issuer: the `entra` preset sets the issuers",
+        "identity_providers[2].entra.client_application_ids[0]: `not-a-guid` is not an application (client) id",
+        "identity_providers[3].entra.tenant_id: `contoso.onmicrosoft.com` is a domain name",
+        "identity_providers[4].issuer: must not be empty",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle} in:\n{stderr}");
+    }
+    // A broken provider's errors are its own: the API that names it gets none of its own.
+    assert!(!stderr.contains("apis[0]"), "{stderr}");
+}

@@ -3,9 +3,6 @@
 //! providers, subjects with separators, escapes, unicode or great length, tokens without `sub` or
 //! `iss`; and stores written before per-user ids were namespaced (upgraded, or refused at start).
 
-#[path = "../jwt_common/mod.rs"]
-mod keys;
-
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +10,8 @@ use axum::Router;
 use portcullis::config;
 use portcullis::credentials::{ConnectionRecord, ConnectionUser, Registry, Store};
 use portcullis::policy::{self, PolicySet, Runtime};
+
+use crate::keys;
 
 const CORP: &str = "https://idp.test/corp";
 const PARTNER: &str = "https://idp.test/partner";

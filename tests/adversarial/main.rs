@@ -5,12 +5,16 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+/// Test keys and token minting, shared by the modules that sign tokens.
+#[path = "../jwt_common/mod.rs"]
+mod keys;
 #[path = "../redis_common/mod.rs"]
 mod redis_common;
 mod support;
 
 mod config;
 mod connections;
+mod entra;
 mod forward_auth;
 mod listeners;
 mod metadata;

@@ -135,7 +135,11 @@ pub struct Limits {
 #[serde(deny_unknown_fields)]
 pub struct IdentityProvider {
     pub name: String,
+    /// Required unless a preset (`entra`) sets it.
+    #[serde(default)]
     pub issuer: String,
+    /// Microsoft Entra ID preset (APIM's `validate-azure-ad-token`).
+    pub entra: Option<Entra>,
     /// Discovery document URL; default `{issuer}/.well-known/openid-configuration`.
     pub discovery_url: Option<String>,
     pub jwks_uri: Option<String>,
@@ -373,4 +377,25 @@ pub struct BackendCredential {
     pub format: Option<String>,
     /// Per-user connection, e.g. `{jwt.sub}`; default: the credential's shared connection.
     pub connection: Option<String>,
+}
+
+/// `identity_providers[].entra`: APIM's `validate-azure-ad-token` as a provider preset.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entra {
+    /// The tenant's GUID or one of its domain names.
+    pub tenant_id: String,
+    /// Default `https://login.microsoftonline.com` (sovereign clouds have their own).
+    pub authentication_endpoint: Option<String>,
+    /// Matched against `azp` (v2.0 tokens) or `appid` (v1.0 tokens).
+    #[serde(default)]
+    pub client_application_ids: Vec<String>,
+    /// Matched against `aud` (also in the `api://{id}` form).
+    #[serde(default)]
+    pub backend_application_ids: Vec<String>,
+    /// Matched against `aud` as written.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub required_claims: Vec<RequiredClaim>,
 }

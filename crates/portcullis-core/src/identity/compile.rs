@@ -29,6 +29,8 @@ pub fn compile_providers(
         by_name: HashMap::new(),
         broken: HashSet::new(),
         shared: registry.shared.clone(),
+        entra: HashMap::new(),
+        notes: Vec::new(),
     };
     let mut live = registry.providers.lock().unwrap_or_else(|p| p.into_inner());
     live.retain(|_, p| p.strong_count() > 0);
@@ -43,7 +45,12 @@ pub fn compile_providers(
                 format!("`{}` names two identity providers", cfg.name),
             );
         }
-        let Some((spec, digest)) = provider_spec(src, cfg, &path, errs) else {
+        let rules = cfg
+            .entra
+            .as_ref()
+            .map(|e| super::entra::compile_rules(e, &format!("{path}.entra"), errs));
+        let spec = provider_spec(src, cfg, &path, errs);
+        let (Some((spec, digest)), None | Some(Some(_))) = (spec, &rules) else {
             set.broken.insert(cfg.name.clone());
             continue;
         };
@@ -66,6 +73,15 @@ pub fn compile_providers(
                 p
             }
         };
+        if let (Some(rules), Some(tenant)) = (rules.flatten(), &provider.entra) {
+            set.notes.push(format!(
+                "identity provider `{}`: Microsoft Entra ID {}; {}",
+                cfg.name,
+                tenant.describe(),
+                rules.describe()
+            ));
+            set.entra.insert(cfg.name.clone(), rules);
+        }
         set.by_name.insert(cfg.name.clone(), provider);
     }
     set
@@ -127,9 +143,22 @@ fn provider_spec(
     errs: &mut ConfigErrors,
 ) -> Option<(ProviderSpec, [u8; 32])> {
     let before = errs.0.len();
-    if cfg.issuer.trim().is_empty() {
-        errs.push(format!("{path}.issuer"), "must not be empty");
-    }
+    let entra = cfg
+        .entra
+        .as_ref()
+        .map(|e| super::entra::expand(cfg, e, path, errs));
+    let issuer = match &entra {
+        Some(expanded) => expanded
+            .as_ref()
+            .map(|x| x.issuer.clone())
+            .unwrap_or_default(),
+        None => {
+            if cfg.issuer.trim().is_empty() {
+                errs.push(format!("{path}.issuer"), "must not be empty");
+            }
+            cfg.issuer.clone()
+        }
+    };
     let settings = FetchSettings {
         cache_ttl: duration(
             cfg.cache_ttl.as_deref(),
@@ -225,6 +254,10 @@ fn provider_spec(
     } else {
         let url = match &cfg.discovery_url {
             Some(u) => http_url(u, format!("{path}.discovery_url"), errs),
+            None if entra.is_some() => entra
+                .as_ref()
+                .and_then(|e| e.as_ref())
+                .and_then(|e| Url::parse(&e.discovery_url).ok()),
             None => {
                 let derived = format!(
                     "{}/.well-known/openid-configuration",
@@ -296,7 +329,8 @@ fn provider_spec(
     let mut h = Sha256::new();
     for part in [
         cfg.name.as_str(),
-        cfg.issuer.as_str(),
+        if entra.is_some() { "entra" } else { "" },
+        issuer.as_str(),
         &format!("{source:?}"),
         &identity_extra,
         &format!("{settings:?}"),
@@ -309,7 +343,8 @@ fn provider_spec(
     Some((
         ProviderSpec {
             name: cfg.name.clone(),
-            issuer: cfg.issuer.clone(),
+            issuer,
+            entra: entra.flatten().map(|e| e.tenant),
             source,
             initial_keys,
             algorithms,
@@ -353,6 +388,7 @@ pub fn compile_jwt(
 ) -> Option<JwtPolicy> {
     let before = errs.0.len();
     let mut chosen: Vec<Arc<Provider>> = Vec::new();
+    let mut entra = Vec::new();
     if cfg.providers.is_empty() {
         errs.push(
             format!("{path}.providers"),
@@ -365,7 +401,12 @@ pub fn compile_jwt(
                 format!("{path}.providers[{j}]"),
                 format!("`{name}` is listed twice"),
             ),
-            Some(p) => chosen.push(p.clone()),
+            Some(p) => {
+                if let Some(rules) = providers.entra.get(name) {
+                    entra.push((p.id, rules.clone()));
+                }
+                chosen.push(p.clone());
+            }
             // A provider with errors of its own is not in the set; its errors are reported already.
             None if providers.broken.contains(name) => {}
             None => errs.push(
@@ -495,33 +536,7 @@ pub fn compile_jwt(
         })
     });
 
-    let mut claims = Vec::new();
-    for (j, c) in cfg.required_claims.iter().enumerate() {
-        let cpath = format!("{path}.required_claims[{j}]");
-        if c.name.is_empty() {
-            errs.push(format!("{cpath}.name"), "must not be empty");
-        }
-        let any = match c.match_.as_deref() {
-            None | Some("all") => false,
-            Some("any") => true,
-            Some(o) => {
-                errs.push(
-                    format!("{cpath}.match"),
-                    format!("`{o}`: use `all` or `any`"),
-                );
-                false
-            }
-        };
-        if c.separator.as_deref() == Some("") {
-            errs.push(format!("{cpath}.separator"), "must not be empty");
-        }
-        claims.push(ClaimRule {
-            name: c.name.clone(),
-            values: c.values.clone(),
-            any,
-            separator: c.separator.clone(),
-        });
-    }
+    let claims = claim_rules(&cfg.required_claims, path, errs);
 
     let clock_skew = match &cfg.clock_skew {
         None => Duration::ZERO,
@@ -564,7 +579,44 @@ pub fn compile_jwt(
         failed_status,
         failed_message: cfg.failed_message.clone(),
         shared: providers.shared.clone(),
+        entra,
     })
+}
+
+/// `required_claims` (of an API's `jwt`, or of a preset), every error with its path.
+pub(super) fn claim_rules(
+    list: &[config::RequiredClaim],
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Vec<ClaimRule> {
+    let mut claims = Vec::new();
+    for (j, c) in list.iter().enumerate() {
+        let cpath = format!("{path}.required_claims[{j}]");
+        if c.name.is_empty() {
+            errs.push(format!("{cpath}.name"), "must not be empty");
+        }
+        let any = match c.match_.as_deref() {
+            None | Some("all") => false,
+            Some("any") => true,
+            Some(o) => {
+                errs.push(
+                    format!("{cpath}.match"),
+                    format!("`{o}`: use `all` or `any`"),
+                );
+                false
+            }
+        };
+        if c.separator.as_deref() == Some("") {
+            errs.push(format!("{cpath}.separator"), "must not be empty");
+        }
+        claims.push(ClaimRule {
+            name: c.name.clone(),
+            values: c.values.clone(),
+            any,
+            separator: c.separator.clone(),
+        });
+    }
+    claims
 }
 
 fn is_token_char(b: u8) -> bool {

@@ -12,6 +12,7 @@
 
 mod cache;
 mod compile;
+pub mod entra;
 mod extract;
 pub mod jose;
 pub mod jwk;
@@ -71,6 +72,17 @@ pub struct ProviderSet {
     /// Names of providers with configuration errors (already reported).
     broken: std::collections::HashSet<String>,
     shared: Arc<Shared>,
+    /// Rules of the providers with a preset (`entra`), by name.
+    entra: HashMap<String, Arc<entra::Rules>>,
+    /// What presets expanded to, for `portcullis validate`.
+    notes: Vec<String>,
+}
+
+impl ProviderSet {
+    /// What the providers' presets expanded to, one line each.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
 }
 
 /// Where an API reads its token.
@@ -118,6 +130,17 @@ pub struct JwtPolicy {
     failed_status: u16,
     failed_message: Option<String>,
     shared: Arc<Shared>,
+    /// Preset rules (Entra ID) of providers, by provider id.
+    entra: Vec<(u64, Arc<entra::Rules>)>,
+}
+
+impl JwtPolicy {
+    fn entra_rules(&self, provider_id: u64) -> Option<&entra::Rules> {
+        self.entra
+            .iter()
+            .find(|(id, _)| *id == provider_id)
+            .map(|(_, r)| &**r)
+    }
 }
 
 /// A token that passed every rule of an API. Cheap to clone.

@@ -171,6 +171,8 @@ pub struct Provider {
     pub issuer: String,
     /// Algorithms this provider's tokens may use.
     pub algorithms: Vec<Algorithm>,
+    /// The Entra ID preset's tenant: its issuers replace `issuer`.
+    pub entra: Option<super::entra::Tenant>,
     source: KeySource,
     settings: FetchSettings,
     mode: FetchMode,
@@ -209,6 +211,8 @@ pub struct ProviderSpec {
     pub name: String,
     /// Issuer.
     pub issuer: String,
+    /// The Entra ID preset's tenant.
+    pub entra: Option<super::entra::Tenant>,
     /// Key source.
     pub source: KeySource,
     /// Keys known at compile time (inline keys, or the file's current contents).
@@ -242,6 +246,7 @@ impl Provider {
             name: Arc::from(spec.name.as_str()),
             issuer: spec.issuer,
             algorithms: spec.algorithms,
+            entra: spec.entra,
             source: spec.source,
             settings: spec.settings,
             mode,
@@ -269,6 +274,23 @@ impl Provider {
     /// The current keys; `None` when none were ever obtained.
     pub fn keys(&self) -> Option<Arc<KeySet>> {
         self.keys.load_full()
+    }
+
+    /// Whether `iss` is this provider's issuer (an Entra tenant has two).
+    pub fn accepts_issuer(&self, iss: &str) -> bool {
+        match &self.entra {
+            Some(tenant) => tenant.issuer_form(iss).is_some(),
+            None => iss == self.issuer,
+        }
+    }
+
+    /// Whether a discovery document's `issuer` is the one asked for. An Entra tenant named by
+    /// domain learns its GUID from it.
+    fn discovery_issuer_ok(&self, found: &str) -> bool {
+        match &self.entra {
+            Some(tenant) => tenant.accept_discovery_issuer(found),
+            None => found == self.issuer,
+        }
     }
 
     /// Whether tokens of this algorithm may come from this provider.
@@ -411,7 +433,7 @@ impl Provider {
             .and_then(|v| v.as_str())
             .ok_or_else(|| bad("no `issuer`".into()))?;
         // OpenID Connect Discovery 1.0, section 4.3: the issuer must be identical to the one asked for.
-        if issuer != self.issuer {
+        if !self.discovery_issuer_ok(issuer) {
             return Err(FetchError::IssuerMismatch {
                 url: url.to_string(),
                 expected: self.issuer.clone(),

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::cache::Verified;
 use super::provider::Provider;
-use super::{JwtPolicy, Refusal};
+use super::{ClaimRule, JwtPolicy, Refusal};
 use crate::check::{Denial, Failure, Reason};
 
 impl JwtPolicy {
@@ -57,6 +57,10 @@ impl JwtPolicy {
         claims: &Map<String, Value>,
         provider: &Provider,
     ) -> Result<(), Refusal> {
+        // A preset's rules (Entra ID) first: they hold whichever API the provider serves.
+        if let (Some(tenant), Some(rules)) = (&provider.entra, self.entra_rules(provider.id)) {
+            rules.check(claims, tenant, &provider.name)?;
+        }
         if let Some(audiences) = &self.audiences {
             let matches = |s: &str| audiences.iter().any(|a| a == s);
             let ok = match claims.get("aud") {
@@ -81,7 +85,7 @@ impl JwtPolicy {
             (Some(list), Some(iss)) => list.iter().any(|i| i == iss),
             // By default a token must come from the issuer of the provider that verified it, so one
             // provider's key cannot vouch for another issuer's tokens.
-            (None, Some(iss)) => iss == provider.issuer,
+            (None, Some(iss)) => provider.accepts_issuer(iss),
         };
         if !issuer_ok {
             return Err((
@@ -108,56 +112,7 @@ impl JwtPolicy {
                 ));
             }
         }
-        self.check_claims(claims)
-    }
-
-    pub(super) fn check_claims(&self, claims: &Map<String, Value>) -> Result<(), Refusal> {
-        let values: Vec<Option<Vec<String>>> = self
-            .claims
-            .iter()
-            .map(|r| claim_values(claims, &r.name, r.separator.as_deref()))
-            .collect();
-        let missing: Vec<&str> = self
-            .claims
-            .iter()
-            .zip(&values)
-            .filter(|(_, v)| v.is_none())
-            .map(|(r, _)| r.name.as_str())
-            .collect();
-        if !missing.is_empty() {
-            return Err((
-                Reason::TokenClaimNotFound,
-                format!(
-                    "JWT token is missing the following claims: {}. Access denied.",
-                    missing.join(", ")
-                ),
-            ));
-        }
-        for (rule, have) in self.claims.iter().zip(values.iter().flatten()) {
-            if rule.values.is_empty() {
-                continue;
-            }
-            let ok = if rule.any {
-                rule.values.iter().any(|v| have.contains(v))
-            } else {
-                rule.values.iter().all(|v| have.contains(v))
-            };
-            if !ok {
-                let shown: String = have
-                    .join(rule.separator.as_deref().unwrap_or(","))
-                    .chars()
-                    .take(200)
-                    .collect();
-                return Err((
-                    Reason::TokenClaimValueNotAllowed,
-                    format!(
-                        "Claim {} value of {} is not allowed. Access denied.",
-                        rule.name, shown
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        check_claim_rules(&self.claims, claims)
     }
 
     /// Shapes a refusal: `failed_status`/`failed_message` for the 401 class, RFC 6750 challenges.
@@ -205,6 +160,57 @@ impl JwtPolicy {
         }
         Failure { denial, detail }
     }
+}
+
+/// `required_claims`: every rule's claim present, with its values.
+pub(super) fn check_claim_rules(
+    rules: &[ClaimRule],
+    claims: &Map<String, Value>,
+) -> Result<(), Refusal> {
+    let values: Vec<Option<Vec<String>>> = rules
+        .iter()
+        .map(|r| claim_values(claims, &r.name, r.separator.as_deref()))
+        .collect();
+    let missing: Vec<&str> = rules
+        .iter()
+        .zip(&values)
+        .filter(|(_, v)| v.is_none())
+        .map(|(r, _)| r.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err((
+            Reason::TokenClaimNotFound,
+            format!(
+                "JWT token is missing the following claims: {}. Access denied.",
+                missing.join(", ")
+            ),
+        ));
+    }
+    for (rule, have) in rules.iter().zip(values.iter().flatten()) {
+        if rule.values.is_empty() {
+            continue;
+        }
+        let ok = if rule.any {
+            rule.values.iter().any(|v| have.contains(v))
+        } else {
+            rule.values.iter().all(|v| have.contains(v))
+        };
+        if !ok {
+            let shown: String = have
+                .join(rule.separator.as_deref().unwrap_or(","))
+                .chars()
+                .take(200)
+                .collect();
+            return Err((
+                Reason::TokenClaimValueNotAllowed,
+                format!(
+                    "Claim {} value of {} is not allowed. Access denied.",
+                    rule.name, shown
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `exp`/`nbf`: absent, or a JSON number of seconds since the epoch.

@@ -255,6 +255,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         keys,
         credentials: f.credentials.len(),
         products: f.products.len(),
+        notes: providers.notes().to_vec(),
     };
     let index = ApiIndex::build(apis.iter().map(|a: &Api| a.matcher.path_prefix.as_deref()));
     let policy = PolicySet {

@@ -119,6 +119,8 @@ pub struct Summary {
     pub credentials: usize,
     /// Products.
     pub products: usize,
+    /// What presets expanded to (an Entra ID provider's issuers and rules), one line each.
+    pub notes: Vec<String>,
 }
 
 impl std::fmt::Display for Summary {

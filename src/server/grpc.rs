@@ -83,12 +83,22 @@ impl Authorization for AuthorizationService {
 /// Decides on a CheckRequest with `policy`, without admission control or telemetry: the whole
 /// wire-to-wire path for fuzzing and for embedding portcullis in another server.
 pub async fn decide(policy: &crate::policy::PolicySet, req: &CheckRequest) -> CheckResponse {
+    decide_at(policy, req, std::time::SystemTime::now()).await
+}
+
+/// [`decide`] at a given time: every check that compares against a clock (token and certificate
+/// lifetimes, cached chains) uses `now`.
+pub async fn decide_at(
+    policy: &crate::policy::PolicySet,
+    req: &CheckRequest,
+    now: std::time::SystemTime,
+) -> CheckResponse {
+    let opts = EvalOptions {
+        now,
+        explain: false,
+    };
     let decision = match input_parts(req) {
-        Ok(parts) => {
-            policy
-                .decide(&parts.input(req), EvalOptions::default())
-                .await
-        }
+        Ok(parts) => policy.decide(&parts.input(req), opts).await,
         Err(detail) => policy.with_metadata(invalid_request(detail)),
     };
     to_check_response(decision)

@@ -194,6 +194,12 @@ pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Runni
     });
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(summary = %state.policy().summary, config = %config_path.display(), duration_ms, "configuration loaded");
+    for note in &state.policy().summary.notes {
+        match note.strip_prefix("warning: ") {
+            Some(w) => tracing::warn!(config = %config_path.display(), "{w}"),
+            None => tracing::info!(config = %config_path.display(), "{note}"),
+        }
+    }
 
     let grpc_listener =
         TcpListener::bind(settings.grpc)

@@ -34,6 +34,12 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
             state.telemetry.config_reload(true, started.elapsed());
             // `load_ms` of `duration_ms` went to reading the file; the rest to compiling and the swap.
             tracing::info!(summary = %summary, duration_ms, load_ms, "configuration reloaded");
+            for note in &summary.notes {
+                match note.strip_prefix("warning: ") {
+                    Some(w) => tracing::warn!("{w}"),
+                    None => tracing::info!("{note}"),
+                }
+            }
         }
         Ok(None) => {}
         Err(errs) => {

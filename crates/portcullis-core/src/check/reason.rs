@@ -75,6 +75,10 @@ reasons! {
     ClientCertificateIdentityNotMatched = ("ClientCertificateIdentityNotMatched", PERMISSION_DENIED, 403, "Certificate does not match any of allowed identities."),
     /// The certificate's not-after lies in the past.
     ClientCertificateExpired = ("ClientCertificateExpired", PERMISSION_DENIED, 403, "Client certificate has expired."),
+    /// No chain from the certificate to a configured CA verifies (`client_certificate.trust`).
+    ClientCertificateNotTrusted = ("ClientCertificateNotTrusted", PERMISSION_DENIED, 403, "Client certificate is not trusted."),
+    /// A certificate of the chain is revoked by a configured CRL.
+    ClientCertificateRevoked = ("ClientCertificateRevoked", PERMISSION_DENIED, 403, "Client certificate has been revoked."),
     /// The certificate's not-before lies in the future.
     ClientCertificateNotYetValid = ("ClientCertificateNotYetValid", PERMISSION_DENIED, 403, "Client certificate is not yet valid."),
     /// No token where the API expects one.

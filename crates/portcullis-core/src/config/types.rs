@@ -293,6 +293,23 @@ pub struct ClientCertificate {
     pub validate_not_after: Option<bool>,
     /// Also read the certificate from `x-forwarded-client-cert` (only behind a proxy that sets it).
     pub trust_forwarded_client_cert: Option<bool>,
+    /// The chain must verify to one of these CAs (APIM's `validate-trust`).
+    pub trust: Option<CertTrust>,
+}
+
+/// `apis[].client_certificate.trust`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertTrust {
+    pub ca_files: Vec<String>,
+    #[serde(default)]
+    pub intermediate_files: Vec<String>,
+    #[serde(default)]
+    pub crl_files: Vec<String>,
+    /// Default: true when `crl_files` are given (APIM's `validate-revocation`).
+    pub validate_revocation: Option<bool>,
+    /// `deny` (default) or `allow`: no CRL of an issuer, or a CRL past its next update.
+    pub unknown_revocation: Option<String>,
 }
 
 /// One identity: passes when every field given matches.
@@ -305,6 +322,9 @@ pub struct CertificateIdentity {
     pub common_name: Option<String>,
     pub serial_number: Option<String>,
     pub dns_name: Option<String>,
+    pub issuer_thumbprint: Option<String>,
+    pub uri: Option<String>,
+    pub uri_prefix: Option<String>,
 }
 
 /// `apis[].jwt`.

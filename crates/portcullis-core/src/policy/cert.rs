@@ -26,6 +26,11 @@ pub struct ClientCert {
     pub serial: String,
     /// DNS subject alternative names, lower-case.
     pub dns_names: Vec<String>,
+    /// URI subject alternative names that are well-formed SPIFFE IDs or other absolute URIs
+    /// without dot segments, as written (SPIFFE IDs are compared byte for byte).
+    pub uris: Vec<String>,
+    /// The certificate itself (for chain verification).
+    pub der: Vec<u8>,
     /// Validity, seconds since the epoch.
     pub not_before: i64,
     /// Validity, seconds since the epoch.
@@ -79,10 +84,13 @@ pub fn from_der(der: &[u8]) -> Result<ClientCert, CertError> {
     }
     let tbs = &cert.tbs_certificate;
     let mut dns_names = Vec::new();
+    let mut uris = Vec::new();
     if let Ok(Some(san)) = tbs.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let GeneralName::DNSName(d) = name {
-                dns_names.push(d.to_ascii_lowercase());
+            match name {
+                GeneralName::DNSName(d) => dns_names.push(d.to_ascii_lowercase()),
+                GeneralName::URI(u) if plain_uri(u) => uris.push((*u).to_string()),
+                _ => {}
             }
         }
     }
@@ -100,9 +108,34 @@ pub fn from_der(der: &[u8]) -> Result<ClientCert, CertError> {
         common_names,
         serial: normalize_serial(&tbs.raw_serial_as_string()).unwrap_or_default(),
         dns_names,
+        uris,
+        der: der.to_vec(),
         not_before: tbs.validity.not_before.timestamp(),
         not_after: tbs.validity.not_after.timestamp(),
     })
+}
+
+/// Whether a URI SAN can be matched as written: an absolute URI of visible ASCII with no
+/// percent-encoding, query, fragment, dot segment or empty segment (the SPIFFE ID rules, applied to
+/// every URI), so `spiffe://td/ns/a/../admin` or `spiffe://td/ns/a%2F..` never passes for a prefix.
+pub fn plain_uri(u: &str) -> bool {
+    let Some((scheme, rest)) = u.split_once("://") else {
+        return false;
+    };
+    let Some((authority, path)) = rest.split_once('/').or(Some((rest, ""))) else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+' || b == b'-')
+        && !authority.is_empty()
+        && u.bytes().all(|b| b.is_ascii_graphic())
+        && !u.contains(['%', '?', '#', '\\'])
+        && (path.is_empty()
+            || path
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != ".."))
 }
 
 /// A distinguished name as a sorted list of `(TYPE, lower-case value)`. Compared as a set: `CN=a,O=b`
@@ -249,6 +282,12 @@ pub struct Identity {
     pub serial_number: Option<String>,
     /// Lower-case DNS SAN.
     pub dns_name: Option<String>,
+    /// SHA-1 (20 bytes) or SHA-256 (32 bytes) of the issuing certificate (needs `trust`).
+    pub issuer_thumbprint: Option<Vec<u8>>,
+    /// A URI SAN, exactly (a SPIFFE ID: `spiffe://td/ns/x/sa/y`).
+    pub uri: Option<String>,
+    /// A URI SAN starting with this, which ends with `/` (`spiffe://td/ns/x/`).
+    pub uri_prefix: Option<String>,
 }
 
 impl Identity {
@@ -264,11 +303,20 @@ impl Identity {
         }
     }
 
-    /// Whether the certificate has every field this identity names.
-    pub fn matches(&self, c: &ClientCert) -> bool {
-        self.thumbprint
-            .as_deref()
-            .is_none_or(|t| t == c.sha1.as_slice() || t == c.sha256.as_slice())
+    /// Whether the certificate has every field this identity names; `issuer` is what chain
+    /// verification established (none without `trust`: then an issuer thumbprint never matches).
+    pub fn matches(&self, c: &ClientCert, issuer: Option<&trust::Verified>) -> bool {
+        self.issuer_thumbprint.as_deref().is_none_or(|t| {
+            issuer.is_some_and(|i| t == i.issuer_sha1.as_slice() || t == i.issuer_sha256.as_slice())
+        }) && self.uri.as_ref().is_none_or(|u| c.uris.contains(u))
+            && self
+                .uri_prefix
+                .as_ref()
+                .is_none_or(|p| c.uris.iter().any(|u| u.starts_with(p.as_str())))
+            && self
+                .thumbprint
+                .as_deref()
+                .is_none_or(|t| t == c.sha1.as_slice() || t == c.sha256.as_slice())
             && self.subject.as_ref().is_none_or(|s| *s == c.subject)
             && self.issuer_subject.as_ref().is_none_or(|s| *s == c.issuer)
             && self
@@ -294,10 +342,12 @@ pub struct CertPolicy {
     pub validate_not_after: bool,
     /// Read `x-forwarded-client-cert` when Envoy sent no peer certificate.
     pub trust_xfcc: bool,
+    /// `trust`: the chain must verify to one of these CAs.
+    pub trust: Option<Arc<trust::Trust>>,
 }
 
 /// The failure of the certificate step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertFailure {
     /// No identity matches.
     NotMatched,
@@ -305,22 +355,48 @@ pub enum CertFailure {
     Expired,
     /// Before not-before.
     NotYetValid,
+    /// No chain to a configured CA verifies.
+    NotTrusted(String),
+    /// A certificate of the chain is revoked.
+    Revoked,
 }
 
 impl CertPolicy {
-    /// Checks a parsed certificate at `now`.
-    pub fn check(&self, cert: &ClientCert, now: SystemTime) -> Result<(), CertFailure> {
-        let now = now
+    /// Checks a parsed certificate, with the intermediates the request sent (`chain`, URL-encoded
+    /// PEM), at `now`.
+    pub fn check(
+        &self,
+        cert: &ClientCert,
+        chain: Option<&str>,
+        now: SystemTime,
+    ) -> Result<(), CertFailure> {
+        let secs = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        if self.validate_not_after && now > cert.not_after {
+        if self.validate_not_after && secs > cert.not_after {
             return Err(CertFailure::Expired);
         }
-        if self.validate_not_before && now < cert.not_before {
+        if self.validate_not_before && secs < cert.not_before {
             return Err(CertFailure::NotYetValid);
         }
-        if self.identities.is_empty() || self.identities.iter().any(|i| i.matches(cert)) {
+        let verified = match &self.trust {
+            None => None,
+            Some(t) => Some(t.verify(&cert.der, &cert.sha256, chain, now).map_err(
+                |f| match f {
+                    trust::TrustFailure::NotTrusted(why) => CertFailure::NotTrusted(why),
+                    trust::TrustFailure::Revoked => CertFailure::Revoked,
+                    trust::TrustFailure::Expired => CertFailure::Expired,
+                    trust::TrustFailure::NotYetValid => CertFailure::NotYetValid,
+                },
+            )?),
+        };
+        if self.identities.is_empty()
+            || self
+                .identities
+                .iter()
+                .any(|i| i.matches(cert, verified.as_deref()))
+        {
             Ok(())
         } else {
             Err(CertFailure::NotMatched)
@@ -328,8 +404,13 @@ impl CertPolicy {
     }
 }
 
+pub mod trust;
+
 #[cfg(test)]
 mod tests;
+
+/// The request's certificate, and the chain XFCC forwarded with it.
+type Presented<'i> = (Arc<ClientCert>, Option<std::borrow::Cow<'i, str>>);
 
 /// Reading the request's certificate (peer or `x-forwarded-client-cert`), parsed once per distinct
 /// certificate through the policy set's cache.
@@ -348,19 +429,24 @@ impl super::PolicySet {
         Ok(parsed)
     }
 
-    pub(super) fn read_certificate(
+    /// The request's certificate and, from XFCC, the chain the proxy forwarded with it
+    /// (`Chain=`, URL-encoded PEM).
+    pub(super) fn read_certificate<'i>(
         &self,
         policy: &CertPolicy,
-        input: &CheckInput<'_>,
-    ) -> Result<Arc<ClientCert>, (Reason, String)> {
+        input: &'i CheckInput<'_>,
+    ) -> Result<Presented<'i>, (Reason, String)> {
         let max = self.limits.max_certificate_bytes;
         if !input.peer_certificate.is_empty() {
-            return self.parse_certificate(input.peer_certificate).map_err(|e| {
-                (
-                    Reason::ClientCertificateInvalid,
-                    format!("peer certificate: {e}"),
-                )
-            });
+            return self
+                .parse_certificate(input.peer_certificate)
+                .map(|c| (c, None))
+                .map_err(|e| {
+                    (
+                        Reason::ClientCertificateInvalid,
+                        format!("peer certificate: {e}"),
+                    )
+                });
         }
         if let Some(xfcc) = input
             .header("x-forwarded-client-cert")
@@ -374,14 +460,24 @@ impl super::PolicySet {
             }
             // The whole header must parse (see xfcc.rs: a lenient reader lets a caller's unbalanced
             // quote swallow the proxy's comma); only then is the nearest proxy's element read.
-            return match super::xfcc::parse(xfcc).map(|h| h.nearest.cert) {
-                Ok(Some(encoded)) => self.parse_certificate(&encoded).map_err(|e| {
-                    (
-                        Reason::ClientCertificateInvalid,
-                        format!("x-forwarded-client-cert: {e}"),
-                    )
-                }),
-                Ok(None) => Err((
+            return match super::xfcc::parse(xfcc).map(|h| (h.nearest.cert, h.nearest.chain)) {
+                Ok((Some(encoded), chain)) => {
+                    if chain.as_ref().is_some_and(|c| c.len() > max * 4) {
+                        return Err((
+                            Reason::ClientCertificateInvalid,
+                            "x-forwarded-client-cert: the chain is too large".into(),
+                        ));
+                    }
+                    self.parse_certificate(&encoded)
+                        .map(|c| (c, chain))
+                        .map_err(|e| {
+                            (
+                                Reason::ClientCertificateInvalid,
+                                format!("x-forwarded-client-cert: {e}"),
+                            )
+                        })
+                }
+                Ok((None, _)) => Err((
                     Reason::ClientCertificateMissing,
                     "x-forwarded-client-cert carries no Cert".into(),
                 )),

@@ -9,7 +9,7 @@ use crate::credentials;
 use crate::identity;
 
 use super::canonical::{self, EscapedSlashes, ForwardAuthSource, RequestRules};
-use super::cert::{CertPolicy, Dn, Identity, normalize_serial};
+use super::cert::{self, CertPolicy, Dn, Identity, normalize_serial};
 use super::ip::{self, ClientIpSource, IpSet};
 use super::matcher::{ApiIndex, HostPattern, Matcher};
 use super::subscription;
@@ -221,6 +221,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
     let credentials = credentials::compile_credentials(src, &runtime.credentials, &mut errs);
 
     let shared = ApiShared {
+        src,
         request_rules,
         open_apis: &open_apis,
         providers: &providers,
@@ -255,7 +256,20 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         keys,
         credentials: f.credentials.len(),
         products: f.products.len(),
-        notes: providers.notes().to_vec(),
+        notes: providers
+            .notes()
+            .iter()
+            .cloned()
+            .chain(f.apis.iter().enumerate().filter_map(|(i, a)| {
+                let c = a.client_certificate.as_ref()?;
+                (c.trust_forwarded_client_cert == Some(true) && c.trust.is_none()).then(|| {
+                    format!(
+                        "warning: apis[{i}].client_certificate trusts x-forwarded-client-cert without `trust`: \
+                         a certificate anyone can make with the right names passes; add `trust: {{ca_files: [...]}}`"
+                    )
+                })
+            }))
+            .collect(),
     };
     let index = ApiIndex::build(apis.iter().map(|a: &Api| a.matcher.path_prefix.as_deref()));
     let policy = PolicySet {
@@ -285,6 +299,7 @@ pub(super) fn is_token_char(b: u8) -> bool {
 
 /// What every API of one file is compiled against.
 struct ApiShared<'a> {
+    src: &'a Source,
     request_rules: RequestRules,
     open_apis: &'a HashSet<usize>,
     providers: &'a identity::ProviderSet,
@@ -300,6 +315,7 @@ fn compile_api(
     errs: &mut ConfigErrors,
 ) -> Option<Api> {
     let ApiShared {
+        src,
         request_rules,
         open_apis,
         providers,
@@ -429,22 +445,61 @@ fn compile_api(
             }
             identity.common_name = id.common_name.as_ref().map(|s| s.to_lowercase());
             identity.dns_name = id.dns_name.as_ref().map(|s| s.to_ascii_lowercase());
+            if let Some(t) = &id.issuer_thumbprint {
+                match Identity::parse_thumbprint(t) {
+                    Ok(t) if c.trust.is_some() => identity.issuer_thumbprint = Some(t),
+                    Ok(_) => errs.push(
+                        format!("{ipath}.issuer_thumbprint"),
+                        "needs `client_certificate.trust`: without a verified chain, anyone can name any issuer",
+                    ),
+                    Err(e) => errs.push(format!("{ipath}.issuer_thumbprint"), e),
+                }
+            }
+            if let Some(u) = &id.uri {
+                if cert::plain_uri(u) {
+                    identity.uri = Some(u.clone());
+                } else {
+                    errs.push(
+                        format!("{ipath}.uri"),
+                        format!("`{u}` is not an absolute URI without percent-encoding, query, fragment, dot or empty segments"),
+                    );
+                }
+            }
+            if let Some(p) = &id.uri_prefix {
+                let base = p.strip_suffix('/').unwrap_or_default();
+                if !p.ends_with('/') || !cert::plain_uri(base) {
+                    errs.push(
+                        format!("{ipath}.uri_prefix"),
+                        format!("`{p}` must be a URI ending with `/` (e.g. `spiffe://example.org/ns/payments/`), so `.../ns/a` never matches `.../ns/ab`"),
+                    );
+                } else {
+                    identity.uri_prefix = Some(p.clone());
+                }
+            }
             if id.thumbprint.is_none()
                 && id.subject.is_none()
                 && id.issuer_subject.is_none()
                 && id.common_name.is_none()
                 && id.serial_number.is_none()
                 && id.dns_name.is_none()
+                && id.issuer_thumbprint.is_none()
+                && id.uri.is_none()
+                && id.uri_prefix.is_none()
             {
                 errs.push(&ipath, "an identity needs at least one field");
             }
             identities.push(identity);
         }
+        let trust = c
+            .trust
+            .as_ref()
+            .and_then(|t| compile_trust(src, t, &format!("{path}.client_certificate.trust"), errs));
         CertPolicy {
             identities,
             validate_not_before: c.validate_not_before.unwrap_or(true),
             validate_not_after: c.validate_not_after.unwrap_or(true),
             trust_xfcc: c.trust_forwarded_client_cert.unwrap_or(false),
+            trust,
         }
     });
 
@@ -561,6 +616,78 @@ fn compile_api(
         backend_credential,
         shadow,
     })
+}
+
+/// Reads `client_certificate.trust`: the CA, intermediate and CRL files, each error at its path.
+fn compile_trust(
+    src: &Source,
+    t: &config::CertTrust,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Option<Arc<cert::trust::Trust>> {
+    let before = errs.0.len();
+    let mut read = |field: &str, files: &[String]| {
+        let mut out = Vec::new();
+        for (j, f) in files.iter().enumerate() {
+            let fpath = format!("{path}.{field}[{j}]");
+            let resolved = src.resolve(f);
+            match config::limits::read_bytes_at_most(&resolved, cert::trust::MAX_FILE_BYTES) {
+                Ok(Some(bytes)) => out.push((fpath, bytes)),
+                Ok(None) => errs.push(
+                    fpath,
+                    format!(
+                        "{} is larger than {} bytes",
+                        resolved.display(),
+                        cert::trust::MAX_FILE_BYTES
+                    ),
+                ),
+                Err(e) => errs.push(fpath, format!("cannot read {}: {e}", resolved.display())),
+            }
+        }
+        out
+    };
+    let ca = read("ca_files", &t.ca_files);
+    let intermediates = read("intermediate_files", &t.intermediate_files);
+    let crls = read("crl_files", &t.crl_files);
+    if t.ca_files.is_empty() {
+        errs.push(format!("{path}.ca_files"), "list at least one CA file");
+    }
+    let revocation = t.validate_revocation.unwrap_or(!t.crl_files.is_empty());
+    if revocation && t.crl_files.is_empty() {
+        errs.push(
+            format!("{path}.validate_revocation"),
+            "needs `crl_files`: with no CRL every status is unknown",
+        );
+    }
+    let unknown_revocation_allows = match t.unknown_revocation.as_deref() {
+        None | Some("deny") => false,
+        Some("allow") => true,
+        Some(other) => {
+            errs.push(
+                format!("{path}.unknown_revocation"),
+                format!("`{other}`: use `deny` or `allow`"),
+            );
+            false
+        }
+    };
+    if errs.0.len() > before {
+        return None;
+    }
+    match cert::trust::Trust::compile(cert::trust::TrustFiles {
+        ca,
+        intermediates,
+        crls,
+        revocation,
+        unknown_revocation_allows,
+    }) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(list) => {
+            for (p, e) in list {
+                errs.push(p, e);
+            }
+            None
+        }
+    }
 }
 
 /// A template of `on_allow`, checked against what the API validates.

@@ -446,15 +446,39 @@ impl PolicySet {
         match &api.cert {
             None => ev.skip("client_certificate"),
             Some(policy) => {
-                let cert = self
-                    .read_certificate(policy, input)
-                    .map_err(|(reason, detail)| {
-                        ev.deny("client_certificate", reason, move || detail)
-                    })?;
-                match policy.check(&cert, opts.now) {
+                let (cert, chain) =
+                    self.read_certificate(policy, input)
+                        .map_err(|(reason, detail)| {
+                            ev.deny("client_certificate", reason, move || detail)
+                        })?;
+                match policy.check(&cert, chain.as_deref(), opts.now) {
                     Ok(()) => ev.pass("client_certificate", || {
-                        format!("thumbprint {}", cert.thumbprint())
+                        format!(
+                            "thumbprint {}{}",
+                            cert.thumbprint(),
+                            match &policy.trust {
+                                Some(t) if t.checks_revocation() => {
+                                    ", chain trusted, not revoked"
+                                }
+                                Some(_) => ", chain trusted",
+                                None => "",
+                            }
+                        )
                     }),
+                    Err(CertFailure::NotTrusted(why)) => {
+                        return Err(ev.deny(
+                            "client_certificate",
+                            Reason::ClientCertificateNotTrusted,
+                            move || why,
+                        ));
+                    }
+                    Err(CertFailure::Revoked) => {
+                        return Err(ev.deny(
+                            "client_certificate",
+                            Reason::ClientCertificateRevoked,
+                            || "a certificate of the chain is revoked".into(),
+                        ));
+                    }
                     Err(CertFailure::NotMatched) => {
                         return Err(ev.deny(
                             "client_certificate",

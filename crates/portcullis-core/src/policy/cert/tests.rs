@@ -59,45 +59,50 @@ fn identities_need_every_given_field() {
         thumbprint: Some(Identity::parse_thumbprint(&sha1_hex.to_uppercase()).unwrap()),
         ..Default::default()
     };
-    assert!(by_thumb.matches(&cert));
+    assert!(by_thumb.matches(&cert, None));
     let by_sha256 = Identity {
         thumbprint: Some(cert.sha256.to_vec()),
         ..Default::default()
     };
-    assert!(by_sha256.matches(&cert));
+    assert!(by_sha256.matches(&cert, None));
     let both_ok = Identity {
         subject: Some(Dn::parse("CN=partner,O=Contoso").unwrap()),
         dns_name: Some("p.example.com".into()),
         ..Default::default()
     };
-    assert!(both_ok.matches(&cert));
+    assert!(both_ok.matches(&cert, None));
     let one_wrong = Identity {
         subject: Some(Dn::parse("CN=partner,O=Contoso").unwrap()),
         dns_name: Some("other.example.com".into()),
         ..Default::default()
     };
-    assert!(!one_wrong.matches(&cert));
+    assert!(!one_wrong.matches(&cert, None));
     let issuer = Identity {
         issuer_subject: Some(Dn::parse("CN=partner, O=Contoso").unwrap()),
         serial_number: normalize_serial("00:01:AB:CD"),
         ..Default::default()
     };
-    assert!(issuer.matches(&cert), "self-signed: issuer = subject");
+    assert!(issuer.matches(&cert, None), "self-signed: issuer = subject");
 
     let policy = CertPolicy {
         identities: vec![one_wrong.clone(), both_ok],
         validate_not_before: true,
         validate_not_after: true,
         trust_xfcc: false,
+        trust: None,
     };
-    assert_eq!(policy.check(&cert, now()), Ok(()));
+    assert_eq!(policy.check(&cert, None, now()), Ok(()));
     let policy = CertPolicy {
         identities: vec![one_wrong],
         validate_not_before: true,
         validate_not_after: true,
         trust_xfcc: false,
+        trust: None,
     };
-    assert_eq!(policy.check(&cert, now()), Err(CertFailure::NotMatched));
+    assert_eq!(
+        policy.check(&cert, None, now()),
+        Err(CertFailure::NotMatched)
+    );
 }
 
 #[test]
@@ -109,16 +114,17 @@ fn validity_window() {
         validate_not_before: true,
         validate_not_after: true,
         trust_xfcc: false,
+        trust: None,
     };
-    assert_eq!(p.check(&expired, now()), Err(CertFailure::Expired));
-    assert_eq!(p.check(&future, now()), Err(CertFailure::NotYetValid));
+    assert_eq!(p.check(&expired, None, now()), Err(CertFailure::Expired));
+    assert_eq!(p.check(&future, None, now()), Err(CertFailure::NotYetValid));
     let lax = CertPolicy {
         validate_not_before: false,
         validate_not_after: false,
         ..p
     };
-    assert_eq!(lax.check(&expired, now()), Ok(()));
-    assert_eq!(lax.check(&future, now()), Ok(()));
+    assert_eq!(lax.check(&expired, None, now()), Ok(()));
+    assert_eq!(lax.check(&future, None, now()), Ok(()));
 }
 
 #[test]

@@ -5,6 +5,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../introspection_common/mod.rs"]
+mod fake;
 #[path = "../redis_common/mod.rs"]
 mod redis_common;
 mod support;
@@ -12,6 +14,7 @@ mod support;
 mod config;
 mod connections;
 mod forward_auth;
+mod introspection;
 mod listeners;
 mod request_line;
 mod shadow;

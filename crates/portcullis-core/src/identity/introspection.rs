@@ -317,7 +317,11 @@ impl Introspector {
             spec,
             name,
             issuer,
-            http: if mode == FetchMode::Offline { None } else { http },
+            http: if mode == FetchMode::Offline {
+                None
+            } else {
+                http
+            },
             fetch_timeout,
             discovered: tokio::sync::OnceCell::new(),
             totals,
@@ -440,7 +444,10 @@ impl Introspector {
 }
 
 /// Sends `req` and reads at most [`MAX_RESPONSE_BYTES`] of a 2xx answer.
-async fn read_capped(req: reqwest::RequestBuilder, url: &Url) -> Result<Vec<u8>, IntrospectionError> {
+async fn read_capped(
+    req: reqwest::RequestBuilder,
+    url: &Url,
+) -> Result<Vec<u8>, IntrospectionError> {
     let transport = |e: reqwest::Error| IntrospectionError::Transport {
         url: url.to_string(),
         message: if e.is_timeout() {
@@ -663,7 +670,10 @@ impl JwtPolicy {
                 None => {
                     let ask = async {
                         let Some(_permit) = self.shared.try_fetch_permit() else {
-                            intro.totals.introspection_errors.fetch_add(1, Ordering::Relaxed);
+                            intro
+                                .totals
+                                .introspection_errors
+                                .fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(provider = %p.name, result = "error", "token introspection refused: limits.max_concurrent_fetches requests in flight");
                             return Arc::new(Answer::Failed(IntrospectionError::Busy));
                         };

@@ -249,7 +249,11 @@ impl JwtPolicy {
         let introspecting: Vec<&Arc<Provider>> = self
             .providers
             .iter()
-            .filter(|p| p.introspection.as_ref().is_some_and(|i| i.spec.accepts(jws)))
+            .filter(|p| {
+                p.introspection
+                    .as_ref()
+                    .is_some_and(|i| i.spec.accepts(jws))
+            })
             .collect();
         let verifies = |p: &&Arc<Provider>| {
             p.introspection

@@ -9,6 +9,9 @@
 //!    verify the signature;
 //! 4. lifetime (`exp`, `nbf`, `clock_skew`, `require_expiration_time`) against the check's clock;
 //! 5. audiences, 6. issuer, 7. scopes, 8. required claims: on every use, cached or not.
+//!
+//! Opaque tokens (not JWS compact), and every token of a provider with `tokens: all`, take the
+//! introspection path instead of steps 3 and 4's signature: see [`introspection`].
 
 mod cache;
 mod compile;

@@ -1,9 +1,13 @@
 //! Decision time for an API with JWT validation (RS256, 2048-bit key, inline JWK):
 //! - `cold`: a token this process has not verified yet (parse + signature verification);
-//! - `warm`: the same token again (verified-token cache hit; lifetime and claims rules still run).
+//! - `warm`: the same token again (verified-token cache hit; lifetime and claims rules still run);
+//! - `introspection_cache_hit`: an opaque token whose introspection answer is cached (the same rules
+//!   on the answer's members), to compare with `warm`.
 //!
 //! `cargo bench --bench jwt`
 
+#[path = "../tests/introspection_common/mod.rs"]
+mod fake;
 #[path = "../tests/jwt_common/mod.rs"]
 mod keys;
 
@@ -38,6 +42,35 @@ apis:
     policy::compile(&src, &Runtime::offline())
         .expect("compile")
         .0
+}
+
+/// The same API rules on an opaque token introspected at `fake`.
+fn introspection_policy(fake: &fake::FakeIntrospection) -> (PolicySet, Runtime) {
+    let yaml = format!(
+        r#"
+identity_providers:
+  - name: corp
+    issuer: "{iss}"
+    introspection: {{ url: "{iss}/introspect", client_id: {id}, client_secret: "${{env:SECRET}}" }}
+apis:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    jwt:
+      providers: [corp]
+      audiences: [api://orders]
+      scopes: {{ all: [orders.read] }}
+      required_claims: [{{ name: roles, values: [admin], match: any }}]
+    on_allow:
+      set_headers: {{ x-user: "{{jwt.sub}}" }}
+"#,
+        iss = fake.issuer,
+        id = fake::CLIENT_ID,
+    );
+    let lookup = |_: &str| Some(fake::CLIENT_SECRET.to_string());
+    let src = config::parse_with_env(&yaml, Path::new("."), &lookup).expect("config");
+    let runtime = Runtime::on_demand();
+    let policy = policy::compile(&src, &runtime).expect("compile").0;
+    (policy, runtime)
 }
 
 fn bench(c: &mut Criterion) {
@@ -91,6 +124,37 @@ fn bench(c: &mut Criterion) {
             d
         })
     });
+
+    // The endpoint answers once (on its own runtime); every timed check is a cache hit.
+    let io = tokio::runtime::Runtime::new().expect("runtime");
+    let fake = io.block_on(fake::FakeIntrospection::start());
+    fake.activate(
+        "opaque-bench-token",
+        serde_json::json!({"sub": "alice", "aud": "api://orders", "scope": "orders.read", "roles": ["admin"],
+            "exp": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_secs() + 3600}),
+    );
+    let (introspected, _runtime) = introspection_policy(&fake);
+    let mut opaque = HashMap::new();
+    opaque.insert(
+        "authorization".to_string(),
+        b"Bearer opaque-bench-token".to_vec().into(),
+    );
+    let opaque_input = CheckInput {
+        headers: &opaque,
+        ..input
+    };
+    assert!(
+        io.block_on(introspected.decide(&opaque_input, opts()))
+            .is_allow()
+    );
+    g.bench_function("introspection_cache_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let d = introspected.decide(&opaque_input, opts()).await;
+            assert!(d.is_allow());
+            d
+        })
+    });
+    assert_eq!(fake.requests(), 1, "every timed check was a cache hit");
     g.finish();
 }
 

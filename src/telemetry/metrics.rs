@@ -244,6 +244,42 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
             }
         })
         .build();
+    let introspection = runtime.clone();
+    let _ = meter
+        .u64_observable_counter("portcullis.introspection.requests")
+        .with_description(
+            "Token introspection requests by identity provider and result (active, inactive, error).",
+        )
+        .with_callback(move |o| {
+            for (provider, active, inactive, error) in
+                introspection.identity.introspection_requests()
+            {
+                for (result, n) in [("active", active), ("inactive", inactive), ("error", error)] {
+                    if n == 0 {
+                        continue;
+                    }
+                    o.observe(
+                        n,
+                        &[
+                            KeyValue::new("provider", provider.clone()),
+                            KeyValue::new("result", result),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    let introspection_hits = runtime.clone();
+    let _ = meter
+        .u64_observable_counter("portcullis.introspection.cache_hits")
+        .with_description("Token introspection answers reused from the introspection cache.")
+        .with_callback(move |o| {
+            o.observe(
+                introspection_hits.identity.stats().introspection_cache_hits,
+                &[],
+            );
+        })
+        .build();
     let store = runtime.clone();
     let _ = meter
         .u64_observable_counter("portcullis.store.operations")

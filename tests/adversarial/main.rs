@@ -8,6 +8,8 @@ mod common;
 /// Test keys and token minting, shared by the modules that sign tokens.
 #[path = "../jwt_common/mod.rs"]
 mod keys;
+#[path = "../introspection_common/mod.rs"]
+mod fake;
 #[path = "../redis_common/mod.rs"]
 mod redis_common;
 mod support;
@@ -16,6 +18,7 @@ mod config;
 mod connections;
 mod entra;
 mod forward_auth;
+mod introspection;
 mod listeners;
 mod metadata;
 mod request_line;

@@ -212,6 +212,29 @@ class Idp:
         return self._token({"grant_type": "client_credentials", "resource": resource, "scope": scope},
                            client_id, secret, auth)
 
+    def _client_post(self, path: str, form: dict, client_id: str, secret: str) -> tuple[int, object]:
+        cred = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(secret, safe='')}"
+        headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json",
+                   "authorization": "Basic " + base64.b64encode(cred.encode()).decode()}
+        status, _h, text = self.request("POST", self.url(path), data=urllib.parse.urlencode(form).encode(),
+                                        headers=headers)
+        parsed = _parse_body(text)
+        return status, (parsed if parsed is not None else text)
+
+    def introspect(self, client_id: str, secret: str, token: str) -> dict:
+        """RFC 7662 introspection at /token/introspection (client_secret_basic)."""
+        status, body = self._client_post("/token/introspection", {"token": token}, client_id, secret)
+        if status != 200 or not isinstance(body, dict):
+            raise IdpError(f"introspection -> {status}: {body}", status)
+        return body
+
+    def revoke(self, client_id: str, secret: str, token: str) -> None:
+        """RFC 7009 revocation at /token/revocation (client_secret_basic; the token's own client)."""
+        status, body = self._client_post("/token/revocation", {"token": token, "token_type_hint": "access_token"},
+                                         client_id, secret)
+        if status != 200:
+            raise IdpError(f"revocation -> {status}: {body}", status)
+
     def refresh(self, client_id: str, secret: str, refresh_token: str, resource: str | None = None,
                 scope: str | None = None, auth: str = "basic") -> dict:
         """refresh_token grant (the answer carries a new, rotated refresh_token)."""
@@ -331,7 +354,7 @@ class Idp:
         return self._json("POST", "/__test/stats/reset")
 
     def fail(self, endpoint: str, mode: str, delay_ms: int = 0, times: int | None = None) -> dict:
-        """Inject a fault into ``endpoint`` ('token' | 'jwks' | 'discovery').
+        """Inject a fault into ``endpoint`` ('token' | 'jwks' | 'discovery' | 'introspection').
 
         ``mode``: '500' (or any 3-digit status), 'slow' (delay then answer normally), 'garbage'
         (200 with a non-JSON body), 'reset' (close the connection), 'none' (clear).

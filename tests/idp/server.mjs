@@ -117,7 +117,11 @@ function normalizeConfig(cfg) {
       scopes,
       audience: typeof r === 'string' ? undefined : r.audience,
       access_token_ttl: positiveInt(typeof r === 'string' ? undefined : r.access_token_ttl, `resources[${id}].access_token_ttl`),
+      format: typeof r === 'string' || r.format === undefined ? 'jwt' : r.format,
     });
+    if (!['jwt', 'opaque'].includes(resources.get(id).format)) {
+      throw new Error(`resources[${id}].format must be "jwt" or "opaque"`);
+    }
   }
 
   const clients = new Map();
@@ -205,7 +209,7 @@ function newStats() {
 }
 let stats = newStats();
 const faults = new Map(); // endpoint -> { mode, delay_ms, remaining }
-const FAULT_ENDPOINTS = new Set(['token', 'jwks', 'discovery']);
+const FAULT_ENDPOINTS = new Set(['token', 'jwks', 'discovery', 'introspection']);
 
 // ---------------------------------------------------------------------------
 // provider
@@ -310,8 +314,8 @@ function resourceServerInfo(resourceIndicator) {
     scope: r.scopes.join(' '),
     audience: r.audience,
     accessTokenTTL: r.access_token_ttl,
-    accessTokenFormat: 'jwt',
-    jwt: { sign: { alg: 'RS256' } },
+    accessTokenFormat: r.format,
+    ...(r.format === 'jwt' ? { jwt: { sign: { alg: 'RS256' } } } : {}),
   };
 }
 

@@ -97,6 +97,8 @@ reasons! {
     TokenAudienceNotAllowed = ("TokenAudienceNotAllowed", UNAUTHENTICATED, 401, "Invalid JWT."),
     /// The issuer is not allowed.
     TokenIssuerNotAllowed = ("TokenIssuerNotAllowed", UNAUTHENTICATED, 401, "Invalid JWT."),
+    /// Token introspection (RFC 7662) answered `active: false`: revoked, expired or unknown.
+    TokenNotActive = ("TokenNotActive", UNAUTHENTICATED, 401, "Token is not active."),
     /// A required claim is absent.
     TokenClaimNotFound = ("TokenClaimNotFound", PERMISSION_DENIED, 403, "JWT token is missing a required claim. Access denied."),
     /// A required claim has no allowed value.

@@ -149,6 +149,8 @@ pub struct IdentityProvider {
     pub min_refetch_interval: Option<String>,
     pub fetch_timeout: Option<String>,
     pub algorithms: Option<Vec<String>>,
+    /// RFC 7662 token introspection for opaque tokens.
+    pub introspection: Option<Introspection>,
 }
 
 /// `subscriptions`: subscription keys and where callers send them.
@@ -418,4 +420,23 @@ pub struct Entra {
     pub audiences: Vec<String>,
     #[serde(default)]
     pub required_claims: Vec<RequiredClaim>,
+}
+
+/// `identity_providers[].introspection`: RFC 7662 token introspection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    /// The introspection endpoint; default: the discovery document's `introspection_endpoint`.
+    pub url: Option<String>,
+    pub client_id: String,
+    /// Only from `${env:...}` or `${file:...}`.
+    pub client_secret: Secret,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    pub client_auth: Option<String>,
+    /// `opaque` (default: tokens that are not JWS compact) or `all`.
+    pub tokens: Option<String>,
+    /// Longest time an active answer is reused (default 5m; never past the token's `exp`).
+    pub cache_ttl: Option<String>,
+    /// How long an inactive answer is reused (default 10s).
+    pub negative_cache_ttl: Option<String>,
 }

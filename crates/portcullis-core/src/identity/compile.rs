@@ -32,6 +32,11 @@ pub fn compile_providers(
         entra: HashMap::new(),
         notes: Vec::new(),
     };
+    if let Some(n) = src.file.limits.max_concurrent_fetches.filter(|n| *n > 0) {
+        // Introspection requests share `limits.max_concurrent_fetches` with token endpoint requests
+        // (0 is reported by the credentials' compile).
+        registry.shared.set_max_fetches(n);
+    }
     let mut live = registry.providers.lock().unwrap_or_else(|p| p.into_inner());
     live.retain(|_, p| p.strong_count() > 0);
     for (i, cfg) in src.file.identity_providers.iter().enumerate() {
@@ -87,7 +92,7 @@ pub fn compile_providers(
     set
 }
 
-fn duration(
+pub(super) fn duration(
     value: Option<&str>,
     default: Duration,
     path: String,
@@ -104,7 +109,7 @@ fn duration(
     }
 }
 
-fn http_url(s: &str, path: String, errs: &mut ConfigErrors) -> Option<Url> {
+pub(super) fn http_url(s: &str, path: String, errs: &mut ConfigErrors) -> Option<Url> {
     match Url::parse(s) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
             if u.scheme() == "http" && !is_loopback(&u) {
@@ -202,6 +207,9 @@ fn provider_spec(
         );
     }
 
+    let introspection = cfg.introspection.as_ref().and_then(|i| {
+        super::introspection::compile_spec(src, i, cfg, &format!("{path}.introspection"), errs)
+    });
     let mut initial_keys = None;
     let mut identity_extra = String::new();
     let source = if let Some(keys) = &cfg.keys {
@@ -251,6 +259,11 @@ fn provider_spec(
         http_url(u, format!("{path}.jwks_uri"), errs)
             .map(KeySource::JwksUri)
             .unwrap_or(KeySource::Inline)
+    } else if cfg.introspection.is_some() && cfg.discovery_url.is_none() && !discovers_keys(cfg) {
+        // Introspection only: no signing keys (every token is introspected, or the issuer has no
+        // discovery document to find keys in); a JWS-shaped token meets an empty key set.
+        initial_keys = Some(KeySet { keys: Vec::new() });
+        KeySource::Inline
     } else {
         let url = match &cfg.discovery_url {
             Some(u) => http_url(u, format!("{path}.discovery_url"), errs),
@@ -325,6 +338,11 @@ fn provider_spec(
     if errs.0.len() > before {
         return None;
     }
+    if let Some(i) = &introspection {
+        // The secret identifies the provider too; only the digest keeps it.
+        identity_extra.push_str(&format!("{i:?}"));
+        identity_extra.push_str(i.client_secret.expose());
+    }
 
     let mut h = Sha256::new();
     for part in [
@@ -349,9 +367,22 @@ fn provider_spec(
             initial_keys,
             algorithms,
             settings,
+            introspection,
         },
         digest,
     ))
+}
+
+/// Whether a provider with `introspection` and no key source of its own still verifies JWTs with
+/// keys discovered from its issuer: with `tokens: opaque` and an http(s) issuer, yes.
+fn discovers_keys(cfg: &config::IdentityProvider) -> bool {
+    let opaque = cfg
+        .introspection
+        .as_ref()
+        .is_some_and(|i| matches!(i.tokens.as_deref(), None | Some("opaque")));
+    opaque
+        && Url::parse(&cfg.issuer)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 /// One inline key. `{kid, k}` is an HMAC secret and `{n, e}` an RSA key without writing `kty`.

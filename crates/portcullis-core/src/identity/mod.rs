@@ -9,11 +9,15 @@
 //!    verify the signature;
 //! 4. lifetime (`exp`, `nbf`, `clock_skew`, `require_expiration_time`) against the check's clock;
 //! 5. audiences, 6. issuer, 7. scopes, 8. required claims: on every use, cached or not.
+//!
+//! Opaque tokens (not JWS compact), and every token of a provider with `tokens: all`, take the
+//! introspection path instead of steps 3 and 4's signature: see [`introspection`].
 
 mod cache;
 mod compile;
 pub mod entra;
 mod extract;
+pub mod introspection;
 pub mod jose;
 pub mod jwk;
 pub mod provider;
@@ -151,7 +155,8 @@ struct TokenInner {
     raw: String,
     claims: Arc<Map<String, Value>>,
     provider: Arc<str>,
-    alg: Algorithm,
+    /// `None`: introspected.
+    alg: Option<Algorithm>,
     from_cache: bool,
 }
 
@@ -188,10 +193,18 @@ impl ValidToken {
 
     /// A one-line description for explanations (never the token).
     pub fn describe(&self) -> String {
+        let Some(alg) = self.0.alg else {
+            return format!(
+                "token of `{}`, introspected by provider `{}`{}",
+                printable(self.subject().unwrap_or("?")),
+                self.0.provider,
+                if self.0.from_cache { " (cached)" } else { "" }
+            );
+        };
         format!(
             "token of `{}`, {} signature by provider `{}`{}",
             printable(self.subject().unwrap_or("?")),
-            self.0.alg,
+            alg,
             self.0.provider,
             if self.0.from_cache {
                 " (verified earlier, cached)"
@@ -256,6 +269,29 @@ impl JwtPolicy {
             ));
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes());
+        // Opaque tokens (and every token, for `tokens: all`) go to the providers that introspect.
+        // A JWS-shaped token is verified by its signature whenever the API has a provider that is
+        // not `tokens: all`.
+        let jws = introspection::is_jws_compact(&token);
+        let introspecting: Vec<&Arc<Provider>> = self
+            .providers
+            .iter()
+            .filter(|p| {
+                p.introspection
+                    .as_ref()
+                    .is_some_and(|i| i.spec.accepts(jws))
+            })
+            .collect();
+        let verifies = |p: &&Arc<Provider>| {
+            p.introspection
+                .as_ref()
+                .is_none_or(|i| i.spec.tokens != introspection::Tokens::All)
+        };
+        if !introspecting.is_empty() && (!jws || !self.providers.iter().any(|p| verifies(&p))) {
+            return self
+                .introspected(&token, &hash, &introspecting, now, io)
+                .await;
+        }
         let (verified, provider, from_cache) = match self.cached(&hash) {
             Some((v, p)) => {
                 self.shared.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -268,7 +304,7 @@ impl JwtPolicy {
                 (Arc::new(v), p, false)
             }
         };
-        self.check_lifetime(&verified, now)?;
+        self.check_lifetime(verified.exp, verified.nbf, self.require_exp, now)?;
         if !from_cache {
             self.shared.cache.insert(hash, verified.clone());
         }
@@ -277,7 +313,7 @@ impl JwtPolicy {
             raw: token.into_owned(),
             claims: verified.claims.clone(),
             provider: provider.name.clone(),
-            alg: verified.alg,
+            alg: Some(verified.alg),
             from_cache,
         }))))
     }

@@ -152,6 +152,12 @@ pub struct FetchStats {
     pub ok: AtomicU64,
     /// Failed fetches.
     pub failed: AtomicU64,
+    /// Introspection requests answered `active: true` (`portcullis.introspection.requests`).
+    pub introspection_active: AtomicU64,
+    /// Introspection requests answered `active: false`.
+    pub introspection_inactive: AtomicU64,
+    /// Introspection requests without a usable answer.
+    pub introspection_errors: AtomicU64,
 }
 
 struct RefetchState {
@@ -185,6 +191,8 @@ pub struct Provider {
     attempts: AtomicU64,
     /// Fetch counts of this provider.
     pub stats: FetchStats,
+    /// RFC 7662 introspection of opaque tokens, when configured.
+    pub introspection: Option<super::introspection::Introspector>,
     /// Fetch counts of every provider of this name the registry has held, for metrics: they
     /// survive a settings change, which replaces the provider.
     totals: Arc<FetchStats>,
@@ -221,6 +229,8 @@ pub struct ProviderSpec {
     pub algorithms: Vec<Algorithm>,
     /// Timing.
     pub settings: FetchSettings,
+    /// `introspection`.
+    pub introspection: Option<super::introspection::IntrospectionSpec>,
 }
 
 impl Provider {
@@ -241,6 +251,17 @@ impl Provider {
             (None, None)
         };
         let first_fetch_now = !matches!(spec.source, KeySource::File(_));
+        let introspection = spec.introspection.map(|i| {
+            super::introspection::Introspector::new(
+                i,
+                Arc::from(spec.name.as_str()),
+                spec.issuer.clone(),
+                mode,
+                http.clone(),
+                spec.settings.fetch_timeout,
+                totals.clone(),
+            )
+        });
         let provider = Arc::new(Provider {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: Arc::from(spec.name.as_str()),
@@ -258,6 +279,7 @@ impl Provider {
             }),
             attempts: AtomicU64::new(0),
             stats: FetchStats::default(),
+            introspection,
             totals,
             _stop: stop_tx,
         });

@@ -9,6 +9,10 @@ use std::time::Duration;
 use super::cache::{self, TokenCache};
 use super::provider::{self, FetchMode, Provider};
 
+/// Default of `limits.max_concurrent_fetches` (the credentials' default: identity does not use
+/// that module).
+const DEFAULT_MAX_FETCHES: usize = 64;
+
 /// Identity providers and the verified-token cache; lives across reloads, so a reload that leaves a
 /// provider's settings alone keeps its keys (no fetch) and its verified tokens.
 pub struct Registry {
@@ -28,6 +32,34 @@ pub(crate) struct Shared {
     pub(super) cache: TokenCache,
     pub(super) signature_checks: AtomicU64,
     pub(super) cache_hits: AtomicU64,
+    /// Introspection answers by (provider, token hash).
+    pub(super) introspection: super::introspection::IntrospectionCache,
+    pub(super) introspection_hits: AtomicU64,
+    /// Introspection requests in flight, capped by `limits.max_concurrent_fetches` (the same cap as
+    /// token endpoint requests, on a semaphore of its own), with the cap it was made for.
+    pub(super) fetches: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
+}
+
+impl Shared {
+    /// A permit for one introspection request, or `None` when the cap is reached (the check fails
+    /// closed at once rather than queueing behind a slow endpoint).
+    pub(super) fn try_fetch_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone();
+        sem.try_acquire_owned().ok()
+    }
+
+    /// Applies `limits.max_concurrent_fetches`; requests holding a permit of the old cap finish.
+    pub(super) fn set_max_fetches(&self, max: usize) {
+        let mut f = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 != max {
+            *f = (max, Arc::new(tokio::sync::Semaphore::new(max)));
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -54,6 +86,8 @@ pub struct RegistryStats {
     pub signature_verifications: u64,
     /// Checks answered from the verified-token cache.
     pub cache_hits: u64,
+    /// Introspection answers reused from the introspection cache.
+    pub introspection_cache_hits: u64,
 }
 
 /// The state of one live provider (`portcullis.jwks.fetches` and readiness).
@@ -92,6 +126,14 @@ impl Registry {
                 cache: TokenCache::new(cache::MAX_BYTES),
                 signature_checks: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
+                introspection: super::introspection::IntrospectionCache::new(
+                    super::introspection::CACHE_MAX_BYTES,
+                ),
+                introspection_hits: AtomicU64::new(0),
+                fetches: Mutex::new((
+                    DEFAULT_MAX_FETCHES,
+                    Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_FETCHES)),
+                )),
             }),
             http: OnceLock::new(),
         }
@@ -102,7 +144,25 @@ impl Registry {
         RegistryStats {
             signature_verifications: self.shared.signature_checks.load(Ordering::Relaxed),
             cache_hits: self.shared.cache_hits.load(Ordering::Relaxed),
+            introspection_cache_hits: self.shared.introspection_hits.load(Ordering::Relaxed),
         }
+    }
+
+    /// `portcullis.introspection.requests`: (provider name, active, inactive, error) of every
+    /// provider name this registry has held, counted across settings changes.
+    pub fn introspection_requests(&self) -> Vec<(String, u64, u64, u64)> {
+        let totals = self.fetch_totals.lock().unwrap_or_else(|p| p.into_inner());
+        totals
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    s.introspection_active.load(Ordering::Relaxed),
+                    s.introspection_inactive.load(Ordering::Relaxed),
+                    s.introspection_errors.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// `portcullis.jwks.fetches`: (provider name, successful fetches, failed fetches) of every

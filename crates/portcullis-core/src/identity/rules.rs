@@ -6,19 +6,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
-use super::cache::Verified;
 use super::provider::Provider;
 use super::{ClaimRule, JwtPolicy, Refusal};
 use crate::check::{Denial, Failure, Reason};
 
 impl JwtPolicy {
-    pub(super) fn check_lifetime(&self, v: &Verified, now: SystemTime) -> Result<(), Refusal> {
+    /// `exp`/`nbf` against `now` with the API's skew; `require_exp` is the JWT rule
+    /// (`require_expiration_time`), off for introspected tokens.
+    pub(super) fn check_lifetime(
+        &self,
+        exp: Option<f64>,
+        nbf: Option<f64>,
+        require_exp: bool,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
         let now_s = now
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let skew = self.clock_skew.as_secs_f64();
-        match v.exp {
-            None if self.require_exp => {
+        match exp {
+            None if require_exp => {
                 return Err((
                     Reason::JwtInvalid,
                     "the token has no `exp` and require_expiration_time is on".into(),
@@ -37,7 +44,7 @@ impl JwtPolicy {
             }
             _ => {}
         }
-        if let Some(nbf) = v.nbf
+        if let Some(nbf) = nbf
             && nbf > now_s + skew
         {
             return Err((
@@ -127,7 +134,8 @@ impl JwtPolicy {
             | Reason::TokenExpired
             | Reason::TokenNotYetValid
             | Reason::TokenAudienceNotAllowed
-            | Reason::TokenIssuerNotAllowed => {
+            | Reason::TokenIssuerNotAllowed
+            | Reason::TokenNotActive => {
                 denial.status = self.failed_status;
                 if let Some(m) = &self.failed_message {
                     denial.message = m.clone();

@@ -446,19 +446,9 @@ fn trust_settings_are_checked_with_their_paths() {
         ),
     ];
     for (i, (section, path, why)) in cases.iter().enumerate() {
-        let file = dir.path().join(format!("c{i}.yaml"));
-        std::fs::write(
-            &file,
-            format!("apis:\n  - name: a\n    match: {{ path_prefix: / }}\n    {section}\n"),
-        )
-        .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["validate", "--config"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        let stderr = common::validate_refuses(&format!(
+            "apis:\n  - name: a\n    match: {{ path_prefix: / }}\n    {section}\n"
+        ));
         assert!(
             stderr.contains(&format!("{path}: ")) && stderr.contains(why),
             "case {i}: expected `{path}` ({why}) in:\n{stderr}"

@@ -1,6 +1,10 @@
 //! The command line as users run it.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
+
+use common::validate_refuses;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,19 +32,6 @@ fn validate_the_bundled_example() {
 }
 
 /// `portcullis validate` on `yaml`: exit 2, and what it printed on stderr.
-fn validate_refuses(yaml: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("bad.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    let out = Command::new(BIN)
-        .args(["validate", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    String::from_utf8(out.stderr).unwrap()
-}
-
 #[test]
 fn validate_reports_every_error_with_its_path_and_exits_2() {
     let stderr = validate_refuses(

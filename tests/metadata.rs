@@ -50,6 +50,20 @@ fn token(key: &keys::TestKey, sub: &str, scope: &str) -> String {
     key.token(c)
 }
 
+/// `GET /orders/1` with this `authorization` value and the subscription key.
+async fn ask(
+    client: &mut portcullis::proto::auth::authorization_client::AuthorizationClient<
+        tonic::transport::Channel,
+    >,
+    authorization: &str,
+) -> CheckResponse {
+    let req = get("/orders/1")
+        .header("authorization", authorization)
+        .header("ocp-apim-subscription-key", "demo-key-123")
+        .request();
+    client.check(req).await.unwrap().into_inner()
+}
+
 fn decision_id(r: &CheckResponse) -> String {
     common::seen(r).headers["x-portcullis-decision-id"]
         .0
@@ -73,16 +87,7 @@ async fn allow_carries_the_facts_and_deny_its_reason() {
     claims["azp"] = json!("portal-spa");
     claims["tid"] = json!("contoso");
     let bearer = format!("Bearer {}", key.token(claims));
-    let allow = client
-        .check(
-            get("/orders/1")
-                .header("authorization", &bearer)
-                .header("ocp-apim-subscription-key", "demo-key-123")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let allow = ask(&mut client, &bearer).await;
     assert_eq!(common::seen(&allow).code, 0);
     assert_eq!(
         metadata(&allow),
@@ -102,19 +107,11 @@ async fn allow_carries_the_facts_and_deny_its_reason() {
     );
 
     // A deny: the API, the decision id and the reason; nothing the failed checks had established.
-    let deny = client
-        .check(
-            get("/orders/1")
-                .header(
-                    "authorization",
-                    &format!("Bearer {}", token(&key, "bob", "other")),
-                )
-                .header("ocp-apim-subscription-key", "demo-key-123")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let deny = ask(
+        &mut client,
+        &format!("Bearer {}", token(&key, "bob", "other")),
+    )
+    .await;
     let seen = common::seen(&deny);
     assert_eq!((seen.code, seen.status), (7, Some(403)));
     assert_eq!(
@@ -152,16 +149,7 @@ async fn values_with_control_characters_are_left_out() {
     claims["scope"] = json!("orders:read");
     claims["tid"] = json!("t1\r\nforged");
     let bearer = format!("Bearer {}", key.token(claims));
-    let r = client
-        .check(
-            get("/orders/1")
-                .header("authorization", &bearer)
-                .header("ocp-apim-subscription-key", "demo-key-123")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, &bearer).await;
     // The header from {jwt.sub} is refused as before; the metadata never carries the value.
     let m = metadata(&r);
     assert!(m.get("subject").is_none(), "{m}");
@@ -180,19 +168,11 @@ async fn shadow_mode_names_the_waived_reason() {
     ))
     .await;
     let mut client = srv.client().await;
-    let r = client
-        .check(
-            get("/orders/1")
-                .header(
-                    "authorization",
-                    &format!("Bearer {}", token(&key, "bob", "other")),
-                )
-                .header("ocp-apim-subscription-key", "demo-key-123")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(
+        &mut client,
+        &format!("Bearer {}", token(&key, "bob", "other")),
+    )
+    .await;
     assert_eq!(common::seen(&r).code, 0, "shadow mode allows");
     // What enforce mode would add on allow (`plan`) is not sent on a waived deny; what was
     // established before the failing check is.
@@ -214,19 +194,11 @@ async fn dynamic_metadata_false_sends_none() {
     let key = keys::rsa(0, Some("k1"));
     let srv = TestServer::start(&config(&key, "dynamic_metadata: false", "", "enforce")).await;
     let mut client = srv.client().await;
-    let r = client
-        .check(
-            get("/orders/1")
-                .header(
-                    "authorization",
-                    &format!("Bearer {}", token(&key, "alice", "orders:read")),
-                )
-                .header("ocp-apim-subscription-key", "demo-key-123")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(
+        &mut client,
+        &format!("Bearer {}", token(&key, "alice", "orders:read")),
+    )
+    .await;
     assert_eq!(common::seen(&r).code, 0);
     assert!(r.dynamic_metadata.is_none());
     srv.running.shutdown().await.unwrap();
@@ -235,7 +207,6 @@ async fn dynamic_metadata_false_sends_none() {
 #[test]
 fn metadata_settings_are_checked_with_their_paths() {
     let key = keys::rsa(0, Some("k1"));
-    let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
             config(&key, "", "      metadata: { \"a:b\": x }", "enforce"),
@@ -279,15 +250,7 @@ fn metadata_settings_are_checked_with_their_paths() {
         ),
     ];
     for (i, (yaml, path, why)) in cases.iter().enumerate() {
-        let file = dir.path().join(format!("c{i}.yaml"));
-        std::fs::write(&file, yaml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["validate", "--config"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        let stderr = common::validate_refuses(yaml);
         assert!(
             stderr.contains(path) && stderr.contains(why),
             "case {i}: expected `{path}` ({why}) in:\n{stderr}"

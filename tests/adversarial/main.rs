@@ -5,11 +5,11 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../introspection_common/mod.rs"]
+mod fake;
 /// Test keys and token minting, shared by the modules that sign tokens.
 #[path = "../jwt_common/mod.rs"]
 mod keys;
-#[path = "../introspection_common/mod.rs"]
-mod fake;
 #[path = "../redis_common/mod.rs"]
 mod redis_common;
 mod support;

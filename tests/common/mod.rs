@@ -252,6 +252,22 @@ pub fn injected(d: &portcullis::policy::Decision) -> Result<String, String> {
     }
 }
 
+/// Runs `portcullis validate` on `yaml` (written to a file of its own), which must refuse it:
+/// asserts exit 2 and returns what it printed on stderr.
+pub fn validate_refuses(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
 /// Runs `portcullis serve --config CONFIG`, which must refuse to start: asserts exit 2 and returns
 /// what it printed on stderr.
 pub fn serve_refuses(config: &std::path::Path) -> String {

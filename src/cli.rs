@@ -110,6 +110,10 @@ fn envoy_config(path: &Path, args: EnvoyConfigArgs) -> ExitCode {
         eprintln!("error: --timeout must be more than 0");
         return ExitCode::from(2);
     }
+    if args.cluster.as_deref().is_some_and(str::is_empty) {
+        eprintln!("error: --cluster must not be empty");
+        return ExitCode::from(2);
+    }
     let opts = crate::envoy_config::Options {
         transport: args.transport,
         cluster: args

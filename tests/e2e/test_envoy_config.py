@@ -242,3 +242,37 @@ def test_only_the_listed_headers_reach_portcullis(two_envoys):
     assert b.status == 200, b
     assert b.echo["headers"]["x-subscription"] == ["team-a"], b
     assert b.echo["headers"]["x-unread"] == ["u" * 10240], b
+
+
+@pytest.fixture(scope="module")
+def two_http_service_envoys(tmp_path_factory, config_file, backend):
+    """The same over http_service: the shipped ext-authz-http.yaml, and the same bootstrap with the
+    generated `--transport http` filter."""
+    workdir = tmp_path_factory.mktemp("envoy-config-http")
+    started = []
+    try:
+        portcullis = Portcullis(config_file.read_text(), workdir)
+        started.append(portcullis)
+        params = http_envoy_params(portcullis, backend)
+        shipped = Envoy("ext-authz-http.yaml", params, workdir, name="shipped-http")
+        started.append(shipped)
+        template = workdir / "generated-http.template.yaml"
+        template.write_text(with_generated_filter("ext-authz-http.yaml", generated_filter(config_file, "http")))
+        generated = Envoy(str(template), params, workdir, name="generated-http")
+        started.append(generated)
+        shipped.wait_healthy("portcullis_http")
+        generated.wait_healthy("portcullis_http")
+        yield shipped, generated
+    finally:
+        for s in reversed(started):
+            s.stop()
+
+
+@pytest.mark.parametrize("path,headers", [a[1:3] for a in ALLOWS] + [d[1:3] for d in DENIES],
+                         ids=[a[0] for a in ALLOWS] + [d[0] for d in DENIES])
+def test_same_decisions_over_http_service(two_http_service_envoys, path, headers):
+    shipped, generated = two_http_service_envoys
+    a = request(shipped.url("http", path), headers={**NOISE, **headers})
+    b = request(generated.url("http", path), headers={**NOISE, **headers})
+    assert a.status in (200, 401, 403), a
+    assert outcome(a) == outcome(b), (a, b)

@@ -37,6 +37,8 @@ enum Command {
     Check(CheckArgs),
     /// Read a subscription key on stdin and print `sha256:<hex>` for the config.
     HashKey,
+    /// Print Envoy's ext_authz filter for the compiled policy: headers limited to what it reads.
+    EnvoyConfig(EnvoyConfigArgs),
     /// Upgrade a store written before per-user connections were keyed by issuer and subject
     /// (`serve` refuses it and names the credential); run while the service is stopped.
     UpgradeStore(UpgradeStoreArgs),
@@ -58,6 +60,22 @@ struct UpgradeStoreArgs {
     drop: bool,
 }
 
+#[derive(Debug, clap::Args)]
+struct EnvoyConfigArgs {
+    /// Config file (default: $PORTCULLIS_CONFIG, else ./portcullis.yaml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// How Envoy reaches portcullis.
+    #[arg(long, value_enum, default_value = "grpc")]
+    transport: crate::envoy_config::Transport,
+    /// The Envoy cluster of portcullis (default: `portcullis` for gRPC, `portcullis_http` for HTTP).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Envoy's timeout for one check, e.g. `250ms`.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+}
+
 fn config_path(arg: Option<PathBuf>) -> PathBuf {
     arg.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("portcullis.yaml"))
@@ -74,8 +92,38 @@ pub fn main() -> ExitCode {
             check(&path, args)
         }
         Command::HashKey => hash_key(),
+        Command::EnvoyConfig(args) => envoy_config(&config_path(args.config.clone()), args),
         Command::UpgradeStore(args) => upgrade_store(&config_path(args.config.clone()), args),
     }
+}
+
+fn envoy_config(path: &Path, args: EnvoyConfigArgs) -> ExitCode {
+    let policy = match config::load(path).and_then(|src| policy::compile(&src, &Runtime::offline()))
+    {
+        Ok((policy, _)) => policy,
+        Err(errs) => {
+            eprintln!("error: {} is invalid:\n{errs}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    if args.timeout.is_zero() {
+        eprintln!("error: --timeout must be more than 0");
+        return ExitCode::from(2);
+    }
+    if args.cluster.as_deref().is_some_and(str::is_empty) {
+        eprintln!("error: --cluster must not be empty");
+        return ExitCode::from(2);
+    }
+    let opts = crate::envoy_config::Options {
+        transport: args.transport,
+        cluster: args
+            .cluster
+            .unwrap_or_else(|| crate::envoy_config::default_cluster(args.transport).to_string()),
+        timeout: args.timeout,
+        source: path.display().to_string(),
+    };
+    print!("{}", crate::envoy_config::render(&policy, &opts));
+    ExitCode::SUCCESS
 }
 
 fn upgrade_store(path: &Path, args: UpgradeStoreArgs) -> ExitCode {

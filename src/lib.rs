@@ -9,6 +9,7 @@
 pub use portcullis_core::{check, config, credentials, digest, identity, policy};
 
 pub mod cli;
+pub mod envoy_config;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

@@ -10,6 +10,10 @@ Scenarios (all started at once, measured one after another, interleaved round by
   envoy jwt_authn+rbac   ... Envoy's own filters doing the equivalent checks
   envoy+floor         ... Envoy asking portcullis (floor policy) over ext_authz gRPC
   envoy+realistic     ... Envoy asking portcullis (realistic policy) over ext_authz gRPC
+  envoy+realistic all-headers   the same, with a browser-like request (16 headers, a 3 KiB cookie and a
+                      user agent the policy never reads): Envoy copies every header into the CheckRequest
+  envoy+realistic allow-list    the same request, with the filter `portcullis envoy-config` generates
+                      for realistic.yaml: only the headers the policy reads go to portcullis (issue 18)
 The backend is an Envoy answering every request itself (direct_response). gRPC load is h2load with a
 pre-encoded CheckRequest shaped like Envoy's (the same bytes for floor and realistic); HTTP load through
 Envoy is h2load over HTTP/1.1.
@@ -22,6 +26,7 @@ response must be 200. portcullis's own /metrics must show no deny during the mea
 
 Settings (environment):
   PORTCULLIS_BIN   binary under test (default target/release/portcullis)
+  ENVOY_CONFIG_BIN the binary whose `envoy-config` generates the allow-list filter (default PORTCULLIS_BIN)
   ENVOY_BIN        default .venv/bin/envoy
   SAT_SECONDS=4 RATE_SECONDS=6 ROUNDS=3 WARMUP_SECONDS=1   per measurement; rounds interleave scenarios
                    (throughput: median of the rounds; latency: percentiles of all rounds' requests)
@@ -32,7 +37,8 @@ Settings (environment):
   PIN=split|none  LOADGEN_CPUS=0 SERVER_CPUS=1   split: h2load on LOADGEN_CPUS, every server on SERVER_CPUS
   NICE=-10        run the servers and h2load at this priority (root only for < 0), to lessen (not
                   remove) the effect of other work on a busy machine; results should come from a quiet one
-  SCENARIOS       comma-separated subset of the names above (e.g. "grpc floor,grpc realistic")
+  SCENARIOS       comma-separated subset of the names above (e.g. "grpc floor,grpc realistic");
+                  the allow-list comparison alone: SCENARIOS="envoy+realistic all-headers,envoy+realistic allow-list"
   OUT_DIR         default target/load (results.md, results.json, logs/)
 """
 from __future__ import annotations
@@ -80,6 +86,7 @@ def env_float(name: str, default: float) -> float:
 
 PORTCULLIS_BIN = os.environ.get("PORTCULLIS_BIN") or str(ROOT / "target/release/portcullis")
 # The bare transport (examples/noop_check.rs): decodes the CheckRequest and answers OK, nothing else.
+ENVOY_CONFIG_BIN = os.environ.get("ENVOY_CONFIG_BIN") or PORTCULLIS_BIN
 NOOP_BIN = os.environ.get("NOOP_BIN") or str(Path(PORTCULLIS_BIN).parent / "examples" / "noop_check")
 ENVOY_BIN = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv/bin/envoy")
 SAT_SECONDS = env_float("SAT_SECONDS", 4)
@@ -306,6 +313,7 @@ class Scenario:
     portcullis: "Portcullis | None" = None
     sat: list[dict] = field(default_factory=list)
     rate: list[dict] = field(default_factory=list)
+    headers: dict | None = None    # HTTP request headers, when not the shared benchmark request's
 
 
 @dataclass
@@ -371,6 +379,28 @@ def start_envoy(name: str, template: str, work: Path, logdir: Path, values: dict
     return p, port
 
 
+FILTER = "                  - name: envoy.filters.http.ext_authz\n"
+ROUTER = "                  - name: envoy.filters.http.router\n"
+
+
+def generated_front(work: Path, env: dict) -> Path:
+    """front-ext-authz.yaml with its ext_authz filter replaced by what `portcullis envoy-config` prints for
+    realistic.yaml (same cluster and timeout; only allowed_headers and include_peer_certificate differ)."""
+    out = subprocess.run([ENVOY_CONFIG_BIN, "envoy-config", "--config", str(HERE / "realistic.yaml"),
+                          "--cluster", "portcullis", "--timeout", "1s"],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, LOAD_GRPC_LISTEN="127.0.0.1:0", LOAD_HTTP_LISTEN="127.0.0.1:0", **env))
+    if out.returncode != 0:
+        raise SystemExit(f"portcullis envoy-config failed:\n{out.stderr}")
+    text = (HERE / "envoy" / "front-ext-authz.yaml").read_text()
+    start = text.index(FILTER)
+    end = text.index(ROUTER, start)
+    block = "".join(" " * 18 + line if line.strip() else line for line in out.stdout.splitlines(keepends=True))
+    path = work / "front-ext-authz-generated.yaml"
+    path.write_text(text[:start] + block + text[end:])
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # Verification (once per scenario, before measuring)
 # ---------------------------------------------------------------------------------------------------
@@ -399,14 +429,33 @@ def verify_grpc(s: Scenario, body: bytes, m: Material, realistic: bool) -> None:
                                                   if realistic else ""))
 
 
+def browser_headers(m: Material, **kw) -> dict[str, str]:
+    """The benchmark request as a browser-based client sends it: 16 headers, most of them never read by
+    the policy (a 3 KiB cookie, the user agent, fetch metadata, ...)."""
+    h = {
+        "user-agent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                      "Chrome/126.0.0.0 Safari/537.36 Edg/126.0.2592.87",
+        "accept-language": "en-GB,en;q=0.9,de;q=0.8",
+        "accept-encoding": "gzip, deflate, br, zstd",
+        "cookie": "; ".join(f"c{i}=" + secrets.token_hex(64) for i in range(24)),
+        "referer": "https://portal.example.com/orders?view=all&page=3",
+        "origin": "https://portal.example.com",
+        "sec-fetch-site": "same-site", "sec-fetch-mode": "cors", "sec-fetch-dest": "empty",
+        "cache-control": "no-cache", "pragma": "no-cache",
+        "x-client-version": "4.18.2",
+    }
+    return {**h, **http_headers(m, **kw)}
+
+
 def verify_http(s: Scenario, m: Material, must_refuse: bool, needs_cert: bool) -> None:
-    status, body = http_get(s.url, http_headers(m))
+    headers = http_headers if s.headers is None else browser_headers
+    status, body = http_get(s.url, headers(m))
     if status != 200 or body != "ok":
         raise SystemExit(f"{s.name}: the benchmark request got {status} {body[:200]!r}")
     if must_refuse:
-        bad = [("no token", http_headers(m, with_token=False)), ("no key", http_headers(m, with_key=False))]
+        bad = [("no token", headers(m, with_token=False)), ("no key", headers(m, with_key=False))]
         if needs_cert:
-            bad.append(("no certificate", http_headers(m, with_cert=False)))
+            bad.append(("no certificate", headers(m, with_cert=False)))
         for what, h in bad:
             status, _ = http_get(s.url, h)
             if status not in (401, 403):
@@ -431,7 +480,7 @@ def h2load_argv(s: Scenario, files: dict, seconds: float, log_file: Path | None,
     else:
         clients = HTTP_CLIENTS
         argv += ["--h1", "-c", str(clients)]
-        for k, v in files["headers"].items():
+        for k, v in (s.headers or files["headers"]).items():
             argv += ["-H", f"{k}: {v}"]
     if rate is not None:
         argv += ["--rps", f"{max(rate / clients, 0.1):.3f}"]
@@ -630,6 +679,32 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         ratios.append({"label": label, "value": round(v, 4), "target": tgt or None,
                        "met": ok, "kind": kind, "a": a, "b": b, "rounds_min_median_max": spread})
 
+    def cpu_ratio(label, a, b, proc_prefix, target, control=None):
+        """CPU per request of one process (the first whose name starts with proc_prefix) in scenario a
+        over the same in b: over all saturation rounds, and per round (rounds are interleaved). With
+        `control`, each CPU figure is first divided by that process's CPU in the same round."""
+        if a not in rows or b not in rows:
+            return
+
+        def per_round(name):
+            out = []
+            for r in rows[name]["rounds"]["saturation"]:
+                proc = next(n for n in r["cpu_s"] if n.startswith(proc_prefix) and n != "backend envoy")
+                out.append(r["cpu_s"][proc] / (r["cpu_s"][control] if control else r["ok_2xx"]))
+            return out
+
+        def total(name):
+            c = rows[name]["saturation_cpu_ms_per_1k"]
+            v = next(v for n, v in c.items() if n.startswith(proc_prefix) and n != "backend envoy")
+            return v / c[control] if control else v
+
+        v = total(a) / total(b)
+        pairs = [x / y for x, y in zip(per_round(a), per_round(b))]
+        spread = f"{min(pairs):.3f} / {statistics.median(pairs):.3f} / {max(pairs):.3f}"
+        ok = None if target is None else v <= target
+        ratios.append({"label": label, "value": round(v, 4), "target": None if target is None else f"<= {target}x",
+                       "met": ok, "kind": "ratio", "a": a, "b": b, "rounds_min_median_max": spread})
+
     def rounds(a, b):
         """min / median / max of the per-round throughput ratios (rounds are interleaved)."""
         pairs = [x["rps"] / y["rps"] for x, y in zip(rows[a]["rounds"]["saturation"], rows[b]["rounds"]["saturation"])]
@@ -647,6 +722,20 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
     ratio("Envoy+realistic / Envoy jwt_authn+rbac throughput", "envoy+realistic", "envoy jwt_authn+rbac")
     ratio("p99 Envoy+realistic - Envoy jwt_authn+rbac at 50%", "envoy+realistic", "envoy jwt_authn+rbac", None, "p99")
     ratio("Envoy+floor / Envoy (no ext_authz) throughput", "envoy+floor", "envoy")
+    ratio("Envoy+realistic allow-list / all-headers throughput", "envoy+realistic allow-list",
+          "envoy+realistic all-headers")
+    # Issue 18: the front Envoy's CPU per request with the generated filter vs the deploy filter.
+    cpu_ratio("front Envoy CPU/request, allow-list / all-headers", "envoy+realistic allow-list",
+              "envoy+realistic all-headers", "envoy", 0.8)
+    cpu_ratio("portcullis CPU/request, allow-list / all-headers", "envoy+realistic allow-list",
+              "envoy+realistic all-headers", "portcullis", None)
+    # The backend Envoy does the same work per request in both (it gets every header either way): its
+    # CPU per request moves only with the machine. Dividing by it takes out what other work on a busy
+    # machine does to every process alike.
+    cpu_ratio("front Envoy CPU/request over backend Envoy's, allow-list / all-headers", "envoy+realistic allow-list",
+              "envoy+realistic all-headers", "envoy", 0.8, control="backend envoy")
+    cpu_ratio("portcullis CPU/request over backend Envoy's, allow-list / all-headers", "envoy+realistic allow-list",
+              "envoy+realistic all-headers", "portcullis", None, control="backend envoy")
     ratio("Envoy jwt_authn+rbac / Envoy (no authz) throughput", "envoy jwt_authn+rbac", "envoy")
     if "grpc realistic" in rows:
         p99 = rows["grpc realistic"]["rate_p99_us"]
@@ -701,7 +790,7 @@ def main() -> int:
     token_stats = f"http://127.0.0.1:{token_port}/stats"
 
     names = ["grpc noop", "grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac",
-             "envoy+floor", "envoy+realistic"]
+             "envoy+floor", "envoy+realistic", "envoy+realistic all-headers", "envoy+realistic allow-list"]
     wanted = [w.strip() for w in os.environ.get("SCENARIOS", ",".join(names)).split(",") if w.strip()]
     if set(wanted) - set(names) or not wanted:
         raise SystemExit(f"unknown SCENARIOS {sorted(set(wanted) - set(names))}; known: {names}")
@@ -710,10 +799,11 @@ def main() -> int:
     floor = realistic = backend = None
     if {"grpc floor", "envoy+floor"} & set(wanted):
         floor = start_portcullis("portcullis floor", HERE / "floor.yaml", logdir, {})
-    if {"grpc realistic", "envoy+realistic"} & set(wanted):
-        realistic = start_portcullis("portcullis realistic", HERE / "realistic.yaml", logdir, {
-            "LOAD_JWKS_FILE": str(work / "jwks.json"), "LOAD_SUBSCRIPTION_KEY": m.subscription_key,
-            "LOAD_TOKEN_URL": f"http://127.0.0.1:{token_port}/token", "LOAD_CLIENT_SECRET": m.client_secret})
+    realistic_env = {
+        "LOAD_JWKS_FILE": str(work / "jwks.json"), "LOAD_SUBSCRIPTION_KEY": m.subscription_key,
+        "LOAD_TOKEN_URL": f"http://127.0.0.1:{token_port}/token", "LOAD_CLIENT_SECRET": m.client_secret}
+    if {"grpc realistic", "envoy+realistic", "envoy+realistic all-headers", "envoy+realistic allow-list"} & set(wanted):
+        realistic = start_portcullis("portcullis realistic", HERE / "realistic.yaml", logdir, realistic_env)
     noop_port = None
     if "grpc noop" in wanted:
         if not os.access(NOOP_BIN, os.X_OK):
@@ -753,6 +843,7 @@ def main() -> int:
         e, port = start_envoy(name, template, work, logdir, dict(extra, BACKEND_PORT=backend_port))
         return Scenario(name, "http", f"http://127.0.0.1:{port}{path}", [e] + ([pc.proc] if pc else []) + [backend], pc)
 
+    browser = browser_headers(m)
     scenarios = []
     for name in names:
         if name not in wanted:
@@ -772,6 +863,15 @@ def main() -> int:
         elif name == "envoy jwt_authn+rbac":
             scenarios.append(front(name, "front-jwt-rbac.yaml", {"JWKS_JSON": m.jwks_json,
                                                                   "SUBSCRIPTION_KEY": m.subscription_key}, None))
+        elif name == "envoy+realistic all-headers":
+            s = front(name, "front-ext-authz.yaml", {"PORTCULLIS_PORT": realistic.grpc_port}, realistic)
+            s.headers = browser
+            scenarios.append(s)
+        elif name == "envoy+realistic allow-list":
+            template = generated_front(work, realistic_env)
+            s = front(name, str(template), {"PORTCULLIS_PORT": realistic.grpc_port}, realistic)
+            s.headers = browser
+            scenarios.append(s)
         elif name == "envoy+floor":
             scenarios.append(front(name, "front-ext-authz.yaml", {"PORTCULLIS_PORT": floor.grpc_port}, floor))
         else:
@@ -787,8 +887,8 @@ def main() -> int:
         if s.kind == "grpc":
             verify_grpc(s, body, m, realistic=s.name.startswith("grpc realistic"))
         else:
-            verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic"),
-                        needs_cert=s.name == "envoy+realistic")
+            verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic") or
+                        s.name.startswith("envoy+realistic "), needs_cert=s.name.startswith("envoy+realistic"))
     tokens_before = json.loads(http_get(token_stats)[1])["token_requests"]
     redis_before = redis_info(redis_port) if redis_port else None
 

@@ -40,6 +40,7 @@ pub use metrics::{DURATION_BUCKETS, MetricsError, OVERLOADED};
 pub use otlp::{ExporterError, OtlpProtocol, OtlpTarget};
 pub use traces::{
     HeaderMapCarrier, HeadersCarrier, MetadataCarrier, inject_current as inject_trace_context,
+    propagation_headers,
 };
 
 use crate::check::{self, Decision};

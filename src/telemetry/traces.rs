@@ -60,6 +60,19 @@ pub fn remote_context(carriers: &[&dyn Extractor]) -> Option<opentelemetry::Cont
     None
 }
 
+/// The request headers [`remote_context`] reads: the propagators' own field lists (W3C
+/// `traceparent`, `tracestate`; B3 `b3`, `x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled`,
+/// `x-b3-flags`), for the proxy's header allow-list (`portcullis envoy-config`).
+pub fn propagation_headers() -> Vec<String> {
+    let mut fields: Vec<String> = w3c()
+        .fields()
+        .chain(b3().fields())
+        .map(str::to_string)
+        .collect();
+    fields.dedup();
+    fields
+}
+
 /// The trace id of a context, if it has a valid span.
 pub(crate) fn trace_id(cx: &opentelemetry::Context) -> Option<TraceId> {
     let span = cx.span();

@@ -88,6 +88,24 @@ impl JwtPolicy {
         }
     }
 
+    /// The request header the token is read from (`cookie` for a cookie); `None` for a query
+    /// parameter, which rides in the path. For what the proxy must send (`portcullis envoy-config`).
+    pub(crate) fn token_header(&self) -> Option<&str> {
+        match &self.location {
+            TokenLocation::Header { name, .. } => Some(name),
+            TokenLocation::Cookie(_) => Some("cookie"),
+            TokenLocation::Query(_) => None,
+        }
+    }
+
+    /// The query parameter the token is read from, if that is where it is.
+    pub(crate) fn token_query(&self) -> Option<&str> {
+        match &self.location {
+            TokenLocation::Query(q) => Some(q),
+            _ => None,
+        }
+    }
+
     pub(super) fn location_name(&self) -> String {
         match &self.location {
             TokenLocation::Header {

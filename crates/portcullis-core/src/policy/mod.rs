@@ -9,6 +9,7 @@ mod compile;
 mod explain;
 pub mod ip;
 pub mod matcher;
+mod reads;
 pub mod subscription;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ pub use crate::check::{
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
 pub use compile::{Runtime, compile, compile_loaded, every_error};
+pub use reads::RequestReads;
 
 use crate::check::query;
 use crate::check::template::{self, Template};

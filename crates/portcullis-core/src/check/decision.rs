@@ -112,6 +112,9 @@ pub struct Facts {
     pub subscription_id: Option<Arc<str>>,
     /// The token's `sub`.
     pub subject: Option<String>,
+    /// How the token is bound to its sender: `certificate` (RFC 8705) when it was checked against
+    /// the client certificate; absent for an unbound token.
+    pub token_binding: Option<&'static str>,
 }
 
 /// One check's result, for explanations.

@@ -23,6 +23,7 @@ pub const STANDARD_KEYS: &[&str] = &[
     "client_id",
     "scopes",
     "client_certificate_thumbprint",
+    "token_binding",
 ];
 
 /// An encoded `google.protobuf.Struct`; empty when the decision sends none.

@@ -75,6 +75,9 @@ reasons! {
     ClientCertificateIdentityNotMatched = ("ClientCertificateIdentityNotMatched", PERMISSION_DENIED, 403, "Certificate does not match any of allowed identities."),
     /// The certificate's not-after lies in the past.
     ClientCertificateExpired = ("ClientCertificateExpired", PERMISSION_DENIED, 403, "Client certificate has expired."),
+    /// RFC 8705: the token is bound to another certificate, to one the client did not present, or
+    /// is unbound where the API requires binding.
+    TokenCertificateBindingMismatch = ("TokenCertificateBindingMismatch", UNAUTHENTICATED, 401, "Token is not bound to the client certificate."),
     /// No chain from the certificate to a configured CA verifies (`client_certificate.trust`).
     ClientCertificateNotTrusted = ("ClientCertificateNotTrusted", PERMISSION_DENIED, 403, "Client certificate is not trusted."),
     /// A certificate of the chain is revoked by a configured CRL.

@@ -344,6 +344,9 @@ pub struct Jwt {
     pub require_expiration_time: Option<bool>,
     pub failed_status: Option<u16>,
     pub failed_message: Option<String>,
+    /// RFC 8705: `if_present` (default: a token bound with `cnf.x5t#S256` needs its certificate)
+    /// or `required` (unbound tokens are refused too).
+    pub certificate_bound: Option<String>,
 }
 
 /// Where the token is read from: exactly one of the fields.

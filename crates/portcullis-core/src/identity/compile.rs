@@ -581,6 +581,17 @@ pub fn compile_jwt(
         }
     };
     let failed_status = cfg.failed_status.unwrap_or(401);
+    let certificate_bound_required = match cfg.certificate_bound.as_deref() {
+        None | Some("if_present") => false,
+        Some("required") => true,
+        Some(other) => {
+            errs.push(
+                format!("{path}.certificate_bound"),
+                format!("`{other}`: use `if_present` or `required`"),
+            );
+            false
+        }
+    };
     if !(400..=599).contains(&failed_status) {
         errs.push(
             format!("{path}.failed_status"),
@@ -611,6 +622,7 @@ pub fn compile_jwt(
         failed_message: cfg.failed_message.clone(),
         shared: providers.shared.clone(),
         entra,
+        certificate_bound_required,
     })
 }
 

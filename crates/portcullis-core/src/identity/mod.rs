@@ -13,6 +13,7 @@
 //! Opaque tokens (not JWS compact), and every token of a provider with `tokens: all`, take the
 //! introspection path instead of steps 3 and 4's signature: see [`introspection`].
 
+pub mod binding;
 mod cache;
 mod compile;
 pub mod entra;
@@ -133,6 +134,8 @@ pub struct JwtPolicy {
     require_exp: bool,
     failed_status: u16,
     failed_message: Option<String>,
+    /// RFC 8705 `certificate_bound: required`: tokens without `cnf.x5t#S256` are refused.
+    certificate_bound_required: bool,
     shared: Arc<Shared>,
     /// Preset rules (Entra ID) of providers, by provider id.
     entra: Vec<(u64, Arc<entra::Rules>)>,

@@ -135,7 +135,8 @@ impl JwtPolicy {
             | Reason::TokenNotYetValid
             | Reason::TokenAudienceNotAllowed
             | Reason::TokenIssuerNotAllowed
-            | Reason::TokenNotActive => {
+            | Reason::TokenNotActive
+            | Reason::TokenCertificateBindingMismatch => {
                 denial.status = self.failed_status;
                 if let Some(m) = &self.failed_message {
                     denial.message = m.clone();

@@ -31,6 +31,7 @@ pub use crate::check::{
 };
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
+use crate::identity::binding::CertificateBinding;
 pub use compile::{Runtime, compile, compile_loaded, every_error};
 pub use reads::RequestReads;
 
@@ -524,7 +525,36 @@ impl PolicySet {
             {
                 Ok(None) => return Err(ev.would_wait()),
                 Ok(Some(valid)) => {
-                    ev.pass("jwt", || valid.describe());
+                    // RFC 8705: the certificate the client-certificate step read, else Envoy's
+                    // verified peer certificate, parsed only for a bound token (or when binding
+                    // is required).
+                    let cert_sha256 = if jwt.wants_certificate(&valid) {
+                        match &client_cert {
+                            Some(c) => Some(c.sha256),
+                            None if !input.peer_certificate.is_empty() => self
+                                .parse_certificate(input.peer_certificate)
+                                .ok()
+                                .map(|c| c.sha256),
+                            None => None,
+                        }
+                    } else {
+                        None
+                    };
+                    let binding = jwt
+                        .check_certificate_binding(&valid, cert_sha256.as_ref(), &api.name)
+                        .map_err(|failure| {
+                            let detail = failure.detail.clone();
+                            ev.deny_with("jwt", failure.denial, move || detail)
+                        })?;
+                    ev.pass("jwt", || match binding {
+                        CertificateBinding::Bound => {
+                            format!("{}, {}", valid.describe(), binding.as_str())
+                        }
+                        CertificateBinding::Unbound => valid.describe(),
+                    });
+                    if binding == CertificateBinding::Bound {
+                        ev.d.facts.token_binding = Some("certificate");
+                    }
                     ev.d.facts.subject = valid.subject().map(str::to_string);
                     ev.seen.token = Some(valid.clone());
                     token = Some(valid);
@@ -631,6 +661,9 @@ impl PolicySet {
         }
         if let Some(product) = &seen.product {
             m.string("product", product);
+        }
+        if let Some(binding) = d.facts.token_binding {
+            m.string("token_binding", binding);
         }
         if let Some(token) = &seen.token {
             let claims = token.claims();

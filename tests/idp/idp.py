@@ -176,13 +176,19 @@ class Idp:
 
     # ---------------------------------------------------------- token endpoint
     def token_request(self, form: dict, client_id: str | None = None, secret: str | None = None,
-                      auth: str = "basic", timeout: float = 10.0) -> tuple[int, object]:
+                      auth: str = "basic", timeout: float = 10.0,
+                      client_cert_pem: str | None = None) -> tuple[int, object]:
         """POST ``form`` to the token endpoint. ``auth``: 'basic' | 'post' | 'none'.
+        ``client_cert_pem``: the client's certificate, as the fixture's stand-in for a TLS client
+        certificate (a client registered with ``tls_client_certificate_bound_access_tokens`` gets a
+        token bound to it, RFC 8705).
 
         Returns ``(status, body)`` (body parsed JSON, or the raw text if not JSON); never raises on status.
         """
         form = {k: v for k, v in form.items() if v is not None}
         headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
+        if client_cert_pem is not None:
+            headers["x-test-client-cert"] = urllib.parse.quote(client_cert_pem, safe="")
         if auth == "basic":
             cred = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(secret or '', safe='')}"
             headers["authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
@@ -199,18 +205,19 @@ class Idp:
         parsed = _parse_body(text)
         return status, (parsed if parsed is not None else text)
 
-    def _token(self, form: dict, client_id, secret, auth) -> dict:
-        status, body = self.token_request(form, client_id, secret, auth)
+    def _token(self, form: dict, client_id, secret, auth, client_cert_pem: str | None = None) -> dict:
+        status, body = self.token_request(form, client_id, secret, auth, client_cert_pem=client_cert_pem)
         if status != 200 or not isinstance(body, dict):
             raise IdpError(f"token request ({form.get('grant_type')}) -> {status}: {body}", status,
                            body if isinstance(body, dict) else None, body if isinstance(body, str) else json.dumps(body))
         return body
 
     def client_credentials(self, client_id: str, secret: str, resource: str | None = None,
-                           scope: str | None = None, auth: str = "basic") -> dict:
+                           scope: str | None = None, auth: str = "basic",
+                           client_cert_pem: str | None = None) -> dict:
         """client_credentials grant. Returns the token response dict; raises IdpError on error."""
         return self._token({"grant_type": "client_credentials", "resource": resource, "scope": scope},
-                           client_id, secret, auth)
+                           client_id, secret, auth, client_cert_pem=client_cert_pem)
 
     def _client_post(self, path: str, form: dict, client_id: str, secret: str) -> tuple[int, object]:
         cred = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(secret, safe='')}"

@@ -341,6 +341,18 @@ function buildProvider() {
       devInteractions: { enabled: true },
       clientCredentials: { enabled: true },
       introspection: { enabled: true },
+      // RFC 8705 certificate-bound access tokens for clients registered with
+      // `tls_client_certificate_bound_access_tokens: true`. This fixture runs on plain http, so the
+      // "TLS client certificate" is the URL-encoded PEM in the `x-test-client-cert` request header
+      // (idp.py: client_credentials(..., client_cert_pem=...)). Test use only.
+      mTLS: {
+        enabled: true,
+        certificateBoundAccessTokens: true,
+        getCertificate(ctx) {
+          const pem = ctx.get('x-test-client-cert');
+          return pem ? decodeURIComponent(pem) : undefined;
+        },
+      },
       revocation: { enabled: true },
       rpInitiatedLogout: { enabled: true },
       resourceIndicators: {

@@ -174,7 +174,13 @@ def test_client_certificate_subject_identity(grpc_stack):
     assert r.echo["headers"]["x-api"] == ["mtls-subject"]
 
 
-@pytest.mark.parametrize("path", ["/mtls/thumbprint/x", "/mtls/subject/x"])
+def test_client_certificate_chain_trusted_and_issuer_named_by_thumbprint(grpc_stack):
+    r = via(grpc_stack, "/mtls/trusted/x", lb(), listener="https", ssl_context=tls(grpc_stack, grpc_stack.pki.partner))
+    assert r.status == 200, r
+    assert r.echo["headers"]["x-api"] == ["mtls-trusted"]
+
+
+@pytest.mark.parametrize("path", ["/mtls/thumbprint/x", "/mtls/subject/x", "/mtls/trusted/x"])
 def test_client_certificate_of_someone_else_is_refused(grpc_stack, path):
     # Signed by the trusted CA, so the TLS handshake succeeds; portcullis refuses the identity.
     r = via(grpc_stack, path, lb(), listener="https", ssl_context=tls(grpc_stack, grpc_stack.pki.intruder))

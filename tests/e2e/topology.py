@@ -52,6 +52,14 @@ def grpc_envoy_params(portcullis: Portcullis | int, backend: Backend, pki: Pki) 
     }
 
 
+def pem_sha1(path: Path) -> str:
+    """SHA-1 thumbprint of the certificate in a PEM file (APIM's form: upper-case hex)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA1()).hex().upper()
+
+
 def main_config(pki: Pki) -> str:
     """The portcullis policy behind the shared gRPC stack (routes: deploy/envoy/ext-authz-grpc.yaml)."""
     return f"""
@@ -107,6 +115,16 @@ apis:
       identities:
         - subject: "O=Contoso, CN=partner"
           issuer_subject: "CN=E2E Client CA, O=Contoso"
+    on_allow:
+      set_headers: {{x-api: "{{api}}"}}
+  # Envoy verified the chain already; portcullis verifies it again against the same CA (as it must
+  # behind a proxy that does not), and names the issuer by thumbprint.
+  - name: mtls-trusted
+    match: {{path_prefix: /mtls/trusted}}
+    client_certificate:
+      trust: {{ca_files: ["{pki.client_ca}"]}}
+      identities:
+        - {{issuer_thumbprint: "{pem_sha1(pki.client_ca)}", common_name: partner}}
     on_allow:
       set_headers: {{x-api: "{{api}}"}}
   - name: mtls-orders

@@ -4,6 +4,8 @@
 //! subscription key, client certificate, claim headers, backend credential). The difference is what
 //! the policy costs on top of the transport. `realistic_no_metadata` is `realistic` with
 //! `dynamic_metadata: false`: the difference is what the facts for Envoy cost per allow.
+//! `realistic_trust` adds `client_certificate.trust` (the chain to a CA, from the verified-chain
+//! cache after the first check).
 //!
 //!   cargo bench --bench wire
 
@@ -29,6 +31,7 @@ fn bench(c: &mut Criterion) {
             "realistic_no_metadata",
             realistic::realistic_without_metadata(),
         ),
+        ("realistic_trust", realistic::realistic_with_trust()),
     ] {
         let first = rt.block_on(portcullis::server::grpc::decide(&s.policy, &s.request));
         assert_eq!(

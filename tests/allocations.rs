@@ -42,10 +42,19 @@ fn allocations_per_check_stay_within_budget() {
     let floor = realistic::floor();
     let real = realistic::realistic();
     let bare = realistic::realistic_without_metadata();
+    let trusted = realistic::realistic_with_trust();
     let _profiler = dhat::Profiler::builder().testing().build();
     let f = allocations_per_check(&rt, &floor, "floor");
     let r = allocations_per_check(&rt, &real, "realistic");
     let b = allocations_per_check(&rt, &bare, "realistic without dynamic metadata");
+    let t = allocations_per_check(&rt, &trusted, "realistic with chain trust");
+    println!("allocations per check with client_certificate.trust (cached chain): {t}");
+    // A verified chain is cached: a client sending the same certificate costs a lookup, no more.
+    assert!(
+        t.saturating_sub(r) <= TRUST_BUDGET,
+        "chain trust: {} allocations per check, budget {TRUST_BUDGET}",
+        t.saturating_sub(r)
+    );
     println!(
         "allocations per check: floor {f}, realistic {r}, realistic without dynamic metadata {b}"
     );
@@ -69,3 +78,5 @@ const FLOOR_BUDGET: u64 = 33;
 const REALISTIC_BUDGET: u64 = 56;
 /// Allocations the `dynamic_metadata` Struct adds to an allow (issue target: at most 10).
 const METADATA_BUDGET: u64 = 1;
+/// Allocations a cached verified chain (`client_certificate.trust`) adds to an allow.
+const TRUST_BUDGET: u64 = 0;

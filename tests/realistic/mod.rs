@@ -38,15 +38,21 @@ pub fn floor() -> Scenario {
 
 /// The realistic policy with a request it allows (the token is signed once, here).
 pub fn realistic() -> Scenario {
-    realistic_with("")
+    realistic_with("", false)
 }
 
 /// The realistic policy without `dynamic_metadata`: what the metadata costs is the difference.
 pub fn realistic_without_metadata() -> Scenario {
-    realistic_with("dynamic_metadata: false")
+    realistic_with("dynamic_metadata: false", false)
 }
 
-fn realistic_with(top: &str) -> Scenario {
+/// The realistic policy with `client_certificate.trust`: the chain to the CA is verified (once;
+/// then from the verified-chain cache). What chain trust costs is the difference.
+pub fn realistic_with_trust() -> Scenario {
+    realistic_with("", true)
+}
+
+fn realistic_with(top: &str, trust: bool) -> Scenario {
     let key = keys::rsa(0, Some("k1"));
     let mut claims = keys::claims(ISS, "api://orders", "client-42");
     claims["scope"] = "orders.read orders.write".into();
@@ -54,6 +60,24 @@ fn realistic_with(top: &str) -> Scenario {
     claims["roles"] = serde_json::json!(["reader", "writer"]);
     let token = key.token(claims);
 
+    // A client certificate issued by a CA (the CA file is what `trust` names).
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Contoso Issuing CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let ca_file = std::env::temp_dir().join(format!(
+        "portcullis-realistic-ca-{}.pem",
+        std::process::id()
+    ));
+    std::fs::write(&ca_file, ca_cert.pem()).expect("CA file");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
@@ -61,8 +85,14 @@ fn realistic_with(top: &str) -> Scenario {
     params
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "Contoso");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let cert_key = rcgen::KeyPair::generate().expect("key");
-    let cert = params.self_signed(&cert_key).expect("cert");
+    let cert = params.signed_by(&cert_key, &issuer).expect("cert");
+    let trust = if trust {
+        format!("\n      trust: {{ ca_files: [\"{}\"] }}", ca_file.display())
+    } else {
+        String::new()
+    };
     let thumbprint = ring_sha1_hex(cert.der());
     let cert_pem: String =
         percent_encoding::utf8_percent_encode(&cert.pem(), percent_encoding::NON_ALPHANUMERIC)
@@ -83,7 +113,7 @@ apis:
     subscription_required: true
     ip_filter: {{ action: allow, addresses: [127.0.0.0/8, 10.0.0.0/8, "2001:db8::/32"] }}
     client_certificate:
-      identities: [{{ thumbprint: "{thumbprint}" }}]
+      identities: [{{ thumbprint: "{thumbprint}" }}]{trust}
     jwt:
       providers: [corp]
       audiences: [api://orders]

@@ -351,6 +351,39 @@ async fn chains_revocation_and_identities_over_grpc() {
         let got = verdict(&client.check(req).await.unwrap().into_inner());
         assert_eq!(got, want, "XFCC: {what}");
     }
+
+    // Forward-auth (Envoy http_service, nginx auth_request) reads XFCC and its chain the same way.
+    let base = format!("http://{}/authz/xfcc/1", srv.running.addrs.http.unwrap());
+    let http = reqwest::Client::new();
+    for (what, cert, chain, status, reason) in [
+        ("leaf and intermediate", &p.good, &full_chain, 200, None),
+        (
+            "a forged leaf beside the genuine intermediate",
+            &p.forged,
+            &full_chain,
+            403,
+            Some("ClientCertificateNotTrusted"),
+        ),
+    ] {
+        let r = http
+            .get(&base)
+            .header(
+                "x-forwarded-client-cert",
+                format!(
+                    "Hash=00;Cert=\"{}\";Chain=\"{}\"",
+                    enc(&cert.pem()),
+                    enc(chain)
+                ),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "forward-auth: {what}");
+        if let Some(reason) = reason {
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["reason"], reason, "forward-auth: {what}");
+        }
+    }
     srv.running.shutdown().await.unwrap();
 }
 

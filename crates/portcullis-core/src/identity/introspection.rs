@@ -458,27 +458,16 @@ async fn read_capped(
             e.without_url().to_string()
         },
     };
-    let mut resp = req.send().await.map_err(transport)?;
-    if !resp.status().is_success() {
-        return Err(IntrospectionError::Status {
-            url: url.to_string(),
-            status: resp.status().as_u16(),
-        });
-    }
-    if resp
-        .content_length()
-        .is_some_and(|l| l > MAX_RESPONSE_BYTES as u64)
-    {
-        return Err(IntrospectionError::TooLarge(url.to_string()));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(IntrospectionError::TooLarge(url.to_string()));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    super::provider::send_capped(req, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|e| match e {
+            super::provider::BodyError::Transport(e) => transport(e),
+            super::provider::BodyError::Status(status) => IntrospectionError::Status {
+                url: url.to_string(),
+                status,
+            },
+            super::provider::BodyError::TooLarge => IntrospectionError::TooLarge(url.to_string()),
+        })
 }
 
 /// Reads an RFC 7662 answer. `active` must be the JSON boolean `true` for an active token; an

@@ -487,37 +487,57 @@ impl Provider {
             .http
             .as_ref()
             .ok_or_else(|| FetchError::Client("no HTTP client".into()))?;
-        let mut resp = client
+        let req = client
             .get(url.clone())
             .timeout(self.settings.fetch_timeout)
             .header(
                 reqwest::header::ACCEPT,
                 "application/json, application/jwk-set+json",
-            )
-            .send()
+            );
+        send_capped(req, MAX_DOCUMENT_BYTES)
             .await
-            .map_err(transport)?;
-        if !resp.status().is_success() {
-            return Err(FetchError::Status {
-                url: url.to_string(),
-                status: resp.status().as_u16(),
-            });
-        }
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_DOCUMENT_BYTES as u64)
-        {
-            return Err(FetchError::TooLarge(url.to_string()));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(FetchError::TooLarge(url.to_string()));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+            .map_err(|e| match e {
+                BodyError::Transport(e) => transport(e),
+                BodyError::Status(status) => FetchError::Status {
+                    url: url.to_string(),
+                    status,
+                },
+                BodyError::TooLarge => FetchError::TooLarge(url.to_string()),
+            })
     }
+}
+
+/// Why a capped answer could not be read.
+pub(crate) enum BodyError {
+    /// Connecting, sending or reading failed, or the timeout passed.
+    Transport(reqwest::Error),
+    /// A non-2xx answer.
+    Status(u16),
+    /// The declared or the read length passed the cap.
+    TooLarge,
+}
+
+/// Sends `req` and reads at most `max` bytes of a 2xx answer: the declared length is checked
+/// before reading, the read length while reading (a body never costs more than the cap).
+pub(crate) async fn send_capped(
+    req: reqwest::RequestBuilder,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let mut resp = req.send().await.map_err(BodyError::Transport)?;
+    if !resp.status().is_success() {
+        return Err(BodyError::Status(resp.status().as_u16()));
+    }
+    if resp.content_length().is_some_and(|l| l > max as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Reads a JWKS file of at most [`MAX_DOCUMENT_BYTES`].

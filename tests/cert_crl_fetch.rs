@@ -23,6 +23,8 @@ use time::OffsetDateTime;
 #[derive(Clone)]
 enum Serve {
     Body(Vec<u8>),
+    /// The body in 64 KiB chunks, without Content-Length.
+    Streamed(Vec<u8>),
     Status(u16),
 }
 
@@ -82,6 +84,11 @@ async fn answer(State(s): State<Arc<Shared>>) -> Response {
     let serve = s.serve.lock().unwrap().clone();
     match serve {
         Serve::Body(b) => (StatusCode::OK, b).into_response(),
+        Serve::Streamed(b) => {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                b.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+            axum::body::Body::from_stream(futures::stream::iter(chunks)).into_response()
+        }
         Serve::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
     }
 }
@@ -110,7 +117,15 @@ fn pki(dir: &Path) -> Pki {
 
 /// The intermediate's CRL revoking `revoked` and the root's (empty), as PEM.
 fn crls_pem(p: &Pki, revoked: &[u64]) -> Vec<u8> {
-    let far = OffsetDateTime::now_utc() + time::Duration::days(7);
+    crls_pem_until(
+        p,
+        revoked,
+        OffsetDateTime::now_utc() + time::Duration::days(7),
+    )
+}
+
+/// The same, with this `nextUpdate`.
+fn crls_pem_until(p: &Pki, revoked: &[u64], far: OffsetDateTime) -> Vec<u8> {
     format!(
         "{}{}",
         signed_crl(&p.inter, revoked, far).pem().unwrap(),
@@ -257,6 +272,10 @@ async fn a_crl_never_obtained_refuses_unless_unknown_revocation_allows() {
     assert_eq!(lenient.decide(&p.good).await, allowed());
     assert_eq!(strict.fetches().0, 0);
     assert!(strict.fetches().1 >= 1);
+    assert!(
+        strict.runtime.crl.first_fetch_attempted(),
+        "a failed first fetch does not hold readiness back"
+    );
 
     // Once it is obtained, the strict API passes.
     srv.serve(Serve::Body(crls_pem(&p, &[])));
@@ -271,14 +290,47 @@ async fn an_oversized_crl_is_refused() {
     let p = pki(dir.path());
     let mut huge = crls_pem(&p, &[]);
     huge.resize(9 * 1024 * 1024, b'\n');
-    let srv = CrlServer::start(Serve::Body(huge)).await;
-    let svc = Service::compile(&config(dir.path(), &srv.url, ""));
-    srv.answered(0, 1).await;
+    for (how, serve) in [
+        ("with Content-Length", Serve::Body(huge.clone())),
+        ("streamed", Serve::Streamed(huge.clone())),
+    ] {
+        let srv = CrlServer::start(serve).await;
+        let svc = Service::compile(&config(dir.path(), &srv.url, ""));
+        srv.answered(0, 1).await;
+        assert_eq!(
+            svc.decide(&p.good).await,
+            denied("ClientCertificateNotTrusted"),
+            "a body over 8 MiB ({how}) is not installed"
+        );
+        assert_eq!(svc.fetches().0, 0, "{how}");
+        assert!(svc.fetches().1 >= 1, "{how}");
+    }
+}
+
+/// A fetched CRL past its `nextUpdate` (the server has nothing newer): revocation status unknown.
+#[tokio::test]
+async fn a_stale_fetched_crl_refuses_unless_unknown_revocation_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let past = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let srv = CrlServer::start(Serve::Body(crls_pem_until(&p, &[], past))).await;
+    let strict = Service::compile(&config(dir.path(), &srv.url, ""));
+    let lenient = Service::compile(&config(
+        dir.path(),
+        &srv.url,
+        "        unknown_revocation: allow\n",
+    ));
+    srv.answered(0, 2).await;
+    assert!(strict.fetches().0 >= 1, "the stale CRL was installed");
     assert_eq!(
-        svc.decide(&p.good).await,
-        denied("ClientCertificateNotTrusted"),
-        "a body over 8 MiB is not installed"
+        strict.decide(&p.good).await,
+        denied("ClientCertificateNotTrusted")
     );
-    assert_eq!(svc.fetches().0, 0);
-    assert!(svc.fetches().1 >= 1);
+    assert_eq!(lenient.decide(&p.good).await, allowed());
+
+    // A fresh one arrives: the strict API passes again.
+    srv.serve(Serve::Body(crls_pem(&p, &[])));
+    let seen = srv.hits();
+    srv.answered(seen, 2).await;
+    assert_eq!(strict.decide(&p.good).await, allowed());
 }

@@ -88,6 +88,10 @@ pub struct UrlCrl {
     timing: CrlTiming,
     http: Option<reqwest::Client>,
     current: ArcSwapOption<Fetched>,
+    /// A background task fetches this URL.
+    background: bool,
+    /// Finished fetch attempts.
+    attempts: AtomicU64,
     /// Counts under the API that first named this URL (and every later generation of it).
     totals: Arc<CrlStats>,
     _stop: Option<oneshot::Sender<()>>,
@@ -111,6 +115,11 @@ impl UrlCrl {
     /// The URL.
     pub fn url(&self) -> &Url {
         &self.url
+    }
+
+    /// Whether the first fetch was attempted (or none will be: offline, no runtime).
+    pub fn first_fetch_attempted(&self) -> bool {
+        !self.background || self.attempts.load(Ordering::Acquire) > 0
     }
 
     async fn fetch_and_install(&self) -> Option<Option<i64>> {
@@ -206,6 +215,7 @@ async fn refresh_task(crl: Weak<UrlCrl>, mut stop: oneshot::Receiver<()>) {
         }
         let Some(c) = crl.upgrade() else { return };
         let outcome = c.fetch_and_install().await;
+        c.attempts.fetch_add(1, Ordering::AcqRel);
         wait = next_wait(c.timing, outcome);
     }
 }
@@ -274,6 +284,8 @@ impl CrlRegistry {
             timing,
             http: if background { http() } else { None },
             current: ArcSwapOption::empty(),
+            background,
+            attempts: AtomicU64::new(0),
             totals,
             _stop: tx,
         });
@@ -282,6 +294,14 @@ impl CrlRegistry {
         }
         map.insert(key, Arc::downgrade(&crl));
         crl
+    }
+
+    /// Whether every fetcher in use attempted its first fetch (for the readiness probe).
+    pub fn first_fetch_attempted(&self) -> bool {
+        let map = self.fetchers.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .filter_map(Weak::upgrade)
+            .all(|c| c.first_fetch_attempted())
     }
 
     /// `(api, successes, failures)` of every API that named a CRL URL (`portcullis.crl.fetches`).

@@ -334,3 +334,45 @@ async fn a_stale_fetched_crl_refuses_unless_unknown_revocation_allows() {
     srv.answered(seen, 2).await;
     assert_eq!(strict.decide(&p.good).await, allowed());
 }
+
+/// `portcullis check` fetches the CRL URLs once before it decides.
+#[tokio::test]
+async fn check_fetches_the_crl_urls_before_deciding() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let revoked = leaf(
+        "partner",
+        &p.inter,
+        1002,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        None,
+    );
+    let srv = CrlServer::start(Serve::Body(crls_pem(&p, &[1002]))).await;
+    let file = dir.path().join("portcullis.yaml");
+    std::fs::write(&file, config(dir.path(), &srv.url, "")).unwrap();
+    for (name, cert, code, reason) in [
+        ("good", &p.good, 0, None),
+        ("revoked", &revoked, 1, Some("ClientCertificateRevoked")),
+    ] {
+        let pem = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&pem, cert.pem()).unwrap();
+        let file = file.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["check", "--url", "https://api.example.com/x", "--config"])
+                .arg(&file)
+                .arg("--cert")
+                .arg(&pem)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(code), "{name}: {stdout}");
+        if let Some(r) = reason {
+            assert!(stdout.contains(r), "{name}: {stdout}");
+        }
+    }
+    assert!(srv.hits() >= 2, "one fetch per check");
+}

@@ -45,11 +45,13 @@ impl Runtime {
         self.credentials.publish(&policy.credentials);
     }
 
-    /// A runtime for `check`: signing keys are fetched when the check needs them; nothing runs in
-    /// the background.
+    /// A runtime for `check`: signing keys are fetched when the check needs them, CRLs of
+    /// `crl_urls` when asked ([`cert::crl::CrlRegistry::fetch_unobtained`]); nothing runs in the
+    /// background.
     pub fn on_demand() -> Self {
         Runtime {
             identity: identity::Registry::on_demand(),
+            crl: cert::crl::CrlRegistry::on_demand(),
             ..Runtime::offline()
         }
     }

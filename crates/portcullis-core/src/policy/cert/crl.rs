@@ -11,6 +11,10 @@
 //!   last good CRL; failures are counted (`portcullis.crl.fetches`);
 //! - the task holds a weak reference and ends when no policy set uses the fetcher any more.
 //!
+//! `serve` fetches in the background; `check` fetches each URL once, when asked
+//! ([`CrlRegistry::fetch_unobtained`]), before it decides; `validate` never fetches (a URL's CRL
+//! is then never obtained).
+//!
 //! Each CRL installed bumps [`generation`]: a verified chain cached under an older generation is
 //! verified again, so a newly revoked certificate is refused at once.
 
@@ -236,9 +240,34 @@ impl Default for CrlRegistry {
 }
 
 impl CrlRegistry {
-    /// A registry that never fetches (`validate`, `check`): CRLs of URLs are never obtained.
+    /// A registry that never fetches (`validate`): CRLs of URLs are never obtained.
     pub fn offline() -> Self {
         CrlRegistry::with_mode(FetchMode::Offline)
+    }
+
+    /// A registry that fetches only when asked ([`CrlRegistry::fetch_unobtained`]; `check`).
+    pub fn on_demand() -> Self {
+        CrlRegistry::with_mode(FetchMode::OnDemand)
+    }
+
+    /// Fetches, once and concurrently, every URL in use whose CRL was never obtained (`check`,
+    /// before it decides). Nothing in other modes.
+    pub async fn fetch_unobtained(&self) {
+        if self.mode != FetchMode::OnDemand {
+            return;
+        }
+        let pending: Vec<Arc<UrlCrl>> = {
+            let map = self.fetchers.lock().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter_map(Weak::upgrade)
+                .filter(|c| c.current.load().is_none())
+                .collect()
+        };
+        futures::future::join_all(pending.iter().map(|c| async move {
+            c.fetch_and_install().await;
+            c.attempts.fetch_add(1, Ordering::AcqRel);
+        }))
+        .await;
     }
 
     fn with_mode(mode: FetchMode) -> Self {
@@ -282,7 +311,11 @@ impl CrlRegistry {
         let crl = Arc::new(UrlCrl {
             url: url.clone(),
             timing,
-            http: if background { http() } else { None },
+            http: if self.mode == FetchMode::Offline {
+                None
+            } else {
+                http()
+            },
             current: ArcSwapOption::empty(),
             background,
             attempts: AtomicU64::new(0),

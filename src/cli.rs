@@ -355,8 +355,10 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    // Signing keys may be fetched (once, when the JWT step needs them); nothing else leaves the process.
-    let compiled = config::load(path).and_then(|src| policy::compile(&src, &Runtime::on_demand()));
+    // Signing keys may be fetched (once, when the JWT step needs them), and the CRLs of
+    // `crl_urls` (once each, before deciding); nothing else leaves the process.
+    let runtime = Runtime::on_demand();
+    let compiled = config::load(path).and_then(|src| policy::compile(&src, &runtime));
     let (policy, _) = match compiled {
         Ok(c) => c,
         Err(errs) => return fail(format!("{} is invalid:\n{errs}", path.display())),
@@ -370,6 +372,7 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         peer_certificate: &cert,
         context_extensions: if ce.is_empty() { None } else { Some(&ce) },
     };
+    rt.block_on(runtime.crl.fetch_unobtained());
     let decision = rt.block_on(policy.decide(
         &input,
         EvalOptions {

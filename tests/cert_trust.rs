@@ -3,100 +3,16 @@
 //! for servers only, under an expired intermediate, and forged under another root with the same
 //! names), through the real server over gRPC (Envoy's peer certificate, and XFCC with `Chain=`).
 
+mod cert_common;
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use common::{TestServer, get, seen};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
-};
+use cert_common::{Ca, allowed, ca, crl, denied, enc, leaf, sha1_hex, verdict};
+use common::{TestServer, get};
+use rcgen::ExtendedKeyUsagePurpose;
 use time::OffsetDateTime;
-
-struct Ca {
-    cert: rcgen::Certificate,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca(cn: &str, parent: Option<&Ca>, not_after: OffsetDateTime) -> Ca {
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.distinguished_name
-        .push(DnType::OrganizationName, "Contoso");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    p.not_before = OffsetDateTime::now_utc() - time::Duration::days(30);
-    p.not_after = not_after;
-    let key = KeyPair::generate().unwrap();
-    let cert = match parent {
-        Some(parent) => p.signed_by(&key, &parent.issuer).unwrap(),
-        None => p.self_signed(&key).unwrap(),
-    };
-    Ca {
-        cert,
-        issuer: Issuer::new(p, key),
-    }
-}
-
-fn leaf(
-    cn: &str,
-    by: &Ca,
-    serial: u64,
-    eku: ExtendedKeyUsagePurpose,
-    uri: Option<&str>,
-) -> rcgen::Certificate {
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.distinguished_name
-        .push(DnType::OrganizationName, "Contoso");
-    p.serial_number = Some(SerialNumber::from(serial));
-    p.extended_key_usages = vec![eku];
-    p.not_before = OffsetDateTime::now_utc() - time::Duration::days(1);
-    p.not_after = OffsetDateTime::now_utc() + time::Duration::days(365);
-    if let Some(u) = uri {
-        p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())];
-    }
-    p.signed_by(&KeyPair::generate().unwrap(), &by.issuer)
-        .unwrap()
-}
-
-fn crl(by: &Ca, revoked: &[u64], next_update: OffsetDateTime) -> String {
-    CertificateRevocationListParams {
-        this_update: next_update - time::Duration::days(8),
-        next_update,
-        crl_number: SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: revoked
-            .iter()
-            .map(|s| RevokedCertParams {
-                serial_number: SerialNumber::from(*s),
-                revocation_time: OffsetDateTime::now_utc() - time::Duration::days(2),
-                reason_code: None,
-                invalidity_date: None,
-            })
-            .collect(),
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(&by.issuer)
-    .unwrap()
-    .pem()
-    .unwrap()
-}
-
-fn enc(pem: &str) -> String {
-    percent_encoding::utf8_percent_encode(pem, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-fn sha1_hex(der: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref())
-}
 
 struct Pki {
     root: Ca,
@@ -218,24 +134,6 @@ apis:
     .replace("inter.pem", &format!("{}/inter.pem", dir.display()))
     .replace("[crl.pem]", &format!("[{}/crl.pem]", dir.display()))
     .replace("stale-crl.pem", &format!("{}/stale-crl.pem", dir.display()))
-}
-
-/// (code, HTTP status or none, reason or none)
-fn verdict(r: &portcullis::proto::auth::CheckResponse) -> (i32, Option<i32>, Option<String>) {
-    let s = seen(r);
-    let reason = s
-        .body
-        .as_ref()
-        .map(|b| b["reason"].as_str().unwrap().to_string());
-    (s.code, s.status, reason)
-}
-
-fn allowed() -> (i32, Option<i32>, Option<String>) {
-    (0, None, None)
-}
-
-fn denied(reason: &str) -> (i32, Option<i32>, Option<String>) {
-    (7, Some(403), Some(reason.to_string()))
 }
 
 #[tokio::test]
@@ -471,6 +369,31 @@ fn trust_settings_are_checked_with_their_paths() {
             format!("client_certificate: {{ trust: {{ ca_files: [{d}/root.pem], validate_revocation: true }} }}"),
             "apis[0].client_certificate.trust.validate_revocation",
             "needs `crl_files`",
+        ),
+        (
+            format!("client_certificate: {{ trust: {{ ca_files: [{d}/root.pem], crl_urls: [\"crl.example.com/ca.crl\"] }} }}"),
+            "apis[0].client_certificate.trust.crl_urls[0]",
+            "is not a URL",
+        ),
+        (
+            format!("client_certificate: {{ trust: {{ ca_files: [{d}/root.pem], crl_urls: [\"http://crl.example.com/ca.crl\"] }} }}"),
+            "apis[0].client_certificate.trust.crl_urls[0]",
+            "plain http is allowed only to a loopback host",
+        ),
+        (
+            format!("client_certificate: {{ trust: {{ ca_files: [{d}/root.pem], crl_urls: [\"ldap://crl.example.com/ca\"] }} }}"),
+            "apis[0].client_certificate.trust.crl_urls[0]",
+            "is not an https:// URL",
+        ),
+        (
+            format!("client_certificate: {{ trust: {{ ca_files: [{d}/root.pem], crl_urls: [\"https://crl.example.com/ca.crl\"], crl_refresh: 0s }} }}"),
+            "apis[0].client_certificate.trust.crl_refresh",
+            "must be greater than 0",
+        ),
+        (
+            format!("client_certificate: {{ trust: {{ ca_files: [{d}/root.pem], crl_urls: [\"https://crl.example.com/ca.crl\"], crl_fetch_timeout: soon }} }}"),
+            "apis[0].client_certificate.trust.crl_fetch_timeout",
+            "is not a duration",
         ),
         (
             format!("client_certificate: {{ trust: {{ ca_files: [{d}/missing.pem] }} }}"),

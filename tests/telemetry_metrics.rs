@@ -212,6 +212,15 @@ apis:
     // themselves, and /metrics reads those counts when scraped. Real events: a provider whose key
     // set is served, one whose key server is down, and a credential whose token endpoint is down.
     let idp = FakeIdp::start(keys::jwks(&[&keys::rsa(0, Some("k1"))])).await;
+    // And a CRL URL whose server is down.
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_file = ca_dir.path().join("ca.pem");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
     srv.write_config(&format!(
         r#"{yaml}
   - name: backend
@@ -220,6 +229,9 @@ apis:
   - name: profile
     match: {{ path_prefix: /profile }}
     jwt: {{ providers: [corp, corp-down] }}
+  - name: partners
+    match: {{ path_prefix: /partners }}
+    client_certificate: {{ trust: {{ ca_files: ["{ca}"], crl_urls: ["http://127.0.0.1:1/ca.crl"] }} }}
 identity_providers:
   - {{ name: corp, issuer: "{iss}", jwks_uri: "{uri}" }}
   - {{ name: corp-down, issuer: "https://down.test", jwks_uri: "http://127.0.0.1:1/jwks" }}
@@ -227,7 +239,8 @@ credentials:
   - {{ name: orders-backend, grant: client_credentials, token_url: "http://127.0.0.1:1/token", client_id: app, client_secret: s3cret-value }}
 "#,
         iss = idp.issuer,
-        uri = idp.jwks_uri()
+        uri = idp.jwks_uri(),
+        ca = ca_file.display()
     ));
     srv.running.reload().await.unwrap();
     let denied = seen(
@@ -248,11 +261,19 @@ credentials:
             &[("provider", provider), ("result", result)],
         )
     };
+    let crl_fetches = |text: &str, result: &str| {
+        sample(
+            text,
+            "portcullis_crl_fetches_total",
+            &[("api", "partners"), ("result", result)],
+        )
+    };
     let deadline = std::time::Instant::now() + telemetry_common::PATIENCE;
     let text = loop {
         let text = scrape().await;
         if fetches(&text, "corp", "success").is_some()
             && fetches(&text, "corp-down", "error").is_some()
+            && crl_fetches(&text, "error").is_some()
         {
             break text;
         }
@@ -270,6 +291,8 @@ credentials:
     assert_eq!(fetches(&text, "corp", "error"), None);
     assert!(fetches(&text, "corp-down", "error").unwrap() >= 1.0);
     assert_eq!(fetches(&text, "corp-down", "success"), None);
+    assert!(crl_fetches(&text, "error").unwrap() >= 1.0);
+    assert_eq!(crl_fetches(&text, "success"), None);
     for (result, n) in [("miss", Some(1.0)), ("error", Some(1.0)), ("hit", None)] {
         assert_eq!(
             sample(

@@ -153,7 +153,8 @@ pub fn router(state: Arc<State>) -> Router {
 /// Ready once every identity provider in use has finished its first key fetch (successful or not):
 /// a proxy that routes traffic here sooner would see 503s for the few hundred milliseconds of the
 /// first fetch. A provider that is down does not hold readiness back beyond one attempt (bounded by
-/// its `fetch_timeout`): its checks fail closed with IdentityProviderUnavailable meanwhile.
+/// its `fetch_timeout`): its checks fail closed with IdentityProviderUnavailable meanwhile. The same
+/// for the CRLs of `client_certificate.trust.crl_urls` (bounded by `crl_fetch_timeout`).
 async fn readyz(AxState(state): AxState<Arc<State>>) -> Response {
     if state.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
@@ -161,6 +162,12 @@ async fn readyz(AxState(state): AxState<Arc<State>>) -> Response {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first key fetch of every identity provider\n",
+        )
+            .into_response()
+    } else if !state.runtime.crl.first_fetch_attempted() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first fetch of every CRL URL\n",
         )
             .into_response()
     } else {

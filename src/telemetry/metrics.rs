@@ -244,6 +244,27 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
             }
         })
         .build();
+    let crl = runtime.clone();
+    let _ = meter
+        .u64_observable_counter("portcullis.crl.fetches")
+        .with_description("CRL fetches of `client_certificate.trust.crl_urls` by API and result.")
+        .with_callback(move |o| {
+            for (api, ok, failed) in crl.crl.fetches() {
+                for (result, n) in [("success", ok), ("error", failed)] {
+                    if n == 0 {
+                        continue;
+                    }
+                    o.observe(
+                        n,
+                        &[
+                            KeyValue::new("api", api.clone()),
+                            KeyValue::new("result", result),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
     let introspection = runtime.clone();
     let _ = meter
         .u64_observable_counter("portcullis.introspection.requests")

@@ -308,7 +308,14 @@ pub struct CertTrust {
     pub intermediate_files: Vec<String>,
     #[serde(default)]
     pub crl_files: Vec<String>,
-    /// Default: true when `crl_files` are given (APIM's `validate-revocation`).
+    /// CRLs fetched in the background (https; http only to a loopback host).
+    #[serde(default)]
+    pub crl_urls: Vec<String>,
+    /// Period of CRL fetches (default 1h; earlier when a CRL's `nextUpdate` comes first).
+    pub crl_refresh: Option<String>,
+    /// Limit of one CRL fetch (default 5s).
+    pub crl_fetch_timeout: Option<String>,
+    /// Default: true when `crl_files` or `crl_urls` are given (APIM's `validate-revocation`).
     pub validate_revocation: Option<bool>,
     /// `deny` (default) or `allow`: no CRL of an issuer, or a CRL past its next update.
     pub unknown_revocation: Option<String>,

@@ -215,7 +215,7 @@ impl Registry {
 
     /// The HTTP client for key fetches, built once. `None` when offline or when it cannot be built
     /// (then every fetch fails and says so).
-    pub(super) fn http(&self) -> Option<reqwest::Client> {
+    pub(crate) fn http(&self) -> Option<reqwest::Client> {
         if self.mode == FetchMode::Offline {
             return None;
         }

@@ -404,6 +404,7 @@ impl CertPolicy {
     }
 }
 
+pub mod crl;
 pub mod trust;
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub struct Runtime {
     pub identity: identity::Registry,
     /// Backend credentials and their token caches.
     pub credentials: credentials::Registry,
+    /// Fetchers of `client_certificate.trust.crl_urls`.
+    pub crl: cert::crl::CrlRegistry,
 }
 
 impl Runtime {
@@ -31,6 +33,7 @@ impl Runtime {
     pub fn offline() -> Self {
         Runtime {
             identity: identity::Registry::offline(),
+            crl: cert::crl::CrlRegistry::offline(),
             ..Runtime::default()
         }
     }
@@ -42,11 +45,13 @@ impl Runtime {
         self.credentials.publish(&policy.credentials);
     }
 
-    /// A runtime for `check`: signing keys are fetched when the check needs them; nothing runs in
-    /// the background.
+    /// A runtime for `check`: signing keys are fetched when the check needs them, CRLs of
+    /// `crl_urls` when asked ([`cert::crl::CrlRegistry::fetch_unobtained`]); nothing runs in the
+    /// background.
     pub fn on_demand() -> Self {
         Runtime {
             identity: identity::Registry::on_demand(),
+            crl: cert::crl::CrlRegistry::on_demand(),
             ..Runtime::offline()
         }
     }
@@ -226,6 +231,7 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         open_apis: &open_apis,
         providers: &providers,
         credentials: &credentials,
+        runtime,
         dynamic_metadata: f.dynamic_metadata.unwrap_or(true),
     };
     let mut apis = Vec::with_capacity(f.apis.len());
@@ -304,6 +310,8 @@ struct ApiShared<'a> {
     open_apis: &'a HashSet<usize>,
     providers: &'a identity::ProviderSet,
     credentials: &'a credentials::CredentialSet,
+    /// For `crl_urls`.
+    runtime: &'a Runtime,
     /// `dynamic_metadata` (top level).
     dynamic_metadata: bool,
 }
@@ -320,6 +328,7 @@ fn compile_api(
         open_apis,
         providers,
         credentials,
+        runtime,
         dynamic_metadata,
     } = *shared;
     let path = format!("apis[{i}]");
@@ -493,7 +502,10 @@ fn compile_api(
         let trust = c
             .trust
             .as_ref()
-            .and_then(|t| compile_trust(src, t, &format!("{path}.client_certificate.trust"), errs));
+            .and_then(|t| {
+                let tpath = format!("{path}.client_certificate.trust");
+                compile_trust(src, t, (a.name.as_str(), runtime), &tpath, errs)
+            });
         CertPolicy {
             identities,
             validate_not_before: c.validate_not_before.unwrap_or(true),
@@ -618,10 +630,12 @@ fn compile_api(
     })
 }
 
-/// Reads `client_certificate.trust`: the CA, intermediate and CRL files, each error at its path.
+/// Reads `client_certificate.trust`: the CA, intermediate and CRL files, each error at its path,
+/// and starts (or reuses) the fetchers of its CRL URLs.
 fn compile_trust(
     src: &Source,
     t: &config::CertTrust,
+    (api, runtime): (&str, &Runtime),
     path: &str,
     errs: &mut ConfigErrors,
 ) -> Option<Arc<cert::trust::Trust>> {
@@ -652,11 +666,57 @@ fn compile_trust(
     if t.ca_files.is_empty() {
         errs.push(format!("{path}.ca_files"), "list at least one CA file");
     }
-    let revocation = t.validate_revocation.unwrap_or(!t.crl_files.is_empty());
-    if revocation && t.crl_files.is_empty() {
+    let mut urls = Vec::new();
+    for (j, u) in t.crl_urls.iter().enumerate() {
+        let upath = format!("{path}.crl_urls[{j}]");
+        match reqwest::Url::parse(u) {
+            Ok(url) if url.scheme() == "https" && url.host_str().is_some() => urls.push(url),
+            Ok(url)
+                if url.scheme() == "http"
+                    && url.host_str().is_some()
+                    && cert::crl::is_loopback(&url) =>
+            {
+                urls.push(url)
+            }
+            Ok(url) if url.scheme() == "http" => errs.push(
+                upath,
+                format!("`{u}`: plain http is allowed only to a loopback host; use https"),
+            ),
+            Ok(_) => errs.push(upath, format!("`{u}` is not an https:// URL")),
+            Err(e) => errs.push(upath, format!("`{u}` is not a URL ({e})")),
+        }
+    }
+    let duration = |value: Option<&str>, default, field: &str, errs: &mut ConfigErrors| {
+        let Some(s) = value else { return default };
+        match config::duration(s, &format!("{path}.{field}"), errs) {
+            Some(d) if d.is_zero() => {
+                errs.push(format!("{path}.{field}"), "must be greater than 0");
+                default
+            }
+            Some(d) => d,
+            None => default,
+        }
+    };
+    let timing = cert::crl::CrlTiming {
+        refresh: duration(
+            t.crl_refresh.as_deref(),
+            cert::crl::DEFAULT_REFRESH,
+            "crl_refresh",
+            errs,
+        ),
+        timeout: duration(
+            t.crl_fetch_timeout.as_deref(),
+            cert::crl::DEFAULT_TIMEOUT,
+            "crl_fetch_timeout",
+            errs,
+        ),
+    };
+    let has_crls = !t.crl_files.is_empty() || !t.crl_urls.is_empty();
+    let revocation = t.validate_revocation.unwrap_or(has_crls);
+    if revocation && !has_crls {
         errs.push(
             format!("{path}.validate_revocation"),
-            "needs `crl_files`: with no CRL every status is unknown",
+            "needs `crl_files` or `crl_urls`: with no CRL every status is unknown",
         );
     }
     let unknown_revocation_allows = match t.unknown_revocation.as_deref() {
@@ -677,6 +737,14 @@ fn compile_trust(
         ca,
         intermediates,
         crls,
+        crl_urls: urls
+            .iter()
+            .map(|u| {
+                runtime
+                    .crl
+                    .fetcher(api, u, timing, || runtime.identity.http())
+            })
+            .collect(),
         revocation,
         unknown_revocation_allows,
     }) {

@@ -13,8 +13,10 @@
 //!
 //! A cached verification is used only while every certificate of its chain is valid at the
 //! check's time and, when revocation is on and a stale CRL refuses, while every CRL is before its
-//! next update. CRLs and CAs are read when the configuration is compiled: a new CRL file takes
-//! effect with the next reload (SIGHUP, or any change to the configuration file).
+//! next update, and only while no fetched CRL changed since (see [`super::crl::generation`]). CRL
+//! files and CAs are read when the configuration is compiled: a new CRL file takes effect with the
+//! next reload (SIGHUP, or any change to the configuration file); CRLs of `crl_urls` are read per
+//! verification from their fetchers.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -53,6 +55,8 @@ pub struct Trust {
     crls: Vec<CertRevocationList<'static>>,
     /// The earliest `nextUpdate` of the CRLs, seconds since the epoch.
     crls_fresh_until: Option<i64>,
+    /// `crl_urls`: their current CRLs are used with `crls`.
+    crl_urls: Vec<Arc<super::crl::UrlCrl>>,
     revocation: bool,
     /// Unknown revocation status (no CRL of the issuer, or a CRL past its next update) passes.
     unknown_revocation_allows: bool,
@@ -65,6 +69,7 @@ impl std::fmt::Debug for Trust {
             .field("anchors", &self.anchors.len())
             .field("intermediates", &self.intermediates.len())
             .field("crls", &self.crls.len())
+            .field("crl_urls", &self.crl_urls.len())
             .field("revocation", &self.revocation)
             .finish_non_exhaustive()
     }
@@ -81,6 +86,8 @@ pub struct Verified {
     valid_from: i64,
     /// ... until then.
     valid_until: i64,
+    /// [`super::crl::generation`] before the verification read the CRLs.
+    crl_generation: u64,
 }
 
 /// Why a certificate did not pass.
@@ -104,6 +111,8 @@ pub struct TrustFiles {
     pub intermediates: Vec<(String, Vec<u8>)>,
     /// CRLs, PEM or DER.
     pub crls: Vec<(String, Vec<u8>)>,
+    /// The fetchers of `crl_urls`.
+    pub crl_urls: Vec<Arc<super::crl::UrlCrl>>,
     /// Check revocation.
     pub revocation: bool,
     /// Let unknown revocation status pass.
@@ -155,32 +164,15 @@ impl Trust {
         let mut crls = Vec::new();
         let mut crls_fresh_until: Option<i64> = None;
         for (name, bytes) in &files.crls {
-            match crl_ders(bytes) {
-                Ok(ders) if ders.is_empty() => errors.push((name.clone(), "no CRL".to_string())),
-                Ok(ders) => {
-                    for der in ders {
-                        let next_update = match CertificateRevocationList::from_der(&der) {
-                            Ok((_, crl)) => crl.next_update().map(|t| t.timestamp()),
-                            Err(_) => {
-                                errors.push((name.clone(), "a CRL is not valid DER".to_string()));
-                                continue;
-                            }
-                        };
-                        match OwnedCertRevocationList::from_der(&der) {
-                            Ok(crl) => {
-                                crls.push(CertRevocationList::Owned(crl));
-                                if let Some(t) = next_update {
-                                    crls_fresh_until =
-                                        Some(crls_fresh_until.map_or(t, |u| u.min(t)));
-                                }
-                            }
-                            Err(e) => {
-                                errors.push((name.clone(), format!("a CRL is unusable ({e})")))
-                            }
-                        }
-                    }
+            match parse_crls(bytes) {
+                Ok((parsed, _)) if parsed.is_empty() => {
+                    errors.push((name.clone(), "no CRL".to_string()))
                 }
-                Err(e) => errors.push((name.clone(), e.clone())),
+                Ok((parsed, next_update)) => {
+                    crls.extend(parsed);
+                    crls_fresh_until = earliest(crls_fresh_until, next_update);
+                }
+                Err(e) => errors.push((name.clone(), e)),
             }
         }
         if !errors.is_empty() {
@@ -193,6 +185,7 @@ impl Trust {
             intermediates,
             crls,
             crls_fresh_until,
+            crl_urls: files.crl_urls,
             revocation: files.revocation,
             unknown_revocation_allows: files.unknown_revocation_allows,
             cache: moka::sync::Cache::new(CACHE_ENTRIES),
@@ -226,13 +219,16 @@ impl Trust {
             }
             h.finalize()
         };
+        let crl_generation = super::crl::generation();
         if let Some(hit) = self.cache.get(&key)
             && hit.valid_from <= now_secs
             && now_secs <= hit.valid_until
+            && (self.crl_urls.is_empty() || hit.crl_generation == crl_generation)
         {
             return Ok(hit);
         }
-        let verified = Arc::new(self.verify_uncached(leaf, chain, now, now_secs)?);
+        let verified =
+            Arc::new(self.verify_uncached(leaf, chain, now, now_secs, crl_generation)?);
         self.cache.insert(key, verified.clone());
         Ok(verified)
     }
@@ -243,6 +239,7 @@ impl Trust {
         chain: Option<&str>,
         now: SystemTime,
         now_secs: i64,
+        crl_generation: u64,
     ) -> Result<Verified, TrustFailure> {
         let mut intermediates: Vec<CertificateDer<'_>> = Vec::new();
         if let Some(chain) = chain {
@@ -259,7 +256,19 @@ impl Trust {
         let leaf_der = CertificateDer::from(leaf);
         let ee = EndEntityCert::try_from(&leaf_der)
             .map_err(|e| TrustFailure::NotTrusted(format!("the certificate: {e}")))?;
-        let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        let fetched: Vec<_> = if self.revocation {
+            self.crl_urls.iter().filter_map(|u| u.current()).collect()
+        } else {
+            Vec::new()
+        };
+        let mut crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        let mut crls_fresh_until = self.crls_fresh_until;
+        for f in &fetched {
+            crl_refs.extend(f.crls.iter());
+            crls_fresh_until = earliest(crls_fresh_until, f.next_update);
+        }
+        // No CRL at all (every URL still unobtained): webpki would check nothing.
+        let no_crl_yet = self.revocation && crl_refs.is_empty();
         let revocation = match (self.revocation, RevocationOptionsBuilder::new(&crl_refs)) {
             (true, Ok(builder)) => Some(
                 builder
@@ -293,6 +302,11 @@ impl Trust {
                 None,
             )
             .map_err(failure)?;
+        if no_crl_yet && !self.unknown_revocation_allows {
+            return Err(TrustFailure::NotTrusted(
+                "no CRL was obtained from `crl_urls` yet: revocation status unknown".into(),
+            ));
+        }
 
         // The validity of the chain, for the cache and for the CA itself (webpki does not look at
         // a trust anchor's dates).
@@ -321,7 +335,7 @@ impl Trust {
         valid_until = valid_until.min(anchor.not_after);
         if self.revocation
             && !self.unknown_revocation_allows
-            && let Some(fresh) = self.crls_fresh_until
+            && let Some(fresh) = crls_fresh_until
         {
             valid_until = valid_until.min(fresh);
         }
@@ -337,6 +351,7 @@ impl Trust {
             issuer_sha256,
             valid_from,
             valid_until,
+            crl_generation,
         })
     }
 }
@@ -395,6 +410,33 @@ fn certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         }
     }
     Ok(out)
+}
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The CRLs of a file or a fetched body (PEM or DER) and their earliest `nextUpdate`; an error says
+/// what is wrong, never naming the source.
+pub(super) fn parse_crls(
+    bytes: &[u8],
+) -> Result<(Vec<CertRevocationList<'static>>, Option<i64>), String> {
+    let mut crls = Vec::new();
+    let mut fresh_until = None;
+    for der in crl_ders(bytes)? {
+        let next_update = match CertificateRevocationList::from_der(&der) {
+            Ok((_, crl)) => crl.next_update().map(|t| t.timestamp()),
+            Err(_) => return Err("a CRL is not valid DER".to_string()),
+        };
+        let crl = OwnedCertRevocationList::from_der(&der)
+            .map_err(|e| format!("a CRL is unusable ({e})"))?;
+        crls.push(CertRevocationList::Owned(crl));
+        fresh_until = earliest(fresh_until, next_update);
+    }
+    Ok((crls, fresh_until))
 }
 
 /// CRLs: `X509 CRL` PEM blocks, or one DER CRL.

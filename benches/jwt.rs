@@ -88,6 +88,7 @@ fn bench(c: &mut Criterion) {
         method: "GET",
         host: "api.example.com",
         path: "/orders/42",
+        scheme: "",
         headers: &headers,
         peer: None,
         peer_certificate: "",

@@ -141,6 +141,9 @@ pub(crate) struct Record {
     #[serde(serialize_with = "display_opt")]
     subscription_id: Option<Arc<str>>,
     subject: Option<String>,
+    /// `none`, `dpop` or `refused` (RFC 9449): never the proof or the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_binding: Option<&'static str>,
     #[serde(
         skip_serializing_if = "Option::is_none",
         serialize_with = "display_opt_opt"
@@ -170,6 +173,7 @@ impl Record {
             shadow: d.waived.is_some(),
             subscription_id: d.facts.subscription_id.clone(),
             subject: d.facts.subject.clone(),
+            token_binding: d.facts.token_binding,
             client_ip: with_client_ip.then_some(d.facts.client_ip),
             request: None,
             duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),

@@ -112,6 +112,8 @@ pub struct Facts {
     pub subscription_id: Option<Arc<str>>,
     /// The token's `sub`.
     pub subject: Option<String>,
+    /// How the token was bound to the request: `none`, `dpop`, or `refused` (never the proof).
+    pub token_binding: Option<&'static str>,
 }
 
 /// One check's result, for explanations.

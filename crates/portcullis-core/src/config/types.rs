@@ -344,6 +344,10 @@ pub struct Jwt {
     pub require_expiration_time: Option<bool>,
     pub failed_status: Option<u16>,
     pub failed_message: Option<String>,
+    /// RFC 9449: `required` or `allowed`; absent: DPoP is not accepted.
+    pub dpop: Option<String>,
+    pub dpop_max_age: Option<String>,
+    pub dpop_algorithms: Option<Vec<String>>,
 }
 
 /// Where the token is read from: exactly one of the fields.

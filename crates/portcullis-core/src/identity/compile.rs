@@ -595,6 +595,7 @@ pub fn compile_jwt(
             "must not contain control characters",
         );
     }
+    let dpop = super::dpop::compile(cfg, &location, path, errs);
     if errs.0.len() > before {
         return None;
     }
@@ -611,6 +612,7 @@ pub fn compile_jwt(
         failed_message: cfg.failed_message.clone(),
         shared: providers.shared.clone(),
         entra,
+        dpop,
     })
 }
 

@@ -310,7 +310,13 @@ impl PolicySet {
         {
             Ok(()) => {}
             // Neither a deny nor one to waive: the caller decides again, waiting.
-            Err(_) if ev.would_wait => return None,
+            Err(_) if ev.would_wait => {
+                // Evaluated again, waiting, with the same DPoP proof: not a replay.
+                if let (Some(jwt), Some(token)) = (&api.jwt, &ev.seen.token) {
+                    jwt.release_proof(token);
+                }
+                return None;
+            }
             Err(denial) if api.shadow => {
                 tracing::info!(api = %api.name, reason = %denial.reason, decision_id = %ev.d.id, "shadow mode: deny not enforced");
                 ev.d.waived = Some(denial.reason);
@@ -526,10 +532,17 @@ impl PolicySet {
                 Ok(Some(valid)) => {
                     ev.pass("jwt", || valid.describe());
                     ev.d.facts.subject = valid.subject().map(str::to_string);
+                    ev.d.facts.token_binding = Some(valid.binding().as_str());
                     ev.seen.token = Some(valid.clone());
                     token = Some(valid);
                 }
                 Err(failure) => {
+                    if matches!(
+                        failure.denial.reason,
+                        Reason::DpopProofInvalid | Reason::TokenBindingMismatch
+                    ) {
+                        ev.d.facts.token_binding = Some("refused");
+                    }
                     let detail = failure.detail.clone();
                     return Err(ev.deny_with("jwt", failure.denial, move || detail));
                 }

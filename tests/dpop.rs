@@ -327,3 +327,107 @@ async fn a_proof_over_8_kib_is_refused() {
     c["pad"] = json!("x".repeat(9000));
     assert_bad_proof(&s.send(&token, &s.proof(&c)).await);
 }
+
+#[test]
+fn dpop_settings_are_validated() {
+    let base = |jwt: &str| {
+        format!(
+            r#"
+identity_providers:
+  - name: corp
+    issuer: "{ISS}"
+    keys: [{{kty: EC, crv: P-256, x: "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs", y: "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA"}}]
+apis:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    jwt: {{ providers: [corp], {jwt} }}
+"#
+        )
+    };
+    for (jwt, says) in [
+        (
+            "dpop: sometimes",
+            "`sometimes` is not `required` or `allowed`",
+        ),
+        (
+            "dpop: required, dpop_algorithms: [ES256, HS256]",
+            "apis[0].jwt.dpop_algorithms[1]",
+        ),
+        (
+            "dpop: allowed, dpop_algorithms: []",
+            "list at least one algorithm",
+        ),
+        (
+            "dpop: allowed, dpop_algorithms: [none]",
+            "`none` is not a supported algorithm",
+        ),
+        (
+            "dpop: allowed, dpop_max_age: 2h",
+            "apis[0].jwt.dpop_max_age",
+        ),
+        (
+            "dpop_max_age: 1m",
+            "need `dpop: required` or `dpop: allowed`",
+        ),
+        (
+            "dpop: required, from: { query: access_token }",
+            "`authorization` header",
+        ),
+        (
+            "dpop: required, from: { header: x-token }",
+            "`authorization` header",
+        ),
+    ] {
+        let err = common::validate_refuses(&base(jwt));
+        assert!(err.contains(says), "{jwt}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn check_explains_the_binding() {
+    let s = setup().await;
+    let token = s.token(Some(&s.client));
+    let headers: portcullis::policy::Headers = [
+        ("authorization".to_string(), format!("DPoP {token}")),
+        ("dpop".to_string(), s.proof(&s.proof_claims(&token))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.into_bytes().into()))
+    .collect();
+    let yaml = std::fs::read_to_string(&s.srv.config).unwrap();
+    let src = portcullis::config::parse(&yaml, std::path::Path::new(".")).unwrap();
+    let runtime = portcullis::policy::Runtime::offline();
+    let (policy, _) = portcullis::policy::compile(&src, &runtime).unwrap();
+    let input = portcullis::policy::CheckInput {
+        method: "GET",
+        host: "api.example.com",
+        path: "/orders/1",
+        scheme: "http",
+        headers: &headers,
+        peer: None,
+        peer_certificate: "",
+        context_extensions: None,
+    };
+    let opts = portcullis::policy::EvalOptions {
+        now: std::time::SystemTime::now(),
+        explain: true,
+    };
+    let d = policy.decide(&input, opts).await;
+    assert!(d.is_allow(), "{:?}", d.steps);
+    let jwt = d.steps.iter().find(|s| s.check == "jwt").unwrap();
+    assert!(jwt.detail.contains("DPoP proof valid"), "{}", jwt.detail);
+    assert_eq!(d.facts.token_binding, Some("dpop"));
+    // The same proof again: refused, and the explanation says why; neither proof nor token shown.
+    let d = policy.decide(&input, opts).await;
+    let jwt = d.steps.iter().find(|s| s.check == "jwt").unwrap();
+    assert!(jwt.detail.contains("replay"), "{}", jwt.detail);
+    assert_eq!(d.facts.token_binding, Some("refused"));
+    let shown = format!("{:?}", d.steps);
+    let proof = std::str::from_utf8(&headers["dpop"]).unwrap();
+    for secret in [
+        token.rsplit('.').next().unwrap(),
+        proof.rsplit('.').next().unwrap(),
+    ] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+}

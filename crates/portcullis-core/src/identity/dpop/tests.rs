@@ -303,3 +303,14 @@ fn the_replay_key_depends_on_key_and_jti() {
     assert_ne!(a.replay_key, c.replay_key);
     assert_ne!(a.replay_key, d.replay_key);
 }
+
+#[test]
+fn a_forgotten_proof_may_be_used_again() {
+    let cache = ReplayCache::new();
+    let t = Instant::now();
+    let ttl = Duration::from_secs(300);
+    assert_eq!(cache.first_use([3; 32], ttl, t), Seen::First);
+    cache.forget(&[3; 32]);
+    assert_eq!(cache.first_use([3; 32], ttl, t), Seen::First);
+    assert_eq!(cache.first_use([3; 32], ttl, t), Seen::Replayed);
+}

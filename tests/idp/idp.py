@@ -176,13 +176,16 @@ class Idp:
 
     # ---------------------------------------------------------- token endpoint
     def token_request(self, form: dict, client_id: str | None = None, secret: str | None = None,
-                      auth: str = "basic", timeout: float = 10.0) -> tuple[int, object]:
+                      auth: str = "basic", timeout: float = 10.0, dpop: str | None = None) -> tuple[int, object]:
         """POST ``form`` to the token endpoint. ``auth``: 'basic' | 'post' | 'none'.
 
         Returns ``(status, body)`` (body parsed JSON, or the raw text if not JSON); never raises on status.
+        ``dpop``: an RFC 9449 proof for the token endpoint (the token is then DPoP-bound).
         """
         form = {k: v for k, v in form.items() if v is not None}
         headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
+        if dpop is not None:
+            headers["dpop"] = dpop
         if auth == "basic":
             cred = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(secret or '', safe='')}"
             headers["authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()

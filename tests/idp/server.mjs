@@ -340,6 +340,8 @@ function buildProvider() {
     features: {
       devInteractions: { enabled: true },
       clientCredentials: { enabled: true },
+      // RFC 9449: a token request with a DPoP proof gets a DPoP-bound token (`cnf.jkt`).
+      dPoP: { enabled: true },
       introspection: { enabled: true },
       revocation: { enabled: true },
       rpInitiatedLogout: { enabled: true },

@@ -431,3 +431,108 @@ async fn check_explains_the_binding() {
         assert!(!shown.contains(secret), "{shown}");
     }
 }
+
+/// A token endpoint that answers every request with the same backend token.
+async fn token_endpoint() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while let Ok(n) = sock.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&seen);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                let body =
+                    r#"{"access_token":"backend-token","token_type":"Bearer","expires_in":600}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/token")
+}
+
+#[tokio::test]
+async fn a_proof_evaluated_again_after_decide_now_waited_is_no_replay() {
+    let idp = keys::p256(Some("corp-1"));
+    let client = keys::p256(None);
+    let url = token_endpoint().await;
+    let yaml = format!(
+        r#"
+identity_providers:
+  - {{ name: corp, issuer: "{ISS}", keys: [{jwk}] }}
+credentials:
+  - {{ name: backend, grant: client_credentials, token_url: "{url}", client_id: portcullis, client_secret: "s3cret", scope: api://backend/.default }}
+apis:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    jwt: {{ providers: [corp], audiences: ["{AUD}"], dpop: required }}
+    on_allow: {{ backend_credential: {{ name: backend }} }}
+"#,
+        jwk = idp.jwk
+    );
+    let src = portcullis::config::parse(&yaml, std::path::Path::new(".")).unwrap();
+    let runtime = portcullis::policy::Runtime::default();
+    let (policy, _) = portcullis::policy::compile(&src, &runtime).unwrap();
+    runtime.publish(&policy);
+    let mut c = keys::claims(ISS, AUD, "alice");
+    c["cnf"] = json!({"jkt": thumbprint(&client.jwk)});
+    let token = idp.token(c);
+    let proof = client.sign(
+        json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": client.jwk}),
+        json!({"jti": jti(), "htm": "GET", "htu": "https://api.example.com/orders/1", "iat": keys::now(), "ath": ath(&token)}),
+    );
+    let headers: portcullis::policy::Headers = [
+        ("authorization".to_string(), format!("DPoP {token}")),
+        ("dpop".to_string(), proof),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.into_bytes().into()))
+    .collect();
+    let input = portcullis::policy::CheckInput {
+        method: "GET",
+        host: "api.example.com",
+        path: "/orders/1",
+        scheme: "https",
+        headers: &headers,
+        peer: None,
+        peer_certificate: "",
+        context_extensions: None,
+    };
+    let opts = portcullis::policy::EvalOptions {
+        now: std::time::SystemTime::now(),
+        explain: false,
+    };
+    // The backend token is not cached yet: decide_now would have to wait...
+    let now = policy.decide_now(&input, opts);
+    assert!(now.is_none(), "{:?}", now.map(|d| (d.outcome, d.steps)));
+    // ... and the waiting evaluation, with the same proof, is its first use.
+    let d = policy.decide(&input, opts).await;
+    assert!(d.is_allow(), "{:?}", d.outcome);
+    // Now it has been used.
+    let d = policy.decide(&input, opts).await;
+    assert!(!d.is_allow());
+}

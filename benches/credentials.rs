@@ -77,6 +77,7 @@ fn input<'a>(path: &'a str, headers: &'a Headers) -> CheckInput<'a> {
         method: "GET",
         host: "api.example.com",
         path,
+        scheme: "",
         headers,
         peer: Some([10, 0, 0, 1].into()),
         peer_certificate: "",

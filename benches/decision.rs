@@ -83,6 +83,7 @@ fn bench(c: &mut Criterion) {
             method: "GET",
             host: "api.example.com",
             path,
+            scheme: "",
             headers: h,
             peer,
             peer_certificate: "",

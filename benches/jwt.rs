@@ -2,7 +2,10 @@
 //! - `cold`: a token this process has not verified yet (parse + signature verification);
 //! - `warm`: the same token again (verified-token cache hit; lifetime and claims rules still run);
 //! - `introspection_cache_hit`: an opaque token whose introspection answer is cached (the same rules
-//!   on the answer's members), to compare with `warm`.
+//!   on the answer's members), to compare with `warm`;
+//! - `warm_dpop_es256`: `warm` with a DPoP-bound token (`dpop: allowed`) and a fresh ES256 proof per
+//!   request (minted outside the timing): the cost of RFC 9449 is the difference with `warm`;
+//! - `dpop_proof_es256`: the proof check alone (parse, `jwk`, thumbprint, claims, signature).
 //!
 //! `cargo bench --bench jwt`
 
@@ -17,11 +20,16 @@ use std::time::SystemTime;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portcullis::config;
+use portcullis::identity::dpop;
 use portcullis::policy::{self, CheckInput, EvalOptions, PolicySet, Runtime};
 
 const ISS: &str = "https://idp.test/corp";
 
 fn policy(jwk: &serde_json::Value) -> PolicySet {
+    policy_with(jwk, "")
+}
+
+fn policy_with(jwk: &serde_json::Value, extra: &str) -> PolicySet {
     let yaml = format!(
         r#"
 identity_providers:
@@ -34,6 +42,7 @@ apis:
       audiences: [api://orders]
       scopes: {{ all: [orders.read] }}
       required_claims: [{{ name: roles, values: [admin], match: any }}]
+      {extra}
     on_allow:
       set_headers: {{ x-user: "{{jwt.sub}}" }}
 "#
@@ -88,6 +97,7 @@ fn bench(c: &mut Criterion) {
         method: "GET",
         host: "api.example.com",
         path: "/orders/42",
+        scheme: "",
         headers: &headers,
         peer: None,
         peer_certificate: "",
@@ -155,6 +165,92 @@ fn bench(c: &mut Criterion) {
         })
     });
     assert_eq!(fake.requests(), 1, "every timed check was a cache hit");
+
+    // DPoP: the same token rules, bound to the client's P-256 key.
+    let client = keys::p256(None);
+    let jkt = dpop::thumbprint(client.jwk.as_object().expect("jwk")).expect("thumbprint");
+    let mut claims = keys::claims(ISS, "api://orders", "alice");
+    claims["scp"] = "orders.read".into();
+    claims["roles"] = serde_json::json!(["admin"]);
+    claims["cnf"] = serde_json::json!({ "jkt": jkt });
+    let bound = key.token(claims);
+    let ath = keys::b64(ring::digest::digest(
+        &ring::digest::SHA256,
+        bound.as_bytes(),
+    ));
+    let jti = std::sync::atomic::AtomicU64::new(0);
+    let proof = || {
+        let n = jti.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        client.sign(
+            serde_json::json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": client.jwk}),
+            serde_json::json!({"jti": format!("bench-{n}"), "htm": "GET",
+                "htu": "https://api.example.com/orders/42", "iat": keys::now(), "ath": ath}),
+        )
+    };
+    let dpop_headers = || {
+        let mut h = HashMap::new();
+        h.insert(
+            "authorization".to_string(),
+            format!("DPoP {bound}").into_bytes().into(),
+        );
+        h.insert("dpop".to_string(), proof().into_bytes().into());
+        h
+    };
+    let with_dpop = policy_with(&key.jwk, "dpop: allowed");
+    let first = dpop_headers();
+    assert!(
+        rt.block_on(with_dpop.decide(
+            &CheckInput {
+                headers: &first,
+                ..input
+            },
+            opts()
+        ))
+        .is_allow()
+    );
+    g.bench_function("warm_dpop_es256", |b| {
+        b.to_async(&rt).iter_batched(
+            dpop_headers,
+            |h| {
+                let with_dpop = &with_dpop;
+                async move {
+                    let d = with_dpop
+                        .decide(
+                            &CheckInput {
+                                headers: &h,
+                                ..input
+                            },
+                            opts(),
+                        )
+                        .await;
+                    assert!(d.is_allow());
+                    d
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let expected = dpop::Expected {
+        method: "GET",
+        scheme: "https",
+        host: "api.example.com",
+        path: "/orders/42",
+        token: &bound,
+    };
+    let one = proof();
+    let rules = dpop::DpopPolicy::default();
+    g.bench_function("dpop_proof_es256", |b| {
+        b.iter(|| {
+            dpop::check_proof(
+                &one,
+                &expected,
+                &rules,
+                std::time::Duration::ZERO,
+                SystemTime::now(),
+            )
+            .expect("valid proof")
+        })
+    });
     g.finish();
 }
 

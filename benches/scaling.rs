@@ -132,6 +132,7 @@ fn input(path: &str, headers: &'static Headers, peer: &str) -> CheckInput<'stati
         method: "GET",
         host: HOST,
         path: Box::leak(path.to_string().into_boxed_str()),
+        scheme: "",
         headers,
         peer: Some(peer.parse().expect("bench peer address")),
         peer_certificate: "",

@@ -103,6 +103,7 @@ fn input(h: &'static Headers) -> CheckInput<'static> {
         method: "GET",
         host: "api.example.com",
         path: "/orders/123?expand=items",
+        scheme: "",
         headers: h,
         peer: Some("10.0.0.7".parse().expect("ip")),
         peer_certificate: "",

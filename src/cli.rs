@@ -367,6 +367,7 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         method: &args.method,
         host: &host,
         path: &target,
+        scheme: uri.scheme_str().unwrap_or(""),
         headers: &headers,
         peer: args.source,
         peer_certificate: &cert,

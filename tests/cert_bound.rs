@@ -63,7 +63,6 @@ apis:
     let bound = token(json!({"x5t#S256": x5t_s256(&mine)}));
     let padded = token(json!({"x5t#S256": format!("{}=", x5t_s256(&mine))}));
     let unbound = token(serde_json::Value::Null);
-    let jkt_only = token(json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}));
     let not_object = token(json!("x"));
 
     let peer = |path: &str, auth: &str, c: Option<&rcgen::Certificate>| {
@@ -108,11 +107,6 @@ apis:
         (
             "an unbound token where binding is optional",
             peer("/bound/1", &unbound, Some(&mine)),
-            None,
-        ),
-        (
-            "a DPoP-bound `cnf` without x5t#S256, optional",
-            peer("/bound/1", &jkt_only, None),
             None,
         ),
         (

@@ -46,6 +46,7 @@ async fn check_at(
         method: "GET",
         host: "api.example.com",
         path,
+        scheme: "",
         headers: &headers,
         peer: None,
         peer_certificate: "",

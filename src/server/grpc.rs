@@ -130,6 +130,7 @@ impl<'r> Parts<'r> {
             method: http.map_or("", |h| h.method.as_str()),
             host: http.map_or("", |h| h.host.as_str()),
             path: http.map_or("", |h| h.path.as_str()),
+            scheme: http.map_or("", |h| h.scheme.as_str()),
             headers: &self.headers,
             peer: self.peer,
             peer_certificate: source.map_or("", |s| s.certificate.as_str()),

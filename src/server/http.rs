@@ -251,6 +251,7 @@ pub async fn decide_forward_auth(
         method: original.method,
         host: original.host,
         path: &original.target,
+        scheme: original.scheme,
         headers: &headers,
         peer: Some(peer),
         peer_certificate: "",
@@ -264,6 +265,19 @@ struct Original<'r> {
     method: &'r str,
     host: &'r str,
     target: Cow<'r, str>,
+    /// `X-Forwarded-Proto` (`http` or `https`) with forwarded headers; "" when unknown. Only DPoP's
+    /// `htu` reads it.
+    scheme: &'static str,
+}
+
+/// `X-Forwarded-Proto` when it is exactly one of `http`, `https`.
+fn forwarded_proto(h: &axum::http::HeaderMap) -> &'static str {
+    let mut all = h.get_all("x-forwarded-proto").iter();
+    match (all.next().and_then(|v| v.to_str().ok()), all.next()) {
+        (Some(v), None) if v.eq_ignore_ascii_case("https") => "https",
+        (Some(v), None) if v.eq_ignore_ascii_case("http") => "http",
+        _ => "",
+    }
 }
 
 const FORWARDED: [&str; 3] = ["x-forwarded-method", "x-forwarded-host", "x-forwarded-uri"];
@@ -285,6 +299,7 @@ fn original_request(
             method,
             host,
             target: Cow::Borrowed(uri),
+            scheme: forwarded_proto(h),
         });
     }
     let host = match h.get_all(axum::http::header::HOST).iter().count() {
@@ -304,6 +319,7 @@ fn original_request(
         method: parts.method.as_str(),
         host,
         target,
+        scheme: "",
     })
 }
 

@@ -141,7 +141,7 @@ pub(crate) struct Record {
     #[serde(serialize_with = "display_opt")]
     subscription_id: Option<Arc<str>>,
     subject: Option<String>,
-    /// `certificate` when the token was bound to the client certificate (RFC 8705); never the
+    /// `certificate` (RFC 8705), `dpop` (RFC 9449), `none` or `refused`: never the proof, the
     /// token or the certificate.
     #[serde(skip_serializing_if = "Option::is_none")]
     token_binding: Option<&'static str>,

@@ -47,6 +47,7 @@ async fn check(p: &PolicySet, authorization: &[u8]) -> Decision {
         method: "GET",
         host: "api.example.com",
         path: "/orders/1",
+        scheme: "",
         headers: &headers,
         peer: None,
         peer_certificate: "",

@@ -16,6 +16,7 @@ mod support;
 
 mod config;
 mod connections;
+mod dpop;
 mod entra;
 mod forward_auth;
 mod introspection;

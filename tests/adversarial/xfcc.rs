@@ -52,6 +52,7 @@ async fn decide(policy: &PolicySet, xfcc: &[u8]) -> Decision {
         method: "GET",
         host: "api.example.com",
         path: "/partner/orders",
+        scheme: "",
         headers: &headers,
         peer: Some("10.0.0.1".parse().expect("literal")),
         peer_certificate: "",

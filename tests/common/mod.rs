@@ -216,6 +216,7 @@ pub async fn decide_bearer(
         method: "GET",
         host: "api.example.com",
         path: "/orders/1",
+        scheme: "",
         headers: &headers,
         peer: Some("10.0.0.1".parse().expect("literal")),
         peer_certificate: "",

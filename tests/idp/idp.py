@@ -177,18 +177,21 @@ class Idp:
     # ---------------------------------------------------------- token endpoint
     def token_request(self, form: dict, client_id: str | None = None, secret: str | None = None,
                       auth: str = "basic", timeout: float = 10.0,
-                      client_cert_pem: str | None = None) -> tuple[int, object]:
+                      client_cert_pem: str | None = None, dpop: str | None = None) -> tuple[int, object]:
         """POST ``form`` to the token endpoint. ``auth``: 'basic' | 'post' | 'none'.
         ``client_cert_pem``: the client's certificate, as the fixture's stand-in for a TLS client
         certificate (a client registered with ``tls_client_certificate_bound_access_tokens`` gets a
         token bound to it, RFC 8705).
 
         Returns ``(status, body)`` (body parsed JSON, or the raw text if not JSON); never raises on status.
+        ``dpop``: an RFC 9449 proof for the token endpoint (the token is then DPoP-bound).
         """
         form = {k: v for k, v in form.items() if v is not None}
         headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
         if client_cert_pem is not None:
             headers["x-test-client-cert"] = urllib.parse.quote(client_cert_pem, safe="")
+        if dpop is not None:
+            headers["dpop"] = dpop
         if auth == "basic":
             cred = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(secret or '', safe='')}"
             headers["authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()

@@ -340,6 +340,8 @@ function buildProvider() {
     features: {
       devInteractions: { enabled: true },
       clientCredentials: { enabled: true },
+      // RFC 9449: a token request with a DPoP proof gets a DPoP-bound token (`cnf.jkt`).
+      dPoP: { enabled: true },
       introspection: { enabled: true },
       // RFC 8705 certificate-bound access tokens for clients registered with
       // `tls_client_certificate_bound_access_tokens: true`. This fixture runs on plain http, so the

@@ -407,6 +407,7 @@ impl Replica {
             method: "GET",
             host: "api.example.com",
             path,
+            scheme: "",
             headers: &headers,
             peer: Some("10.0.0.1".parse().unwrap()),
             peer_certificate: "",

@@ -25,6 +25,7 @@
 //!     method: "GET",
 //!     host: "api.example.com",
 //!     path: "/public/x",
+//!     scheme: "",
 //!     headers: &headers,
 //!     peer: None,
 //!     peer_certificate: "",

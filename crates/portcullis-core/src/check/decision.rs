@@ -112,8 +112,9 @@ pub struct Facts {
     pub subscription_id: Option<Arc<str>>,
     /// The token's `sub`.
     pub subject: Option<String>,
-    /// How the token is bound to its sender: `certificate` (RFC 8705) when it was checked against
-    /// the client certificate; absent for an unbound token.
+    /// How the token was bound to its sender: `certificate` (RFC 8705, checked against the
+    /// client certificate), `dpop` (RFC 9449, a valid proof), `none`, or `refused`; never the
+    /// proof, the token or the certificate.
     pub token_binding: Option<&'static str>,
 }
 

@@ -102,6 +102,11 @@ reasons! {
     TokenIssuerNotAllowed = ("TokenIssuerNotAllowed", UNAUTHENTICATED, 401, "Invalid JWT."),
     /// Token introspection (RFC 7662) answered `active: false`: revoked, expired or unknown.
     TokenNotActive = ("TokenNotActive", UNAUTHENTICATED, 401, "Token is not active."),
+    /// The RFC 9449 DPoP proof is missing, malformed, replayed or does not describe this request.
+    DpopProofInvalid = ("DpopProofInvalid", UNAUTHENTICATED, 401, "Invalid DPoP proof."),
+    /// A sender-constrained token presented without its binding: a DPoP-bound token (`cnf.jkt`) sent
+    /// as `Bearer` or with another key's proof, or an unbound token where binding is required.
+    TokenBindingMismatch = ("TokenBindingMismatch", UNAUTHENTICATED, 401, "Invalid JWT."),
     /// A required claim is absent.
     TokenClaimNotFound = ("TokenClaimNotFound", PERMISSION_DENIED, 403, "JWT token is missing a required claim. Access denied."),
     /// A required claim has no allowed value.

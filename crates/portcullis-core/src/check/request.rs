@@ -16,6 +16,9 @@ pub struct CheckInput<'a> {
     pub host: &'a str,
     /// The request target: path and query.
     pub path: &'a str,
+    /// `http` or `https` as the proxy received the request (Envoy's `http.scheme`); "" when
+    /// unknown. Only DPoP's `htu` reads it.
+    pub scheme: &'a str,
     /// Request headers.
     pub headers: &'a Headers,
     /// The direct peer's address.

@@ -354,6 +354,10 @@ pub struct Jwt {
     /// RFC 8705: `if_present` (default: a token bound with `cnf.x5t#S256` needs its certificate)
     /// or `required` (unbound tokens are refused too).
     pub certificate_bound: Option<String>,
+    /// RFC 9449: `required` or `allowed`; absent: DPoP is not accepted.
+    pub dpop: Option<String>,
+    pub dpop_max_age: Option<String>,
+    pub dpop_algorithms: Option<Vec<String>>,
 }
 
 /// Where the token is read from: exactly one of the fields.

@@ -606,6 +606,7 @@ pub fn compile_jwt(
             "must not contain control characters",
         );
     }
+    let dpop = super::dpop::compile(cfg, &location, path, errs);
     if errs.0.len() > before {
         return None;
     }
@@ -623,6 +624,7 @@ pub fn compile_jwt(
         shared: providers.shared.clone(),
         entra,
         certificate_bound_required,
+        dpop,
     })
 }
 

@@ -24,7 +24,8 @@ impl JwtPolicy {
                     return Extracted::Token(Cow::Borrowed(value));
                 };
                 let (given, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
-                if !given.eq_ignore_ascii_case(scheme) {
+                let dpop = self.dpop.is_some() && given.eq_ignore_ascii_case("DPoP");
+                if !given.eq_ignore_ascii_case(scheme) && !dpop {
                     return Extracted::Invalid(format!(
                         "the `{name}` header does not use the `{scheme}` scheme"
                     ));

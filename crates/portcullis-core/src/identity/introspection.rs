@@ -691,6 +691,8 @@ impl JwtPolicy {
                         provider: p.name.clone(),
                         alg: None,
                         from_cache,
+                        binding: super::dpop::Binding::None,
+                        proof_key: None,
                     }))));
                 }
                 Answer::Inactive { .. } => inactive.push(p.name.to_string()),

@@ -165,6 +165,8 @@ pub struct Parsed<'t> {
     pub signing_input: &'t [u8],
     /// The decoded signature (may be empty).
     pub signature: Vec<u8>,
+    /// The whole header (DPoP proofs read `typ` and `jwk` from it).
+    pub header: Map<String, Value>,
 }
 
 /// Parses a compact JWS. The caller has already bounded its size.
@@ -218,6 +220,7 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, ParseError> {
         claims,
         signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
         signature,
+        header,
     })
 }
 

@@ -16,6 +16,7 @@
 pub mod binding;
 mod cache;
 mod compile;
+pub mod dpop;
 pub mod entra;
 mod extract;
 pub mod introspection;
@@ -139,6 +140,8 @@ pub struct JwtPolicy {
     shared: Arc<Shared>,
     /// Preset rules (Entra ID) of providers, by provider id.
     entra: Vec<(u64, Arc<entra::Rules>)>,
+    /// `dpop`, `dpop_max_age`, `dpop_algorithms`: `None` when DPoP is not accepted.
+    dpop: Option<dpop::DpopPolicy>,
 }
 
 impl JwtPolicy {
@@ -161,6 +164,10 @@ struct TokenInner {
     /// `None`: introspected.
     alg: Option<Algorithm>,
     from_cache: bool,
+    /// How the token is bound to the request (RFC 9449 DPoP).
+    binding: dpop::Binding,
+    /// The replay-cache key of the DPoP proof it was accepted with.
+    proof_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ValidToken {
@@ -194,8 +201,21 @@ impl ValidToken {
         &self.0.provider
     }
 
+    /// How the token is bound to the request: `none` or `dpop`.
+    pub fn binding(&self) -> dpop::Binding {
+        self.0.binding
+    }
+
     /// A one-line description for explanations (never the token).
     pub fn describe(&self) -> String {
+        let mut d = self.describe_token();
+        if self.0.binding == dpop::Binding::Dpop {
+            d.push_str(", DPoP proof valid (cnf.jkt matches the proof's key, jti first use)");
+        }
+        d
+    }
+
+    fn describe_token(&self) -> String {
         let Some(alg) = self.0.alg else {
             return format!(
                 "token of `{}`, introspected by provider `{}`{}",
@@ -239,9 +259,21 @@ impl JwtPolicy {
         max_token_bytes: usize,
         io: Io,
     ) -> Result<Option<ValidToken>, Failure> {
-        self.run(input, now, max_token_bytes, io)
+        let valid = self
+            .run(input, now, max_token_bytes, io)
             .await
-            .map_err(|(reason, detail)| self.failure(reason, detail, api))
+            .map_err(|(reason, detail)| self.failure(reason, detail, api))?;
+        let Some(mut valid) = valid else {
+            return Ok(None);
+        };
+        let (binding, proof_key) = self
+            .check_binding(input, valid.raw(), valid.claims(), now)
+            .map_err(|(reason, detail)| self.failure(reason, detail, api))?;
+        if let Some(inner) = Arc::get_mut(&mut valid.0) {
+            inner.binding = binding;
+            inner.proof_key = proof_key;
+        }
+        Ok(Some(valid))
     }
 
     async fn run(
@@ -318,6 +350,8 @@ impl JwtPolicy {
             provider: provider.name.clone(),
             alg: Some(verified.alg),
             from_cache,
+            binding: dpop::Binding::None,
+            proof_key: None,
         }))))
     }
 

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     /// Introspection requests in flight, capped by `limits.max_concurrent_fetches` (the same cap as
     /// token endpoint requests, on a semaphore of its own), with the cap it was made for.
     pub(super) fetches: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
+    /// DPoP proof `jti`s seen within their window.
+    pub(super) dpop_replay: super::dpop::ReplayCache,
 }
 
 impl Shared {
@@ -134,6 +136,7 @@ impl Registry {
                     DEFAULT_MAX_FETCHES,
                     Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_FETCHES)),
                 )),
+                dpop_replay: super::dpop::ReplayCache::new(),
             }),
             http: OnceLock::new(),
         }

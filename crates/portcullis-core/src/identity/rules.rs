@@ -136,7 +136,9 @@ impl JwtPolicy {
             | Reason::TokenAudienceNotAllowed
             | Reason::TokenIssuerNotAllowed
             | Reason::TokenNotActive
-            | Reason::TokenCertificateBindingMismatch => {
+            | Reason::TokenCertificateBindingMismatch
+            | Reason::DpopProofInvalid
+            | Reason::TokenBindingMismatch => {
                 denial.status = self.failed_status;
                 if let Some(m) = &self.failed_message {
                     denial.message = m.clone();
@@ -148,6 +150,9 @@ impl JwtPolicy {
                     } else {
                         format!("Bearer realm={realm}, error=\"invalid_token\"")
                     });
+                    if let Some(c) = self.dpop_challenge(reason, api) {
+                        denial.www_authenticate = Some(c);
+                    }
                 }
             }
             Reason::InsufficientScope => {

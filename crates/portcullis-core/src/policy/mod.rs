@@ -311,7 +311,13 @@ impl PolicySet {
         {
             Ok(()) => {}
             // Neither a deny nor one to waive: the caller decides again, waiting.
-            Err(_) if ev.would_wait => return None,
+            Err(_) if ev.would_wait => {
+                // Evaluated again, waiting, with the same DPoP proof: not a replay.
+                if let (Some(jwt), Some(token)) = (&api.jwt, &ev.seen.token) {
+                    jwt.release_proof(token);
+                }
+                return None;
+            }
             Err(denial) if api.shadow => {
                 tracing::info!(api = %api.name, reason = %denial.reason, decision_id = %ev.d.id, "shadow mode: deny not enforced");
                 ev.d.waived = Some(denial.reason);
@@ -543,6 +549,7 @@ impl PolicySet {
                     let binding = jwt
                         .check_certificate_binding(&valid, cert_sha256.as_ref(), &api.name)
                         .map_err(|failure| {
+                            ev.d.facts.token_binding = Some("refused");
                             let detail = failure.detail.clone();
                             ev.deny_with("jwt", failure.denial, move || detail)
                         })?;
@@ -552,14 +559,22 @@ impl PolicySet {
                         }
                         CertificateBinding::Unbound => valid.describe(),
                     });
-                    if binding == CertificateBinding::Bound {
-                        ev.d.facts.token_binding = Some("certificate");
-                    }
                     ev.d.facts.subject = valid.subject().map(str::to_string);
+                    ev.d.facts.token_binding = Some(match (binding, valid.binding().as_str()) {
+                        (CertificateBinding::Bound, "dpop") => "certificate+dpop",
+                        (CertificateBinding::Bound, _) => "certificate",
+                        (CertificateBinding::Unbound, dpop) => dpop,
+                    });
                     ev.seen.token = Some(valid.clone());
                     token = Some(valid);
                 }
                 Err(failure) => {
+                    if matches!(
+                        failure.denial.reason,
+                        Reason::DpopProofInvalid | Reason::TokenBindingMismatch
+                    ) {
+                        ev.d.facts.token_binding = Some("refused");
+                    }
                     let detail = failure.detail.clone();
                     return Err(ev.deny_with("jwt", failure.denial, move || detail));
                 }
@@ -662,7 +677,7 @@ impl PolicySet {
         if let Some(product) = &seen.product {
             m.string("product", product);
         }
-        if let Some(binding) = d.facts.token_binding {
+        if let Some(binding) = d.facts.token_binding.filter(|b| *b != "none") {
             m.string("token_binding", binding);
         }
         if let Some(token) = &seen.token {

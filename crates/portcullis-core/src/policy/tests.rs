@@ -77,6 +77,7 @@ impl Req {
             method: self.method,
             host: self.host,
             path: &self.path,
+            scheme: "",
             headers: &self.headers,
             peer: self.peer,
             peer_certificate: &self.cert,

@@ -34,12 +34,8 @@ ADMIN_TOKEN = "admin-token-for-the-credentials-suite"
 STORE_KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = base64.b64encode(bytes(range(100, 132))).decode()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from harness import free_port  # noqa: E402  (one port picker for every suite)
 
 
 def check_over(channel, path: str, headers: dict | None = None, timeout: float = 15) -> external_auth_pb2.CheckResponse:

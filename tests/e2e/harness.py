@@ -125,11 +125,44 @@ def accepts(port: int) -> bool:
         return False
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A port that was free a moment ago (for programs that cannot report the port they bound)."""
+    """A port that was free a moment ago (for programs that cannot report the port they bound).
+
+    Taken below the kernel's ephemeral range when there is room: a port from that range can be
+    taken, between now and its use, by any outgoing connection's source port or any listener on
+    port 0 (a fleet replica once failed to start on "Address already in use" that way). Never the
+    same port twice in one run."""
+    import random
+
+    lo, _hi = _ephemeral_range()
+    if lo > 12000:
+        for _ in range(500):
+            port = random.randint(10000, lo - 1)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _HANDED_OUT.add(port)
+    return port
 
 
 class Process:

@@ -38,6 +38,9 @@ IDP_CONFIG = {
     "clients": [{"client_id": "svc", "client_secret": "svc-secret", "grant_types": ["client_credentials"]}],
 }
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "e2e"))
+from harness import free_port  # noqa: E402  (one port picker for every suite)
+
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -59,12 +62,6 @@ class Key:
         return signing_input + "." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,8 @@ IDP_CONFIG = {
 
 MIN_REFETCH = 1.0  # seconds; portcullis' min_refetch_interval below
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "e2e"))
+from harness import free_port  # noqa: E402  (one port picker for every suite)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,23 @@ def fleet_factory(tmp_path):
     started: list[Fleet] = []
 
     def start(**options) -> Fleet:
-        fleet = start_fleet(tmp_path, **options)
-        started.append(fleet)
-        return fleet
+        # Setting a fleet up starts an IdP, Redis, three replicas and Envoy on a 2-core machine. A
+        # setup that fails once (a process slower to start than its timeout, a port taken between
+        # picking and binding) is retried once, in a fresh directory, and the first failure is
+        # printed. Only the setup is retried; the test's own checks run once.
+        for attempt in (1, 2):
+            workdir = tmp_path / f"fleet{len(started)}-attempt{attempt}"
+            workdir.mkdir()
+            try:
+                fleet = start_fleet(workdir, **options)
+            except (AssertionError, RuntimeError, OSError) as e:
+                if attempt == 2:
+                    raise
+                print(f"fleet setup failed, retrying once: {e}", file=sys.stderr)
+                continue
+            started.append(fleet)
+            return fleet
+        raise AssertionError("unreachable")
 
     yield start
     for fleet in started:

@@ -5,6 +5,8 @@
 mod common;
 #[path = "jwt_common/mod.rs"]
 mod keys;
+#[path = "redis_common/mod.rs"]
+mod redis_common;
 
 use common::{Seen, TestServer, get, seen};
 use keys::TestKey;
@@ -17,6 +19,8 @@ const HTU: &str = "http://api.example.com/orders/1";
 
 struct Setup {
     srv: TestServer,
+    /// The config `srv` runs (a second replica starts from it).
+    yaml: String,
     /// The identity provider's signing key.
     idp: TestKey,
     /// The client's proof key.
@@ -50,10 +54,15 @@ fn jti() -> String {
 }
 
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// [`setup`] with `extra` (top-level sections) in the config.
+async fn setup_with(extra: &str) -> Setup {
     let idp = keys::p256(Some("corp-1"));
     let client = keys::p256(None);
     let yaml = format!(
-        r#"
+        r#"{extra}
 identity_providers:
   - name: corp
     issuer: "{ISS}"
@@ -72,7 +81,12 @@ apis:
         jwk = idp.jwk
     );
     let srv = TestServer::start(&yaml).await;
-    Setup { srv, idp, client }
+    Setup {
+        srv,
+        yaml,
+        idp,
+        client,
+    }
 }
 
 impl Setup {
@@ -98,7 +112,12 @@ impl Setup {
     }
 
     async fn send_to(&self, path: &str, headers: &[(&str, &str)]) -> Seen {
-        let mut client = self.srv.client().await;
+        self.send_on(&self.srv, path, headers).await
+    }
+
+    /// [`Setup::send_to`] through the replica `srv`.
+    async fn send_on(&self, srv: &TestServer, path: &str, headers: &[(&str, &str)]) -> Seen {
+        let mut client = srv.client().await;
         let mut req = get(path);
         for (k, v) in headers {
             req = req.header(k, v);
@@ -107,11 +126,13 @@ impl Setup {
     }
 
     async fn send(&self, token: &str, proof: &str) -> Seen {
-        self.send_to(
-            "/orders/1",
-            &[("authorization", &format!("DPoP {token}")), ("dpop", proof)],
-        )
-        .await
+        self.send_via(&self.srv, token, proof).await
+    }
+
+    async fn send_via(&self, srv: &TestServer, token: &str, proof: &str) -> Seen {
+        let authorization = format!("DPoP {token}");
+        let headers = [("authorization", authorization.as_str()), ("dpop", proof)];
+        self.send_on(srv, "/orders/1", &headers).await
     }
 }
 
@@ -203,6 +224,75 @@ async fn a_replayed_proof_is_refused() {
         s.send(&token, &s.proof(&s.proof_claims(&token))).await.code,
         0
     );
+}
+
+#[tokio::test]
+async fn a_proof_replayed_to_another_replica_is_refused_through_redis() {
+    let Some(mut redis) = redis_common::RedisServer::start(false) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("store.key");
+    std::fs::write(&key_file, redis_common::KEY_A).unwrap();
+    let store = format!(
+        "store:\n  redis: {{ url: \"{}\", timeout: 300ms }}\n  key: \"${{file:{}}}\"\n",
+        redis.url(),
+        key_file.display()
+    );
+    let a = setup_with(&store).await;
+    let b = TestServer::start(&a.yaml).await;
+    let token = a.token(Some(&a.client));
+
+    let proof = a.proof(&a.proof_claims(&token));
+    assert_eq!(a.send(&token, &proof).await.code, 0);
+    // The same proof on the other replica, which has never seen it: a replay all the same.
+    let r = a.send_via(&b, &token, &proof).await;
+    assert_bad_proof(&r);
+    // Another proof is accepted on either.
+    let proof2 = a.proof(&a.proof_claims(&token));
+    assert_eq!(a.send_via(&b, &token, &proof2).await.code, 0);
+    assert_bad_proof(&a.send(&token, &proof2).await);
+
+    // The store holds digests with a lifetime of the window, never the proof or the token.
+    let keys = redis.dump().await;
+    let dpop: Vec<_> = keys.iter().filter(|(k, _)| k.contains("dpop:")).collect();
+    assert_eq!(dpop.len(), 2, "{keys:?}");
+    for (k, v) in &dpop {
+        assert_eq!(v, b"1", "{k}");
+        assert!(!k.contains(&token) && !k.contains(&proof), "{k}");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(
+                &mut redis
+                    .client()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        // `dpop_max_age` (5m) plus twice `clock_skew` (5s).
+        assert!(ttl > 0 && ttl <= 310_000, "{k}: {ttl} ms");
+    }
+
+    // Without the store, no replica can rule out a replay elsewhere: refused, as unavailable.
+    redis.kill();
+    let r = a.send(&token, &a.proof(&a.proof_claims(&token))).await;
+    assert_eq!(r.code, 14, "{r:?}");
+    assert_eq!(r.status, Some(503), "{r:?}");
+    assert_eq!(
+        r.body.as_ref().unwrap()["reason"],
+        "ReplayProtectionUnavailable"
+    );
+    // Unbound tokens need no replay check and still pass.
+    let plain = a.token(None);
+    let s = a
+        .send_to(
+            "/orders/1",
+            &[("authorization", &format!("Bearer {plain}"))],
+        )
+        .await;
+    assert_eq!(s.code, 0, "{s:?}");
 }
 
 #[tokio::test]

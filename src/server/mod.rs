@@ -175,12 +175,9 @@ pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Runni
     let (policy, settings) = policy::compile(&src, &runtime)?;
     let telemetry = crate::telemetry::Telemetry::new(&settings, runtime.clone())?;
     // Opens the credential store and obtains the backend credentials the APIs use, so that the
-    // first request does not pay for them.
+    // first request does not pay for them; with `store.redis`, DPoP replays are shared.
     runtime.publish(&policy);
-    runtime
-        .credentials
-        .start(policy.backend_credentials())
-        .await?;
+    runtime.start(&policy).await?;
     let admission = Arc::new(Semaphore::new(policy.limits.max_concurrent_checks));
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(policy),

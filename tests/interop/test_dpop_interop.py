@@ -39,6 +39,7 @@ IDP_CONFIG = {
 }
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "e2e"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "fleet"))
 from harness import free_port  # noqa: E402  (one port picker for every suite)
 
 
@@ -72,16 +73,16 @@ def idp():
         yield p
 
 
-@pytest.fixture(scope="module")
-def portcullis(idp):
+def start_portcullis(workdir: pathlib.Path, idp, store: str = "", env: dict | None = None):
+    """One portcullis replica with `dpop: required`: its Check as a function, and its stop."""
     if not os.access(BIN, os.X_OK):
         pytest.fail(f"{BIN} is not built: run `cargo build` or set PORTCULLIS_BIN")
-    d = tempfile.TemporaryDirectory()
     port = free_port()
-    config = pathlib.Path(d.name) / "portcullis.yaml"
+    config = workdir / f"portcullis-{port}.yaml"
     config.write_text(
         f"""
 listen: {{ grpc: "127.0.0.1:{port}" }}
+{store}
 identity_providers:
   - {{ name: idp, issuer: "{idp.issuer}" }}
 apis:
@@ -90,8 +91,9 @@ apis:
     jwt: {{ providers: [idp], audiences: [api://orders], dpop: required }}
 """
     )
-    log = open(pathlib.Path(d.name) / "portcullis.log", "w+")
-    proc = subprocess.Popen([BIN, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    log = open(workdir / f"portcullis-{port}.log", "w+")
+    proc = subprocess.Popen([BIN, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=20)
     stub = external_auth_pb2_grpc.AuthorizationStub(channel)
@@ -112,11 +114,42 @@ apis:
         )
         return stub.Check(external_auth_pb2.CheckRequest(attributes=attrs), timeout=10)
 
+    def stop():
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        channel.close()
+        log.close()
+
+    return check, stop
+
+
+@pytest.fixture(scope="module")
+def portcullis(idp):
+    d = tempfile.TemporaryDirectory()
+    check, stop = start_portcullis(pathlib.Path(d.name), idp)
     yield check
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=20)
-    channel.close()
-    log.close()
+    stop()
+    d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def replicas(idp):
+    """Two replicas sharing a real Redis (`store.redis`), and that Redis."""
+    from fleet_harness import RedisServer  # tests/fleet: the Redis every fleet test runs
+
+    d = tempfile.TemporaryDirectory()
+    workdir = pathlib.Path(d.name)
+    redis = RedisServer(workdir)
+    store = f"""store:
+  redis: {{ url: "{redis.url}", timeout: 500ms }}
+  key: "${{env:STORE_KEY}}"
+"""
+    env = {"STORE_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
+    started = [start_portcullis(workdir, idp, store, env) for _ in range(2)]
+    yield [check for check, _ in started], redis
+    for _, stop in started:
+        stop()
+    redis.stop()
     d.cleanup()
 
 
@@ -158,3 +191,38 @@ def test_an_unbound_token_is_refused_where_dpop_is_required(idp, portcullis):
     token = idp.client_credentials("svc", "svc-secret", resource="api://orders", scope="orders:read")["access_token"]
     assert "cnf" not in decode_jwt(token)[1]
     assert reason(portcullis(f"Bearer {token}", None)) == "TokenBindingMismatch"
+
+
+def dpop_token(idp, key: Key) -> str:
+    status, body = idp.token_request(
+        {"grant_type": "client_credentials", "resource": "api://orders", "scope": "orders:read"},
+        "svc",
+        "svc-secret",
+        dpop=key.proof("POST", idp.token_endpoint),
+    )
+    assert status == 200 and body["token_type"] == "DPoP", body
+    return body["access_token"]
+
+
+def test_a_proof_replayed_against_a_second_replica_is_refused(idp, replicas):
+    (first, second), redis = replicas
+    key = Key()
+    token = dpop_token(idp, key)
+    proof = key.proof("GET", HTU, token)
+    assert first(f"DPoP {token}", proof).status.code == 0
+    # The second replica never saw this proof; Redis did.
+    replayed = second(f"DPoP {token}", proof)
+    assert reason(replayed) == "DpopProofInvalid", replayed
+    assert second(f"DPoP {token}", key.proof("GET", HTU, token)).status.code == 0
+    # What Redis holds: digests, never the token or the proof.
+    for name, _kind, values in redis.dump_everything():
+        for blob in [name, *values]:
+            assert token.encode() not in blob and proof.encode() not in blob, name
+    # Redis gone: DPoP fails closed on every replica (a replay elsewhere cannot be ruled out).
+    redis.freeze()
+    try:
+        down = first(f"DPoP {token}", key.proof("GET", HTU, token))
+        assert reason(down) == "ReplayProtectionUnavailable", down
+        assert down.denied_response.status.code == 503
+    finally:
+        redis.thaw()

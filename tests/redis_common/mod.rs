@@ -391,11 +391,7 @@ pub async fn try_replica(
         .unwrap_or_else(|e| panic!("{e}"))
         .0;
     runtime.publish(&policy);
-    runtime
-        .credentials
-        .start(policy.backend_credentials())
-        .await
-        .map_err(|e| e.to_string())?;
+    runtime.start(&policy).await.map_err(|e| e.to_string())?;
     Ok(Replica { runtime, policy })
 }
 

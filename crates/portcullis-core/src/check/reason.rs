@@ -121,6 +121,8 @@ reasons! {
     BackendCredentialConsentRequired = ("BackendCredentialConsentRequired", PERMISSION_DENIED, 403, "No connection to the backend exists for this caller: consent is required."),
     /// The identity provider's keys have never been obtained.
     IdentityProviderUnavailable = ("IdentityProviderUnavailable", UNAVAILABLE, 503, "The identity provider is unavailable."),
+    /// DPoP replays across replicas cannot be ruled out: the shared store (`store.redis`) did not answer.
+    ReplayProtectionUnavailable = ("ReplayProtectionUnavailable", UNAVAILABLE, 503, "Replay protection is unavailable."),
     /// The CheckRequest lacks the attributes a decision needs.
     InvalidRequest = ("InvalidRequest", INVALID_ARGUMENT, 400, "The authorization request is incomplete."),
     /// The request path has no canonical form: readers could disagree on what it names.

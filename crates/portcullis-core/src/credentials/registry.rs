@@ -270,6 +270,11 @@ impl Registry {
         });
     }
 
+    /// The shared store, once open, when it is `store.redis`.
+    pub fn shared_store(&self) -> Option<Arc<RedisStore>> {
+        self.shared.store().and_then(Backend::redis).cloned()
+    }
+
     /// `portcullis.store.operations` by op and result (`store.redis` only).
     pub fn store_operations(&self) -> Vec<(&'static str, &'static str, u64)> {
         self.shared

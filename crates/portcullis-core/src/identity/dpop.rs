@@ -17,6 +17,9 @@
 //! dot segments) before scheme, host, port and path are compared; query and fragment are ignored
 //! (RFC 9449 section 4.3).
 //!
+//! Replays are caught in process ([`ReplayCache`]) and, when the replicas share a store, across
+//! them ([`SharedReplay`], `SET NX` in Redis): a proof is accepted once in the whole fleet.
+//!
 //! Server-provided nonces (`use_dpop_nonce`) are not implemented.
 
 use std::collections::{HashMap, VecDeque};
@@ -287,6 +290,19 @@ fn check_htu(htu: &str, e: &Expected<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// The `jti`s seen across replicas (`store.redis`): the first replica to record a proof's key
+/// accepts it, every other (and a second use anywhere) refuses it.
+pub trait SharedReplay: Send + Sync + std::fmt::Debug {
+    /// Records `key` (SHA-256 over the proof key's thumbprint and `jti`: no secret) for `ttl`.
+    /// `Ok(true)` on its first use anywhere, `Ok(false)` when it was already recorded; `Err` when
+    /// the store did not answer (the check then fails closed).
+    fn first_use(
+        &self,
+        key: [u8; 32],
+        ttl: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<bool, String>>;
+}
+
 /// The `jti`s seen within their window, in process: first use wins, a second use is a replay.
 #[derive(Debug)]
 pub(crate) struct ReplayCache {
@@ -460,7 +476,7 @@ impl JwtPolicy {
         if checked.thumbprint != jkt {
             return mismatch("the token's `cnf.jkt` is not the thumbprint of the proof's key");
         }
-        let ttl = policy.max_age + 2 * self.clock_skew;
+        let ttl = self.replay_window(policy);
         match self
             .shared
             .dpop_replay
@@ -469,6 +485,42 @@ impl JwtPolicy {
             Seen::First => Ok((Binding::Dpop, Some(checked.replay_key))),
             Seen::Replayed => invalid("the proof's `jti` was already used (replay)".into()),
             Seen::Full => invalid("too many proofs within the window to detect replays".into()),
+        }
+    }
+
+    /// How long a proof's key is remembered: its `iat` window, both skews included.
+    fn replay_window(&self, policy: &DpopPolicy) -> Duration {
+        policy.max_age + 2 * self.clock_skew
+    }
+
+    /// The fleet-wide replay check of a proof this replica accepted (`proof_key`), when the
+    /// replicas share a store. `Ok(false)`: it must wait for the store, and `io` says not to (the
+    /// local record is dropped, since the evaluation will run again with the same proof).
+    pub(super) async fn check_shared_replay(
+        &self,
+        proof_key: [u8; 32],
+        io: crate::check::Io,
+    ) -> Result<bool, Refusal> {
+        let (Some(shared), Some(policy)) = (self.shared.shared_replay.get(), &self.dpop) else {
+            return Ok(true);
+        };
+        if io == crate::check::Io::Never {
+            self.shared.dpop_replay.forget(&proof_key);
+            return Ok(false);
+        }
+        match shared
+            .first_use(proof_key, self.replay_window(policy))
+            .await
+        {
+            Ok(true) => Ok(true),
+            Ok(false) => Err((
+                Reason::DpopProofInvalid,
+                "the proof's `jti` was already used, on another replica (replay)".into(),
+            )),
+            Err(e) => Err((
+                Reason::ReplayProtectionUnavailable,
+                format!("replays of the DPoP proof across replicas cannot be ruled out: {e}"),
+            )),
         }
     }
 

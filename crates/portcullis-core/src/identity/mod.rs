@@ -269,6 +269,15 @@ impl JwtPolicy {
         let (binding, proof_key) = self
             .check_binding(input, valid.raw(), valid.claims(), now)
             .map_err(|(reason, detail)| self.failure(reason, detail, api))?;
+        if let Some(key) = proof_key {
+            let decided = self
+                .check_shared_replay(key, io)
+                .await
+                .map_err(|(reason, detail)| self.failure(reason, detail, api))?;
+            if !decided {
+                return Ok(None);
+            }
+        }
         if let Some(inner) = Arc::get_mut(&mut valid.0) {
             inner.binding = binding;
             inner.proof_key = proof_key;

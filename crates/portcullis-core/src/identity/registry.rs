@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub(super) fetches: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
     /// DPoP proof `jti`s seen within their window.
     pub(super) dpop_replay: super::dpop::ReplayCache,
+    /// The same, across replicas, once the shared store is open.
+    pub(super) shared_replay: OnceLock<Arc<dyn super::dpop::SharedReplay>>,
 }
 
 impl Shared {
@@ -137,9 +139,16 @@ impl Registry {
                     Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_FETCHES)),
                 )),
                 dpop_replay: super::dpop::ReplayCache::new(),
+                shared_replay: OnceLock::new(),
             }),
             http: OnceLock::new(),
         }
+    }
+
+    /// Checks DPoP replays across replicas through `shared` too, from now on (set once, when the
+    /// shared store opens; later calls change nothing).
+    pub fn share_replays(&self, shared: Arc<dyn super::dpop::SharedReplay>) {
+        let _ = self.shared.shared_replay.set(shared);
     }
 
     /// Counters.

@@ -45,6 +45,18 @@ impl Runtime {
         self.credentials.publish(&policy.credentials);
     }
 
+    /// Opens the store and obtains the backend credentials `policy` uses
+    /// ([`credentials::Registry::start`]); with `store.redis`, DPoP replays are checked across the
+    /// replicas from then on. Call after [`Runtime::publish`].
+    pub async fn start(&self, policy: &PolicySet) -> Result<(), credentials::StoreError> {
+        self.credentials.start(policy.backend_credentials()).await?;
+        if let Some(redis) = self.credentials.shared_store() {
+            self.identity
+                .share_replays(Arc::new(SharedStoreReplay(redis)));
+        }
+        Ok(())
+    }
+
     /// A runtime for `check`: signing keys are fetched when the check needs them, CRLs of
     /// `crl_urls` when asked ([`cert::crl::CrlRegistry::fetch_unobtained`]); nothing runs in the
     /// background.
@@ -54,6 +66,20 @@ impl Runtime {
             crl: cert::crl::CrlRegistry::on_demand(),
             ..Runtime::offline()
         }
+    }
+}
+
+/// DPoP replays recorded in the shared store, where every replica sees them.
+#[derive(Debug)]
+struct SharedStoreReplay(Arc<credentials::store::redis::RedisStore>);
+
+impl identity::dpop::SharedReplay for SharedStoreReplay {
+    fn first_use(
+        &self,
+        key: [u8; 32],
+        ttl: std::time::Duration,
+    ) -> futures::future::BoxFuture<'_, Result<bool, String>> {
+        Box::pin(async move { self.0.first_use(&key, ttl).await })
     }
 }
 

@@ -680,6 +680,24 @@ impl RedisStore {
         .await
     }
 
+    /// Records a DPoP proof's replay key (a SHA-256 digest, no secret) for `ttl` unless some
+    /// replica already did: `true` on its first use in the fleet.
+    pub async fn first_use(&self, replay_key: &[u8; 32], ttl: Duration) -> Result<bool, String> {
+        let opts = set_nx().with_expiration(redis::SetExpiry::PX(ttl.as_millis().max(1) as u64));
+        let mut c = self.conn.clone();
+        let set: Option<String> = self
+            .timed(
+                "dpop_replay",
+                c.set_options(
+                    self.key(&format!("dpop:{}", hex::encode(replay_key))),
+                    1,
+                    opts,
+                ),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Keeps a pending consent, sealed, under the digest of its `state` for `ttl`.
     pub async fn put_consent(
         &self,

@@ -296,6 +296,48 @@ async fn a_proof_replayed_to_another_replica_is_refused_through_redis() {
 }
 
 #[tokio::test]
+async fn forward_auth_checks_htu_with_the_scheme_of_x_forwarded_proto() {
+    let s = setup().await;
+    let base = format!("http://{}/authz", s.srv.running.addrs.http.unwrap());
+    let http = reqwest::Client::new();
+    let token = s.token(Some(&s.client));
+    let ask = |proto: &'static str, htu: &'static str| {
+        let mut claims = s.proof_claims(&token);
+        claims["htu"] = json!(htu);
+        http.get(&base)
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-host", "api.example.com")
+            .header("x-forwarded-uri", "/orders/1?page=2")
+            .header("x-forwarded-proto", proto)
+            .header("authorization", format!("DPoP {token}"))
+            .header("dpop", s.proof(&claims))
+            .send()
+    };
+    let reason = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        (status, body["reason"].as_str().unwrap_or("").to_string())
+    };
+    let ok = ask("https", "https://api.example.com/orders/1")
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let ok = ask("http", "http://api.example.com/orders/1")
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    // A proof for https:// presented on a request the load balancer received over http, and back.
+    let r = ask("http", "https://api.example.com/orders/1")
+        .await
+        .unwrap();
+    assert_eq!(reason(r).await, (401, "DpopProofInvalid".to_string()));
+    let r = ask("https", "http://api.example.com/orders/1")
+        .await
+        .unwrap();
+    assert_eq!(reason(r).await, (401, "DpopProofInvalid".to_string()));
+}
+
+#[tokio::test]
 async fn an_hs256_proof_is_refused() {
     let s = setup().await;
     let token = s.token(Some(&s.client));

@@ -219,6 +219,25 @@ impl Metrics {
     }
 }
 
+/// Observes one series per count, labelled `owner_key: owner` and `result`, skipping zeros: a
+/// series appears with its first event, as a counter bound on first use would.
+fn observe_results(
+    o: &dyn opentelemetry::metrics::AsyncInstrument<u64>,
+    owner_key: &'static str,
+    owner: String,
+    results: &[(&'static str, u64)],
+) {
+    for &(result, n) in results.iter().filter(|(_, n)| *n > 0) {
+        o.observe(
+            n,
+            &[
+                KeyValue::new(owner_key, owner.clone()),
+                KeyValue::new("result", result),
+            ],
+        );
+    }
+}
+
 /// Counters the SDK reads at collection time from numbers kept elsewhere: the identity and
 /// credentials modules count their own events and know nothing of telemetry.
 fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime: Arc<Runtime>) {
@@ -228,19 +247,12 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
         .with_description("Key set fetches by identity provider and result.")
         .with_callback(move |o| {
             for (provider, ok, failed) in identity.identity.jwks_fetches() {
-                // A series appears with its first event, as a counter bound on first use would.
-                for (result, n) in [("success", ok), ("error", failed)] {
-                    if n == 0 {
-                        continue;
-                    }
-                    o.observe(
-                        n,
-                        &[
-                            KeyValue::new("provider", provider.clone()),
-                            KeyValue::new("result", result),
-                        ],
-                    );
-                }
+                observe_results(
+                    o,
+                    "provider",
+                    provider,
+                    &[("success", ok), ("error", failed)],
+                );
             }
         })
         .build();
@@ -250,18 +262,7 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
         .with_description("CRL fetches of `client_certificate.trust.crl_urls` by API and result.")
         .with_callback(move |o| {
             for (api, ok, failed) in crl.crl.fetches() {
-                for (result, n) in [("success", ok), ("error", failed)] {
-                    if n == 0 {
-                        continue;
-                    }
-                    o.observe(
-                        n,
-                        &[
-                            KeyValue::new("api", api.clone()),
-                            KeyValue::new("result", result),
-                        ],
-                    );
-                }
+                observe_results(o, "api", api, &[("success", ok), ("error", failed)]);
             }
         })
         .build();
@@ -275,18 +276,8 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
             for (provider, active, inactive, error) in
                 introspection.identity.introspection_requests()
             {
-                for (result, n) in [("active", active), ("inactive", inactive), ("error", error)] {
-                    if n == 0 {
-                        continue;
-                    }
-                    o.observe(
-                        n,
-                        &[
-                            KeyValue::new("provider", provider.clone()),
-                            KeyValue::new("result", result),
-                        ],
-                    );
-                }
+                let results = [("active", active), ("inactive", inactive), ("error", error)];
+                observe_results(o, "provider", provider, &results);
             }
         })
         .build();
@@ -335,16 +326,7 @@ fn register_observables(meter: &Meter, dropped_records: Arc<AtomicU64>, runtime:
         )
         .with_callback(move |o| {
             for (credential, result, n) in runtime.credentials.token_cache_requests() {
-                if n == 0 {
-                    continue;
-                }
-                o.observe(
-                    n,
-                    &[
-                        KeyValue::new("credential", credential),
-                        KeyValue::new("result", result),
-                    ],
-                );
+                observe_results(o, "credential", credential, &[(result, n)]);
             }
         })
         .build();

@@ -95,37 +95,47 @@ fn signal_url(base: &str, path: &str) -> String {
     format!("{}{path}", base.trim_end_matches('/'))
 }
 
+/// Builds `$exporter` (OTLP span or metric exporter) for `$target` over gRPC or HTTP/protobuf; the
+/// two builders share no trait that covers `builder()`, so one macro serves both signals.
+macro_rules! build_exporter {
+    ($exporter:ty, $target:expr, $signal:expr, $path:expr) => {{
+        let target: &OtlpTarget = $target;
+        let err = |detail: String| ExporterError {
+            signal: $signal,
+            endpoint: display_endpoint(&target.endpoint),
+            detail,
+        };
+        match target.protocol {
+            OtlpProtocol::Grpc => <$exporter>::builder()
+                .with_tonic()
+                .with_endpoint(&target.endpoint)
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_tls_config(tls_config())
+                .build()
+                .map_err(|e| err(e.to_string())),
+            OtlpProtocol::HttpProtobuf => <$exporter>::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(signal_url(&target.endpoint, $path))
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_http_client(RuntimeHttpClient::new().map_err(err)?)
+                .build()
+                .map_err(|e| err(e.to_string())),
+        }
+    }};
+}
+
 /// A span exporter for `target`. Must be called inside a tokio runtime: the gRPC channel and the
 /// HTTP client run their I/O on it, while the SDK's batch processor calls them from its own thread.
 pub(crate) fn span_exporter(
     target: &OtlpTarget,
 ) -> Result<Counted<opentelemetry_otlp::SpanExporter>, ExporterError> {
-    let err = |e: opentelemetry_otlp::ExporterBuildError| ExporterError {
-        signal: "traces",
-        endpoint: display_endpoint(&target.endpoint),
-        detail: e.to_string(),
-    };
-    let exporter = match target.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(&target.endpoint)
-            .with_timeout(EXPORT_TIMEOUT)
-            .with_tls_config(tls_config())
-            .build()
-            .map_err(err)?,
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(signal_url(&target.endpoint, "/v1/traces"))
-            .with_timeout(EXPORT_TIMEOUT)
-            .with_http_client(RuntimeHttpClient::new().map_err(|detail| ExporterError {
-                signal: "traces",
-                endpoint: display_endpoint(&target.endpoint),
-                detail,
-            })?)
-            .build()
-            .map_err(err)?,
-    };
+    let exporter = build_exporter!(
+        opentelemetry_otlp::SpanExporter,
+        target,
+        "traces",
+        "/v1/traces"
+    )?;
     Ok(Counted::new(exporter, Signal::Traces, &target.endpoint))
 }
 
@@ -133,32 +143,12 @@ pub(crate) fn span_exporter(
 pub(crate) fn metric_exporter(
     target: &OtlpTarget,
 ) -> Result<Counted<opentelemetry_otlp::MetricExporter>, ExporterError> {
-    let err = |e: opentelemetry_otlp::ExporterBuildError| ExporterError {
-        signal: "metrics",
-        endpoint: display_endpoint(&target.endpoint),
-        detail: e.to_string(),
-    };
-    let exporter = match target.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-            .with_tonic()
-            .with_endpoint(&target.endpoint)
-            .with_timeout(EXPORT_TIMEOUT)
-            .with_tls_config(tls_config())
-            .build()
-            .map_err(err)?,
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(signal_url(&target.endpoint, "/v1/metrics"))
-            .with_timeout(EXPORT_TIMEOUT)
-            .with_http_client(RuntimeHttpClient::new().map_err(|detail| ExporterError {
-                signal: "metrics",
-                endpoint: display_endpoint(&target.endpoint),
-                detail,
-            })?)
-            .build()
-            .map_err(err)?,
-    };
+    let exporter = build_exporter!(
+        opentelemetry_otlp::MetricExporter,
+        target,
+        "metrics",
+        "/v1/metrics"
+    )?;
     Ok(Counted::new(exporter, Signal::Metrics, &target.endpoint))
 }
 

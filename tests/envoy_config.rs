@@ -3,6 +3,8 @@
 //! no body, the peer certificate only when a rule needs it). Envoy itself validates the output in
 //! tests/e2e/test_envoy_config.py.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::process::Command;
 
@@ -225,18 +227,7 @@ fn http_service_filter_lets_through_what_portcullis_sets() {
 
 #[test]
 fn an_invalid_config_is_refused_with_exit_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("bad.yaml");
-    std::fs::write(&cfg, "apis:\n  - name: a\n    match: {path_prefix: x}\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["envoy-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("apis[0].match.path_prefix"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let yaml = "apis:\n  - name: a\n    match: {path_prefix: x}\n";
+    let stderr = common::refuses("envoy-config", yaml);
+    assert!(stderr.contains("apis[0].match.path_prefix"), "{stderr}");
 }

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{TestServer, get, seen};
+use common::{Seen, TestServer, get, seen};
+
+type Client =
+    portcullis::proto::auth::authorization_client::AuthorizationClient<tonic::transport::Channel>;
 use fake::{CLIENT_ID, CLIENT_SECRET, FakeIntrospection};
 use portcullis::config::{self, ConfigErrors};
 use portcullis::policy::{self, CheckInput, Decision, EvalOptions, Outcome, PolicySet, Runtime};
@@ -49,6 +52,21 @@ apis:
         iss = fake.issuer,
         url = fake.url(),
     )
+}
+
+/// The real server on [`yaml`] with the client secret read from a file; keep the file.
+async fn serve(fake: &FakeIntrospection, jwt_extra: &str) -> (TestServer, tempfile::NamedTempFile) {
+    let secret_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret_file.path(), CLIENT_SECRET).unwrap();
+    let secret = format!("${{file:{}}}", secret_file.path().display());
+    let srv = TestServer::start(&yaml(fake, &secret, "", jwt_extra)).await;
+    (srv, secret_file)
+}
+
+/// A gRPC check of `GET /orders/1` with `token` as a Bearer token.
+async fn ask(client: &mut Client, token: &str) -> Seen {
+    let req = get("/orders/1").header("authorization", &format!("Bearer {token}"));
+    seen(&client.check(req.request()).await.unwrap().into_inner())
 }
 
 fn compile_with(yaml: &str, runtime: Runtime) -> Result<(Arc<PolicySet>, Runtime), ConfigErrors> {
@@ -108,41 +126,19 @@ async fn grpc_and_forward_auth_allow_an_active_token_and_refuse_an_inactive_one(
         "opaque-good",
         json!({"sub": "alice", "aud": ["api://orders", "x"], "scope": "orders:read orders:write", "tid": "t1", "exp": exp}),
     );
-    let secret_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret_file.path(), CLIENT_SECRET).unwrap();
-    let cfg = yaml(
+    let (srv, _secret) = serve(
         &fake,
-        &format!("${{file:{}}}", secret_file.path().display()),
-        "",
         "      audiences: [api://orders]\n      scopes: {all: [orders:read]}\n      required_claims: [{name: tid, values: [t1]}]",
-    );
-    let srv = TestServer::start(&cfg).await;
+    )
+    .await;
     let mut client = srv.client().await;
 
-    let r = client
-        .check(
-            get("/orders/1")
-                .header("authorization", "Bearer opaque-good")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    let s = seen(&r);
+    let s = ask(&mut client, "opaque-good").await;
     assert_eq!(s.code, 0, "{s:?}");
     assert_eq!(s.headers["x-user"].0, "alice");
     assert_eq!(s.headers["x-client"].0, "svc");
 
-    let r = client
-        .check(
-            get("/orders/1")
-                .header("authorization", "Bearer opaque-revoked")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    let s = seen(&r);
+    let s = ask(&mut client, "opaque-revoked").await;
     assert_eq!((s.code, s.status), (16, Some(401)), "{s:?}");
     let body = s.body.unwrap();
     assert_eq!(body["reason"], "TokenNotActive");
@@ -325,40 +321,14 @@ async fn an_endpoint_outage_fails_closed_and_is_not_cached() {
     let fake = FakeIntrospection::start().await;
     fake.activate("tok", json!({"sub": "alice"}));
     fake.set_raw(Some((500, b"{}".to_vec())));
-    let secret_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret_file.path(), CLIENT_SECRET).unwrap();
-    let cfg = yaml(
-        &fake,
-        &format!("${{file:{}}}", secret_file.path().display()),
-        "",
-        "",
-    );
-    let srv = TestServer::start(&cfg).await;
+    let (srv, _secret) = serve(&fake, "").await;
     let mut client = srv.client().await;
-    let r = client
-        .check(
-            get("/orders/1")
-                .header("authorization", "Bearer tok")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    let s = seen(&r);
+    let s = ask(&mut client, "tok").await;
     assert_eq!((s.code, s.status), (14, Some(503)), "{s:?}");
     assert_eq!(s.body.unwrap()["reason"], "IdentityProviderUnavailable");
     // Recovered: the failure was not remembered.
     fake.set_raw(None);
-    let r = client
-        .check(
-            get("/orders/1")
-                .header("authorization", "Bearer tok")
-                .request(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(seen(&r).code, 0);
+    assert_eq!(ask(&mut client, "tok").await.code, 0);
     assert_eq!(fake.requests(), 2);
     srv.running.shutdown().await.unwrap();
 

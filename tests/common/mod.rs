@@ -256,11 +256,17 @@ pub fn injected(d: &portcullis::policy::Decision) -> Result<String, String> {
 /// Runs `portcullis validate` on `yaml` (written to a file of its own), which must refuse it:
 /// asserts exit 2 and returns what it printed on stderr.
 pub fn validate_refuses(yaml: &str) -> String {
+    refuses("validate", yaml)
+}
+
+/// Runs `portcullis <subcommand> --config FILE` with `yaml` in FILE, which must refuse it: asserts
+/// exit 2 and returns what it printed on stderr.
+pub fn refuses(subcommand: &str, yaml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["validate", "--config"])
+        .args([subcommand, "--config"])
         .arg(&cfg)
         .output()
         .unwrap();

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import ROOT, Envoy, Portcullis, assert_deny, missing, request, skip_unless_available
-from topology import ALLOWED_CLIENT, grpc_envoy_params
+from topology import ALLOWED_CLIENT, grpc_envoy_params, jwt_orders_config
 
 sys.path.insert(0, str(ROOT / "tests" / "idp"))
 from idp import decode_jwt, start_idp  # noqa: E402
@@ -36,25 +36,7 @@ IDP_CONFIG = {
 
 
 def jwt_config(issuer: str) -> str:
-    return f"""
-listen: {{grpc: 127.0.0.1:0}}
-telemetry: {{log_format: json}}
-client_ip: {{from: x-forwarded-for, trusted_hops: 1}}
-identity_providers:
-  - name: test-idp
-    issuer: {issuer}
-    algorithms: [RS256]
-apis:
-  - name: orders
-    match: {{path_prefix: /orders}}
-    jwt:
-      providers: [test-idp]
-      audiences: [api://orders]
-      scopes: {{any: [orders:read]}}
-    on_allow:
-      set_headers: {{x-user-id: "{{jwt.sub}}", x-api: "{{api}}"}}
-unmatched: deny
-"""
+    return jwt_orders_config(issuer, '{set_headers: {x-user-id: "{jwt.sub}", x-api: "{api}"}}')
 
 
 def credential_config(token_url: str, secret_file: Path) -> str:

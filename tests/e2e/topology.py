@@ -179,3 +179,26 @@ def http_envoy_params(portcullis: Portcullis | int, backend: Backend) -> dict:
         "BACKEND_PORT": backend.port,
         "EXT_AUTHZ_TIMEOUT": "5s",
     }
+
+
+def jwt_orders_config(issuer: str, on_allow: str) -> str:
+    """portcullis behind Envoy with one JWT API, `/orders`, for tokens of the test IdP at `issuer`
+    (audience api://orders, scope orders:read); `on_allow` is the API's on_allow mapping, inline."""
+    return f"""
+listen: {{grpc: 127.0.0.1:0}}
+telemetry: {{log_format: json}}
+client_ip: {{from: x-forwarded-for, trusted_hops: 1}}
+identity_providers:
+  - name: test-idp
+    issuer: {issuer}
+    algorithms: [RS256]
+apis:
+  - name: orders
+    match: {{path_prefix: /orders}}
+    jwt:
+      providers: [test-idp]
+      audiences: [api://orders]
+      scopes: {{any: [orders:read]}}
+    on_allow: {on_allow}
+unmatched: deny
+"""

@@ -120,27 +120,33 @@ def test_generated_filter_is_valid_envoy_config(transport, template, params, con
     assert "OK" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def two_envoys(tmp_path_factory, config_file, backend, pki):
-    """One portcullis; Envoy with the shipped bootstrap, and Envoy with the generated filter."""
-    workdir = tmp_path_factory.mktemp("envoy-config-stack")
+def start_two_envoys(workdir, config_file, params, template: str, transport: str, cluster: str, name: str):
+    """One portcullis, Envoy on the shipped `template` and Envoy on the same bootstrap with the
+    filter `envoy-config --transport <transport>` generates; yields (shipped, generated)."""
     started = []
     try:
         portcullis = Portcullis(config_file.read_text(), workdir)
         started.append(portcullis)
-        params = grpc_envoy_params(portcullis, backend, pki)
-        shipped = Envoy("ext-authz-grpc.yaml", params, workdir, name="shipped")
+        params = params(portcullis)  # the bootstrap placeholders, given the portcullis ports
+        shipped = Envoy(template, params, workdir, name=f"shipped-{name}")
         started.append(shipped)
-        generated_template = workdir / "generated.template.yaml"
-        generated_template.write_text(with_generated_filter("ext-authz-grpc.yaml", generated_filter(config_file, "grpc")))
-        generated = Envoy(str(generated_template), params, workdir, name="generated")
+        generated_template = workdir / f"generated-{name}.template.yaml"
+        generated_template.write_text(with_generated_filter(template, generated_filter(config_file, transport)))
+        generated = Envoy(str(generated_template), params, workdir, name=f"generated-{name}")
         started.append(generated)
-        shipped.wait_healthy("portcullis")
-        generated.wait_healthy("portcullis")
+        shipped.wait_healthy(cluster)
+        generated.wait_healthy(cluster)
         yield shipped, generated
     finally:
         for s in reversed(started):
             s.stop()
+
+
+@pytest.fixture(scope="module")
+def two_envoys(tmp_path_factory, config_file, backend, pki):
+    """One portcullis; Envoy with the shipped bootstrap, and Envoy with the generated filter."""
+    yield from start_two_envoys(tmp_path_factory.mktemp("envoy-config-stack"), config_file,
+                                lambda p: grpc_envoy_params(p, backend, pki), "ext-authz-grpc.yaml", "grpc", "portcullis", "grpc")
 
 
 # What the backend receives that a decision shapes: headers portcullis sets or removes.
@@ -248,24 +254,8 @@ def test_only_the_listed_headers_reach_portcullis(two_envoys):
 def two_http_service_envoys(tmp_path_factory, config_file, backend):
     """The same over http_service: the shipped ext-authz-http.yaml, and the same bootstrap with the
     generated `--transport http` filter."""
-    workdir = tmp_path_factory.mktemp("envoy-config-http")
-    started = []
-    try:
-        portcullis = Portcullis(config_file.read_text(), workdir)
-        started.append(portcullis)
-        params = http_envoy_params(portcullis, backend)
-        shipped = Envoy("ext-authz-http.yaml", params, workdir, name="shipped-http")
-        started.append(shipped)
-        template = workdir / "generated-http.template.yaml"
-        template.write_text(with_generated_filter("ext-authz-http.yaml", generated_filter(config_file, "http")))
-        generated = Envoy(str(template), params, workdir, name="generated-http")
-        started.append(generated)
-        shipped.wait_healthy("portcullis_http")
-        generated.wait_healthy("portcullis_http")
-        yield shipped, generated
-    finally:
-        for s in reversed(started):
-            s.stop()
+    yield from start_two_envoys(tmp_path_factory.mktemp("envoy-config-http"), config_file,
+                                lambda p: http_envoy_params(p, backend), "ext-authz-http.yaml", "http", "portcullis_http", "http")
 
 
 @pytest.mark.parametrize("path,headers", [a[1:3] for a in ALLOWS] + [d[1:3] for d in DENIES],

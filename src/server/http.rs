@@ -270,13 +270,23 @@ struct Original<'r> {
     scheme: &'static str,
 }
 
-/// `X-Forwarded-Proto` when it is exactly one of `http`, `https`.
-fn forwarded_proto(h: &axum::http::HeaderMap) -> &'static str {
+/// `X-Forwarded-Proto`: "" when absent, else exactly one of `http`, `https` (any case). Anything
+/// else (repeated, comma-joined by two proxies, another scheme) is refused (400) rather than
+/// guessed: DPoP's `htu` is compared with it.
+fn forwarded_proto(h: &axum::http::HeaderMap) -> Result<&'static str, (Reason, String)> {
     let mut all = h.get_all("x-forwarded-proto").iter();
-    match (all.next().and_then(|v| v.to_str().ok()), all.next()) {
-        (Some(v), None) if v.eq_ignore_ascii_case("https") => "https",
-        (Some(v), None) if v.eq_ignore_ascii_case("http") => "http",
-        _ => "",
+    match (all.next().map(|v| v.as_bytes()), all.next()) {
+        (None, _) => Ok(""),
+        (Some(v), None) if v.eq_ignore_ascii_case(b"https") => Ok("https"),
+        (Some(v), None) if v.eq_ignore_ascii_case(b"http") => Ok("http"),
+        (Some(_), None) => Err((
+            Reason::InvalidRequest,
+            "`x-forwarded-proto` is neither `http` nor `https`".into(),
+        )),
+        (Some(_), Some(_)) => Err((
+            Reason::InvalidRequest,
+            "more than one `x-forwarded-proto` header".into(),
+        )),
     }
 }
 
@@ -299,7 +309,7 @@ fn original_request(
             method,
             host,
             target: Cow::Borrowed(uri),
-            scheme: forwarded_proto(h),
+            scheme: forwarded_proto(h)?,
         });
     }
     let host = match h.get_all(axum::http::header::HOST).iter().count() {

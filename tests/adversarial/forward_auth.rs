@@ -140,10 +140,66 @@ async fn forwarded_headers_are_authoritative_and_never_fall_back() {
             vec![FWD_OK[0], FWD_OK[1], ("x-forwarded-uri", b"/admin/x"), key],
             "allow admin",
         ),
+        // X-Forwarded-Proto (DPoP's `htu` scheme): one `http` or `https`, or absent; never guessed.
+        (
+            "/authz/",
+            vec![
+                FWD_OK[0],
+                FWD_OK[1],
+                ("x-forwarded-uri", b"/admin/x"),
+                ("x-forwarded-proto", b"HTTPS"),
+                key,
+            ],
+            "allow admin",
+        ),
+        (
+            "/authz/",
+            vec![
+                FWD_OK[0],
+                FWD_OK[1],
+                ("x-forwarded-uri", b"/admin/x"),
+                ("x-forwarded-proto", b"https, http"),
+                key,
+            ],
+            "deny 400 InvalidRequest",
+        ),
+        (
+            "/authz/",
+            vec![
+                FWD_OK[0],
+                FWD_OK[1],
+                ("x-forwarded-uri", b"/admin/x"),
+                ("x-forwarded-proto", b"https"),
+                ("x-forwarded-proto", b"https"),
+                key,
+            ],
+            "deny 400 InvalidRequest",
+        ),
+        (
+            "/authz/",
+            vec![
+                FWD_OK[0],
+                FWD_OK[1],
+                ("x-forwarded-uri", b"/admin/x"),
+                ("x-forwarded-proto", b"wss"),
+                key,
+            ],
+            "deny 400 InvalidRequest",
+        ),
         // Envoy http_service: the request itself.
         (
             "/authz/admin/x",
             vec![("host", b"api.example.com"), key],
+            "allow admin",
+        ),
+        // ... where X-Forwarded-Proto is not read (Envoy sets it on every request it forwards).
+        (
+            "/authz/admin/x",
+            vec![
+                ("host", b"api.example.com"),
+                ("x-forwarded-proto", b"https, http"),
+                key,
+            ],
             "allow admin",
         ),
         (

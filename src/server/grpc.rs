@@ -65,10 +65,20 @@ impl Authorization for AuthorizationService {
         let decision = match &parts {
             Ok(parts) => {
                 let input = parts.input(&req);
-                policy
-                    .decide(&input, EvalOptions::default())
-                    .instrument(trace.span().clone())
-                    .await
+                // Most checks have what they need at hand (cached keys, tokens, chains): decided
+                // here, without the decision's future in this one, which stays small (tonic boxes
+                // it per request: a large future is a large copy on every check). Only a check
+                // that has to wait for a fetch runs the async path, in a box of its own.
+                let opts = EvalOptions::default();
+                let now = trace.span().in_scope(|| policy.decide_now(&input, opts));
+                match now {
+                    Some(d) => d,
+                    None => {
+                        Box::pin(policy.decide(&input, opts))
+                            .instrument(trace.span().clone())
+                            .await
+                    }
+                }
             }
             Err(detail) => policy.with_metadata(invalid_request(detail)),
         };

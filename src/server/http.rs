@@ -257,7 +257,13 @@ pub async fn decide_forward_auth(
         peer_certificate: "",
         context_extensions: None,
     };
-    policy.decide(&input, EvalOptions::default()).await
+    // As in the gRPC adapter: decided at once when nothing has to be fetched, so this future (boxed
+    // per request by the router) stays small; only a check that waits runs the async path.
+    let opts = EvalOptions::default();
+    match policy.decide_now(&input, opts) {
+        Some(d) => d,
+        None => Box::pin(policy.decide(&input, opts)).await,
+    }
 }
 
 /// The request a forward-auth call describes, as sent (canonicalised later, by the policy).

@@ -202,3 +202,46 @@ fn jwks_documents_skip_unusable_keys_and_refuse_bad_shapes() {
         JwksError::TooMany(jwk::MAX_KEYS + 1)
     );
 }
+
+/// The JWS shape test decides between signature verification and introspection: every byte value in
+/// every segment, and every dot count, against the plain definition.
+#[test]
+fn jws_compact_shape_is_exactly_three_base64url_segments() {
+    fn plain(token: &str) -> bool {
+        let b64 = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        let parts: Vec<&str> = token.split('.').collect();
+        parts.len() == 3
+            && !parts[0].is_empty()
+            && !parts[1].is_empty()
+            && parts.iter().all(|p| b64(p))
+    }
+    let is = super::introspection::is_jws_compact;
+    for c in (0..=0x7f_u8)
+        .map(char::from)
+        .chain(['é', 'Ａ', '\u{0}', '\u{7f}'])
+    {
+        for at in 0..3 {
+            let mut parts = [
+                "eyJhbGciOi".to_string(),
+                "eyJzdWIiOi".to_string(),
+                "c2ln".to_string(),
+            ];
+            parts[at].insert(3, c);
+            let token = parts.join(".");
+            assert_eq!(is(&token), plain(&token), "{token:?}");
+        }
+    }
+    for token in [
+        "a.b.c", "a.b.", ".b.c", "a..c", "a.b", "a.b.c.d", "", "..", "a.b.c.",
+    ] {
+        assert_eq!(is(token), plain(token), "{token:?}");
+    }
+    assert!(
+        is("a.b."),
+        "an empty signature still goes to the signature check"
+    );
+    assert!(!is("a.b.c.d"));
+}

@@ -1,0 +1,156 @@
+//! The request as the policy sees it, read from Envoy's header map and connection the way the
+//! ext_authz path reads a `CheckRequest` (`portcullis::server::grpc`), so that both modes decide
+//! on the same input:
+//!
+//! - headers: every request header, pseudo-headers included, lower-case names, repeated headers
+//!   comma-joined, without `x-envoy-auth-partial-body` (Envoy's ext_authz drops it too);
+//! - method, host and path: `:method`, `:authority`, `:path`;
+//! - scheme: `x-forwarded-proto` (what ext_authz sends as `http.scheme`);
+//! - peer: Envoy's `source.address` (the downstream remote address after `use_remote_address`
+//!   and `xff_num_trusted_hops`, as ext_authz's `source.address`);
+//! - client certificate: none. The 1.40 ABI exposes the peer's subject, SANs and SHA-256 digest
+//!   but not the certificate itself, which `client_certificate` rules parse; such APIs see no
+//!   certificate and fail closed (`ClientCertificateMissing`). Use the ext_authz mode, or XFCC.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use portcullis_core::check::{CheckInput, Headers};
+
+/// A request, owned: it outlives the hook when the decision has to wait for a fetch.
+#[derive(Debug, Clone, Default)]
+pub struct OwnedRequest {
+    /// `:method`
+    pub method: String,
+    /// `:authority`
+    pub host: String,
+    /// `:path` (with the query)
+    pub path: String,
+    /// `x-forwarded-proto`, or "".
+    pub scheme: String,
+    /// All headers.
+    pub headers: Headers,
+    /// The downstream peer's address.
+    pub peer: Option<IpAddr>,
+    /// The route's context extensions.
+    pub context_extensions: Option<HashMap<String, String>>,
+}
+
+/// A header ext_authz never forwards (it is Envoy's own, for partial bodies).
+const ENVOY_AUTH_PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
+
+impl OwnedRequest {
+    /// Builds the request from Envoy's raw header list and `source.address`; `Err` names what is
+    /// missing (the ext_authz path's "no method or path").
+    pub fn from_parts(
+        raw_headers: Vec<(Vec<u8>, Vec<u8>)>,
+        source_address: Option<&[u8]>,
+        context_extensions: Option<HashMap<String, String>>,
+    ) -> Result<Self, &'static str> {
+        let mut joined: HashMap<String, Vec<u8>> = HashMap::with_capacity(raw_headers.len());
+        for (k, v) in raw_headers {
+            let key = String::from_utf8_lossy(&k).to_ascii_lowercase();
+            if key == ENVOY_AUTH_PARTIAL_BODY {
+                continue;
+            }
+            joined
+                .entry(key)
+                .and_modify(|e| {
+                    e.push(b',');
+                    e.extend_from_slice(&v);
+                })
+                .or_insert(v);
+        }
+        let text = |name: &str| {
+            joined
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        let method = text(":method");
+        let path = text(":path");
+        if method.is_empty() || path.is_empty() {
+            return Err("no method or path");
+        }
+        let host = text(":authority");
+        let scheme = text("x-forwarded-proto");
+        let peer = source_address.and_then(parse_peer);
+        let headers = joined.into_iter().map(|(k, v)| (k, v.into())).collect();
+        Ok(OwnedRequest {
+            method,
+            host,
+            path,
+            scheme,
+            headers,
+            peer,
+            context_extensions,
+        })
+    }
+
+    /// Borrowed as the policy's input.
+    pub fn input(&self) -> CheckInput<'_> {
+        CheckInput {
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            scheme: &self.scheme,
+            headers: &self.headers,
+            peer: self.peer,
+            peer_certificate: "",
+            context_extensions: self.context_extensions.as_ref(),
+        }
+    }
+}
+
+/// `source.address` is `ip:port` since Envoy 1.40 (`[v6]:port` for IPv6); a bare IP is read too.
+fn parse_peer(raw: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(raw).ok()?;
+    s.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(k: &str, v: &str) -> (Vec<u8>, Vec<u8>) {
+        (k.as_bytes().to_vec(), v.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn headers_are_joined_lower_cased_and_pseudo_headers_kept() {
+        let r = OwnedRequest::from_parts(
+            vec![
+                h(":method", "GET"),
+                h(":path", "/a?b=1"),
+                h(":authority", "api.example.com"),
+                h("X-Multi", "a"),
+                h("x-multi", "b"),
+                h("x-envoy-auth-partial-body", "true"),
+                h("x-forwarded-proto", "https"),
+            ],
+            Some(b"203.0.113.10:54321"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, "/a?b=1");
+        assert_eq!(r.host, "api.example.com");
+        assert_eq!(r.scheme, "https");
+        assert_eq!(r.headers["x-multi"].as_ref(), b"a,b");
+        assert_eq!(r.headers[":method"].as_ref(), b"GET");
+        assert!(!r.headers.contains_key("x-envoy-auth-partial-body"));
+        assert_eq!(r.peer, Some("203.0.113.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn peers_in_every_form_and_missing_pseudo_headers() {
+        assert_eq!(parse_peer(b"[::1]:80"), Some("::1".parse().unwrap()));
+        assert_eq!(parse_peer(b"10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(parse_peer(b"pipe:/x"), None);
+        let err = OwnedRequest::from_parts(vec![h(":path", "/")], None, None).unwrap_err();
+        assert_eq!(err, "no method or path");
+    }
+}

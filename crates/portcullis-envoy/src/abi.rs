@@ -97,6 +97,8 @@ pub const HEADERS_STOP: i32 = 1;
 pub const BODY_CONTINUE: i32 = 0;
 /// Body status `StopIterationAndBuffer`.
 pub const BODY_STOP_AND_BUFFER: i32 = 1;
+/// Body status `StopIterationNoBuffer`: the frame is dropped.
+pub const BODY_STOP_NO_BUFFER: i32 = 3;
 /// Trailers status `Continue`.
 pub const TRAILERS_CONTINUE: i32 = 0;
 /// Trailers status `StopIteration`.
@@ -130,8 +132,7 @@ unsafe extern "C" {
         out: *mut EnvoyBuffer,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: *mut c_void);
-    fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: *mut c_void)
-    -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: *mut c_void) -> *mut c_void;
     fn envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler: *mut c_void, id: u64);
     fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
@@ -218,7 +219,11 @@ impl<'a> Stream<'a> {
         // SAFETY: `raw` has room for the `n` headers Envoy just counted (Envoy does not check the
         // length: the size call above is the contract).
         let ok = unsafe {
-            envoy_dynamic_module_callback_http_get_headers(self.ptr, REQUEST_HEADER, raw.as_mut_ptr())
+            envoy_dynamic_module_callback_http_get_headers(
+                self.ptr,
+                REQUEST_HEADER,
+                raw.as_mut_ptr(),
+            )
         };
         if !ok {
             return Vec::new();
@@ -365,7 +370,10 @@ fn guarded<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(_) => {
-            log(LOG_ERROR, &format!("portcullis: panic in {hook}; failed closed"));
+            log(
+                LOG_ERROR,
+                &format!("portcullis: panic in {hook}; failed closed"),
+            );
             fallback
         }
     }
@@ -398,7 +406,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         match Engine::new(&bytes, &handle) {
             Ok(engine) => Arc::into_raw(engine).cast(),
             Err(e) => {
-                log(LOG_ERROR, &format!("portcullis: filter config rejected: {e}"));
+                log(
+                    LOG_ERROR,
+                    &format!("portcullis: filter config rejected: {e}"),
+                );
                 std::ptr::null()
             }
         }
@@ -423,19 +434,26 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
     let _ = name;
     // SAFETY: a view of Envoy's config bytes, valid during this call; copied at once.
     let bytes = unsafe { bytes(config.ptr, config.len) }.to_vec();
-    guarded("per_route_config_new", std::ptr::null(), || {
-        match RouteConfig::parse(&bytes) {
+    guarded(
+        "per_route_config_new",
+        std::ptr::null(),
+        || match RouteConfig::parse(&bytes) {
             Ok(route) => Box::into_raw(Box::new(route)).cast_const().cast(),
             Err(e) => {
-                log(LOG_ERROR, &format!("portcullis: per-route config rejected: {e}"));
+                log(
+                    LOG_ERROR,
+                    &format!("portcullis: per-route config rejected: {e}"),
+                );
                 std::ptr::null()
             }
-        }
-    })
+        },
+    )
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(config: *const c_void) {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+    config: *const c_void,
+) {
     if config.is_null() {
         return;
     }
@@ -458,7 +476,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     };
     // Null gives this stream a 500 from Envoy: failing closed.
     guarded("filter_new", std::ptr::null(), move || {
-        Box::into_raw(Box::new(Filter::new(engine))).cast_const().cast()
+        Box::into_raw(Box::new(Filter::new(engine)))
+            .cast_const()
+            .cast()
     })
 }
 
@@ -484,11 +504,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     fm: *const c_void,
     end_of_stream: bool,
 ) -> i32 {
-    let _ = end_of_stream;
     // SAFETY: Envoy passes this stream's live filter object.
     let f = unsafe { filter_ref(fm) };
     let s = stream(fe);
-    match catch_unwind(AssertUnwindSafe(|| f.on_request_headers(&s))) {
+    match catch_unwind(AssertUnwindSafe(|| f.on_request_headers(&s, end_of_stream))) {
         Ok(status) => status,
         Err(_) => {
             log(LOG_ERROR, "portcullis: panic while deciding; answered 500");
@@ -506,10 +525,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     fm: *const c_void,
     end_of_stream: bool,
 ) -> i32 {
-    let (_, _) = (fe, end_of_stream);
     // SAFETY: this stream's live filter object.
     let f = unsafe { filter_ref(fm) };
-    guarded("request_body", BODY_STOP_AND_BUFFER, || f.on_request_body())
+    let s = stream(fe);
+    match catch_unwind(AssertUnwindSafe(|| f.on_request_body(&s, end_of_stream))) {
+        Ok(status) => status,
+        Err(_) => {
+            log(LOG_ERROR, "portcullis: panic in request_body; answered 500");
+            let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, &s)));
+            BODY_STOP_NO_BUFFER
+        }
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -517,10 +543,20 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     fe: *mut c_void,
     fm: *const c_void,
 ) -> i32 {
-    let _ = fe;
     // SAFETY: this stream's live filter object.
     let f = unsafe { filter_ref(fm) };
-    guarded("request_trailers", TRAILERS_STOP, || f.on_request_trailers())
+    let s = stream(fe);
+    match catch_unwind(AssertUnwindSafe(|| f.on_request_trailers(&s))) {
+        Ok(status) => status,
+        Err(_) => {
+            log(
+                LOG_ERROR,
+                "portcullis: panic in request_trailers; answered 500",
+            );
+            let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, &s)));
+            TRAILERS_STOP
+        }
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -661,4 +697,99 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
     _fe: *mut c_void,
     _fm: *const c_void,
 ) {
+}
+
+/// Unit tests link this crate into an executable, where no Envoy provides the callbacks: inert
+/// stand-ins (never called by the tests, which exercise the safe modules only).
+#[cfg(test)]
+mod link_stubs {
+    use super::{EnvoyBuffer, HttpHeader, ModuleBuffer};
+    use std::ffi::c_void;
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_get_headers_size(
+        _: *mut c_void,
+        _: i32,
+    ) -> usize {
+        0
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_get_headers(
+        _: *mut c_void,
+        _: i32,
+        _: *mut HttpHeader,
+    ) -> bool {
+        false
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_set_header(
+        _: *mut c_void,
+        _: i32,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) -> bool {
+        false
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_send_response(
+        _: *mut c_void,
+        _: u32,
+        _: *const HttpHeader,
+        _: usize,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) {
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        _: *mut c_void,
+        _: i32,
+        _: *mut EnvoyBuffer,
+    ) -> bool {
+        false
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_continue_decoding(_: *mut c_void) {}
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        _: *mut c_void,
+    ) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        _: *mut c_void,
+        _: u64,
+    ) {
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_scheduler_delete(_: *mut c_void) {}
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        _: *mut c_void,
+        _: ModuleBuffer,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: *mut usize,
+    ) -> i32 {
+        1
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        _: *mut c_void,
+        _: usize,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: u64,
+    ) -> i32 {
+        1
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_get_most_specific_route_config(
+        _: *mut c_void,
+    ) -> *const c_void {
+        std::ptr::null()
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_log(_: i32, _: ModuleBuffer) {}
 }

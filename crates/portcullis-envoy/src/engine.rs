@@ -53,7 +53,9 @@ impl FilterOptions {
         let text = std::str::from_utf8(bytes).map_err(|_| "filter_config is not UTF-8")?;
         let trimmed = text.trim();
         if trimmed.is_empty() {
-            return Err("filter_config is empty: give the config file's path or inline YAML".into());
+            return Err(
+                "filter_config is empty: give the config file's path or inline YAML".into(),
+            );
         }
         if trimmed.starts_with('{')
             && let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(trimmed)
@@ -76,7 +78,9 @@ impl FilterOptions {
                             .ok_or("decision_timeout_ms: a positive integer")?;
                         decision_timeout = Duration::from_millis(ms);
                     }
-                    (other, _) => return Err(format!("filter_config: unknown or invalid `{other}`")),
+                    (other, _) => {
+                        return Err(format!("filter_config: unknown or invalid `{other}`"));
+                    }
                 }
             }
             if obj.contains_key("config_file") && obj.contains_key("config") {
@@ -88,11 +92,12 @@ impl FilterOptions {
                 decision_timeout,
             });
         }
-        let source = if !trimmed.contains('\n') && !trimmed.contains(": ") && !trimmed.starts_with('{') {
-            ConfigSource::File(PathBuf::from(trimmed))
-        } else {
-            ConfigSource::Inline(text.to_string())
-        };
+        let source =
+            if !trimmed.contains('\n') && !trimmed.contains(": ") && !trimmed.starts_with('{') {
+                ConfigSource::File(PathBuf::from(trimmed))
+            } else {
+                ConfigSource::Inline(text.to_string())
+            };
         Ok(FilterOptions {
             source,
             decision_timeout: DEFAULT_DECISION_TIMEOUT,
@@ -173,9 +178,8 @@ impl Engine {
         let (policy, settings) = compiled.map_err(EngineError::Config)?;
         crate::logging::install(&settings.log_level);
         runtime.publish(&policy);
-        let started = tokio.block_on(async {
-            tokio::time::timeout(START_TIMEOUT, runtime.start(&policy)).await
-        });
+        let started = tokio
+            .block_on(async { tokio::time::timeout(START_TIMEOUT, runtime.start(&policy)).await });
         match started {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(EngineError::Start(e.to_string())),
@@ -323,8 +327,8 @@ fn watch(path: &Path, engine: Weak<Engine>) -> Option<notify::RecommendedWatcher
     let handle = engine.upgrade()?.handle.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watched_name = path.file_name().map(|n| n.to_os_string());
-    let mut watcher =
-        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let mut watcher = match notify::recommended_watcher(
+        move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
                 let relevant = event.paths.iter().any(|p| {
                     p.file_name().map(|n| n.to_os_string()) == watched_name
@@ -334,13 +338,14 @@ fn watch(path: &Path, engine: Weak<Engine>) -> Option<notify::RecommendedWatcher
                     let _ = tx.send(());
                 }
             }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "portcullis module: cannot watch the config file; it will not be reloaded");
-                return None;
-            }
-        };
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "portcullis module: cannot watch the config file; it will not be reloaded");
+            return None;
+        }
+    };
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::warn!(error = %e, dir = %dir.display(), "portcullis module: cannot watch the config directory; it will not be reloaded");
         return None;
@@ -368,14 +373,16 @@ mod tests {
     #[test]
     fn filter_config_is_a_path_inline_yaml_or_options() {
         let o = FilterOptions::parse(b" /etc/portcullis/p.yaml\n").unwrap();
-        assert_eq!(o.source, ConfigSource::File("/etc/portcullis/p.yaml".into()));
+        assert_eq!(
+            o.source,
+            ConfigSource::File("/etc/portcullis/p.yaml".into())
+        );
         let o = FilterOptions::parse(b"apis:\n  - name: x\n").unwrap();
         assert!(matches!(o.source, ConfigSource::Inline(_)));
         let o = FilterOptions::parse(b"apis: []").unwrap();
         assert!(matches!(o.source, ConfigSource::Inline(_)));
-        let o =
-            FilterOptions::parse(br#"{"config_file": "/p.yaml", "decision_timeout_ms": 250}"#)
-                .unwrap();
+        let o = FilterOptions::parse(br#"{"config_file": "/p.yaml", "decision_timeout_ms": 250}"#)
+            .unwrap();
         assert_eq!(o.source, ConfigSource::File("/p.yaml".into()));
         assert_eq!(o.decision_timeout, Duration::from_millis(250));
         assert!(FilterOptions::parse(br#"{"config_file": "/p", "extra": 1}"#).is_err());

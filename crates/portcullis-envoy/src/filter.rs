@@ -8,7 +8,7 @@
 //! on the stack (a local reply runs other filters), so state is in a `RefCell` that no borrow
 //! holds across a call into Envoy.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,6 +30,8 @@ const DENY_DETAILS: &str = "portcullis_denied";
 pub struct Filter {
     engine: Arc<Engine>,
     state: RefCell<Phase>,
+    /// Envoy has seen the end of the request (headers only, last body frame, or trailers).
+    complete: Cell<bool>,
 }
 
 enum Phase {
@@ -37,6 +39,11 @@ enum Phase {
     Fresh,
     /// The decision runs on the module's runtime; it lands in the slot.
     Deferred(Deferred),
+    /// Denied before the request body ended: the reply goes out when it has, as through
+    /// ext_authz (which holds the request until it answers); answering at once would make Envoy
+    /// close an HTTP/1.1 connection whose body it has not read. The rest of the body is dropped,
+    /// not buffered.
+    DenyAtEnd(wire::Deny),
     /// Decided (and applied).
     Done,
 }
@@ -53,12 +60,14 @@ impl Filter {
         Filter {
             engine,
             state: RefCell::new(Phase::Fresh),
+            complete: Cell::new(false),
         }
     }
 
     /// The request headers: decide, or park the stream. Returns the headers status.
-    pub fn on_request_headers(&self, s: &Stream<'_>) -> i32 {
+    pub fn on_request_headers(&self, s: &Stream<'_>, end_of_stream: bool) -> i32 {
         let started = Instant::now();
+        self.complete.set(end_of_stream);
         let route = s.route_config();
         if route.is_some_and(|r| r.disabled) {
             *self.state.borrow_mut() = Phase::Done;
@@ -99,7 +108,9 @@ impl Filter {
         started: Instant,
     ) -> i32 {
         let Some(scheduler) = s.scheduler() else {
-            tracing::error!("portcullis module: no scheduler for a deferred decision; failed closed");
+            tracing::error!(
+                "portcullis module: no scheduler for a deferred decision; failed closed"
+            );
             return self.apply(s, Decision::internal(None), request_line, started);
         };
         self.count(s, self.engine.counters.deferred);
@@ -143,24 +154,55 @@ impl Filter {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or_else(|| Decision::internal(None));
-        if self.apply(s, decision, deferred.request_line, deferred.started) == abi::HEADERS_CONTINUE {
+        if self.apply(s, decision, deferred.request_line, deferred.started) == abi::HEADERS_CONTINUE
+        {
             s.continue_decoding();
         }
     }
 
-    /// While a decision is pending the body is buffered, so that the request goes nowhere.
-    pub fn on_request_body(&self) -> i32 {
-        match *self.state.borrow() {
-            Phase::Deferred(_) => abi::BODY_STOP_AND_BUFFER,
-            _ => abi::BODY_CONTINUE,
+    /// While a decision is pending the body is buffered, so that the request goes nowhere; after
+    /// a deny it is dropped, and the reply sent at its end.
+    pub fn on_request_body(&self, s: &Stream<'_>, end_of_stream: bool) -> i32 {
+        if end_of_stream {
+            self.complete.set(true);
         }
+        let deferred = matches!(*self.state.borrow(), Phase::Deferred(_));
+        if deferred {
+            return abi::BODY_STOP_AND_BUFFER;
+        }
+        if self.deny_at_end(s) {
+            return abi::BODY_STOP_NO_BUFFER;
+        }
+        abi::BODY_CONTINUE
     }
 
-    /// As [`Filter::on_request_body`].
-    pub fn on_request_trailers(&self) -> i32 {
-        match *self.state.borrow() {
-            Phase::Deferred(_) => abi::TRAILERS_STOP,
-            _ => abi::TRAILERS_CONTINUE,
+    /// As [`Filter::on_request_body`]; trailers end the request.
+    pub fn on_request_trailers(&self, s: &Stream<'_>) -> i32 {
+        self.complete.set(true);
+        let deferred = matches!(*self.state.borrow(), Phase::Deferred(_));
+        if deferred || self.deny_at_end(s) {
+            return abi::TRAILERS_STOP;
+        }
+        abi::TRAILERS_CONTINUE
+    }
+
+    /// With a deny waiting for the end of the request: sends it once the request is complete.
+    /// Whether a deny is waiting (or was just sent).
+    fn deny_at_end(&self, s: &Stream<'_>) -> bool {
+        let phase = std::mem::replace(&mut *self.state.borrow_mut(), Phase::Done);
+        match phase {
+            Phase::DenyAtEnd(deny) if self.complete.get() => {
+                send_deny(s, &deny);
+                true
+            }
+            Phase::DenyAtEnd(deny) => {
+                *self.state.borrow_mut() = Phase::DenyAtEnd(deny);
+                true
+            }
+            other => {
+                *self.state.borrow_mut() = other;
+                false
+            }
         }
     }
 
@@ -196,7 +238,11 @@ impl Filter {
                 abi::HEADERS_CONTINUE
             }
             Reply::Deny(deny) => {
-                s.send_response(deny.status, &deny.header_refs(), &deny.body, DENY_DETAILS);
+                if self.complete.get() {
+                    send_deny(s, &deny);
+                } else {
+                    *self.state.borrow_mut() = Phase::DenyAtEnd(deny);
+                }
                 abi::HEADERS_STOP
             }
         }
@@ -264,8 +310,12 @@ pub fn fail_closed(f: &Filter, s: &Stream<'_>) {
         s.increment_counter(id, 1);
     }
     if let Reply::Deny(deny) = wire::reply(d) {
-        s.send_response(deny.status, &deny.header_refs(), &deny.body, DENY_DETAILS);
+        send_deny(s, &deny);
     }
+}
+
+fn send_deny(s: &Stream<'_>, deny: &wire::Deny) {
+    s.send_response(deny.status, &deny.header_refs(), &deny.body, DENY_DETAILS);
 }
 
 /// `:path` as it is now.
@@ -287,7 +337,10 @@ fn invalid_request(detail: &str) -> Decision {
 
 /// A deferred decision that outlived its deadline: refused, never allowed.
 fn timed_out(timeout: std::time::Duration) -> Decision {
-    tracing::warn!(timeout_ms = timeout.as_millis() as u64, "portcullis module: decision did not complete in time; failed closed");
+    tracing::warn!(
+        timeout_ms = timeout.as_millis() as u64,
+        "portcullis module: decision did not complete in time; failed closed"
+    );
     let mut d = Decision::internal(None);
     if let Outcome::Deny(denial) = &mut d.outcome {
         denial.message = "The authorization decision did not complete in time.".into();

@@ -65,7 +65,11 @@ mod tests {
     fn context_extensions_are_read_and_unknown_fields_refused() {
         let r = RouteConfig::parse(br#"{"context_extensions":{"api":"alpha"}}"#).unwrap();
         assert_eq!(r.context_extensions["api"], "alpha");
-        assert!(RouteConfig::parse(br#"{"disabled":true}"#).unwrap().disabled);
+        assert!(
+            RouteConfig::parse(br#"{"disabled":true}"#)
+                .unwrap()
+                .disabled
+        );
         assert!(RouteConfig::parse(br#"{"disabled":1}"#).is_err());
         assert!(RouteConfig::parse(br#"{"enabled":true}"#).is_err());
         assert!(RouteConfig::parse(br#"{"context_extensions":{"api":1}}"#).is_err());

@@ -85,8 +85,6 @@ pub const LOG_ERROR: i32 = 4;
 pub enum Attribute {
     /// `source.address`: `ip:port` of the downstream peer as Envoy resolved it (XFF-aware).
     SourceAddress = 24,
-    /// `connection.sha256_peer_certificate_digest`: lower-case hex.
-    PeerCertificateSha256 = 38,
 }
 
 /// Headers status `Continue`.

@@ -15,10 +15,10 @@
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)]
-pub mod abi;
-pub mod engine;
-pub mod filter;
-pub mod logging;
-pub mod request;
-pub mod route;
-pub mod wire;
+mod abi;
+mod engine;
+mod filter;
+mod logging;
+mod request;
+mod route;
+mod wire;

@@ -99,7 +99,7 @@ pub fn strip_query(path: &str, remove: &[String]) -> Option<String> {
             .next()
             .map(|(k, _)| k.into_owned())
             .unwrap_or_default();
-        if remove.iter().any(|r| *r == name) {
+        if remove.contains(&name) {
             removed = true;
         } else {
             kept.push((name, pair));

@@ -381,6 +381,38 @@ def test_counters_and_decision_log_reach_envoy(pair):
     assert 'reason="NoMatchingApi"' in line and 'outcome="deny"' in line, line
 
 
+def access_log_line(envoy: Envoy, decision_id: str) -> str:
+    """The access log line (deploy/envoy bootstraps) of one decision, without its time stamp."""
+    def find():
+        return next((l for l in envoy.output().splitlines() if f"decision={decision_id}" in l), None)
+    line = envoy.process.wait_for("the access log line", find, timeout=10)
+    return line.split("] ", 1)[1].replace(decision_id, "<id>")
+
+
+@pytest.mark.parametrize("path,headers", [
+    ("/orders/1", lb()),
+    ("/jwt/me", lb()),
+    ("/nowhere", lb()),
+], ids=["key-missing", "token-missing", "no-api"])
+def test_the_access_log_reads_the_same_dynamic_metadata_in_both_modes(pair, path, headers):
+    lines = []
+    for envoy in (pair.ext_authz, pair.module):
+        r = request(envoy.url("http", path), headers=headers)
+        lines.append(access_log_line(envoy, r.json()["decisionId"]))
+    assert lines[0] == lines[1], lines
+    assert "reason=-" not in lines[0], lines
+
+
+def test_an_allows_facts_reach_the_access_log_in_both_modes(pair):
+    lines = []
+    for envoy in (pair.ext_authz, pair.module):
+        r = request(envoy.url("http", "/jwt/me"), headers=lb(ALLOWED_CLIENT, ("authorization", f"Bearer {pair.signer.token()}")))
+        assert r.status == 200, r
+        lines.append(access_log_line(envoy, r.echo["headers"]["x-portcullis-decision-id"][0]))
+    assert lines[0] == lines[1], lines
+    assert "api=jwt subject=alice" in lines[1], lines
+
+
 @pytest.fixture
 def slow_keys(tmp_path, backend):
     """A module Envoy whose identity provider answers key fetches only after 2 s; the JWKS server

@@ -151,6 +151,18 @@ unsafe extern "C" {
         filter: *mut c_void,
     ) -> *const c_void;
     fn envoy_dynamic_module_callback_log(level: i32, message: ModuleBuffer);
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+        filter: *mut c_void,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+        filter: *mut c_void,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        value: bool,
+    );
 }
 
 /// Borrows an Envoy buffer as a slice (`(NULL, 0)` is the empty slice).
@@ -310,6 +322,32 @@ impl<'a> Stream<'a> {
                 id,
                 std::ptr::null(),
                 0,
+                value,
+            );
+        }
+    }
+
+    /// Sets a string in the stream's dynamic metadata (access logs, later filters).
+    pub fn set_metadata_string(&self, namespace: &str, key: &str, value: &str) {
+        // SAFETY: this hook's stream; the three buffers live for the call and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+                self.ptr,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(key.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            );
+        }
+    }
+
+    /// Sets a boolean in the stream's dynamic metadata.
+    pub fn set_metadata_bool(&self, namespace: &str, key: &str, value: bool) {
+        // SAFETY: this hook's stream; both buffers live for the call and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+                self.ptr,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(key.as_bytes()),
                 value,
             );
         }
@@ -790,4 +828,20 @@ mod link_stubs {
     }
     #[unsafe(no_mangle)]
     extern "C" fn envoy_dynamic_module_callback_log(_: i32, _: ModuleBuffer) {}
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+        _: *mut c_void,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) {
+    }
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+        _: *mut c_void,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+        _: bool,
+    ) {
+    }
 }

@@ -12,7 +12,8 @@ use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use portcullis_core::check::{Decision, Denial, Outcome, Reason};
+use portcullis_core::check::metadata::MetaValue;
+use portcullis_core::check::{Decision, Denial, Metadata, Outcome, Reason};
 use portcullis_core::policy::{EvalOptions, PolicySet};
 
 use crate::abi::{self, Attribute, Stream};
@@ -22,6 +23,11 @@ use crate::wire::{self, Reply};
 
 /// The only scheduler event this filter commits.
 const EVENT_DECIDED: u64 = 1;
+
+/// Where the decision's facts go in the stream's dynamic metadata: the namespace the ext_authz
+/// filter uses, so that access logs and RBAC rules written for ext_authz
+/// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:api)%`) work unchanged.
+pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
 /// The details Envoy records for this filter's local replies (`%RESPONSE_CODE_DETAILS%`).
 const DENY_DETAILS: &str = "portcullis_denied";
@@ -215,12 +221,13 @@ impl Filter {
     fn apply(
         &self,
         s: &Stream<'_>,
-        d: Decision,
+        mut d: Decision,
         request_line: Option<String>,
         started: Instant,
     ) -> i32 {
         *self.state.borrow_mut() = Phase::Done;
         self.record(s, &d, request_line, started);
+        set_metadata(s, &std::mem::replace(&mut d.metadata, Metadata::new()));
         match wire::reply(d) {
             Reply::Allow(allow) => {
                 for (name, value) in &allow.set {
@@ -311,6 +318,23 @@ pub fn fail_closed(f: &Filter, s: &Stream<'_>) {
     }
     if let Reply::Deny(deny) = wire::reply(d) {
         send_deny(s, &deny);
+    }
+}
+
+/// The decision's facts (`dynamic_metadata` of the ext_authz path) as dynamic metadata. A list
+/// (`scopes`) is one space-separated string: the 1.40 ABI's list setters are not bound.
+fn set_metadata(s: &Stream<'_>, metadata: &Metadata) {
+    if metadata.is_empty() {
+        return;
+    }
+    for (key, value) in metadata.entries().unwrap_or_default() {
+        match value {
+            MetaValue::String(v) => s.set_metadata_string(METADATA_NAMESPACE, &key, &v),
+            MetaValue::Bool(b) => s.set_metadata_bool(METADATA_NAMESPACE, &key, b),
+            MetaValue::List(items) => {
+                s.set_metadata_string(METADATA_NAMESPACE, &key, &items.join(" "))
+            }
+        }
     }
 }
 

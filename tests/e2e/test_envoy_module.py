@@ -488,6 +488,42 @@ def test_a_broken_reload_keeps_the_last_good_policy_and_a_good_one_applies(tmp_p
         jwks.stop()
 
 
+def test_a_panic_inside_the_module_is_a_500_deny_and_envoy_keeps_serving(tmp_path, backend):
+    # `test_panic_header` exists in debug builds only (the suite's build): a request carrying it
+    # panics inside the filter's request hook.
+    signer = Signer()
+    jwks = JwksServer(signer.jwks)
+    config = tmp_path / "panic.yaml"
+    config.write_text(policy(jwks.url))
+    options = json.dumps({"config_file": str(config), "test_panic_header": "x-portcullis-test-panic"})
+    envoy = module_envoy(tmp_path, backend, f"'{options}'", "envoy-panic")
+    try:
+        r = request(envoy.url("http", "/public/x"), headers=lb(ALLOWED_CLIENT, ("x-portcullis-test-panic", "1")))
+        assert r.status == 500, r
+        assert r.header("x-echo") is None
+        body = r.json()
+        assert body["reason"] == "Internal" and body["statusCode"] == 500, body
+        assert body["decisionId"] == r.header("x-portcullis-decision-id"), body
+        assert envoy.process.alive()
+        assert request(envoy.url("http", "/public/x"), headers=lb()).status == 200
+        assert envoy.stats()["dynamicmodulescustom.portcullis_failed_closed"] == 1
+        assert "panic while deciding" in envoy.output()
+    finally:
+        envoy.stop()
+        jwks.stop()
+
+
+def test_the_decision_log_carries_the_callers_trace_id(pair):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    r = request(pair.module.url("http", "/public/traced"), headers=lb(ALLOWED_CLIENT, ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")))
+    assert r.status == 200, r
+    decision_id = r.echo["headers"]["x-portcullis-decision-id"][0]
+    line = pair.module.process.wait_for("the decision log line",
+                                        lambda: next((l for l in pair.module.output().splitlines() if f"decision_id={decision_id}" in l), None),
+                                        timeout=10)
+    assert f"trace_id={trace_id}" in line.replace('"', ""), line
+
+
 def test_a_broken_config_at_start_refuses_the_filter(tmp_path, backend):
     config = tmp_path / "broken.yaml"
     config.write_text("apis: [{name: x, bogus: 1}]\n")

@@ -41,6 +41,9 @@ pub struct FilterOptions {
     pub source: ConfigSource,
     /// Backstop for a decision that waits for a fetch.
     pub decision_timeout: Duration,
+    /// Debug builds only (the end-to-end suite's way to prove a panic fails closed): a request
+    /// carrying this header panics inside the filter. Release builds refuse the option.
+    pub test_panic_header: Option<String>,
 }
 
 impl FilterOptions {
@@ -63,6 +66,8 @@ impl FilterOptions {
         {
             let mut source = None;
             let mut decision_timeout = DEFAULT_DECISION_TIMEOUT;
+            #[cfg_attr(not(debug_assertions), allow(unused_mut))]
+            let mut test_panic_header = None;
             for (k, v) in &obj {
                 match (k.as_str(), v) {
                     ("config_file", serde_json::Value::String(p)) => {
@@ -70,6 +75,10 @@ impl FilterOptions {
                     }
                     ("config", serde_json::Value::String(y)) => {
                         source = Some(ConfigSource::Inline(y.clone()));
+                    }
+                    #[cfg(debug_assertions)]
+                    ("test_panic_header", serde_json::Value::String(h)) => {
+                        test_panic_header = Some(h.to_ascii_lowercase());
                     }
                     ("decision_timeout_ms", serde_json::Value::Number(n)) => {
                         let ms = n
@@ -90,6 +99,7 @@ impl FilterOptions {
             return Ok(FilterOptions {
                 source,
                 decision_timeout,
+                test_panic_header,
             });
         }
         let source =
@@ -101,6 +111,7 @@ impl FilterOptions {
         Ok(FilterOptions {
             source,
             decision_timeout: DEFAULT_DECISION_TIMEOUT,
+            test_panic_header: None,
         })
     }
 }
@@ -155,6 +166,8 @@ pub struct Engine {
     pub decision_timeout: Duration,
     /// Envoy counters.
     pub counters: Counters,
+    /// See [`FilterOptions::test_panic_header`] (always `None` in release builds).
+    pub test_panic_header: Option<String>,
 }
 
 impl Engine {
@@ -209,6 +222,7 @@ impl Engine {
             decision_log_client_ip: settings.decision_log_client_ip,
             decision_timeout: options.decision_timeout,
             counters,
+            test_panic_header: options.test_panic_header,
         });
         if let ConfigSource::File(path) = &engine.source {
             let watcher = watch(path, Arc::downgrade(&engine));

@@ -56,8 +56,17 @@ enum Phase {
 
 struct Deferred {
     slot: Arc<Mutex<Option<Decision>>>,
-    request_line: Option<String>,
+    log: LogContext,
     started: Instant,
+}
+
+/// What the decision log says about the request besides the decision.
+#[derive(Default)]
+struct LogContext {
+    /// The canonical request line without the query.
+    request_line: Option<String>,
+    /// The W3C trace id of the request's `traceparent`: the decision joins the caller's trace.
+    trace_id: Option<String>,
 }
 
 impl Filter {
@@ -89,18 +98,27 @@ impl Filter {
             Ok(r) => r,
             Err(detail) => {
                 let d = policy.with_metadata(invalid_request(detail));
-                return self.apply(s, d, None, started);
+                return self.apply(s, d, LogContext::default(), started);
             }
         };
-        let request_line = policy.request_line(&request.method, &request.host, &request.path);
+        // Never set in release builds (FilterOptions refuses the option there).
+        if let Some(h) = &self.engine.test_panic_header
+            && request.headers.contains_key(h)
+        {
+            panic!("test panic requested with {h}");
+        }
+        let log = LogContext {
+            request_line: policy.request_line(&request.method, &request.host, &request.path),
+            trace_id: request.trace_id(),
+        };
         // Renewals ahead of expiry that decide_now starts go to the module's runtime.
         let now = {
             let _entered = self.engine.handle().enter();
             policy.decide_now(&request.input(), EvalOptions::default())
         };
         match now {
-            Some(d) => self.apply(s, d, request_line, started),
-            None => self.defer(s, policy, request, request_line, started),
+            Some(d) => self.apply(s, d, log, started),
+            None => self.defer(s, policy, request, log, started),
         }
     }
 
@@ -110,14 +128,14 @@ impl Filter {
         s: &Stream<'_>,
         policy: Arc<PolicySet>,
         request: OwnedRequest,
-        request_line: Option<String>,
+        log: LogContext,
         started: Instant,
     ) -> i32 {
         let Some(scheduler) = s.scheduler() else {
             tracing::error!(
                 "portcullis module: no scheduler for a deferred decision; failed closed"
             );
-            return self.apply(s, Decision::internal(None), request_line, started);
+            return self.apply(s, Decision::internal(None), log, started);
         };
         self.count(s, self.engine.counters.deferred);
         let slot = Arc::new(Mutex::new(None));
@@ -133,11 +151,7 @@ impl Filter {
             *landed.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
             scheduler.commit(EVENT_DECIDED);
         });
-        *self.state.borrow_mut() = Phase::Deferred(Deferred {
-            slot,
-            request_line,
-            started,
-        });
+        *self.state.borrow_mut() = Phase::Deferred(Deferred { slot, log, started });
         abi::HEADERS_STOP
     }
 
@@ -160,8 +174,7 @@ impl Filter {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or_else(|| Decision::internal(None));
-        if self.apply(s, decision, deferred.request_line, deferred.started) == abi::HEADERS_CONTINUE
-        {
+        if self.apply(s, decision, deferred.log, deferred.started) == abi::HEADERS_CONTINUE {
             s.continue_decoding();
         }
     }
@@ -218,15 +231,9 @@ impl Filter {
     }
 
     /// Applies a decision: header changes and Continue on allow, a local reply and Stop on deny.
-    fn apply(
-        &self,
-        s: &Stream<'_>,
-        mut d: Decision,
-        request_line: Option<String>,
-        started: Instant,
-    ) -> i32 {
+    fn apply(&self, s: &Stream<'_>, mut d: Decision, log: LogContext, started: Instant) -> i32 {
         *self.state.borrow_mut() = Phase::Done;
-        self.record(s, &d, request_line, started);
+        self.record(s, &d, &log, started);
         set_metadata(s, &std::mem::replace(&mut d.metadata, Metadata::new()));
         match wire::reply(d) {
             Reply::Allow(allow) => {
@@ -263,7 +270,7 @@ impl Filter {
 
     /// Counters, and the decision log line (`telemetry.decision_log`), in Envoy's log. Never a
     /// token, key or secret: ids, names, codes, the subject, the client IP unless turned off.
-    fn record(&self, s: &Stream<'_>, d: &Decision, request: Option<String>, started: Instant) {
+    fn record(&self, s: &Stream<'_>, d: &Decision, log: &LogContext, started: Instant) {
         let c = self.engine.counters;
         match &d.outcome {
             Outcome::Allow => self.count(s, c.allow),
@@ -300,7 +307,8 @@ impl Filter {
             subject = d.facts.subject.as_deref().unwrap_or(""),
             subscription_id = d.facts.subscription_id.as_deref().unwrap_or(""),
             client_ip = client_ip.as_deref().unwrap_or(""),
-            request = request.as_deref().unwrap_or(""),
+            request = log.request_line.as_deref().unwrap_or(""),
+            trace_id = log.trace_id.as_deref().unwrap_or(""),
             duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "decision"
         );

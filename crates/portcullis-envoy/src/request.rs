@@ -87,6 +87,27 @@ impl OwnedRequest {
         })
     }
 
+    /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all
+    /// zero), to put the decision in the caller's trace.
+    pub fn trace_id(&self) -> Option<String> {
+        let v = std::str::from_utf8(self.headers.get("traceparent")?).ok()?;
+        let mut parts = v.trim().split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, n: usize| {
+            s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        let valid = hex(version, 2)
+            && version != "ff"
+            && hex(trace, 32)
+            && hex(span, 16)
+            && hex(flags, 2)
+            && trace.bytes().any(|b| b != b'0')
+            && span.bytes().any(|b| b != b'0')
+            && (version != "00" || parts.next().is_none());
+        valid.then(|| trace.to_string())
+    }
+
     /// Borrowed as the policy's input.
     pub fn input(&self) -> CheckInput<'_> {
         CheckInput {
@@ -143,6 +164,33 @@ mod tests {
         assert_eq!(r.headers[":method"].as_ref(), b"GET");
         assert!(!r.headers.contains_key("x-envoy-auth-partial-body"));
         assert_eq!(r.peer, Some("203.0.113.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparents_only() {
+        let with = |tp: &str| {
+            let mut r = OwnedRequest::default();
+            r.headers
+                .insert("traceparent".into(), tp.to_string().into());
+            r.trace_id()
+        };
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            with(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            with(&format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32))),
+            None
+        );
+        assert_eq!(with(&format!("00-{id}-0000000000000000-01")), None);
+        assert_eq!(
+            with(&format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase())),
+            None
+        );
+        assert_eq!(with(&format!("ff-{id}-00f067aa0ba902b7-01")), None);
+        assert_eq!(with("garbage"), None);
+        assert_eq!(OwnedRequest::default().trace_id(), None);
     }
 
     #[test]

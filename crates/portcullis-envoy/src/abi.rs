@@ -217,13 +217,16 @@ pub struct Stream<'a> {
 }
 
 impl<'a> Stream<'a> {
-    /// Every request header, pseudo-headers included, in order, copied out (a setter would
-    /// invalidate Envoy's views).
-    pub fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Calls `f` with every request header, pseudo-headers included, in order. The slices are
+    /// Envoy's own bytes, valid only until a setter on the map: `f` must copy what it keeps and
+    /// not change the request's headers.
+    pub fn for_each_request_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
         // SAFETY: `ptr` is this hook's stream, on its worker thread.
-        let n = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.ptr, 0) };
+        let n = unsafe {
+            envoy_dynamic_module_callback_http_get_headers_size(self.ptr, REQUEST_HEADER)
+        };
         if n == 0 {
-            return Vec::new();
+            return;
         }
         let mut raw = vec![EMPTY_HEADER; n];
         // SAFETY: `raw` has room for the `n` headers Envoy just counted (Envoy does not check the
@@ -236,20 +239,14 @@ impl<'a> Stream<'a> {
             )
         };
         if !ok {
-            return Vec::new();
+            return;
         }
-        raw.iter()
-            .map(|h| {
-                // SAFETY: Envoy filled these views; they stay valid until a setter on this map or
-                // the end of the hook, and are copied here at once.
-                unsafe {
-                    (
-                        bytes(h.key_ptr, h.key_len).to_vec(),
-                        bytes(h.value_ptr, h.value_len).to_vec(),
-                    )
-                }
-            })
-            .collect()
+        for h in &raw {
+            // SAFETY: Envoy filled these views; they stay valid until a setter on this map or
+            // the end of the hook, and `f` may not keep them (its slices cannot escape it).
+            let (k, v) = unsafe { (bytes(h.key_ptr, h.key_len), bytes(h.value_ptr, h.value_len)) };
+            f(k, v);
+        }
     }
 
     /// A string attribute of the stream or its connection, copied.

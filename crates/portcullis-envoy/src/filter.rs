@@ -92,7 +92,8 @@ impl Filter {
             .filter(|r| !r.context_extensions.is_empty())
             .map(|r| r.context_extensions.clone());
         let source = s.attribute(Attribute::SourceAddress);
-        let request = OwnedRequest::from_parts(s.request_headers(), source.as_deref(), route);
+        let request =
+            OwnedRequest::read(|f| s.for_each_request_header(f), source.as_deref(), route);
         let policy = self.engine.policy();
         let request = match request {
             Ok(r) => r,
@@ -107,9 +108,14 @@ impl Filter {
         {
             panic!("test panic requested with {h}");
         }
-        let log = LogContext {
-            request_line: policy.request_line(&request.method, &request.host, &request.path),
-            trace_id: request.trace_id(),
+        // Only the decision log reads these: not computed without it.
+        let log = if self.engine.decision_log {
+            LogContext {
+                request_line: policy.request_line(&request.method, &request.host, &request.path),
+                trace_id: request.trace_id(),
+            }
+        } else {
+            LogContext::default()
         };
         // Renewals ahead of expiry that decide_now starts go to the module's runtime.
         let now = {
@@ -352,10 +358,13 @@ fn send_deny(s: &Stream<'_>, deny: &wire::Deny) {
 
 /// `:path` as it is now.
 fn current_path(s: &Stream<'_>) -> Option<String> {
-    s.request_headers()
-        .into_iter()
-        .find(|(k, _)| k == b":path")
-        .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
+    let mut path = None;
+    s.for_each_request_header(|k, v| {
+        if k == b":path" {
+            path = Some(String::from_utf8_lossy(v).into_owned());
+        }
+    });
+    path
 }
 
 /// The ext_authz path's answer to a request without method or path.

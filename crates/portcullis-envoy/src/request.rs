@@ -40,27 +40,36 @@ pub struct OwnedRequest {
 const ENVOY_AUTH_PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
 
 impl OwnedRequest {
-    /// Builds the request from Envoy's raw header list and `source.address`; `Err` names what is
-    /// missing (the ext_authz path's "no method or path").
-    pub fn from_parts(
-        raw_headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Builds the request from its headers (`for_each` calls its argument with every header),
+    /// Envoy's `source.address` and the route's context extensions; `Err` names what is missing
+    /// (the ext_authz path's "no method or path").
+    pub fn read(
+        for_each: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])),
         source_address: Option<&[u8]>,
         context_extensions: Option<HashMap<String, String>>,
     ) -> Result<Self, &'static str> {
-        let mut joined: HashMap<String, Vec<u8>> = HashMap::with_capacity(raw_headers.len());
-        for (k, v) in raw_headers {
-            let key = String::from_utf8_lossy(&k).to_ascii_lowercase();
+        let mut joined: HashMap<String, Vec<u8>> = HashMap::with_capacity(16);
+        for_each(&mut |k: &[u8], v: &[u8]| {
+            // Envoy's header names are lower-case already (HTTP/2 requires it, HTTP/1 is
+            // normalised); anything else is lower-cased as ext_authz's map has it.
+            let key = match std::str::from_utf8(k) {
+                Ok(k) if !k.bytes().any(|b| b.is_ascii_uppercase()) => k.to_owned(),
+                _ => String::from_utf8_lossy(k).to_ascii_lowercase(),
+            };
             if key == ENVOY_AUTH_PARTIAL_BODY {
-                continue;
+                return;
             }
-            joined
-                .entry(key)
-                .and_modify(|e| {
+            match joined.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let e = e.get_mut();
                     e.push(b',');
-                    e.extend_from_slice(&v);
-                })
-                .or_insert(v);
-        }
+                    e.extend_from_slice(v);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(v.to_vec());
+                }
+            }
+        });
         let text = |name: &str| {
             joined
                 .get(name)
@@ -140,9 +149,25 @@ mod tests {
         (k.as_bytes().to_vec(), v.as_bytes().to_vec())
     }
 
+    fn from_parts(
+        headers: Vec<(Vec<u8>, Vec<u8>)>,
+        source: Option<&[u8]>,
+        ctx: Option<HashMap<String, String>>,
+    ) -> Result<OwnedRequest, &'static str> {
+        OwnedRequest::read(
+            |f| {
+                for (k, v) in &headers {
+                    f(k, v)
+                }
+            },
+            source,
+            ctx,
+        )
+    }
+
     #[test]
     fn headers_are_joined_lower_cased_and_pseudo_headers_kept() {
-        let r = OwnedRequest::from_parts(
+        let r = from_parts(
             vec![
                 h(":method", "GET"),
                 h(":path", "/a?b=1"),
@@ -198,7 +223,7 @@ mod tests {
         assert_eq!(parse_peer(b"[::1]:80"), Some("::1".parse().unwrap()));
         assert_eq!(parse_peer(b"10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
         assert_eq!(parse_peer(b"pipe:/x"), None);
-        let err = OwnedRequest::from_parts(vec![h(":path", "/")], None, None).unwrap_err();
+        let err = from_parts(vec![h(":path", "/")], None, None).unwrap_err();
         assert_eq!(err, "no method or path");
     }
 }

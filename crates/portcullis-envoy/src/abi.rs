@@ -151,11 +151,11 @@ unsafe extern "C" {
         filter: *mut c_void,
     ) -> *const c_void;
     fn envoy_dynamic_module_callback_log(level: i32, message: ModuleBuffer);
-    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
         filter: *mut c_void,
         namespace: ModuleBuffer,
-        key: ModuleBuffer,
-        value: ModuleBuffer,
+        entries: *const HttpHeader,
+        n_entries: usize,
     );
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
         filter: *mut c_void,
@@ -324,15 +324,30 @@ impl<'a> Stream<'a> {
         }
     }
 
-    /// Sets a string in the stream's dynamic metadata (access logs, later filters).
-    pub fn set_metadata_string(&self, namespace: &str, key: &str, value: &str) {
-        // SAFETY: this hook's stream; the three buffers live for the call and Envoy copies them.
+    /// Sets several strings in one namespace of the stream's dynamic metadata (access logs, later
+    /// filters), in one call.
+    pub fn set_metadata_strings(&self, namespace: &str, entries: &[(&str, &str)]) {
+        if entries.is_empty() {
+            return;
+        }
+        // `module_key_value_pair` has the layout of a header: key and value pointers and lengths.
+        let raw: Vec<HttpHeader> = entries
+            .iter()
+            .map(|(k, v)| HttpHeader {
+                key_ptr: k.as_ptr().cast(),
+                key_len: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_len: v.len(),
+            })
+            .collect();
+        // SAFETY: this hook's stream; `raw`, the strings it points into and the namespace outlive
+        // the call, and Envoy copies them.
         unsafe {
-            envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
                 self.ptr,
                 ModuleBuffer::of(namespace.as_bytes()),
-                ModuleBuffer::of(key.as_bytes()),
-                ModuleBuffer::of(value.as_bytes()),
+                raw.as_ptr(),
+                raw.len(),
             );
         }
     }
@@ -826,11 +841,11 @@ mod link_stubs {
     #[unsafe(no_mangle)]
     extern "C" fn envoy_dynamic_module_callback_log(_: i32, _: ModuleBuffer) {}
     #[unsafe(no_mangle)]
-    extern "C" fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+    extern "C" fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
         _: *mut c_void,
         _: ModuleBuffer,
-        _: ModuleBuffer,
-        _: ModuleBuffer,
+        _: *const HttpHeader,
+        _: usize,
     ) {
     }
     #[unsafe(no_mangle)]

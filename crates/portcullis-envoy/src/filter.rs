@@ -335,21 +335,26 @@ pub fn fail_closed(f: &Filter, s: &Stream<'_>) {
     }
 }
 
-/// The decision's facts (`dynamic_metadata` of the ext_authz path) as dynamic metadata. A list
-/// (`scopes`) is one space-separated string: the 1.40 ABI's list setters are not bound.
+/// The decision's facts (`dynamic_metadata` of the ext_authz path) as dynamic metadata, the
+/// strings in one call. A list (`scopes`) is one space-separated string: the 1.40 ABI's list
+/// setters are not bound.
 fn set_metadata(s: &Stream<'_>, metadata: &Metadata) {
     if metadata.is_empty() {
         return;
     }
+    let mut strings: Vec<(String, String)> = Vec::new();
     for (key, value) in metadata.entries().unwrap_or_default() {
         match value {
-            MetaValue::String(v) => s.set_metadata_string(METADATA_NAMESPACE, &key, &v),
+            MetaValue::String(v) => strings.push((key, v)),
+            MetaValue::List(items) => strings.push((key, items.join(" "))),
             MetaValue::Bool(b) => s.set_metadata_bool(METADATA_NAMESPACE, &key, b),
-            MetaValue::List(items) => {
-                s.set_metadata_string(METADATA_NAMESPACE, &key, &items.join(" "))
-            }
         }
     }
+    let refs: Vec<(&str, &str)> = strings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    s.set_metadata_strings(METADATA_NAMESPACE, &refs);
 }
 
 fn send_deny(s: &Stream<'_>, deny: &wire::Deny) {

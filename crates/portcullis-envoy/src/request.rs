@@ -48,7 +48,8 @@ impl OwnedRequest {
         source_address: Option<&[u8]>,
         context_extensions: Option<HashMap<String, String>>,
     ) -> Result<Self, &'static str> {
-        let mut joined: HashMap<String, Vec<u8>> = HashMap::with_capacity(16);
+        // Built in place (no second map): a repeated header, rare, is re-joined on each repeat.
+        let mut headers = Headers::with_capacity(16);
         for_each(&mut |k: &[u8], v: &[u8]| {
             // Envoy's header names are lower-case already (HTTP/2 requires it, HTTP/1 is
             // normalised); anything else is lower-cased as ext_authz's map has it.
@@ -59,19 +60,21 @@ impl OwnedRequest {
             if key == ENVOY_AUTH_PARTIAL_BODY {
                 return;
             }
-            match joined.entry(key) {
+            match headers.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let e = e.get_mut();
-                    e.push(b',');
-                    e.extend_from_slice(v);
+                    let mut joined = Vec::with_capacity(e.get().len() + 1 + v.len());
+                    joined.extend_from_slice(e.get());
+                    joined.push(b',');
+                    joined.extend_from_slice(v);
+                    e.insert(joined.into());
                 }
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(v.to_vec());
+                    e.insert(bytes::Bytes::copy_from_slice(v));
                 }
             }
         });
         let text = |name: &str| {
-            joined
+            headers
                 .get(name)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default()
@@ -84,7 +87,6 @@ impl OwnedRequest {
         let host = text(":authority");
         let scheme = text("x-forwarded-proto");
         let peer = source_address.and_then(parse_peer);
-        let headers = joined.into_iter().map(|(k, v)| (k, v.into())).collect();
         Ok(OwnedRequest {
             method,
             host,

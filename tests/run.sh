@@ -44,7 +44,7 @@ command -v redis-server >/dev/null 2>&1 \
 command -v h2load >/dev/null 2>&1 \
   || echo "tests/run.sh: warning: no h2load (apt-get install nghttp2-client): needed only by loadtest/load.sh" >&2
 
-echo "== cargo test (the service and crates/portcullis-core)"
+echo "== cargo test (the service, crates/portcullis-core and crates/portcullis-envoy)"
 cargo build --locked --bins
 # The Envoy module (crates/portcullis-envoy, a cdylib) that tests/e2e/test_envoy_module.py loads into Envoy.
 cargo build --locked -p portcullis-envoy

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness import Envoy, Portcullis, envoy_module_dir, key_hash, request
+from harness import Envoy, Portcullis, client_tls_context, envoy_module_dir, key_hash, request
 from topology import ALLOWED_CLIENT, BLOCKED_CLIENT, KEY_PAUSED, KEY_TEAM_A, OTHER_CLIENT, grpc_envoy_params
 
 DECISION_ID = re.compile(r"[0-9a-f]{32}")
@@ -103,7 +103,19 @@ class JwksServer:
 # ---------------------------------------------------------------------------------------------------
 
 
-def policy(jwks_url: str, extra_apis: str = "") -> str:
+def policy(jwks_url: str, extra_apis: str = "", pki=None) -> str:
+    # Client certificates: ext_authz reads Envoy's peer certificate, the module the XFCC element
+    # Envoy sets itself (deploy/envoy/dynamic-module.yaml); the header never goes upstream.
+    mtls = "" if pki is None else f"""
+  - name: mtls
+    match: {{path_prefix: /mtls}}
+    client_certificate:
+      trust_forwarded_client_cert: true
+      identities:
+        - thumbprint: "{pki.partner_cert.sha1}"
+    on_allow:
+      set_headers: {{x-client-thumbprint: "{{cert.thumbprint}}", x-api: "{{api}}"}}
+      remove_headers: [x-forwarded-client-cert]"""
     return f"""
 listen: {{grpc: 127.0.0.1:0}}
 telemetry: {{log_format: json, decision_log: true}}
@@ -117,7 +129,7 @@ subscriptions:
   keys:
     - {{id: team-a, scope: all, primary: "{key_hash(KEY_TEAM_A)}"}}
     - {{id: paused, scope: all, state: suspended, primary: "{key_hash(KEY_PAUSED)}"}}
-apis:{extra_apis}
+apis:{extra_apis}{mtls}
   - name: orders
     match: {{path_prefix: /orders}}
     subscription_required: true
@@ -167,22 +179,25 @@ unmatched: deny
 """
 
 
-def module_params(backend, config: str) -> dict:
+def module_params(backend, pki, config: str) -> dict:
     """Placeholders of deploy/envoy/dynamic-module.yaml; `config` is the filter_config value."""
-    return {"ENVOY_ADMIN_PORT": 0, "ENVOY_HTTP_PORT": 0, "BACKEND_PORT": backend.port, "PORTCULLIS_CONFIG": config}
+    return {"ENVOY_ADMIN_PORT": 0, "ENVOY_HTTP_PORT": 0, "ENVOY_HTTPS_PORT": 0, "BACKEND_PORT": backend.port,
+            "PORTCULLIS_CONFIG": config, "TLS_CERT_FILE": pki.server[0], "TLS_KEY_FILE": pki.server[1],
+            "CLIENT_CA_FILE": pki.client_ca}
 
 
-def module_envoy(workdir, backend, config: str, name: str = "envoy-module") -> Envoy:
-    return Envoy("dynamic-module.yaml", module_params(backend, config), workdir, name,
+def module_envoy(workdir, backend, pki, config: str, name: str = "envoy-module") -> Envoy:
+    return Envoy("dynamic-module.yaml", module_params(backend, pki, config), workdir, name,
                  env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": envoy_module_dir()},
                  extra_args=["--component-log-level", "dynamic_modules:info"])
 
 
 class Pair:
-    def __init__(self, ext_authz: Envoy, module: Envoy, signer: Signer):
+    def __init__(self, ext_authz: Envoy, module: Envoy, signer: Signer, pki):
         self.ext_authz = ext_authz
         self.module = module
         self.signer = signer
+        self.pki = pki
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +205,7 @@ def pair(tmp_path_factory, backend, pki):
     workdir = tmp_path_factory.mktemp("module-pair")
     signer = Signer()
     jwks = JwksServer(signer.jwks)
-    text = policy(jwks.url)
+    text = policy(jwks.url, pki=pki)
     started = []
     try:
         portcullis = Portcullis(text, workdir)
@@ -200,9 +215,9 @@ def pair(tmp_path_factory, backend, pki):
         ext_authz.wait_healthy("portcullis")
         module_config = workdir / "module.yaml"
         module_config.write_text(text)
-        module = module_envoy(workdir, backend, str(module_config))
+        module = module_envoy(workdir, backend, pki, str(module_config))
         started.append(module)
-        yield Pair(ext_authz, module, signer)
+        yield Pair(ext_authz, module, signer, pki)
     finally:
         for p in reversed(started):
             p.stop()
@@ -249,14 +264,16 @@ def observe(r) -> dict:
     return out
 
 
-def send(envoy: Envoy, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None) -> dict:
-    return observe(request(envoy.url("http", path), method=method, headers=headers, body=body))
+def send(envoy: Envoy, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None,
+         listener: str = "http", ssl_context=None) -> dict:
+    return observe(request(envoy.url(listener, path), method=method, headers=headers, body=body, ssl_context=ssl_context))
 
 
-def both(pair: Pair, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None) -> dict:
+def both(pair: Pair, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None,
+         listener: str = "http", ssl_context=None) -> dict:
     """Sends the request through both modes; asserts they are observed alike and returns that."""
-    via_ext_authz = send(pair.ext_authz, method, path, headers, body)
-    via_module = send(pair.module, method, path, headers, body)
+    via_ext_authz = send(pair.ext_authz, method, path, headers, body, listener, ssl_context)
+    via_module = send(pair.module, method, path, headers, body, listener, ssl_context)
     assert via_module == via_ext_authz, f"{method} {path} {headers}:\n ext_authz: {via_ext_authz}\n module:    {via_module}"
     return via_module
 
@@ -295,6 +312,7 @@ CASES = [
     ("deny-jwt-garbage", "GET", "/jwt/me", lb(ALLOWED_CLIENT, ("authorization", "Bearer not.a.jwt")), 401, None),
     ("shadow-deny-waived-and-headers-stripped", "GET", "/shadow/x", lb(ALLOWED_CLIENT, ("x-subscription", "forged"), ("x-api", "forged")), 200, None),
     ("shadow-allow", "GET", "/shadow/x", lb(ALLOWED_CLIENT, KEY), 200, None),
+    ("deny-forged-xfcc-dropped-by-envoy", "GET", "/mtls/x", lb(ALLOWED_CLIENT, ("x-forwarded-client-cert", 'Hash=00;Cert="forged"')), 401, "ClientCertificateMissing"),
     ("post-with-body", "POST", "/public/upload", lb(ALLOWED_CLIENT, ("content-type", "application/json")), 200, None),
 ]
 
@@ -332,6 +350,23 @@ def test_jwt_cases_and_claim_headers_are_alike(pair):
             up = seen["upstream"]["headers"]
             assert up["x-user-id"] == ["alice"], (name, up)
             assert "authorization" not in up, (name, up)
+
+
+@pytest.mark.parametrize("client,status,reason", [
+    ("partner", 200, None),
+    ("intruder", 403, "ClientCertificateIdentityNotMatched"),
+])
+def test_client_certificates_decide_alike_over_mtls(pair, client, status, reason):
+    ctx = client_tls_context(pair.pki.server_ca, getattr(pair.pki, client))
+    for path in ("/mtls/x", "/mtls/y?z=1"):
+        seen = both(pair, "GET", path, lb(), listener="https", ssl_context=ctx)
+        assert seen["status"] == status, seen
+        if reason:
+            assert seen["body"]["reason"] == reason, seen
+        else:
+            up = seen["upstream"]["headers"]
+            assert up["x-client-thumbprint"] == [pair.pki.partner_cert.sha1], up
+            assert "x-forwarded-client-cert" not in up, up
 
 
 def test_a_generated_corpus_is_decided_alike_request_by_request(pair):
@@ -414,7 +449,7 @@ def test_an_allows_facts_reach_the_access_log_in_both_modes(pair):
 
 
 @pytest.fixture
-def slow_keys(tmp_path, backend):
+def slow_keys(tmp_path, backend, pki):
     """A module Envoy whose identity provider answers key fetches only after 2 s; the JWKS server
     and Envoy are stopped at the end."""
     started = []
@@ -426,7 +461,7 @@ def slow_keys(tmp_path, backend):
         config = tmp_path / "slow.yaml"
         config.write_text(policy(jwks.url))
         value = filter_config(config) if filter_config else str(config)
-        envoy = module_envoy(tmp_path, backend, value, "envoy-slow")
+        envoy = module_envoy(tmp_path, backend, pki, value, "envoy-slow")
         started.append(envoy)
         return envoy, signer, jwks
 
@@ -463,12 +498,12 @@ def test_a_fetch_that_outlives_the_deadline_fails_closed(slow_keys):
     assert request(envoy.url("http", "/public/x"), headers=lb()).status == 200
 
 
-def test_a_broken_reload_keeps_the_last_good_policy_and_a_good_one_applies(tmp_path, backend):
+def test_a_broken_reload_keeps_the_last_good_policy_and_a_good_one_applies(tmp_path, backend, pki):
     signer = Signer()
     jwks = JwksServer(signer.jwks)
     config = tmp_path / "reload.yaml"
     config.write_text(policy(jwks.url))
-    envoy = module_envoy(tmp_path, backend, str(config), "envoy-reload")
+    envoy = module_envoy(tmp_path, backend, pki, str(config), "envoy-reload")
     try:
         assert request(envoy.url("http", "/public/x"), headers=lb()).status == 200
         # Broken: an unknown field. Written atomically, as editors and ConfigMaps do.
@@ -488,7 +523,7 @@ def test_a_broken_reload_keeps_the_last_good_policy_and_a_good_one_applies(tmp_p
         jwks.stop()
 
 
-def test_a_panic_inside_the_module_is_a_500_deny_and_envoy_keeps_serving(tmp_path, backend):
+def test_a_panic_inside_the_module_is_a_500_deny_and_envoy_keeps_serving(tmp_path, backend, pki):
     # `test_panic_header` exists in debug builds only (the suite's build): a request carrying it
     # panics inside the filter's request hook.
     signer = Signer()
@@ -496,7 +531,7 @@ def test_a_panic_inside_the_module_is_a_500_deny_and_envoy_keeps_serving(tmp_pat
     config = tmp_path / "panic.yaml"
     config.write_text(policy(jwks.url))
     options = json.dumps({"config_file": str(config), "test_panic_header": "x-portcullis-test-panic"})
-    envoy = module_envoy(tmp_path, backend, f"'{options}'", "envoy-panic")
+    envoy = module_envoy(tmp_path, backend, pki, f"'{options}'", "envoy-panic")
     try:
         r = request(envoy.url("http", "/public/x"), headers=lb(ALLOWED_CLIENT, ("x-portcullis-test-panic", "1")))
         assert r.status == 500, r
@@ -524,9 +559,9 @@ def test_the_decision_log_carries_the_callers_trace_id(pair):
     assert f"trace_id={trace_id}" in line.replace('"', ""), line
 
 
-def test_a_broken_config_at_start_refuses_the_filter(tmp_path, backend):
+def test_a_broken_config_at_start_refuses_the_filter(tmp_path, backend, pki):
     config = tmp_path / "broken.yaml"
     config.write_text("apis: [{name: x, bogus: 1}]\n")
     with pytest.raises(AssertionError) as failed:
-        module_envoy(tmp_path, backend, str(config), "envoy-broken")
+        module_envoy(tmp_path, backend, pki, str(config), "envoy-broken")
     assert "bogus" in str(failed.value), failed.value

@@ -8,9 +8,11 @@
 //! - scheme: `x-forwarded-proto` (what ext_authz sends as `http.scheme`);
 //! - peer: Envoy's `source.address` (the downstream remote address after `use_remote_address`
 //!   and `xff_num_trusted_hops`, as ext_authz's `source.address`);
-//! - client certificate: none. The 1.40 ABI exposes the peer's subject, SANs and SHA-256 digest
-//!   but not the certificate itself, which `client_certificate` rules parse; such APIs see no
-//!   certificate and fail closed (`ClientCertificateMissing`). Use the ext_authz mode, or XFCC.
+//! - client certificate: none here. The 1.40 ABI exposes the peer's subject, SANs and SHA-256
+//!   digest but not the certificate itself, which `client_certificate` rules parse; Envoy writes it
+//!   into `x-forwarded-client-cert` instead (`SANITIZE_SET` with `cert: true`, see
+//!   deploy/envoy/dynamic-module.yaml) for rules with `trust_forwarded_client_cert: true`. Without
+//!   it such APIs see no certificate and fail closed (`ClientCertificateMissing`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -414,6 +414,8 @@ def test_counters_and_decision_log_reach_envoy(pair):
     pair.module.process.wait_for("the decision in Envoy's log", lambda: decision_id in pair.module.output(), timeout=10)
     line = next(l for l in pair.module.output().splitlines() if decision_id in l)
     assert 'reason="NoMatchingApi"' in line and 'outcome="deny"' in line, line
+    # The http and https listeners' filter configs share one policy, runtime and set of caches.
+    assert pair.module.output().count("portcullis module: configuration loaded") == 1, pair.module.output()[-3000:]
 
 
 def access_log_line(envoy: Envoy, decision_id: str) -> str:

@@ -1,6 +1,7 @@
-//! One filter config: the compiled policy (swapped whole on reload), the `Runtime` whose key and
-//! token caches outlive reloads, the tokio runtime that does every fetch on the module's own
-//! threads, the file watcher, and the Envoy counters.
+//! One filter config ([`Engine`]: its Envoy counters) and the state it shares with every filter
+//! config of the same `filter_config` ([`Shared`]): the compiled policy (swapped whole on reload),
+//! the `Runtime` whose key and token caches outlive reloads, the tokio runtime that does every
+//! fetch on the module's own threads, and the file watcher.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -148,8 +149,26 @@ pub enum EngineError {
     Start(String),
 }
 
-/// One filter config's policy and what keeps it current.
+/// One filter config: the shared policy state, and this config's Envoy counters (counter ids
+/// belong to the config that defined them).
 pub struct Engine {
+    shared: Arc<Shared>,
+    /// Envoy counters.
+    pub counters: Counters,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// The compiled policy and what keeps it current, shared by every filter config with the same
+/// `filter_config` bytes (the http and https listeners of one bootstrap, an xDS update that
+/// changes something else): one runtime, one set of key and token caches, one watcher.
+pub struct Shared {
     policy: ArcSwap<PolicySet>,
     runtime: Arc<Runtime>,
     /// `Some` until drop.
@@ -164,15 +183,48 @@ pub struct Engine {
     pub decision_log_client_ip: bool,
     /// See [`FilterOptions::decision_timeout`].
     pub decision_timeout: Duration,
-    /// Envoy counters.
-    pub counters: Counters,
     /// See [`FilterOptions::test_panic_header`] (always `None` in release builds).
     pub test_panic_header: Option<String>,
 }
 
+/// The live shared states, by their `filter_config` bytes.
+type Registry = Mutex<Vec<(Vec<u8>, Weak<Shared>)>>;
+static SHARED: Registry = Mutex::new(Vec::new());
+
 impl Engine {
-    /// Creates a filter config from Envoy's `filter_config` bytes (on Envoy's main thread).
+    /// Creates a filter config from Envoy's `filter_config` bytes (on Envoy's main thread):
+    /// the shared state of the same bytes if one is alive, else a new one.
     pub fn new(bytes: &[u8], envoy: &ConfigHandle<'_>) -> Result<Arc<Engine>, EngineError> {
+        let shared = {
+            let mut live = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+            live.retain(|(_, w)| w.strong_count() > 0);
+            match live
+                .iter()
+                .find(|(b, _)| b == bytes)
+                .and_then(|(_, w)| w.upgrade())
+            {
+                Some(shared) => shared,
+                None => {
+                    let shared = Shared::start(bytes)?;
+                    live.push((bytes.to_vec(), Arc::downgrade(&shared)));
+                    shared
+                }
+            }
+        };
+        let counters = Counters {
+            allow: envoy.define_counter("portcullis_allow"),
+            deny: envoy.define_counter("portcullis_deny"),
+            shadow_waived: envoy.define_counter("portcullis_shadow_waived"),
+            deferred: envoy.define_counter("portcullis_deferred"),
+            failed_closed: envoy.define_counter("portcullis_failed_closed"),
+        };
+        Ok(Arc::new(Engine { shared, counters }))
+    }
+}
+
+impl Shared {
+    /// Loads, compiles and starts the policy of `filter_config` bytes.
+    fn start(bytes: &[u8]) -> Result<Arc<Shared>, EngineError> {
         let options = FilterOptions::parse(bytes).map_err(EngineError::Options)?;
         let src = load(&options.source)?;
         let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -202,15 +254,8 @@ impl Engine {
                 )));
             }
         }
-        let counters = Counters {
-            allow: envoy.define_counter("portcullis_allow"),
-            deny: envoy.define_counter("portcullis_deny"),
-            shadow_waived: envoy.define_counter("portcullis_shadow_waived"),
-            deferred: envoy.define_counter("portcullis_deferred"),
-            failed_closed: envoy.define_counter("portcullis_failed_closed"),
-        };
         tracing::info!(summary = %policy.summary, source = %describe(&options.source), "portcullis module: configuration loaded");
-        let engine = Arc::new(Engine {
+        let engine = Arc::new(Shared {
             policy: ArcSwap::from_pointee(policy),
             runtime,
             tokio: Some(tokio),
@@ -221,7 +266,6 @@ impl Engine {
             decision_log: settings.decision_log,
             decision_log_client_ip: settings.decision_log_client_ip,
             decision_timeout: options.decision_timeout,
-            counters,
             test_panic_header: options.test_panic_header,
         });
         if let ConfigSource::File(path) = &engine.source {
@@ -287,7 +331,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+impl Drop for Shared {
     fn drop(&mut self) {
         // Stop watching first: the watcher's thread holds a sender into the runtime.
         drop(
@@ -333,7 +377,7 @@ fn load(source: &ConfigSource) -> Result<config::Source, EngineError> {
 /// Watches the config file's directory (atomic renames and ConfigMap symlink swaps are seen)
 /// and reloads on change, on the engine's runtime. Holds the engine weakly: dropping the filter
 /// config stops it.
-fn watch(path: &Path, engine: Weak<Engine>) -> Option<notify::RecommendedWatcher> {
+fn watch(path: &Path, engine: Weak<Shared>) -> Option<notify::RecommendedWatcher> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -8,7 +8,8 @@
 # Scenarios: a no-op Check server (examples/noop_check.rs: the bare transport, the lowest baseline),
 # portcullis over gRPC with an allow-everything policy (the floor) and with
 # loadtest/load/realistic.yaml; Envoy with no authorization, with its own jwt_authn + rbac, and with
-# portcullis (floor and realistic) as its ext_authz server. Details and every setting: loadtest/load/run.py.
+# portcullis (floor and realistic) as its ext_authz server, and with the realistic policy decided inside
+# Envoy by the dynamic module (crates/portcullis-envoy). Details and every setting: loadtest/load/run.py.
 #
 # Needs: h2load (Debian nghttp2-client), taskset, python3; Envoy and the Python packages come from
 # .venv (loadtest/load/requirements.txt); portcullis is built (`cargo build --release`) when missing.
@@ -28,6 +29,11 @@ fi
 if [ -z "${PORTCULLIS_BIN:-}" ]; then
   export PORTCULLIS_BIN=$root/target/release/portcullis
   [ -x "$PORTCULLIS_BIN" ] || cargo build --release
+fi
+# The Envoy module, from the same profile.
+if [ -z "${PORTCULLIS_ENVOY_MODULE:-}" ]; then
+  export PORTCULLIS_ENVOY_MODULE=$(dirname "$PORTCULLIS_BIN")/libportcullis_envoy.so
+  [ -f "$PORTCULLIS_ENVOY_MODULE" ] || cargo build --release -p portcullis-envoy
 fi
 # The no-op Check server, the lowest baseline (examples/noop_check.rs), from the same profile.
 if [ -z "${NOOP_BIN:-}" ]; then

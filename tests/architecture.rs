@@ -1,6 +1,7 @@
 //! The module layers of docs/architecture.md hold in the code: every `crate::<module>` path a
 //! top-level module uses is one its row of the table allows, the table has no cycle, and the
-//! policy core's dependency tree has no gRPC, HTTP server framework or OpenTelemetry in it.
+//! policy core's dependency tree has no gRPC, HTTP server framework or OpenTelemetry in it (nor the
+//! Envoy module's), and `unsafe` code stays in the module's ABI bindings.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -207,4 +208,84 @@ fn the_core_builds_without_grpc_http_servers_or_telemetry_export() {
         })
         .collect();
     assert!(forbidden.is_empty(), "the core depends on {forbidden:?}");
+}
+
+/// The Envoy module (crates/portcullis-envoy) builds on the core alone: no gRPC, HTTP server
+/// framework or OpenTelemetry in Envoy's address space, and never the service crate.
+#[test]
+fn the_envoy_module_builds_on_the_core_without_the_service() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "portcullis-envoy",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8(out.stdout).unwrap();
+    let crates: BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(crates.contains("portcullis-core"), "{tree}");
+    let forbidden: Vec<&&str> = crates
+        .iter()
+        .filter(|c| {
+            **c == "portcullis"
+                || ["tonic", "axum", "prost", "opentelemetry", "clap"]
+                    .iter()
+                    .any(|f| c.starts_with(f))
+        })
+        .collect();
+    assert!(forbidden.is_empty(), "the module depends on {forbidden:?}");
+}
+
+/// `unsafe` code exists in one file of the project: the Envoy module's ABI bindings
+/// (crates/portcullis-envoy/src/abi.rs). Everything else is `forbid`/`deny(unsafe_code)`.
+#[test]
+fn unsafe_code_lives_only_in_the_envoy_modules_abi() {
+    let mut files = Vec::new();
+    for dir in [
+        "src",
+        "crates/portcullis-core/src",
+        "crates/portcullis-envoy/src",
+    ] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let abi = root().join("crates/portcullis-envoy/src/abi.rs");
+    let markers = [
+        "unsafe {",
+        "unsafe fn",
+        "unsafe impl",
+        "unsafe extern",
+        "#[unsafe(",
+    ];
+    for file in files.iter().filter(|f| **f != abi) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for m in markers {
+            assert!(
+                !text.contains(m),
+                "{} contains `{m}`: unsafe code belongs in crates/portcullis-envoy/src/abi.rs",
+                file.display()
+            );
+        }
+    }
+    let lib = std::fs::read_to_string(root().join("crates/portcullis-envoy/src/lib.rs")).unwrap();
+    assert!(
+        lib.contains("#![deny(unsafe_code)]"),
+        "the module denies unsafe code outside abi"
+    );
 }

@@ -44,8 +44,10 @@ command -v redis-server >/dev/null 2>&1 \
 command -v h2load >/dev/null 2>&1 \
   || echo "tests/run.sh: warning: no h2load (apt-get install nghttp2-client): needed only by loadtest/load.sh" >&2
 
-echo "== cargo test (the service and crates/portcullis-core)"
+echo "== cargo test (the service, crates/portcullis-core and crates/portcullis-envoy)"
 cargo build --locked --bins
+# The Envoy module (crates/portcullis-envoy, a cdylib) that tests/e2e/test_envoy_module.py loads into Envoy.
+cargo build --locked -p portcullis-envoy
 cargo test --locked --workspace --all-targets
 
 echo "== rustfmt, clippy"
@@ -66,5 +68,7 @@ if [ ! -d tests/idp/node_modules ] || [ tests/idp/package-lock.json -nt tests/id
 fi
 
 echo "== pytest"
-export PORTCULLIS_BIN="$root/target/debug/portcullis"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+export PORTCULLIS_BIN="$target_dir/debug/portcullis"
+export PORTCULLIS_ENVOY_MODULE="$target_dir/debug/libportcullis_envoy.so"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

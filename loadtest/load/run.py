@@ -10,6 +10,9 @@ Scenarios (all started at once, measured one after another, interleaved round by
   envoy jwt_authn+rbac   ... Envoy's own filters doing the equivalent checks
   envoy+floor         ... Envoy asking portcullis (floor policy) over ext_authz gRPC
   envoy+realistic     ... Envoy asking portcullis (realistic policy) over ext_authz gRPC
+  envoy+module realistic   ... Envoy deciding the realistic policy itself, with the dynamic module
+                      (crates/portcullis-envoy: libportcullis_envoy.so next to PORTCULLIS_BIN, or
+                      PORTCULLIS_ENVOY_MODULE); no portcullis process
   envoy+realistic all-headers   the same, with a browser-like request (16 headers, a 3 KiB cookie and a
                       user agent the policy never reads): Envoy copies every header into the CheckRequest
   envoy+realistic allow-list    the same request, with the filter `portcullis envoy-config` generates
@@ -87,6 +90,7 @@ def env_float(name: str, default: float) -> float:
 PORTCULLIS_BIN = os.environ.get("PORTCULLIS_BIN") or str(ROOT / "target/release/portcullis")
 # The bare transport (examples/noop_check.rs): decodes the CheckRequest and answers OK, nothing else.
 ENVOY_CONFIG_BIN = os.environ.get("ENVOY_CONFIG_BIN") or PORTCULLIS_BIN
+MODULE_SO = os.environ.get("PORTCULLIS_ENVOY_MODULE") or str(Path(PORTCULLIS_BIN).parent / "libportcullis_envoy.so")
 NOOP_BIN = os.environ.get("NOOP_BIN") or str(Path(PORTCULLIS_BIN).parent / "examples" / "noop_check")
 ENVOY_BIN = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv/bin/envoy")
 SAT_SECONDS = env_float("SAT_SECONDS", 4)
@@ -369,12 +373,13 @@ def fill(template: Path, values: dict, out: Path) -> Path:
     return out
 
 
-def start_envoy(name: str, template: str, work: Path, logdir: Path, values: dict) -> tuple[Proc, int]:
+def start_envoy(name: str, template: str, work: Path, logdir: Path, values: dict,
+                env: dict | None = None) -> tuple[Proc, int]:
     admin, port = free_port(), free_port()
     cfg = fill(HERE / "envoy" / template, dict(values, ADMIN_PORT=admin, HTTP_PORT=port),
                work / f"{name.replace(' ', '_')}.yaml")
     p = start(name, [ENVOY_BIN, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
-                     "--log-level", "error"], logdir)
+                     "--log-level", "error"], logdir, env=env)
     wait_until(f"{name} ready", lambda: http_get(f"http://127.0.0.1:{admin}/ready")[1].strip() == "LIVE")
     return p, port
 
@@ -718,6 +723,16 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
     ratio("realistic on store.redis / realistic throughput (gRPC)", "grpc realistic redis", "grpc realistic", 0.97)
     ratio("p99 realistic - floor at 50% (gRPC)", "grpc realistic", "grpc floor", None, "p99")
     ratio("Envoy+realistic / Envoy+floor throughput", "envoy+realistic", "envoy+floor", 0.9)
+    # Issue 17: the policy inside Envoy (the dynamic module) against ext_authz and Envoy's own filters.
+    ratio("Envoy+module realistic / Envoy jwt_authn+rbac throughput", "envoy+module realistic",
+          "envoy jwt_authn+rbac", 1.0)
+    ratio("Envoy+module realistic / Envoy+realistic (ext_authz) throughput", "envoy+module realistic",
+          "envoy+realistic", 1.6)
+    ratio("Envoy+module realistic / Envoy (no authorization) throughput", "envoy+module realistic", "envoy")
+    ratio("p99 Envoy+module realistic - Envoy+realistic at 50%", "envoy+module realistic", "envoy+realistic",
+          None, "p99")
+    cpu_ratio("front Envoy CPU/request, module realistic / no authorization", "envoy+module realistic", "envoy",
+              "envoy", None)
     ratio("p99 Envoy+realistic - Envoy+floor at 50%", "envoy+realistic", "envoy+floor", 100, "p99")
     ratio("Envoy+realistic / Envoy jwt_authn+rbac throughput", "envoy+realistic", "envoy jwt_authn+rbac")
     ratio("p99 Envoy+realistic - Envoy jwt_authn+rbac at 50%", "envoy+realistic", "envoy jwt_authn+rbac", None, "p99")
@@ -790,7 +805,8 @@ def main() -> int:
     token_stats = f"http://127.0.0.1:{token_port}/stats"
 
     names = ["grpc noop", "grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac",
-             "envoy+floor", "envoy+realistic", "envoy+realistic all-headers", "envoy+realistic allow-list"]
+             "envoy+floor", "envoy+realistic", "envoy+module realistic", "envoy+realistic all-headers",
+             "envoy+realistic allow-list"]
     wanted = [w.strip() for w in os.environ.get("SCENARIOS", ",".join(names)).split(",") if w.strip()]
     if set(wanted) - set(names) or not wanted:
         raise SystemExit(f"unknown SCENARIOS {sorted(set(wanted) - set(names))}; known: {names}")
@@ -839,8 +855,8 @@ def main() -> int:
         backend, backend_port = start_envoy("backend envoy", "backend.yaml", work, logdir, {})
     path = "/orders/42"
 
-    def front(name: str, template: str, extra: dict, pc: Portcullis | None) -> Scenario:
-        e, port = start_envoy(name, template, work, logdir, dict(extra, BACKEND_PORT=backend_port))
+    def front(name: str, template: str, extra: dict, pc: Portcullis | None, env: dict | None = None) -> Scenario:
+        e, port = start_envoy(name, template, work, logdir, dict(extra, BACKEND_PORT=backend_port), env)
         return Scenario(name, "http", f"http://127.0.0.1:{port}{path}", [e] + ([pc.proc] if pc else []) + [backend], pc)
 
     browser = browser_headers(m)
@@ -874,6 +890,15 @@ def main() -> int:
             scenarios.append(s)
         elif name == "envoy+floor":
             scenarios.append(front(name, "front-ext-authz.yaml", {"PORTCULLIS_PORT": floor.grpc_port}, floor))
+        elif name == "envoy+module realistic":
+            if not os.path.isfile(MODULE_SO):
+                raise SystemExit(f"missing {MODULE_SO}: cargo build --release -p portcullis-envoy")
+            # The module reads realistic.yaml itself: the harness's values go into Envoy's environment
+            # (`listen` is unused by the module, but its placeholders must resolve).
+            env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(Path(MODULE_SO).parent),
+                       LOAD_GRPC_LISTEN="127.0.0.1:0", LOAD_HTTP_LISTEN="127.0.0.1:0", **realistic_env)
+            scenarios.append(front(name, "front-module.yaml", {"PORTCULLIS_CONFIG": HERE / "realistic.yaml"},
+                                   None, env))
         else:
             scenarios.append(front(name, "front-ext-authz.yaml", {"PORTCULLIS_PORT": realistic.grpc_port}, realistic))
 
@@ -887,8 +912,10 @@ def main() -> int:
         if s.kind == "grpc":
             verify_grpc(s, body, m, realistic=s.name.startswith("grpc realistic"))
         else:
-            verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic") or
-                        s.name.startswith("envoy+realistic "), needs_cert=s.name.startswith("envoy+realistic"))
+            verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic",
+                                                     "envoy+module realistic") or
+                        s.name.startswith("envoy+realistic "),
+                        needs_cert=s.name.startswith(("envoy+realistic", "envoy+module")))
     tokens_before = json.loads(http_get(token_stats)[1])["token_requests"]
     redis_before = redis_info(redis_port) if redis_port else None
 

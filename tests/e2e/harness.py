@@ -79,6 +79,15 @@ def portcullis_bin() -> str:
     return path
 
 
+def envoy_module_dir() -> str:
+    """The directory holding the Envoy module `libportcullis_envoy.so` (crates/portcullis-envoy),
+    for ENVOY_DYNAMIC_MODULES_SEARCH_PATH; tests/run.sh builds it and sets $PORTCULLIS_ENVOY_MODULE."""
+    path = os.environ.get("PORTCULLIS_ENVOY_MODULE") or str(ROOT / "target" / "debug" / "libportcullis_envoy.so")
+    if not os.path.isfile(path):
+        pytest.fail(f"Envoy module not found at {path}: run `cargo build -p portcullis-envoy` or set $PORTCULLIS_ENVOY_MODULE")
+    return str(Path(path).parent)
+
+
 def envoy_bin() -> str:
     candidates = [os.environ.get("ENVOY_BIN"), str(Path(sys.executable).parent / "envoy"), str(ROOT / ".venv" / "bin" / "envoy"), shutil.which("envoy")]
     for c in candidates:
@@ -302,7 +311,8 @@ def render(template: Path, params: dict[str, object]) -> str:
 class Envoy:
     """A real Envoy running a bootstrap rendered from deploy/envoy/<template>."""
 
-    def __init__(self, template: str, params: dict[str, object], workdir: Path, name: str = "envoy"):
+    def __init__(self, template: str, params: dict[str, object], workdir: Path, name: str = "envoy",
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None):
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(render(DEPLOY_ENVOY / template, params))
@@ -314,8 +324,9 @@ class Envoy:
             "--concurrency", "1",
             "--admin-address-path", str(admin_file),
             "--log-level", "warning",
+            *(extra_args or []),
         ]
-        self.process = Process(name, argv, workdir)
+        self.process = Process(name, argv, workdir, env={**os.environ, **env} if env else None)
         self.admin = self.process.wait_for("admin address", lambda: admin_file.exists() and admin_file.read_text().strip())
         self.process.wait_for("readiness", lambda: self._get("/ready")[0] == 200)
         self.ports = self._listener_ports()

@@ -170,14 +170,14 @@ fn the_layer_table_has_no_cycle() {
     }
 }
 
-#[test]
-fn the_core_builds_without_grpc_http_servers_or_telemetry_export() {
+/// The normal (non-dev) dependencies of a workspace package, by name, from `cargo tree`.
+fn normal_dependencies(package: &str) -> BTreeSet<String> {
     let out = std::process::Command::new(env!("CARGO"))
         .args([
             "tree",
             "--offline",
             "-p",
-            "portcullis-core",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -193,13 +193,19 @@ fn the_core_builds_without_grpc_http_servers_or_telemetry_export() {
         "cargo tree: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tree = String::from_utf8(out.stdout).unwrap();
-    let crates: BTreeSet<&str> = tree
+    String::from_utf8(out.stdout)
+        .unwrap()
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert!(crates.contains("portcullis-core"), "{tree}");
-    let forbidden: Vec<&&str> = crates
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_core_builds_without_grpc_http_servers_or_telemetry_export() {
+    let crates = normal_dependencies("portcullis-core");
+    assert!(crates.contains("portcullis-core"), "{crates:?}");
+    let forbidden: Vec<&String> = crates
         .iter()
         .filter(|c| {
             ["tonic", "axum", "prost", "opentelemetry", "clap", "notify"]
@@ -214,37 +220,12 @@ fn the_core_builds_without_grpc_http_servers_or_telemetry_export() {
 /// framework or OpenTelemetry in Envoy's address space, and never the service crate.
 #[test]
 fn the_envoy_module_builds_on_the_core_without_the_service() {
-    let out = std::process::Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            "portcullis-envoy",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-        ])
-        .current_dir(root())
-        .output()
-        .expect("cargo tree");
-    assert!(
-        out.status.success(),
-        "cargo tree: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tree = String::from_utf8(out.stdout).unwrap();
-    let crates: BTreeSet<&str> = tree
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert!(crates.contains("portcullis-core"), "{tree}");
-    let forbidden: Vec<&&str> = crates
+    let crates = normal_dependencies("portcullis-envoy");
+    assert!(crates.contains("portcullis-core"), "{crates:?}");
+    let forbidden: Vec<&String> = crates
         .iter()
         .filter(|c| {
-            **c == "portcullis"
+            *c == "portcullis"
                 || ["tonic", "axum", "prost", "opentelemetry", "clap"]
                     .iter()
                     .any(|f| c.starts_with(f))

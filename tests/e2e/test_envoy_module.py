@@ -20,7 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from harness import Envoy, Portcullis, client_tls_context, envoy_module_dir, key_hash, request
-from topology import ALLOWED_CLIENT, BLOCKED_CLIENT, KEY_PAUSED, KEY_TEAM_A, OTHER_CLIENT, grpc_envoy_params
+from topology import (ALLOWED_CLIENT, BLOCKED_CLIENT, KEY_PAUSED, KEY_TEAM_A, OTHER_CLIENT, grpc_envoy_params,
+                      shared_apis, shared_subscriptions)
 
 DECISION_ID = re.compile(r"[0-9a-f]{32}")
 ISSUER = "https://issuer.e2e.test"
@@ -125,42 +126,8 @@ identity_providers:
     issuer: {ISSUER}
     jwks_uri: {jwks_url}
     algorithms: [RS256]
-subscriptions:
-  keys:
-    - {{id: team-a, scope: all, primary: "{key_hash(KEY_TEAM_A)}"}}
-    - {{id: paused, scope: all, state: suspended, primary: "{key_hash(KEY_PAUSED)}"}}
-apis:{extra_apis}{mtls}
-  - name: orders
-    match: {{path_prefix: /orders}}
-    subscription_required: true
-    on_allow:
-      set_headers: {{x-subscription: "{{subscription.id}}", x-client-ip: "{{client_ip}}", x-api: "{{api}}"}}
-  - name: public
-    match: {{path_prefix: /public}}
-    on_allow:
-      set_headers: {{x-api: "{{api}}"}}
-  - name: readonly
-    match: {{path_prefix: /readonly, methods: [GET, HEAD]}}
-    on_allow:
-      set_headers: {{x-api: "{{api}}"}}
-  - name: ip
-    match: {{path_prefix: /ip}}
-    ip_filter: {{action: allow, addresses: ["{ALLOWED_CLIENT}"]}}
-    on_allow:
-      set_headers: {{x-client-ip: "{{client_ip}}"}}
-  - name: blocked
-    match: {{path_prefix: /blocked}}
-    ip_filter: {{action: forbid, addresses: [198.51.100.0/24]}}
-  - name: alpha
-    match: {{context_extensions: {{api: alpha}}}}
-    on_allow:
-      set_headers: {{x-api: "{{api}}"}}
-  - name: beta
-    match: {{context_extensions: {{api: beta}}}}
-    subscription_required: true
-    on_allow:
-      set_headers: {{x-api: "{{api}}"}}
-  - name: jwt
+{shared_subscriptions()}apis:{extra_apis}{mtls}
+{shared_apis()}  - name: jwt
     match: {{path_prefix: /jwt}}
     jwt:
       providers: [local]

@@ -60,19 +60,20 @@ def pem_sha1(path: Path) -> str:
     return x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA1()).hex().upper()
 
 
-def main_config(pki: Pki) -> str:
-    """The portcullis policy behind the shared gRPC stack (routes: deploy/envoy/ext-authz-grpc.yaml)."""
-    return f"""
-listen: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}
-telemetry: {{log_format: json, log_level: info, decision_log: true}}
-# Envoy: use_remote_address + xff_num_trusted_hops: 1 (one load balancer in front of it).
-client_ip: {{from: x-forwarded-for, trusted_hops: 1}}
-subscriptions:
+def shared_subscriptions() -> str:
+    """The subscriptions of main_config, which the module suite (test_envoy_module.py) uses too:
+    keys team-a and paused."""
+    return f"""subscriptions:
   keys:
     - {{id: team-a, scope: all, primary: "{key_hash(KEY_TEAM_A)}"}}
     - {{id: paused, scope: all, state: suspended, primary: "{key_hash(KEY_PAUSED)}"}}
-apis:
-  - name: orders
+"""
+
+
+def shared_apis() -> str:
+    """The first APIs of main_config, which the module suite decides too: orders, public, readonly,
+    ip, blocked, alpha and beta (each line indented as under `apis:`)."""
+    return f"""  - name: orders
     match: {{path_prefix: /orders}}
     subscription_required: true
     on_allow:
@@ -102,7 +103,18 @@ apis:
     subscription_required: true
     on_allow:
       set_headers: {{x-api: "{{api}}"}}
-  - name: mtls-thumbprint
+"""
+
+
+def main_config(pki: Pki) -> str:
+    """The portcullis policy behind the shared gRPC stack (routes: deploy/envoy/ext-authz-grpc.yaml)."""
+    return f"""
+listen: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}
+telemetry: {{log_format: json, log_level: info, decision_log: true}}
+# Envoy: use_remote_address + xff_num_trusted_hops: 1 (one load balancer in front of it).
+client_ip: {{from: x-forwarded-for, trusted_hops: 1}}
+{shared_subscriptions()}apis:
+{shared_apis()}  - name: mtls-thumbprint
     match: {{path_prefix: /mtls/thumbprint}}
     client_certificate:
       identities:

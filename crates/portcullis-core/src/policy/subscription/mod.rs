@@ -498,10 +498,9 @@ impl SubscriptionStore {
         self.resolver.check(scope)
     }
 
-    /// Every configured subscription (inline, then keys file), never a key.
-    pub fn configured(&self) -> Vec<Listed> {
-        let file = self.file.load();
-        self.inline.list().chain(file.list()).collect()
+    /// One configured subscription (inline or keys file), never a key.
+    pub fn configured_one(&self, id: &str) -> Option<Listed> {
+        self.inline.get(id).or_else(|| self.file.load().get(id))
     }
 
     fn lookup(&self, hash: &KeyHash, api: usize) -> Option<Matched> {

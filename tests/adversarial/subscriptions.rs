@@ -163,7 +163,7 @@ async fn keys_that_only_look_like_a_valid_one_are_refused() {
         ("Cyrillic a", GOOD.replacen('a', "\u{430}", 1).into_bytes()),
         ("zero-width joiner", format!("{GOOD}\u{200d}").into_bytes()),
         ("its own hash", h(GOOD).into_bytes()),
-        ("the hash's hex", h(GOOD)[7..].as_bytes().to_vec()),
+        ("the hash's hex", h(GOOD).as_bytes()[7..].to_vec()),
         ("NUL suffix", format!("{GOOD}\0").into_bytes()),
     ];
     assert_eq!(code(&srv, GOOD.as_bytes()).await, 0);

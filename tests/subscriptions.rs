@@ -635,3 +635,56 @@ async fn a_key_regenerated_on_one_replica_is_refused_on_the_other_within_a_secon
     b.running.shutdown().await.unwrap();
     redis.kill();
 }
+
+#[tokio::test]
+async fn check_and_validate_see_run_time_subscriptions_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = api_yaml(&format!(
+        "telemetry: {{log_format: json}}\n{}",
+        store_yaml(dir.path())
+    ));
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let serve = telemetry_common::Serve::start(&yaml, &[]);
+    let created: Value = reqwest::Client::new()
+        .post(format!("http://{}/admin/subscriptions", serve.http))
+        .bearer_auth(TOKEN)
+        .json(&json!({"id": "tooling"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["primary_key"].as_str().unwrap().to_string();
+    let header = format!("ocp-apim-subscription-key: {key}");
+    let url = "http://api.example.com/orders/1";
+    // While the service holds the embedded file, `check` says it cannot read it (and denies).
+    let (code, out) = cli(&["check", "--url", url, "-H", &header]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("is in use by the running service"), "{out}");
+    serve.stop().await;
+    let (code, out) = cli(&["check", "--url", url, "-H", &header]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("subscription `tooling`"), "{out}");
+    assert!(!out.contains(&key), "{out}");
+    let (code, out) = cli(&["validate"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("1 run-time subscriptions (from the store)"),
+        "{out}"
+    );
+}

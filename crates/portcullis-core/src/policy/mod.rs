@@ -731,6 +731,11 @@ impl PolicySet {
         self.apis.iter().map(|a| &*a.name)
     }
 
+    /// `store`, as configured (where run-time subscriptions live).
+    pub fn store_spec(&self) -> Option<&crate::credentials::spec::StoreSpec> {
+        self.credentials.store_spec()
+    }
+
     /// The backend credentials the APIs use, to fetch them before the first request.
     pub fn backend_credentials(&self) -> impl Iterator<Item = &BackendCredentialPolicy> {
         self.apis

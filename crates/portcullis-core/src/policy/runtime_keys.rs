@@ -24,6 +24,8 @@ use super::subscription::{
     KeyHash, KeyTable, KeyTableBuilder, State, SubscriptionStore, format_hash, hash_key, parse_hash,
 };
 use crate::credentials::Backend;
+use crate::credentials::spec::{StoreLocation, StoreSpec};
+use crate::credentials::store::redis::RedisStore;
 
 /// How often a replica on Redis looks for other replicas' changes.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -333,6 +335,46 @@ impl RuntimeSubscriptions {
         if follow {
             self.follow();
         }
+        Ok(self.len())
+    }
+
+    /// For `check` and `validate`: reads the run-time subscriptions once from `store`, changing
+    /// nothing in it (a file that does not exist is not created). The embedded file cannot be read
+    /// while a running service holds it: then the error says so.
+    pub async fn read_once(&self, store: &StoreSpec) -> Result<usize, String> {
+        let backend = match &store.location {
+            StoreLocation::File(path) => {
+                if !path.exists() {
+                    return Ok(0);
+                }
+                match crate::credentials::Store::open(path, &store.key) {
+                    Ok(s) => Backend::File(Arc::new(s)),
+                    Err(crate::credentials::StoreError::Locked { .. }) => {
+                        return Err(format!(
+                            "{} is in use by the running service: ask its admin API (GET /admin/subscriptions/ID)",
+                            path.display()
+                        ));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            StoreLocation::Redis(spec) => Backend::Redis(Arc::new(
+                RedisStore::connect(spec, &store.key)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )),
+        };
+        let (rows, _) = backend.subscriptions().await?;
+        {
+            let mut subs = locked(&self.inner.subs);
+            for (id, json, rev) in rows {
+                if let Some(s) = Sub::from_json(&json, rev).filter(|_| valid_id(&id)) {
+                    subs.insert(id, s);
+                }
+            }
+        }
+        self.inner.changes.fetch_add(1, Ordering::Relaxed);
+        self.publish().await;
         Ok(self.len())
     }
 

@@ -197,6 +197,40 @@ impl ScopeName {
     }
 }
 
+/// Hashes a key hash by its first eight bytes. The map's keys are SHA-256 digests, uniform whatever
+/// the keys were (a caller chooses a key, never its digest), so no further mixing is needed and a
+/// lookup costs one multiply-free load instead of SipHash over 32 bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DigestHasher;
+
+impl std::hash::BuildHasher for DigestHasher {
+    type Hasher = DigestPrefix;
+    fn build_hasher(&self) -> DigestPrefix {
+        DigestPrefix(0)
+    }
+}
+
+/// See [`DigestHasher`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DigestPrefix(u64);
+
+impl std::hash::Hasher for DigestPrefix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its bytes (after a length prefix, ignored below); anything else
+        // still mixes in, so the map stays correct (only slower) whatever it is given.
+        let mut chunk = [0u8; 8];
+        let n = bytes.len().min(8);
+        chunk[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(chunk);
+    }
+
+    fn write_usize(&mut self, _len: usize) {}
+}
+
 /// One subscription of a table.
 #[derive(Debug)]
 struct Entry {
@@ -217,8 +251,8 @@ pub struct Matched {
 /// Subscriptions indexed by key hash, immutable once built (see [`KeyTableBuilder`]).
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    /// (hash, entry index), sorted by hash.
-    by_hash: Vec<(KeyHash, u32)>,
+    /// Key hash -> entry index.
+    by_hash: HashMap<KeyHash, u32, DigestHasher>,
     entries: Vec<Entry>,
     /// Entry indices sorted by id.
     by_id: Vec<u32>,
@@ -243,8 +277,8 @@ impl KeyTable {
     }
 
     fn find(&self, hash: &KeyHash) -> Option<&Entry> {
-        let i = self.by_hash.binary_search_by(|(h, _)| h.cmp(hash)).ok()?;
-        Some(&self.entries[self.by_hash[i].1 as usize])
+        let &i = self.by_hash.get(hash)?;
+        Some(&self.entries[i as usize])
     }
 
     fn find_id(&self, id: &str) -> Option<&Entry> {
@@ -313,6 +347,7 @@ pub enum Clash {
 #[derive(Debug, Default)]
 pub struct KeyTableBuilder {
     table: KeyTable,
+    clashes: Vec<Clash>,
     scope_index: HashMap<Box<str>, u32>,
 }
 
@@ -321,7 +356,7 @@ impl KeyTableBuilder {
     pub fn with_capacity(subscriptions: usize, keys: usize) -> Self {
         let mut b = KeyTableBuilder::default();
         b.table.entries.reserve_exact(subscriptions);
-        b.table.by_hash.reserve_exact(keys);
+        b.table.by_hash.reserve(keys);
         b
     }
 
@@ -347,7 +382,14 @@ impl KeyTableBuilder {
             state,
         });
         for h in hashes {
-            self.table.by_hash.push((*h, idx));
+            // The first owner keeps the key; the clash is reported by `finish`.
+            if let Some(&other) = self.table.by_hash.get(h) {
+                if other != idx {
+                    self.clashes.push(Clash::Key(idx as usize, other as usize));
+                }
+            } else {
+                self.table.by_hash.insert(*h, idx);
+            }
         }
         true
     }
@@ -366,17 +408,7 @@ impl KeyTableBuilder {
     /// [`Clash`] naming the later entry first.
     pub fn finish(self) -> (KeyTable, Vec<Clash>) {
         let mut t = self.table;
-        let mut clashes = Vec::new();
-        t.by_hash.sort_unstable();
-        for w in t.by_hash.windows(2) {
-            if w[0].0 == w[1].0 {
-                let (a, b) = (w[0].1.max(w[1].1), w[0].1.min(w[1].1));
-                if a != b {
-                    clashes.push(Clash::Key(a as usize, b as usize));
-                }
-            }
-        }
-        t.by_hash.dedup_by(|a, b| a.0 == b.0);
+        let mut clashes = self.clashes;
         let entries = &t.entries;
         let mut by_id: Vec<u32> = (0..u32::try_from(entries.len()).unwrap_or(u32::MAX)).collect();
         by_id.sort_unstable_by(|&a, &b| {
@@ -392,7 +424,6 @@ impl KeyTableBuilder {
         }
         t.by_id = by_id;
         t.entries.shrink_to_fit();
-        t.by_hash.shrink_to_fit();
         (t, clashes)
     }
 }

@@ -432,26 +432,31 @@ impl RuntimeSubscriptions {
         let inner = self.inner.clone();
         let table = self.table.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let _one = locked(&inner.rebuild);
-            let wanted = inner.changes.load(Ordering::Acquire);
-            if inner.built.load(Ordering::Acquire) >= wanted {
-                return;
-            }
-            let built = {
-                let subs = locked(&inner.subs);
-                let mut b = KeyTableBuilder::with_capacity(subs.len(), subs.len() * 2);
-                for (id, s) in subs.iter() {
-                    let state = if s.state == SubState::Active {
-                        State::Active
-                    } else {
-                        State::Inactive
-                    };
-                    b.push(id, state, &s.scope, &[s.primary, s.secondary]);
+            let old = {
+                let _one = locked(&inner.rebuild);
+                let wanted = inner.changes.load(Ordering::Acquire);
+                if inner.built.load(Ordering::Acquire) >= wanted {
+                    return;
                 }
-                b.finish().0
+                let built = {
+                    let subs = locked(&inner.subs);
+                    let mut b = KeyTableBuilder::with_capacity(subs.len(), subs.len() * 2);
+                    for (id, s) in subs.iter() {
+                        let state = if s.state == SubState::Active {
+                            State::Active
+                        } else {
+                            State::Inactive
+                        };
+                        b.push(id, state, &s.scope, &[s.primary, s.secondary]);
+                    }
+                    b.finish().0
+                };
+                let old = table.swap(Arc::new(built));
+                inner.built.store(wanted, Ordering::Release);
+                old
             };
-            drop(table.swap(Arc::new(built)));
-            inner.built.store(wanted, Ordering::Release);
+            // Outside the lock: the next rebuild need not wait for this one's readers.
+            super::subscription::retire(old);
         })
         .await;
     }

@@ -428,6 +428,20 @@ impl KeyTableBuilder {
     }
 }
 
+/// How long a reloading thread waits for the checks still reading a replaced table.
+const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Frees a replaced table on the calling (reloading, blocking) thread once the checks that were
+/// reading it are done: freeing 100,000 ids takes milliseconds, which the last check to let go
+/// would otherwise pay. Past [`RETIRE_WAIT`] the last reader frees it.
+pub fn retire(old: Arc<KeyTable>) {
+    let deadline = std::time::Instant::now() + RETIRE_WAIT;
+    while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(old);
+}
+
 /// Where callers send keys, and every subscription: inline, from the keys file, and made at run
 /// time.
 #[derive(Debug)]
@@ -512,9 +526,7 @@ impl SubscriptionStore {
         };
         let table = keys_file::load(path, shown, &self.resolver, &self.inline)?;
         let counts = table.counts();
-        // Freed here, on the reloading thread, once no check holds it (arc-swap waits for none:
-        // the last guard frees it, a table of plain arrays frees in well under a millisecond).
-        drop(self.file.swap(Arc::new(table)));
+        retire(self.file.swap(Arc::new(table)));
         Ok(Some(counts))
     }
 

@@ -209,7 +209,10 @@ pub fn load(
                 scope,
                 hashes,
             }) => {
-                if let Err(e) = resolver.check(scope) {
+                // A scope already pushed was checked then: one lookup a line, not two.
+                if !builder.has_scope(scope)
+                    && let Err(e) = resolver.check(scope)
+                {
                     push(&mut errs, at(), format!("scope `{scope}`: {e}"));
                     continue;
                 }

@@ -254,10 +254,15 @@ pub struct KeyTable {
     /// Key hash -> entry index.
     by_hash: HashMap<KeyHash, u32, DigestHasher>,
     entries: Vec<Entry>,
-    /// Entry indices sorted by id.
-    by_id: Vec<u32>,
+    /// Entry indices by id: four bytes a slot, the id itself is the entry's (no second copy).
+    by_id: hashbrown::HashTable<u32>,
+    ids: IdHasher,
     scopes: Vec<ScopeName>,
 }
+
+/// Hashes ids for [`KeyTable::by_id`]. Ids come from the operator's files and the admin API, not
+/// from callers, so a fast seeded hash is enough.
+type IdHasher = foldhash::fast::RandomState;
 
 /// A subscription as listed (never a key or a hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,11 +287,12 @@ impl KeyTable {
     }
 
     fn find_id(&self, id: &str) -> Option<&Entry> {
-        let i = self
+        use std::hash::BuildHasher;
+        let h = self.ids.hash_one(id);
+        let &i = self
             .by_id
-            .binary_search_by(|&e| (*self.entries[e as usize].id).cmp(id))
-            .ok()?;
-        Some(&self.entries[self.by_id[i] as usize])
+            .find(h, |&e| &*self.entries[e as usize].id == id)?;
+        Some(&self.entries[i as usize])
     }
 
     /// Whether a subscription has this id.
@@ -319,9 +325,9 @@ impl KeyTable {
 
     /// Every subscription, by id.
     pub fn list(&self) -> impl Iterator<Item = Listed> + '_ {
-        self.by_id
-            .iter()
-            .map(|&i| self.listed(&self.entries[i as usize]))
+        let mut order: Vec<&Entry> = self.entries.iter().collect();
+        order.sort_by(|a, b| a.id.cmp(&b.id));
+        order.into_iter().map(|e| self.listed(e))
     }
 
     fn verdict(&self, e: &Entry, api: usize, resolver: &ScopeResolver) -> Option<Matched> {
@@ -348,7 +354,7 @@ pub enum Clash {
 pub struct KeyTableBuilder {
     table: KeyTable,
     clashes: Vec<Clash>,
-    scope_index: HashMap<Box<str>, u32>,
+    scope_index: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
 }
 
 impl KeyTableBuilder {
@@ -394,6 +400,11 @@ impl KeyTableBuilder {
         true
     }
 
+    /// Whether a subscription with this scope was pushed already (its name was checked then).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scope_index.contains_key(scope)
+    }
+
     /// Number of subscriptions pushed.
     pub fn len(&self) -> usize {
         self.table.entries.len()
@@ -404,22 +415,23 @@ impl KeyTableBuilder {
         self.table.entries.is_empty()
     }
 
-    /// Sorts the indexes; every duplicate id and every key shared by two subscriptions, as a
+    /// Indexes the ids; every duplicate id and every key shared by two subscriptions, as a
     /// [`Clash`] naming the later entry first.
     pub fn finish(self) -> (KeyTable, Vec<Clash>) {
         let mut t = self.table;
         let mut clashes = self.clashes;
+        use std::hash::BuildHasher;
+        let mut by_id = hashbrown::HashTable::with_capacity(t.entries.len());
         let entries = &t.entries;
-        let mut by_id: Vec<u32> = (0..u32::try_from(entries.len()).unwrap_or(u32::MAX)).collect();
-        by_id.sort_unstable_by(|&a, &b| {
-            entries[a as usize]
-                .id
-                .cmp(&entries[b as usize].id)
-                .then(a.cmp(&b))
-        });
-        for w in by_id.windows(2) {
-            if entries[w[0] as usize].id == entries[w[1] as usize].id {
-                clashes.push(Clash::Id(w[1] as usize, w[0] as usize));
+        for (i, e) in entries.iter().enumerate() {
+            let h = t.ids.hash_one(&*e.id);
+            match by_id.find(h, |&j: &u32| entries[j as usize].id == e.id) {
+                Some(&j) => clashes.push(Clash::Id(i, j as usize)),
+                None => {
+                    by_id.insert_unique(h, u32::try_from(i).unwrap_or(u32::MAX), |&j: &u32| {
+                        t.ids.hash_one(&*entries[j as usize].id)
+                    });
+                }
             }
         }
         t.by_id = by_id;

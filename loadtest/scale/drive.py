@@ -220,7 +220,7 @@ def main() -> int:
             toggled = keys_text.replace("\nsub-3 active ", "\nsub-3 suspended ", 1)
 
             async def key_reloads(start: float) -> dict:
-                durations, windows = [], []
+                durations, windows, cpus = [], [], []
                 nxt = len(srv.lines)
                 gap = a.seconds / (a.reloads + 1)
                 for r in range(a.reloads):
@@ -232,8 +232,9 @@ def main() -> int:
                     nxt = idx + 1
                     d = rec.get("duration_ms")
                     durations.append(d)
+                    cpus.append(rec.get("cpu_ms"))
                     windows.append((at - (d or 0) / 1e3, at))
-                return {"durations": durations, "windows": windows}
+                return {"durations": durations, "windows": windows, "cpu": cpus}
 
             kr = asyncio.run(traffic(target, reqs, a.rate, a.seconds, during=key_reloads))
             kwin = kr["side"]["windows"]
@@ -243,6 +244,7 @@ def main() -> int:
                 "count": len(kds),
                 "keys_file_bytes": len(keys_text),
                 "duration_ms": {"min": min(kds) if kds else None, "p50": pct(kds, 50), "max": max(kds) if kds else None},
+                "cpu_ms_p50": pct([c for c in kr["side"]["cpu"] if c is not None], 50),
                 "checks_during_key_reloads": {**summary([x for _, x in kr["lat"]]), "failures": len(kr["failures"]),
                                               "wrong_decisions": len(kr["wrong"]), "achieved_rps": kr["achieved_rps"]},
                 "checks_while_reloading_keys": summary(kin),
@@ -271,7 +273,7 @@ def main() -> int:
                 idx, at, rec = await asyncio.to_thread(srv.wait_for, "configuration reloaded", nxt, 60)
                 nxt = idx + 1
                 d = rec.get("duration_ms")
-                durations.append({"how": how, "duration_ms": d, "load_ms": rec.get("load_ms")})
+                durations.append({"how": how, "duration_ms": d, "load_ms": rec.get("load_ms"), "cpu_ms": rec.get("cpu_ms")})
                 # The compile ran in the `duration_ms` before the log line.
                 windows.append((at - (d or 0) / 1e3, at))
                 del began
@@ -285,6 +287,7 @@ def main() -> int:
             "count": len(ds),
             "duration_ms": {"min": min(ds) if ds else None, "p50": pct(ds, 50), "max": max(ds) if ds else None},
             "load_ms_p50": pct([d["load_ms"] for d in rel["side"]["durations"] if d.get("load_ms") is not None], 50),
+            "cpu_ms_p50": pct([d["cpu_ms"] for d in rel["side"]["durations"] if d.get("cpu_ms") is not None], 50),
             "each": rel["side"]["durations"],
             "checks_during_reload_phase": {**summary([x for _, x in rel["lat"]]), "failures": len(rel["failures"]),
                                            "wrong_decisions": len(rel["wrong"]), "achieved_rps": rel["achieved_rps"]},

@@ -9,7 +9,7 @@ use notify::{RecursiveMode, Watcher};
 
 use super::State;
 use crate::config::{self, ConfigErrors};
-use crate::policy::{self, PolicySet, Summary};
+use crate::policy::{self, PolicySet, Summary, subscription};
 
 /// Editors and ConfigMap updates produce bursts of events; wait for the burst to end.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -26,6 +26,7 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
 /// [`reload`], and whether a new policy was installed.
 fn reload_reporting(state: &Arc<State>, force: bool) -> (Result<Summary, ConfigErrors>, bool) {
     let started = Instant::now();
+    let cpu = thread_cpu();
     let reloading = state.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let result = try_reload(state, force);
     drop(reloading);
@@ -40,7 +41,8 @@ fn reload_reporting(state: &Arc<State>, force: bool) -> (Result<Summary, ConfigE
         Ok(Some((summary, load_ms))) => {
             state.telemetry.config_reload(true, started.elapsed());
             // `load_ms` of `duration_ms` went to reading the file; the rest to compiling and the swap.
-            tracing::info!(summary = %summary, duration_ms, load_ms, "configuration reloaded");
+            let cpu_ms = cpu.and_then(|c| Some((thread_cpu()? - c).as_secs_f64() * 1e3));
+            tracing::info!(summary = %summary, duration_ms, load_ms, cpu_ms, "configuration reloaded");
             for note in &summary.notes {
                 match note.strip_prefix("warning: ") {
                     Some(w) => tracing::warn!("{w}"),
@@ -68,28 +70,41 @@ fn reload_reporting(state: &Arc<State>, force: bool) -> (Result<Summary, ConfigE
 /// every error (each with its line) and the last good table keeps serving.
 pub fn reload_keys(state: &Arc<State>) -> Result<Option<(usize, usize)>, ConfigErrors> {
     let started = Instant::now();
-    let _reloading = state.reloading.lock().unwrap_or_else(|p| p.into_inner());
-    let policy = state.policy();
-    let result = policy.subscriptions().reload_keys_file();
+    let cpu = thread_cpu();
+    let reloading = state.reloading.lock().unwrap_or_else(|p| p.into_inner());
+    let result = state.policy().subscriptions().swap_keys_file();
+    drop(reloading);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    match &result {
-        Ok(None) => {}
-        Ok(Some((subscriptions, keys))) => {
+    // CPU time of this thread: what the reload costs, whatever else the machine is doing.
+    let cpu_ms = cpu.and_then(|c| Some((thread_cpu()? - c).as_secs_f64() * 1e3));
+    match result {
+        Ok(None) => Ok(None),
+        Ok(Some(((subscriptions, keys), old))) => {
             state.telemetry.config_reload(true, started.elapsed());
             tracing::info!(
                 subscriptions,
                 keys,
                 duration_ms,
+                cpu_ms,
                 "subscription keys file reloaded"
             );
+            subscription::retire(old);
+            Ok(Some((subscriptions, keys)))
         }
         Err(errs) => {
             state.telemetry.config_reload(false, started.elapsed());
             let errors: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
             tracing::error!(errors = ?errors, duration_ms, "subscription keys file rejected; the last good keys keep serving");
+            Err(errs)
         }
     }
-    result
+}
+
+/// CPU time this thread has run (Linux `schedstat`); `None` elsewhere.
+fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// How long the reload thread waits for the checks still using the old policy.

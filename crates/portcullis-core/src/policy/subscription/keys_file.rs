@@ -166,7 +166,8 @@ pub fn load(
     let file = std::fs::File::open(path).map_err(io_err)?;
     let mut reader = BufReader::with_capacity(64 * 1024, file);
     let capacity = lines.min(MAX_SUBSCRIPTIONS);
-    let mut builder = KeyTableBuilder::with_capacity(capacity, capacity * 2);
+    // One key a line is reserved; a file of key pairs grows the index once.
+    let mut builder = KeyTableBuilder::with_capacity(capacity, capacity);
     // The line of each subscription, to name both lines of a clash found once all are read.
     let mut line_of: Vec<u32> = Vec::with_capacity(capacity);
     let mut buf: Vec<u8> = Vec::with_capacity(MAX_LINE + 2);

@@ -363,6 +363,7 @@ impl KeyTableBuilder {
         let mut b = KeyTableBuilder::default();
         b.table.entries.reserve_exact(subscriptions);
         b.table.by_hash.reserve(keys);
+        b.scope_index.reserve(16);
         b
     }
 
@@ -439,6 +440,9 @@ impl KeyTableBuilder {
         (t, clashes)
     }
 }
+
+/// A keys file put in service: its subscriptions and keys, and the table it replaced.
+pub type Swapped = ((usize, usize), Arc<KeyTable>);
 
 /// How long a reloading thread waits for the checks still reading a replaced table.
 const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -533,13 +537,21 @@ impl SubscriptionStore {
     /// current one (nothing else of the policy changes). A broken file keeps the current table.
     /// `Ok(None)` without a keys file; else the file's subscriptions and keys.
     pub fn reload_keys_file(&self) -> Result<Option<(usize, usize)>, ConfigErrors> {
+        Ok(self.swap_keys_file()?.map(|(counts, old)| {
+            retire(old);
+            counts
+        }))
+    }
+
+    /// [`SubscriptionStore::reload_keys_file`], handing back the replaced table for the caller to
+    /// [`retire`] once it has reported the reload.
+    pub fn swap_keys_file(&self) -> Result<Option<Swapped>, ConfigErrors> {
         let Some((path, shown)) = &self.keys_file else {
             return Ok(None);
         };
         let table = keys_file::load(path, shown, &self.resolver, &self.inline)?;
         let counts = table.counts();
-        retire(self.file.swap(Arc::new(table)));
-        Ok(Some(counts))
+        Ok(Some((counts, self.file.swap(Arc::new(table)))))
     }
 
     /// Whether `id` is a configured subscription (inline or keys file): a run-time subscription of

@@ -52,32 +52,59 @@ enum Line<'a> {
     },
 }
 
-fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
-    if let Some(pos) = line
-        .iter()
-        .position(|&b| !(b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b)))
-    {
-        return Err(format!(
-            "byte {} is not printable ASCII, a space or a tab (a look-alike character, a control character or another encoding)",
-            pos + 1
-        ));
+/// The fields of a line (at most six are kept, the count is exact), checking every byte on the way:
+/// one pass over the line.
+fn fields(line: &[u8]) -> Result<([&str; 6], usize), String> {
+    let mut spans = [(0usize, 0usize); 6];
+    let mut n = 0usize;
+    let mut start: Option<usize> = None;
+    for (i, &b) in line.iter().enumerate() {
+        match b {
+            b' ' | b'\t' => {
+                if let Some(from) = start.take() {
+                    if n < spans.len() {
+                        spans[n] = (from, i);
+                    }
+                    n += 1;
+                }
+            }
+            0x21..=0x7e => {
+                if start.is_none() {
+                    start = Some(i);
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "byte {} is not printable ASCII, a space or a tab (a look-alike character, a control character or another encoding)",
+                    i + 1
+                ));
+            }
+        }
     }
-    // Only ASCII from here on, so this cannot fail.
-    let text = std::str::from_utf8(line).map_err(|_| "not ASCII".to_string())?;
-    let trimmed = text.trim_start_matches([' ', '\t']);
-    if trimmed.is_empty() || trimmed.starts_with('#') {
+    if let Some(from) = start {
+        if n < spans.len() {
+            spans[n] = (from, line.len());
+        }
+        n += 1;
+    }
+    // Only printable ASCII is left, so `from_utf8` cannot fail.
+    let out = spans.map(|(from, to)| std::str::from_utf8(&line[from..to]).unwrap_or_default());
+    Ok((out, n))
+}
+
+fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
+    let (f, n) = fields(line)?;
+    if n == 0 || f[0].starts_with('#') {
         return Ok(Line::Nothing);
     }
-    let mut fields = trimmed.split([' ', '\t']).filter(|f| !f.is_empty());
-    let (Some(id), Some(state), Some(scope), Some(primary)) =
-        (fields.next(), fields.next(), fields.next(), fields.next())
-    else {
+    if n < 4 {
         return Err("a line is `id state scope primary [secondary]`".into());
-    };
-    let secondary = fields.next();
-    if fields.next().is_some() {
+    }
+    if n > 5 {
         return Err("more than five fields: a line is `id state scope primary [secondary]`".into());
     }
+    let (id, state, scope, primary) = (f[0], f[1], f[2], f[3]);
+    let secondary = (n == 5).then_some(f[4]);
     if !valid_id(id) {
         return Err(format!(
             "the id must be 1 to {MAX_ID} of A-Z a-z 0-9 . _ - ~ : @"

@@ -8,10 +8,10 @@
 //! at most once; a run-time subscription whose id is also configured is shadowed: its keys are
 //! refused while the configured one exists.
 //!
-//! A table is dense: one sorted array of (hash, index) searched by bisection, one array of entries
-//! (id, state, scope number) and the few distinct scopes, by name. Scopes are resolved by name at
-//! check time ([`ScopeResolver`]), so a table compiled against one policy stays correct (fail
-//! closed: an unknown name covers nothing) under the next.
+//! A table is dense: one hash index (key digest -> entry number), one array of entries (id, state,
+//! scope number), an id index of entry numbers, and the few distinct scopes, by name. Scopes are
+//! resolved by name at check time ([`ScopeResolver`]), so a table compiled against one policy stays
+//! correct (fail closed: an unknown name covers nothing) under the next.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -389,13 +389,17 @@ impl KeyTableBuilder {
             state,
         });
         for h in hashes {
-            // The first owner keeps the key; the clash is reported by `finish`.
-            if let Some(&other) = self.table.by_hash.get(h) {
-                if other != idx {
-                    self.clashes.push(Clash::Key(idx as usize, other as usize));
+            // The first owner keeps the key; the clash is reported by `finish`. One probe.
+            match self.table.by_hash.entry(*h) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    if *o.get() != idx {
+                        self.clashes
+                            .push(Clash::Key(idx as usize, *o.get() as usize));
+                    }
                 }
-            } else {
-                self.table.by_hash.insert(*h, idx);
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(idx);
+                }
             }
         }
         true

@@ -6,13 +6,17 @@
 #   SKIP_CRITERION=1 loadtest/scale.sh   # only the server run
 #   SKIP_SERVER=1 loadtest/scale.sh      # only the criterion bench
 #
-# Knobs: KEYS CIDRS APIS PROVIDERS JWKS=inline|file RATE (checks/s) SECONDS (per phase) RELOADS.
+# Knobs: KEYS CIDRS APIS PROVIDERS JWKS=inline|file KEYS_IN=yaml|file (keys inline, or in
+# `subscriptions.keys_file`, which adds a phase of key-file-only reloads) RATE (checks/s)
+# SECONDS (per phase) RELOADS. `KEYS_IN=file` is the issue-19 run; OUT then defaults to
+# target/scale-keys-file so both runs can be kept side by side.
 # Needs python3 with grpcio, xds-protos and cryptography (tests/wire/requirements.txt); uses
 # .venv/bin/python when it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=target/scale
+OUT=${OUT:-target/scale}
+[ "${KEYS_IN:-yaml}" = file ] && [ "$OUT" = target/scale ] && OUT=target/scale-keys-file
 mkdir -p "$OUT"
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -23,10 +27,11 @@ fi
 
 if [ -z "${SKIP_SERVER:-}" ]; then
   cargo build --release --bin portcullis
-  BIN=${PORTCULLIS_BIN:-target/release/portcullis}
+  BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-target}/release/portcullis}
   rm -rf "$OUT/config"
   "$PY" loadtest/scale/gen.py "$OUT/config" --keys "${KEYS:-100000}" --cidrs "${CIDRS:-10000}" \
-    --apis "${APIS:-1000}" --providers "${PROVIDERS:-50}" --jwks "${JWKS:-inline}" > "$OUT/generated.json"
+    --apis "${APIS:-1000}" --providers "${PROVIDERS:-50}" --jwks "${JWKS:-inline}" \
+    --keys-in "${KEYS_IN:-yaml}" > "$OUT/generated.json"
   run() {
     "$PY" loadtest/scale/drive.py "$OUT/config" --bin "$BIN" --rate "${RATE:-300}" \
       --seconds "${SECONDS_PER_PHASE:-10}" --reloads "${RELOADS:-10}" --out "$1" > /dev/null

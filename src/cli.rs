@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config;
-use crate::policy::{self, Decision, EvalOptions, Outcome, Runtime, StepResult};
+use crate::policy::{self, Decision, EvalOptions, Outcome, PolicySet, Runtime, StepResult};
 use crate::telemetry;
 
 /// portcullis: external authorization decisions for Envoy ext_authz v3.
@@ -230,13 +230,31 @@ fn serve_on(
     })
 }
 
+/// Reads the run-time subscriptions of `policy`'s store into `runtime` for `check` and
+/// `validate`: a line to print saying how many, or why none could be read.
+fn read_runtime_subscriptions(policy: &PolicySet, runtime: &Runtime) -> Option<String> {
+    let store = policy.store_spec()?;
+    let rt = match self::runtime() {
+        Ok(rt) => rt,
+        Err(e) => return Some(format!("run-time subscriptions not read: {e}")),
+    };
+    Some(match rt.block_on(runtime.subscriptions.read_once(store)) {
+        Ok(n) => format!("{n} run-time subscriptions (from the store)"),
+        Err(e) => format!("run-time subscriptions not read: {e}"),
+    })
+}
+
 fn validate(path: &Path) -> ExitCode {
     // Every error at once: structural ones, and those of compiling the rest of the file.
-    let compiled = policy::compile_loaded(config::load_pruned(path), &Runtime::offline());
+    let runtime = Runtime::offline();
+    let compiled = policy::compile_loaded(config::load_pruned(path), &runtime);
     match compiled {
         Ok((policy, settings)) => {
             println!("{}: valid", path.display());
             println!("  {}", policy.summary);
+            if let Some(line) = read_runtime_subscriptions(&policy, &runtime) {
+                println!("  {line}");
+            }
             for note in &policy.summary.notes {
                 println!("  {note}");
             }
@@ -363,6 +381,10 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
         Ok(c) => c,
         Err(errs) => return fail(format!("{} is invalid:\n{errs}", path.display())),
     };
+    // Keys made through the admin API are checked too, when the store can be read.
+    if let Some(line) = read_runtime_subscriptions(&policy, &runtime) {
+        eprintln!("{line}");
+    }
     let input = policy::CheckInput {
         method: &args.method,
         host: &host,

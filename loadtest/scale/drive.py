@@ -10,9 +10,12 @@ from when it was due, so a stall shows up even if the client was waiting); its d
 with the one requests.json expects. Any failed call or wrong decision is counted (must be 0).
 
 Phases: (1) start, wait for the gRPC listener, read VmHWM idle; (2) every request once, checked;
-(3) `--seconds` of traffic with no reload (baseline); (4) the same traffic while the file is reloaded
-`--reloads` times (alternately rewritten, which the file watcher picks up, and SIGHUP), each reload
-started after the previous one has logged; (5) VmHWM after all of it.
+(3) `--seconds` of traffic with no reload (baseline); (3b) with a `keys.txt` beside the config
+(gen.py --keys-in file): the same traffic while the keys file alone is rewritten `--reloads` times
+(one subscription suspended and reactivated in turn, which the watcher reloads without touching the
+policy), then VmHWM; (4) the same traffic while the config is reloaded `--reloads` times
+(alternately rewritten, which the file watcher picks up, and SIGHUP), each reload started after the
+previous one has logged; (5) VmHWM after all of it.
 """
 
 from __future__ import annotations
@@ -210,6 +213,45 @@ def main() -> int:
                               "wrong_decisions": len(base["wrong"]), "achieved_rps": base["achieved_rps"]}
         result["rss_after_traffic_kib"] = status_kib(srv.proc.pid)
 
+        keys_file = a.config_dir / "keys.txt"
+        if keys_file.exists():
+            keys_text = keys_file.read_text()
+            # The first `sub-3 active` line (a scope `all` key no request uses) is toggled.
+            toggled = keys_text.replace("\nsub-3 active ", "\nsub-3 suspended ", 1)
+
+            async def key_reloads(start: float) -> dict:
+                durations, windows, cpus = [], [], []
+                nxt = len(srv.lines)
+                gap = a.seconds / (a.reloads + 1)
+                for r in range(a.reloads):
+                    await asyncio.sleep(max(0.0, start + (r + 1) * gap - time.monotonic()))
+                    tmp = keys_file.with_suffix(".tmp")
+                    await asyncio.to_thread(tmp.write_text, toggled if r % 2 == 0 else keys_text)
+                    os.replace(tmp, keys_file)
+                    idx, at, rec = await asyncio.to_thread(srv.wait_for, "subscription keys file reloaded", nxt, 60)
+                    nxt = idx + 1
+                    d = rec.get("duration_ms")
+                    durations.append(d)
+                    cpus.append(rec.get("cpu_ms"))
+                    windows.append((at - (d or 0) / 1e3, at))
+                return {"durations": durations, "windows": windows, "cpu": cpus}
+
+            kr = asyncio.run(traffic(target, reqs, a.rate, a.seconds, during=key_reloads))
+            kwin = kr["side"]["windows"]
+            kin = [x for due, x in kr["lat"] if any(lo - 0.001 <= due <= hi for lo, hi in kwin)]
+            kds = [d for d in kr["side"]["durations"] if d is not None]
+            result["keys_reload"] = {
+                "count": len(kds),
+                "keys_file_bytes": len(keys_text),
+                "duration_ms": {"min": min(kds) if kds else None, "p50": pct(kds, 50), "max": max(kds) if kds else None},
+                "cpu_ms_p50": pct([c for c in kr["side"]["cpu"] if c is not None], 50),
+                "checks_during_key_reloads": {**summary([x for _, x in kr["lat"]]), "failures": len(kr["failures"]),
+                                              "wrong_decisions": len(kr["wrong"]), "achieved_rps": kr["achieved_rps"]},
+                "checks_while_reloading_keys": summary(kin),
+            }
+            keys_file.write_text(keys_text)
+            result["rss_after_key_reloads_kib"] = status_kib(srv.proc.pid)
+
         async def reloads(start: float) -> dict:
             durations, windows = [], []
             nxt = len(srv.lines)
@@ -231,7 +273,7 @@ def main() -> int:
                 idx, at, rec = await asyncio.to_thread(srv.wait_for, "configuration reloaded", nxt, 60)
                 nxt = idx + 1
                 d = rec.get("duration_ms")
-                durations.append({"how": how, "duration_ms": d, "load_ms": rec.get("load_ms")})
+                durations.append({"how": how, "duration_ms": d, "load_ms": rec.get("load_ms"), "cpu_ms": rec.get("cpu_ms")})
                 # The compile ran in the `duration_ms` before the log line.
                 windows.append((at - (d or 0) / 1e3, at))
                 del began
@@ -245,6 +287,7 @@ def main() -> int:
             "count": len(ds),
             "duration_ms": {"min": min(ds) if ds else None, "p50": pct(ds, 50), "max": max(ds) if ds else None},
             "load_ms_p50": pct([d["load_ms"] for d in rel["side"]["durations"] if d.get("load_ms") is not None], 50),
+            "cpu_ms_p50": pct([d["cpu_ms"] for d in rel["side"]["durations"] if d.get("cpu_ms") is not None], 50),
             "each": rel["side"]["durations"],
             "checks_during_reload_phase": {**summary([x for _, x in rel["lat"]]), "failures": len(rel["failures"]),
                                            "wrong_decisions": len(rel["wrong"]), "achieved_rps": rel["achieved_rps"]},

@@ -20,6 +20,7 @@ DIMENSIONS = [
 RATIO_TARGET = 1.2
 RSS_TARGET_MIB = 64
 RELOAD_TARGET_MS = 250
+KEYS_RELOAD_TARGET_MS = 50
 
 
 def criterion(root: Path) -> dict:
@@ -100,6 +101,7 @@ def server_section(s: dict, g: dict, title: str) -> list[str]:
                f"| peak RSS (VmHWM) after traffic and {rl['count']} reloads | {hwm_end:.1f} MiB | ≤ {RSS_TARGET_MIB} MiB {'✅' if hwm_end <= RSS_TARGET_MIB else '❌'} |",
                f"| reload duration min / p50 / max | {fmt(rl['duration_ms']['min'])} / {fmt(rl['duration_ms']['p50'])} / {fmt(rl['duration_ms']['max'])} ms | ≤ {RELOAD_TARGET_MS} ms {'✅' if (rl['duration_ms']['max'] or 1e9) <= RELOAD_TARGET_MS else '❌'} |",
                f"| of which reading the file (p50) | {fmt(rl.get('load_ms_p50'))} ms | |",
+               f"| CPU time of the reload thread (p50) | {fmt(rl.get('cpu_ms_p50'))} ms | |",
                f"| checks failed or wrongly decided (baseline + reload phases) | {fails} of {base['n'] + during['n']} | 0 {'✅' if fails == 0 else '❌'} |",
                "", "Checks at a constant rate (grpcio client, open loop; latency includes the Python client's own cost):", "",
                "| phase | checks | achieved rate | p50 | p99 | max |", "|---|---:|---:|---:|---:|---:|",
@@ -107,6 +109,20 @@ def server_section(s: dict, g: dict, title: str) -> list[str]:
                f"| {rl['count']} reloads during the phase | {during['n']} | {during['achieved_rps']:.0f}/s | {fmt(during['p50_ms'], '.2f')} ms | {fmt(during['p99_ms'], '.2f')} ms | {fmt(during['max_ms'], '.2f')} ms |",
                f"| sent while a reload was compiling | {win['n']} | | {fmt(win['p50_ms'], '.2f')} ms | {fmt(win['p99_ms'], '.2f')} ms | {fmt(win['max_ms'], '.2f')} ms |",
                ""]
+        kr = s.get("keys_reload")
+        if kr:
+            kd, kc, kw = kr["duration_ms"], kr["checks_during_key_reloads"], kr["checks_while_reloading_keys"]
+            hwm_keys = s["rss_after_key_reloads_kib"]["VmHWM"] / 1024
+            kfails = kc["failures"] + kc["wrong_decisions"]
+            md += [f"Keys in `subscriptions.keys_file` ({kr['keys_file_bytes'] / 1e6:.1f} MB), reloaded alone {kr['count']} times:", "",
+                   "| measure | value | target |", "|---|---:|---:|",
+                   f"| keys-file reload min / p50 / max | {fmt(kd['min'])} / {fmt(kd['p50'])} / {fmt(kd['max'])} ms | ≤ {KEYS_RELOAD_TARGET_MS} ms {'✅' if (kd['max'] or 1e9) <= KEYS_RELOAD_TARGET_MS else '❌'} |",
+                   f"| CPU time of the reload thread (p50) | {fmt(kr.get('cpu_ms_p50'))} ms | |",
+                   f"| peak RSS (VmHWM) after the key reloads | {hwm_keys:.1f} MiB | ≤ {RSS_TARGET_MIB} MiB {'✅' if hwm_keys <= RSS_TARGET_MIB else '❌'} |",
+                   f"| checks failed or wrongly decided | {kfails} of {kc['n']} | 0 {'✅' if kfails == 0 else '❌'} |",
+                   f"| checks during the phase p50 / p99 / max | {fmt(kc['p50_ms'], '.2f')} / {fmt(kc['p99_ms'], '.2f')} / {fmt(kc['max_ms'], '.2f')} ms | p99 ≤ 2x no-reload p99 ({fmt(2 * (base['p99_ms'] or 0), '.2f')} ms) {'✅' if (kc['p99_ms'] or 1e9) <= 2 * (base['p99_ms'] or 0) else '❌'} |",
+                   f"| sent while a key reload ran: n, p99 | {kw['n']}, {fmt(kw['p99_ms'], '.2f')} ms | |",
+                   ""]
         if rl.get("failure_samples"):
             md += ["Failures:", ""] + [f"- {x}" for x in rl["failure_samples"]] + [""]
         if s.get("precheck_errors"):

@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use super::State;
 use crate::credentials::{AdminError, ConnectionUser};
+use crate::policy::runtime_keys::{Action, SubState, SubscriptionError, View, Which};
 
 /// The routes, to be nested under `/admin`.
 pub fn router() -> Router<Arc<State>> {
@@ -31,6 +32,22 @@ pub fn router() -> Router<Arc<State>> {
             axum::routing::delete(delete_connection),
         )
         .route("/callback", get(callback))
+        .route(
+            "/subscriptions",
+            get(list_subscriptions).post(create_subscription),
+        )
+        .route(
+            "/subscriptions/{id}",
+            get(get_subscription).delete(delete_subscription),
+        )
+        .route(
+            "/subscriptions/{id}/{action}",
+            post(transition_subscription),
+        )
+        .route(
+            "/subscriptions/{id}/regenerate/{which}",
+            post(regenerate_subscription),
+        )
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response {
@@ -232,5 +249,215 @@ async fn callback(
             ),
         },
         Err(e) => error(&e),
+    }
+}
+
+fn sub_error(e: &SubscriptionError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    json(status, &serde_json::json!({"error": e.to_string()}))
+}
+
+/// A subscription as shown: where it comes from, and never a key or a hash.
+fn shown(v: &View) -> serde_json::Value {
+    serde_json::json!({
+        "id": v.id,
+        "state": v.state,
+        "scope": v.scope,
+        "source": "runtime",
+        "created_at": v.created_at,
+        "updated_at": v.updated_at,
+    })
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only ids after this one (pages).
+    after: Option<String>,
+    /// At most this many (default and maximum 1000).
+    limit: Option<usize>,
+}
+
+/// Largest page of `GET /admin/subscriptions`.
+const PAGE: usize = 1000;
+
+async fn list_subscriptions(
+    AxState(state): AxState<Arc<State>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(r) = refuse(&state, &headers) {
+        return r;
+    }
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return sub_error(&SubscriptionError::BadRequest(e.body_text())),
+    };
+    let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE);
+    let subs = &state.runtime.subscriptions;
+    let page = subs.list(q.after.as_deref(), limit);
+    let next = (page.len() == limit).then(|| page.last().map(|v| v.id.clone()));
+    let policy = state.policy();
+    let (configured, configured_keys) = policy.subscriptions().counts();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "subscriptions": page.iter().map(shown).collect::<Vec<_>>(),
+            "next_after": next.flatten(),
+            "runtime": subs.len(),
+            "configured": configured,
+            "configured_keys": configured_keys,
+        }),
+    )
+}
+
+async fn get_subscription(
+    AxState(state): AxState<Arc<State>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&state, &headers) {
+        return r;
+    }
+    let policy = state.policy();
+    let configured = policy.subscriptions().is_configured(&id);
+    match state.runtime.subscriptions.get(&id) {
+        Some(v) => {
+            let mut body = shown(&v);
+            // A configured subscription of the same id wins: this one's keys are refused.
+            body["shadowed"] = configured.into();
+            json(StatusCode::OK, &body)
+        }
+        None => match policy.subscriptions().configured_one(&id) {
+            Some(l) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "id": &*l.id,
+                    "state": if l.active { "active" } else { "inactive" },
+                    "scope": l.scope,
+                    "source": "config",
+                }),
+            ),
+            None => sub_error(&SubscriptionError::NotFound(id)),
+        },
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    id: String,
+    /// `all` (default), `product:NAME` or `api:NAME`.
+    scope: Option<String>,
+    /// `active` (default) or `suspended`.
+    state: Option<String>,
+}
+
+async fn create_subscription(
+    AxState(state): AxState<Arc<State>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refuse(&state, &headers) {
+        return r;
+    }
+    let body: CreateBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return sub_error(&SubscriptionError::BadRequest(format!(
+                "the body must be JSON like {{\"id\": \"contoso\", \"scope\": \"product:gold\"}}: {e}"
+            )));
+        }
+    };
+    let sub_state = match body.state.as_deref() {
+        None | Some("active") => SubState::Active,
+        Some("suspended") => SubState::Suspended,
+        Some(_) => {
+            return sub_error(&SubscriptionError::BadRequest(
+                "`state` is `active` or `suspended`".into(),
+            ));
+        }
+    };
+    let policy = state.policy();
+    let scope = body.scope.as_deref().unwrap_or("all");
+    match state
+        .runtime
+        .subscriptions
+        .create(&body.id, scope, sub_state, policy.subscriptions())
+        .await
+    {
+        Ok((view, primary, secondary)) => {
+            state.telemetry.audit("create", &view.id, None);
+            let mut shown = shown(&view);
+            // The only time these keys are ever shown: only their hashes are kept.
+            shown["primary_key"] = primary.expose().into();
+            shown["secondary_key"] = secondary.expose().into();
+            json(StatusCode::CREATED, &shown)
+        }
+        Err(e) => sub_error(&e),
+    }
+}
+
+async fn transition_subscription(
+    AxState(state): AxState<Arc<State>>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = refuse(&state, &headers) {
+        return r;
+    }
+    let Some(action) = Action::parse(&action) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match state.runtime.subscriptions.transition(&id, action).await {
+        Ok(view) => {
+            state.telemetry.audit(action.as_str(), &view.id, None);
+            json(StatusCode::OK, &shown(&view))
+        }
+        Err(e) => sub_error(&e),
+    }
+}
+
+async fn regenerate_subscription(
+    AxState(state): AxState<Arc<State>>,
+    headers: HeaderMap,
+    Path((id, which)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = refuse(&state, &headers) {
+        return r;
+    }
+    let Some(which) = Which::parse(&which) else {
+        return sub_error(&SubscriptionError::BadRequest(
+            "regenerate `primary` or `secondary`".into(),
+        ));
+    };
+    match state.runtime.subscriptions.regenerate(&id, which).await {
+        Ok((view, key)) => {
+            state
+                .telemetry
+                .audit("regenerate", &view.id, Some(which.as_str()));
+            let mut shown = shown(&view);
+            // Shown once, here.
+            shown[format!("{}_key", which.as_str())] = key.expose().into();
+            json(StatusCode::OK, &shown)
+        }
+        Err(e) => sub_error(&e),
+    }
+}
+
+async fn delete_subscription(
+    AxState(state): AxState<Arc<State>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&state, &headers) {
+        return r;
+    }
+    match state.runtime.subscriptions.delete(&id).await {
+        Ok(()) => {
+            state.telemetry.audit("delete", &id, None);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => sub_error(&e),
     }
 }

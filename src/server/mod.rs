@@ -74,6 +74,9 @@ pub struct State {
     pub settings: Settings,
     config_path: PathBuf,
     config_digest: std::sync::Mutex<[u8; 32]>,
+    /// Held by a reload of the config or of the keys file, so that a keys file read by one is
+    /// never replaced by an older one read by the other.
+    reloading: std::sync::Mutex<()>,
     admission: Arc<Semaphore>,
     shutting_down: AtomicBool,
     /// Decision log, metrics and traces.
@@ -160,6 +163,12 @@ impl Running {
     pub async fn reload(&self) -> Result<policy::Summary, config::ConfigErrors> {
         reload::reload(&self.state, true)
     }
+
+    /// Re-reads `subscriptions.keys_file` now (nothing else): its subscriptions and keys, or
+    /// `None` without a keys file.
+    pub async fn reload_keys(&self) -> Result<Option<(usize, usize)>, config::ConfigErrors> {
+        reload::reload_keys(&self.state)
+    }
 }
 
 /// Loads and compiles the config file, binds the listeners and serves in the background.
@@ -185,6 +194,7 @@ pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Runni
         settings: settings.clone(),
         config_path: config_path.to_path_buf(),
         config_digest: std::sync::Mutex::new(src.digest),
+        reloading: std::sync::Mutex::new(()),
         admission,
         shutting_down: AtomicBool::new(false),
         telemetry,

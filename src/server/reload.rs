@@ -9,7 +9,7 @@ use notify::{RecursiveMode, Watcher};
 
 use super::State;
 use crate::config::{self, ConfigErrors};
-use crate::policy::{self, PolicySet, Summary};
+use crate::policy::{self, PolicySet, Summary, subscription};
 
 /// Editors and ConfigMap updates produce bursts of events; wait for the burst to end.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -20,8 +20,16 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 /// decided by the current policy while the new one is read and compiled, and see the new one from
 /// the atomic swap on.
 pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> {
+    reload_reporting(state, force).0
+}
+
+/// [`reload`], and whether a new policy was installed.
+fn reload_reporting(state: &Arc<State>, force: bool) -> (Result<Summary, ConfigErrors>, bool) {
     let started = Instant::now();
+    let cpu = thread_cpu();
+    let reloading = state.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let result = try_reload(state, force);
+    drop(reloading);
     // Milliseconds with a fraction: what operators compare with their reload budget.
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     let (result, retired) = match result {
@@ -33,7 +41,8 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
         Ok(Some((summary, load_ms))) => {
             state.telemetry.config_reload(true, started.elapsed());
             // `load_ms` of `duration_ms` went to reading the file; the rest to compiling and the swap.
-            tracing::info!(summary = %summary, duration_ms, load_ms, "configuration reloaded");
+            let cpu_ms = cpu.and_then(|c| Some((thread_cpu()? - c).as_secs_f64() * 1e3));
+            tracing::info!(summary = %summary, duration_ms, load_ms, cpu_ms, "configuration reloaded");
             for note in &summary.notes {
                 match note.strip_prefix("warning: ") {
                     Some(w) => tracing::warn!("{w}"),
@@ -48,10 +57,54 @@ pub fn reload(state: &Arc<State>, force: bool) -> Result<Summary, ConfigErrors> 
             tracing::error!(errors = ?errors, duration_ms, "configuration rejected; the last good configuration keeps serving");
         }
     }
+    let changed = retired.is_some();
     if let Some(old) = retired {
         retire(old);
     }
-    result.map(|s| s.map_or_else(|| state.policy().summary.clone(), |(s, _)| s))
+    let result = result.map(|s| s.map_or_else(|| state.policy().summary.clone(), |(s, _)| s));
+    (result, changed)
+}
+
+/// Reloads `subscriptions.keys_file` alone: only the key table is rebuilt and swapped into the
+/// policy in service; APIs, providers and credentials are untouched. A broken file is logged with
+/// every error (each with its line) and the last good table keeps serving.
+pub fn reload_keys(state: &Arc<State>) -> Result<Option<(usize, usize)>, ConfigErrors> {
+    let started = Instant::now();
+    let cpu = thread_cpu();
+    let reloading = state.reloading.lock().unwrap_or_else(|p| p.into_inner());
+    let result = state.policy().subscriptions().swap_keys_file();
+    drop(reloading);
+    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    // CPU time of this thread: what the reload costs, whatever else the machine is doing.
+    let cpu_ms = cpu.and_then(|c| Some((thread_cpu()? - c).as_secs_f64() * 1e3));
+    match result {
+        Ok(None) => Ok(None),
+        Ok(Some(((subscriptions, keys), old))) => {
+            state.telemetry.config_reload(true, started.elapsed());
+            tracing::info!(
+                subscriptions,
+                keys,
+                duration_ms,
+                cpu_ms,
+                "subscription keys file reloaded"
+            );
+            subscription::retire(old);
+            Ok(Some((subscriptions, keys)))
+        }
+        Err(errs) => {
+            state.telemetry.config_reload(false, started.elapsed());
+            let errors: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+            tracing::error!(errors = ?errors, duration_ms, "subscription keys file rejected; the last good keys keep serving");
+            Err(errs)
+        }
+    }
+}
+
+/// CPU time this thread has run (Linux `schedstat`); `None` elsewhere.
+fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// How long the reload thread waits for the checks still using the old policy.
@@ -107,25 +160,56 @@ fn try_reload(state: &Arc<State>, force: bool) -> Result<Option<Reloaded>, Confi
     Ok(Some((summary, load_ms, old)))
 }
 
+/// What a file event asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Changed {
+    Config,
+    Keys,
+}
+
 /// Watches the config file's directory (so atomic renames and Kubernetes ConfigMap symlink swaps
-/// are seen) and reloads on change. The returned watcher must be kept alive.
+/// are seen) and reloads on change; and the keys file's, which reloads only the keys. The
+/// returned watcher must be kept alive. The keys file watched is the one configured at start (a
+/// new `keys_file` path is read by every reload, and watched after a restart).
 pub fn watch(state: Arc<State>) -> Option<notify::RecommendedWatcher> {
     let path = state.config_path().to_path_buf();
-    let dir = match path.parent() {
+    let parent = |p: &std::path::Path| match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let dir = parent(&path);
+    let keys = state
+        .policy()
+        .subscriptions()
+        .keys_file()
+        .map(std::path::Path::to_path_buf);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Changed>();
     let watched_name = path.file_name().map(|n| n.to_os_string());
+    let keys_name = keys
+        .as_ref()
+        .and_then(|k| k.file_name())
+        .map(|n| n.to_os_string());
     let mut watcher =
         match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
-                let relevant = event.paths.iter().any(|p| {
-                    p.file_name().map(|n| n.to_os_string()) == watched_name
-                        || p.to_string_lossy().contains("..data")
-                });
-                if relevant && !matches!(event.kind, notify::EventKind::Access(_)) {
-                    let _ = tx.send(());
+                if matches!(event.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+                let name_is = |want: &Option<std::ffi::OsString>| {
+                    event
+                        .paths
+                        .iter()
+                        .any(|p| want.is_some() && p.file_name().map(|n| n.to_os_string()) == *want)
+                };
+                let symlink_swap = event
+                    .paths
+                    .iter()
+                    .any(|p| p.to_string_lossy().contains("..data"));
+                if name_is(&watched_name) || symlink_swap {
+                    let _ = tx.send(Changed::Config);
+                }
+                if name_is(&keys_name) || (symlink_swap && keys_name.is_some()) {
+                    let _ = tx.send(Changed::Keys);
                 }
             }
         }) {
@@ -139,13 +223,33 @@ pub fn watch(state: Arc<State>) -> Option<notify::RecommendedWatcher> {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
         return None;
     }
+    if let Some(keys) = &keys {
+        let kdir = parent(keys);
+        if kdir != dir
+            && let Err(e) = watcher.watch(&kdir, RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(error = %e, dir = %kdir.display(), "cannot watch the keys file's directory; reload with SIGHUP");
+        }
+    }
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
+        while let Some(first) = rx.recv().await {
             // Debounce: collect the rest of the burst.
             tokio::time::sleep(DEBOUNCE).await;
-            while rx.try_recv().is_ok() {}
+            let (mut config, mut keys) = (first == Changed::Config, first == Changed::Keys);
+            while let Ok(c) = rx.try_recv() {
+                config |= c == Changed::Config;
+                keys |= c == Changed::Keys;
+            }
             let s = state.clone();
-            let _ = tokio::task::spawn_blocking(move || reload(&s, false)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                // A config reload that found the file unchanged does not read the keys file: then
+                // the keys are reloaded on their own.
+                let full = config && reload_reporting(&s, false).1;
+                if keys && !full {
+                    let _ = reload_keys(&s);
+                }
+            })
+            .await;
         }
     });
     Some(watcher)

@@ -26,6 +26,8 @@ const LINGER: Duration = Duration::from_millis(2);
 
 enum Message {
     Record(Box<Record>),
+    /// An audit record, already one JSON line (without its newline).
+    Audit(String),
     /// Write everything queued so far, then acknowledge.
     Flush(SyncSender<()>),
 }
@@ -80,6 +82,14 @@ impl DecisionLog {
         }
     }
 
+    /// Queues an audit record: unlike a decision's, it waits for room rather than being dropped
+    /// (admin changes are rare and each must be on record).
+    pub(crate) fn audit(&self, record: &AuditRecord<'_>) {
+        if let Ok(line) = serde_json::to_string(record) {
+            let _ = self.tx.send(Message::Audit(line));
+        }
+    }
+
     /// Waits until every record queued so far is written (bounded by `timeout`).
     pub(crate) fn flush(&self, timeout: Duration) {
         let (ack_tx, ack_rx) = sync_channel(1);
@@ -107,6 +117,11 @@ fn write_loop(rx: &Receiver<Message>, out: impl Write) {
                         return;
                     }
                 }
+                Message::Audit(line) => {
+                    if out.write_all(line.as_bytes()).is_err() || out.write_all(b"\n").is_err() {
+                        return;
+                    }
+                }
                 Message::Flush(ack) => acks.push(ack),
             }
             n += 1;
@@ -122,6 +137,24 @@ fn write_loop(rx: &Receiver<Message>, out: impl Write) {
         }
         std::thread::sleep(LINGER);
     }
+}
+
+/// One change made through the admin API, as the decision log writes it: who, what, when and which
+/// subscription; never a key or a hash.
+#[derive(Serialize)]
+pub(crate) struct AuditRecord<'a> {
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub(crate) time: SystemTime,
+    /// Always `subscription` for now: what kind of thing changed.
+    pub(crate) audit: &'static str,
+    /// Who: the holder of the admin token.
+    pub(crate) who: &'static str,
+    /// `create`, `activate`, `suspend`, `cancel`, `regenerate`, `delete`.
+    pub(crate) action: &'a str,
+    pub(crate) subscription_id: &'a str,
+    /// Which key was regenerated: `primary` or `secondary`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) regenerated: Option<&'a str>,
 }
 
 /// One decision record, as the decision path hands it over. Never carries a token, key or secret:

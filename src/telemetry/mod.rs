@@ -314,6 +314,23 @@ impl Telemetry {
         }
     }
 
+    /// Records a change made through the admin API (`action` on subscription `id`, `key`: which
+    /// key was regenerated): a JSON line in the decision log when it is on, and an info event on
+    /// the `portcullis::audit` target either way. Never a key or a hash.
+    pub fn audit(&self, action: &str, id: &str, key: Option<&str>) {
+        tracing::info!(target: "portcullis::audit", audit = "subscription", who = "admin", action, subscription_id = %id, regenerated = key, "subscription changed through the admin API");
+        if let Some(log) = &self.decision_log {
+            log.audit(&decision_log::AuditRecord {
+                time: std::time::SystemTime::now(),
+                audit: "subscription",
+                who: "admin",
+                action,
+                subscription_id: id,
+                regenerated: key,
+            });
+        }
+    }
+
     /// Counts a check shed with UNAVAILABLE/503 because too many were in flight.
     pub fn record_overloaded(&self) {
         self.metrics.record_overloaded();

@@ -25,4 +25,5 @@ mod metadata;
 mod request_line;
 mod shadow;
 mod shared_store;
+mod subscriptions;
 mod xfcc;

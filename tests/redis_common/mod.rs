@@ -173,6 +173,16 @@ impl RedisServer {
                         .unwrap();
                     m.join(",").into_bytes()
                 }
+                "zset" => {
+                    let m: Vec<String> = redis::cmd("ZRANGE")
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    m.join(",").into_bytes()
+                }
                 other => panic!("unexpected type {other} of {k}"),
             };
             out.push((k, bytes));

@@ -163,6 +163,9 @@ pub struct Subscriptions {
     pub remove_key: Option<bool>,
     #[serde(default)]
     pub keys: Vec<SubscriptionKey>,
+    /// A file of subscriptions, one per line (`id state scope primary [secondary]`), watched and
+    /// reloaded on its own.
+    pub keys_file: Option<String>,
 }
 
 /// One subscription with its key pair.

@@ -94,4 +94,58 @@ impl Backend {
             Backend::Redis(r) => r.delete(credential, connection).await,
         }
     }
+
+    /// Every run-time subscription record (JSON) and the change version it is current at (Redis;
+    /// always 0 for the file).
+    pub async fn subscriptions(&self) -> Result<(Vec<(String, Vec<u8>, u64)>, u64), String> {
+        match self {
+            Backend::File(s) => {
+                let s = s.clone();
+                let rows = tokio::task::spawn_blocking(move || s.subscriptions())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                Ok((rows.into_iter().map(|(id, j)| (id, j, 0)).collect(), 0))
+            }
+            Backend::Redis(r) => r.subscriptions().await,
+        }
+    }
+
+    /// Writes a run-time subscription record if its revision is still `expected` (`None`: only if
+    /// absent). `Ok(None)` when another writer got there first; else the new revision.
+    pub async fn put_subscription(
+        &self,
+        id: &str,
+        json: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, String> {
+        match self {
+            Backend::File(s) => {
+                // One process owns the file and the caller serialises its writes: the revision is
+                // kept in memory only.
+                let (s, id) = (s.clone(), id.to_string());
+                tokio::task::spawn_blocking(move || s.put_subscription(&id, &json))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(expected.map_or(1, |r| r + 1)))
+            }
+            Backend::Redis(r) => r.put_subscription(id, &json, expected).await,
+        }
+    }
+
+    /// Deletes a run-time subscription record if its revision is still `expected`; `Ok(false)`
+    /// when it changed or was gone.
+    pub async fn delete_subscription(&self, id: &str, expected: u64) -> Result<bool, String> {
+        match self {
+            Backend::File(s) => {
+                let (s, id) = (s.clone(), id.to_string());
+                tokio::task::spawn_blocking(move || s.delete_subscription(&id))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            Backend::Redis(r) => r.delete_subscription(id, expected).await,
+        }
+    }
 }

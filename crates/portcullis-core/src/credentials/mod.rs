@@ -56,6 +56,13 @@ struct SetInner {
     max_fetches: usize,
 }
 
+impl CredentialSet {
+    /// `store`, as configured.
+    pub fn store_spec(&self) -> Option<&StoreSpec> {
+        self.inner.store.as_ref()
+    }
+}
+
 impl Default for SetInner {
     fn default() -> Self {
         SetInner {

@@ -270,6 +270,11 @@ impl Registry {
         });
     }
 
+    /// The open store (file or Redis), once [`Registry::start`] opened it.
+    pub fn backend(&self) -> Option<Backend> {
+        self.shared.store().cloned()
+    }
+
     /// The shared store, once open, when it is `store.redis`.
     pub fn shared_store(&self) -> Option<Arc<RedisStore>> {
         self.shared.store().and_then(Backend::redis).cloned()

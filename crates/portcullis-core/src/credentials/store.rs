@@ -25,6 +25,8 @@ use open::{classify, guarded, load, open_read_only, verify, verify_copy};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
+/// Run-time subscriptions (the admin API's), sealed like connections: id -> record JSON.
+const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 pub(crate) const KEY_CHECK: &str = "key_check";
 pub(crate) const KEY_CHECK_PLAINTEXT: &[u8] = b"portcullis store v1";
 /// Present (sealed) in stores whose connection ids are namespaced: fixed ids are names, per-user
@@ -438,6 +440,65 @@ impl Store {
         })?;
         self.lock()
             .remove(&(credential.to_string(), connection.to_string()));
+        Ok(existed)
+    }
+
+    /// Every run-time subscription record (opened JSON), by id. A record that does not open under
+    /// the key is an error: it was altered or moved.
+    pub fn subscriptions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let err = |detail: String| StoreError::Io {
+            path: self.path.clone(),
+            detail,
+        };
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let reopened;
+        let handle = match db.as_ref() {
+            Some(h) => h,
+            None => {
+                reopened =
+                    guarded(|| Database::open(&self.path)).map_err(|e| classify(e, &self.path))?;
+                &reopened
+            }
+        };
+        let txn = handle.begin_read().map_err(|e| err(e.to_string()))?;
+        let table = match txn.open_table(SUBSCRIPTIONS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| err(e.to_string()))? {
+            let (k, v) = row.map_err(|e| err(e.to_string()))?;
+            let id = k.value().to_string();
+            let plain = open_sealed(&self.cipher, &aad("subscriptions", &id), v.value())
+                .ok_or_else(|| {
+                    err(format!(
+                        "subscription `{id}` does not open under `store.key`"
+                    ))
+                })?;
+            out.push((id, plain));
+        }
+        Ok(out)
+    }
+
+    /// Writes a run-time subscription record durably.
+    pub fn put_subscription(&self, id: &str, json: &[u8]) -> Result<(), StoreError> {
+        let sealed = self.seal(&aad("subscriptions", id), json)?;
+        self.write(|txn| {
+            txn.open_table(SUBSCRIPTIONS)?
+                .insert(id, sealed.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Deletes a run-time subscription record durably; whether it existed.
+    pub fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
+        let mut existed = false;
+        self.write(|txn| {
+            existed = txn.open_table(SUBSCRIPTIONS)?.remove(id)?.is_some();
+            Ok(())
+        })?;
         Ok(existed)
     }
 

@@ -26,6 +26,8 @@ pub struct Runtime {
     pub credentials: credentials::Registry,
     /// Fetchers of `client_certificate.trust.crl_urls`.
     pub crl: cert::crl::CrlRegistry,
+    /// Subscriptions made through the admin API, and their table.
+    pub subscriptions: super::runtime_keys::RuntimeSubscriptions,
 }
 
 impl Runtime {
@@ -50,6 +52,24 @@ impl Runtime {
     /// replicas from then on. Call after [`Runtime::publish`].
     pub async fn start(&self, policy: &PolicySet) -> Result<(), credentials::StoreError> {
         self.credentials.start(policy.backend_credentials()).await?;
+        if let Some(backend) = self.credentials.backend() {
+            let fail = |detail: String| match &backend {
+                credentials::Backend::Redis(r) => credentials::StoreError::Redis {
+                    url: r.describe().to_string(),
+                    detail: format!("run-time subscriptions: {detail}"),
+                },
+                credentials::Backend::File(f) => credentials::StoreError::Io {
+                    path: f.path().to_path_buf(),
+                    detail: format!("run-time subscriptions: {detail}"),
+                },
+            };
+            let n = self
+                .subscriptions
+                .start(backend.clone())
+                .await
+                .map_err(fail)?;
+            tracing::info!(subscriptions = n, "run-time subscriptions loaded");
+        }
         if let Some(redis) = self.credentials.shared_store() {
             self.identity
                 .share_replays(Arc::new(SharedStoreReplay(redis)));
@@ -246,8 +266,13 @@ pub fn compile(src: &Source, runtime: &Runtime) -> Result<(PolicySet, Settings),
         }
     }
 
-    let subscriptions =
-        subscription::compile_subscriptions(src, &api_names, &product_apis, &mut errs);
+    let subscriptions = subscription::compile_subscriptions(
+        src,
+        &api_names,
+        &product_apis,
+        runtime.subscriptions.table(),
+        &mut errs,
+    );
     let providers = identity::compile_providers(src, &runtime.identity, &mut errs);
     let credentials = credentials::compile_credentials(src, &runtime.credentials, &mut errs);
 

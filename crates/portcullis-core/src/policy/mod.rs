@@ -10,6 +10,7 @@ mod explain;
 pub mod ip;
 pub mod matcher;
 mod reads;
+pub mod runtime_keys;
 pub mod subscription;
 #[cfg(test)]
 mod tests;
@@ -186,6 +187,11 @@ impl Default for EvalOptions {
 }
 
 impl PolicySet {
+    /// Where keys are read, and every subscription (inline, keys file, run-time).
+    pub fn subscriptions(&self) -> &SubscriptionStore {
+        &self.subscriptions
+    }
+
     /// Decides on a request. Never panics and never allows by accident: a panic anywhere in the
     /// evaluation becomes a deny with reason `Internal`.
     pub async fn decide(&self, input: &CheckInput<'_>, opts: EvalOptions) -> Decision {
@@ -414,8 +420,8 @@ impl PolicySet {
                 match store.check(api_index, key, required) {
                     KeyCheck::Valid(sub) => {
                         ev.pass("subscription", || format!("subscription `{}`", sub.id));
-                        subscription_id = Some(sub.id.clone());
-                        ev.seen.product = sub.product.clone();
+                        subscription_id = Some(sub.id);
+                        ev.seen.product = sub.product;
                     }
                     KeyCheck::NotNeeded => {
                         ev.pass("subscription", || "no key, none required".into())
@@ -723,6 +729,11 @@ impl PolicySet {
     /// Names of every API, in file order.
     pub fn api_names(&self) -> impl Iterator<Item = &str> {
         self.apis.iter().map(|a| &*a.name)
+    }
+
+    /// `store`, as configured (where run-time subscriptions live).
+    pub fn store_spec(&self) -> Option<&crate::credentials::spec::StoreSpec> {
+        self.credentials.store_spec()
     }
 
     /// The backend credentials the APIs use, to fetch them before the first request.

@@ -20,7 +20,7 @@
 //! background with backoff. Counters (`portcullis.store.operations`, `portcullis.store.leases`) are
 //! read by telemetry at collection time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +81,30 @@ redis.call('HSET', KEYS[1], 'd', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[4])
 return redis.call('HINCRBY', KEYS[1], 'v', 1)";
 
+/// Writes a run-time subscription (KEYS: subs, revisions, version, changes; ARGV: id, sealed record,
+/// expected revision or "" for absent); returns the new revision, or -1 on a conflict.
+const SUB_PUT: &str = r"
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[3] == '' then
+  if cur then return -1 end
+elseif cur ~= ARGV[3] then
+  return -1
+end
+local rev = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local v = redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[4], v, ARGV[1])
+return rev";
+
+/// Deletes a run-time subscription at the expected revision (ARGV: id, revision); 1 if deleted.
+const SUB_DELETE: &str = r"
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local v = redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[4], v, ARGV[1])
+return 1";
+
 /// Writes the record only if it is still at the version read (0: absent); clears any marker.
 const PUT_IF_VERSION: &str = r"
 if (redis.call('HGET', KEYS[1], 'v') or '0') ~= ARGV[1] then return -2 end
@@ -123,6 +147,8 @@ struct Scripts {
     owner_write: Script,
     lease_write: Script,
     put_if_version: Script,
+    sub_put: Script,
+    sub_delete: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -231,6 +257,8 @@ impl RedisStore {
                 owner_write: Script::new(OWNER_WRITE),
                 lease_write: Script::new(LEASE_WRITE),
                 put_if_version: Script::new(PUT_IF_VERSION),
+                sub_put: Script::new(SUB_PUT),
+                sub_delete: Script::new(SUB_DELETE),
             },
             operations: Mutex::new(BTreeMap::new()),
             leases: Default::default(),
@@ -733,6 +761,144 @@ impl RedisStore {
 
     fn channel(&self) -> String {
         self.key("events")
+    }
+
+    fn subs_keys(&self) -> [String; 4] {
+        [
+            self.key("subs"),
+            self.key("subs:rev"),
+            self.key("subs:version"),
+            self.key("subs:changes"),
+        ]
+    }
+
+    fn open_subscription(&self, id: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        open_sealed(&self.cipher, &aad("subscriptions", id), sealed)
+    }
+
+    /// Every run-time subscription (opened JSON, revision) and the change version, read in one
+    /// transaction. A record that does not open under the key is skipped and logged (refused,
+    /// never trusted).
+    pub async fn subscriptions(&self) -> Result<(Vec<(String, Vec<u8>, u64)>, u64), String> {
+        let [subs, revs, version, _] = self.subs_keys();
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic().hgetall(&subs).hgetall(&revs).get(&version);
+        type Rows = (HashMap<String, Vec<u8>>, HashMap<String, u64>, Option<u64>);
+        let (rows, revs, version): Rows = self
+            .timed("subscriptions", pipe.query_async(&mut c))
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, sealed) in rows {
+            match self.open_subscription(&id, &sealed) {
+                Some(json) => {
+                    let rev = revs.get(&id).copied().unwrap_or(0);
+                    out.push((id, json, rev));
+                }
+                None => {
+                    tracing::warn!(subscription = %id, "a run-time subscription in the shared store does not open under `store.key`; ignored")
+                }
+            }
+        }
+        Ok((out, version.unwrap_or(0)))
+    }
+
+    /// The run-time subscriptions changed after version `since`: each id with its record and
+    /// revision (`None`: deleted), and the version they are current at. `Ok(None)` when nothing
+    /// changed (one `GET`).
+    #[allow(clippy::type_complexity)]
+    pub async fn subscription_changes(
+        &self,
+        since: u64,
+    ) -> Result<Option<(Vec<(String, Option<(Vec<u8>, u64)>)>, u64)>, String> {
+        let [subs, revs, version, changes] = self.subs_keys();
+        let mut c = self.conn.clone();
+        let now: Option<u64> = self.timed("subscriptions_version", c.get(&version)).await?;
+        let now = now.unwrap_or(0);
+        if now <= since {
+            return Ok(None);
+        }
+        let ids: Vec<(String, u64)> = self
+            .timed(
+                "subscriptions_changes",
+                c.zrangebyscore_withscores(&changes, format!("({since}"), "+inf"),
+            )
+            .await?;
+        if ids.is_empty() {
+            return Ok(Some((Vec::new(), now)));
+        }
+        let names: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&subs)
+            .arg(&names)
+            .cmd("HMGET")
+            .arg(&revs)
+            .arg(&names);
+        let (rows, rs): (Vec<Option<Vec<u8>>>, Vec<Option<u64>>) = self
+            .timed("subscriptions_changes", pipe.query_async(&mut c))
+            .await?;
+        let upto = ids.iter().map(|(_, v)| *v).max().unwrap_or(now).max(since);
+        let mut out = Vec::with_capacity(ids.len());
+        for ((id, _), (row, rev)) in ids.into_iter().zip(rows.into_iter().zip(rs)) {
+            let value = match (row, rev) {
+                (Some(sealed), Some(rev)) => match self.open_subscription(&id, &sealed) {
+                    Some(json) => Some((json, rev)),
+                    None => {
+                        tracing::warn!(subscription = %id, "a run-time subscription in the shared store does not open under `store.key`; refused");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            out.push((id, value));
+        }
+        Ok(Some((out, upto)))
+    }
+
+    /// Writes a run-time subscription if its revision is `expected` (`None`: only if absent), bumps
+    /// the change version and records the id as changed at it, in one script. `Ok(None)` on a
+    /// conflict, else the new revision.
+    pub async fn put_subscription(
+        &self,
+        id: &str,
+        json: &[u8],
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, String> {
+        let sealed =
+            seal_with(&self.cipher, &aad("subscriptions", id), json).ok_or("encryption failed")?;
+        let [subs, revs, version, changes] = self.subs_keys();
+        let mut c = self.conn.clone();
+        let mut inv = self.scripts.sub_put.prepare_invoke();
+        inv.key(&subs)
+            .key(&revs)
+            .key(&version)
+            .key(&changes)
+            .arg(id)
+            .arg(sealed)
+            .arg(expected.map(|r| r.to_string()).unwrap_or_default());
+        let rev: i64 = self
+            .timed("subscription_put", inv.invoke_async(&mut c))
+            .await?;
+        Ok(u64::try_from(rev).ok())
+    }
+
+    /// Deletes a run-time subscription if its revision is `expected`; whether it did.
+    pub async fn delete_subscription(&self, id: &str, expected: u64) -> Result<bool, String> {
+        let [subs, revs, version, changes] = self.subs_keys();
+        let mut c = self.conn.clone();
+        let mut inv = self.scripts.sub_delete.prepare_invoke();
+        inv.key(&subs)
+            .key(&revs)
+            .key(&version)
+            .key(&changes)
+            .arg(id)
+            .arg(expected.to_string());
+        let done: i64 = self
+            .timed("subscription_delete", inv.invoke_async(&mut c))
+            .await?;
+        Ok(done == 1)
     }
 
     /// Tells the other replicas to drop their local token of a connection (after a consent or a

@@ -1,0 +1,451 @@
+//! `subscriptions.keys_file`: subscriptions kept apart from the policy, one per line, read as a
+//! stream (a line at a time into one reused buffer) straight into a [`KeyTable`].
+//!
+//! Grammar (ASCII; fields separated by spaces or tabs; `\n` or `\r\n` line ends):
+//!
+//! ```text
+//! file     = *( line EOL )
+//! line     = blank / comment / record
+//! comment  = *WSP "#" *VCHAR-or-WSP
+//! record   = *WSP id 1*WSP state 1*WSP scope 1*WSP key [ 1*WSP key ] *WSP
+//! id       = 1*128( ALPHA / DIGIT / "." / "_" / "-" / "~" / ":" / "@" )
+//! state    = "active" / "suspended" / "cancelled" / "expired" / "submitted" / "rejected"
+//! scope    = "all" / "product:" NAME / "api:" NAME
+//! key      = "sha256:" 64HEXDIG / "-"          ; primary, then secondary; "-" for none
+//! ```
+//!
+//! A line is at most [`MAX_LINE`] bytes. Every error names `file:line`; none repeats a key field
+//! (a plain key written by mistake must not reach a log).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use super::{Clash, KeyHash, KeyTable, KeyTableBuilder, ScopeResolver, parse_hash, parse_state};
+use crate::config::ConfigErrors;
+
+/// Longest line, in bytes, end of line excluded.
+pub const MAX_LINE: usize = 1024;
+/// Most subscriptions one file may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 4_000_000;
+/// Errors reported per file; the rest are counted.
+pub const MAX_ERRORS: usize = 100;
+/// Longest id.
+pub const MAX_ID: usize = 128;
+
+/// Whether `id` is a valid subscription id for the keys file and the admin API.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-~:@".contains(&b))
+}
+
+/// What reading one line found.
+enum Line<'a> {
+    Nothing,
+    Record {
+        id: &'a str,
+        state: super::State,
+        scope: &'a str,
+        hashes: [Option<KeyHash>; 2],
+    },
+}
+
+/// The fields of a line (at most six are kept, the count is exact), checking every byte on the way:
+/// one pass over the line.
+fn fields(line: &[u8]) -> Result<([&str; 6], usize), String> {
+    let mut spans = [(0usize, 0usize); 6];
+    let mut n = 0usize;
+    let mut start: Option<usize> = None;
+    for (i, &b) in line.iter().enumerate() {
+        match b {
+            b' ' | b'\t' => {
+                if let Some(from) = start.take() {
+                    if n < spans.len() {
+                        spans[n] = (from, i);
+                    }
+                    n += 1;
+                }
+            }
+            0x21..=0x7e => {
+                if start.is_none() {
+                    start = Some(i);
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "byte {} is not printable ASCII, a space or a tab (a look-alike character, a control character or another encoding)",
+                    i + 1
+                ));
+            }
+        }
+    }
+    if let Some(from) = start {
+        if n < spans.len() {
+            spans[n] = (from, line.len());
+        }
+        n += 1;
+    }
+    // Only printable ASCII is left, so `from_utf8` cannot fail.
+    let out = spans.map(|(from, to)| std::str::from_utf8(&line[from..to]).unwrap_or_default());
+    Ok((out, n))
+}
+
+fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
+    let (f, n) = fields(line)?;
+    if n == 0 || f[0].starts_with('#') {
+        return Ok(Line::Nothing);
+    }
+    if n < 4 {
+        return Err("a line is `id state scope primary [secondary]`".into());
+    }
+    if n > 5 {
+        return Err("more than five fields: a line is `id state scope primary [secondary]`".into());
+    }
+    let (id, state, scope, primary) = (f[0], f[1], f[2], f[3]);
+    let secondary = (n == 5).then_some(f[4]);
+    if !valid_id(id) {
+        return Err(format!(
+            "the id must be 1 to {MAX_ID} of A-Z a-z 0-9 . _ - ~ : @"
+        ));
+    }
+    let Some(state) = parse_state(state) else {
+        return Err(format!(
+            "`{state}` is no state: use active, suspended, cancelled, expired, submitted or rejected"
+        ));
+    };
+    let mut hashes = [None, None];
+    for (slot, (field, value)) in [("primary", Some(primary)), ("secondary", secondary)]
+        .into_iter()
+        .enumerate()
+    {
+        match value {
+            None | Some("-") => {}
+            Some(v) => match parse_hash(v) {
+                Some(h) => hashes[slot] = Some(h),
+                // The value is not repeated: it may be a plain key written by mistake.
+                None if v.starts_with("sha256:") => {
+                    return Err(format!(
+                        "the {field} key is `sha256:` followed by 64 hex digits"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "the {field} key must be `sha256:<64 hex digits>` (portcullis hash-key) or `-`: plain keys are never written in the keys file"
+                    ));
+                }
+            },
+        }
+    }
+    if hashes == [None, None] {
+        return Err("a subscription needs a primary or a secondary key".into());
+    }
+    Ok(Line::Record {
+        id,
+        state,
+        scope,
+        hashes,
+    })
+}
+
+/// Counts the lines of `path` (one cheap pass, so the table is sized exactly once).
+fn count_lines(path: &Path) -> std::io::Result<usize> {
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 1;
+    loop {
+        let read = f.read(&mut buf)?;
+        if read == 0 {
+            return Ok(n);
+        }
+        n += buf[..read].iter().filter(|&&b| b == b'\n').count();
+    }
+}
+
+/// Reads the keys file at `path` (shown as `shown` in errors) into a table. Scopes are checked with
+/// `resolver`; an id or a key that is also in `inline` (the config's `subscriptions.keys`) is an
+/// error. Every error names `shown:line`.
+pub fn load(
+    path: &Path,
+    shown: &str,
+    resolver: &ScopeResolver,
+    inline: &KeyTable,
+) -> Result<KeyTable, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut more = 0usize;
+    let mut push = |errs: &mut ConfigErrors, at: String, msg: String| {
+        if errs.0.len() < MAX_ERRORS {
+            errs.push(at, msg);
+        } else {
+            more += 1;
+        }
+    };
+    let io_err = |e: std::io::Error| {
+        let mut errs = ConfigErrors::default();
+        errs.push(
+            "subscriptions.keys_file",
+            format!("cannot read {shown}: {e}"),
+        );
+        errs
+    };
+    let lines = count_lines(path).map_err(io_err)?;
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    let capacity = lines.min(MAX_SUBSCRIPTIONS);
+    // One key a line is reserved; a file of key pairs grows the index once.
+    let mut builder = KeyTableBuilder::with_capacity(capacity, capacity);
+    // The line of each subscription, to name both lines of a clash found once all are read.
+    let mut line_of: Vec<u32> = Vec::with_capacity(capacity);
+    let mut buf: Vec<u8> = Vec::with_capacity(MAX_LINE + 2);
+    let mut n: usize = 0;
+    loop {
+        buf.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE as u64 + 2)
+            .read_until(b'\n', &mut buf)
+            .map_err(io_err)?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        let at = || format!("{shown}:{n}");
+        let ended = buf.last() == Some(&b'\n');
+        if ended {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        }
+        if buf.len() > MAX_LINE {
+            push(
+                &mut errs,
+                at(),
+                format!("the line is longer than {MAX_LINE} bytes"),
+            );
+            if !ended {
+                // The rest of the line is skipped without being kept.
+                reader.skip_until(b'\n').map_err(io_err)?;
+            }
+            continue;
+        }
+        match parse_line(&buf) {
+            Ok(Line::Nothing) => {}
+            Ok(Line::Record {
+                id,
+                state,
+                scope,
+                hashes,
+            }) => {
+                // A scope already pushed was checked then: one lookup a line, not two.
+                if !builder.has_scope(scope)
+                    && let Err(e) = resolver.check(scope)
+                {
+                    push(&mut errs, at(), format!("scope `{scope}`: {e}"));
+                    continue;
+                }
+                if inline.contains_id(id) {
+                    push(
+                        &mut errs,
+                        at(),
+                        format!("`{id}` is also the id of a subscription in subscriptions.keys"),
+                    );
+                    continue;
+                }
+                let hashes: &[KeyHash] = match &hashes {
+                    [Some(a), Some(b)] => &[*a, *b],
+                    [Some(a), None] | [None, Some(a)] => std::slice::from_ref(a),
+                    [None, None] => &[],
+                };
+                if let Some(owner) = hashes.iter().find_map(|h| inline.owner(h)) {
+                    push(
+                        &mut errs,
+                        at(),
+                        format!("a key of `{id}` is also a key of `{owner}` in subscriptions.keys"),
+                    );
+                    continue;
+                }
+                if builder.len() >= MAX_SUBSCRIPTIONS {
+                    push(
+                        &mut errs,
+                        at(),
+                        format!("more than {MAX_SUBSCRIPTIONS} subscriptions in one file"),
+                    );
+                    break;
+                }
+                builder.push(id, state, scope, hashes);
+                line_of.push(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            Err(e) => push(&mut errs, at(), e),
+        }
+    }
+    let (table, clashes) = builder.finish();
+    for c in clashes {
+        let (a, b, what) = match c {
+            Clash::Id(a, b) => (a, b, "the id"),
+            Clash::Key(a, b) => (a, b, "a key"),
+        };
+        push(
+            &mut errs,
+            format!("{shown}:{}", line_of[a]),
+            format!("{what} of line {} again", line_of[b]),
+        );
+    }
+    if more > 0 {
+        errs.push(
+            "subscriptions.keys_file",
+            format!("{more} more errors in {shown}"),
+        );
+    }
+    if errs.is_empty() {
+        Ok(table)
+    } else {
+        Err(errs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::super::{KeyTableBuilder, State, format_hash, hash_key};
+    use super::*;
+
+    fn resolver() -> ScopeResolver {
+        let apis: HashMap<&str, usize> = [("orders", 0)].into_iter().collect();
+        let products: HashMap<&str, Vec<usize>> = [("gold", vec![0])].into_iter().collect();
+        ScopeResolver::new(&apis, &products)
+    }
+
+    fn inline() -> KeyTable {
+        let mut b = KeyTableBuilder::default();
+        b.push("inline-1", State::Active, "all", &[hash_key("inline-key")]);
+        b.finish().0
+    }
+
+    fn load_text(text: &[u8]) -> Result<KeyTable, Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        std::fs::write(&path, text).unwrap();
+        load(&path, "keys.txt", &resolver(), &inline())
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+    }
+
+    fn h(k: &str) -> String {
+        format_hash(&hash_key(k))
+    }
+
+    #[test]
+    fn a_valid_file_with_comments_blank_lines_and_crlf() {
+        let text = format!(
+            "# subscriptions of the portal\n\n  \t\nalice active all {} {}\r\nbob\tsuspended\tproduct:gold\t{}\t-\ncarol active api:orders - {}\n",
+            h("a1"),
+            h("a2"),
+            h("b1"),
+            h("c2")
+        );
+        let t = load_text(text.as_bytes()).unwrap();
+        assert_eq!(t.counts(), (3, 4));
+        assert_eq!(t.owner(&hash_key("a2")).as_deref(), Some("alice"));
+        assert_eq!(t.owner(&hash_key("c2")).as_deref(), Some("carol"));
+        let bob = t.get("bob").unwrap();
+        assert!(!bob.active);
+        assert_eq!(bob.scope, "product:gold");
+        // No final newline is fine too.
+        let t = load_text(format!("dave active all {}", h("d")).as_bytes()).unwrap();
+        assert_eq!(t.counts(), (1, 1));
+    }
+
+    #[test]
+    fn every_error_names_its_line() {
+        let long = format!("x active all {} {}", h("l"), "a".repeat(MAX_LINE));
+        let lines = [
+            format!("ok1 active all {}", h("1")),                   // 1
+            "only two".to_string(),                                 // 2
+            format!("bad/id active all {}", h("2")),                // 3
+            format!("ok2 paused all {}", h("3")),                   // 4
+            format!("ok3 active product:nope {}", h("4")),          // 5
+            format!("ok4 active api:nope {}", h("5")),              // 6
+            format!("ok5 active somewhere {}", h("6")),             // 7
+            "ok6 active all my-plain-secret-key".to_string(),       // 8
+            "ok7 active all sha256:abc".to_string(),                // 9
+            "ok8 active all - -".to_string(),                       // 10
+            format!("ok1 active all {}", h("7")),                   // 11: id of line 1
+            format!("ok9 active all {}", h("1")),                   // 12: key of line 1
+            format!("inline-1 active all {}", h("8")),              // 13
+            format!("ok10 active all {}", h("inline-key")),         // 14
+            format!("caf\u{e9} active all {}", h("9")),             // 15
+            format!("ok11 active all {} {} extra", h("a"), h("b")), // 16
+            long,                                                   // 17
+            format!("ok12 active all {}", h("fine")),               // 18
+        ];
+        let errs = load_text(lines.join("\n").as_bytes()).unwrap_err();
+        let at: Vec<&str> = errs.iter().map(|e| e.split(": ").next().unwrap()).collect();
+        assert_eq!(
+            at,
+            [
+                "keys.txt:2",
+                "keys.txt:3",
+                "keys.txt:4",
+                "keys.txt:5",
+                "keys.txt:6",
+                "keys.txt:7",
+                "keys.txt:8",
+                "keys.txt:9",
+                "keys.txt:10",
+                "keys.txt:13",
+                "keys.txt:14",
+                "keys.txt:15",
+                "keys.txt:16",
+                "keys.txt:17",
+                "keys.txt:12",
+                "keys.txt:11",
+            ],
+            "{errs:#?}"
+        );
+        let all = errs.join("\n");
+        assert!(all.contains("keys.txt:5: scope `product:nope`: no product is named `nope`"));
+        assert!(all.contains("keys.txt:11: the id of line 1 again"));
+        assert!(all.contains("keys.txt:12: a key of line 1 again"));
+        assert!(all.contains("keys.txt:17: the line is longer than 1024 bytes"));
+        assert!(all.contains("keys.txt:15: byte 4 is not printable ASCII"));
+        // A plain key written by mistake is never repeated in an error.
+        assert!(!all.contains("my-plain-secret-key"), "{all}");
+        assert!(!all.contains("sha256:abc"), "{all}");
+    }
+
+    #[test]
+    fn an_oversized_line_without_an_end_is_skipped_not_kept() {
+        let mut text = format!("ok active all {}\n", h("1")).into_bytes();
+        text.extend(std::iter::repeat_n(b'a', 8 * 1024 * 1024));
+        let errs = load_text(&text).unwrap_err();
+        assert_eq!(errs, ["keys.txt:2: the line is longer than 1024 bytes"]);
+    }
+
+    #[test]
+    fn a_missing_file_is_one_error() {
+        let errs = load(
+            Path::new("/nonexistent/keys.txt"),
+            "keys.txt",
+            &resolver(),
+            &inline(),
+        )
+        .unwrap_err();
+        assert_eq!(errs.0.len(), 1);
+        assert!(
+            errs.to_string()
+                .starts_with("subscriptions.keys_file: cannot read keys.txt")
+        );
+    }
+
+    #[test]
+    fn errors_stop_at_a_hundred() {
+        let text = "bad\n".repeat(500);
+        let errs = load_text(text.as_bytes()).unwrap_err();
+        assert_eq!(errs.len(), MAX_ERRORS + 1);
+        assert_eq!(
+            errs.last().unwrap(),
+            "subscriptions.keys_file: 400 more errors in keys.txt"
+        );
+    }
+}

@@ -12,6 +12,7 @@ use prost::Message;
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
 const ROUNDS: u64 = 50;
+const WINDOWS: usize = 5;
 
 fn allocations_per_check(rt: &tokio::runtime::Runtime, s: &realistic::Scenario, name: &str) -> u64 {
     let check = || async {
@@ -26,11 +27,19 @@ fn allocations_per_check(rt: &tokio::runtime::Runtime, s: &realistic::Scenario, 
     };
     // Warm: the verified-token cache, the certificate cache, the credential cache.
     rt.block_on(check());
-    let before = dhat::HeapStats::get().total_blocks;
-    for _ in 0..ROUNDS {
-        rt.block_on(check());
-    }
-    (dhat::HeapStats::get().total_blocks - before) / ROUNDS
+    // dhat counts every thread's allocations, and background work (a cache's housekeeping, a timer
+    // of the policy's runtime) can land in a window on a loaded machine: the check's own count is
+    // the same in every window, so the fewest of several windows is it.
+    (0..WINDOWS)
+        .map(|_| {
+            let before = dhat::HeapStats::get().total_blocks;
+            for _ in 0..ROUNDS {
+                rt.block_on(check());
+            }
+            (dhat::HeapStats::get().total_blocks - before) / ROUNDS
+        })
+        .min()
+        .expect("windows")
 }
 
 #[test]

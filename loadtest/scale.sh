@@ -6,10 +6,12 @@
 #   SKIP_CRITERION=1 loadtest/scale.sh   # only the server run
 #   SKIP_SERVER=1 loadtest/scale.sh      # only the criterion bench
 #
-# Knobs: KEYS CIDRS APIS PROVIDERS JWKS=inline|file KEYS_IN=yaml|file (keys inline, or in
+# Knobs: KEYS CIDRS APIS PROVIDERS CREDENTIALS JWKS=inline|file KEYS_IN=yaml|file (keys inline, or in
 # `subscriptions.keys_file`, which adds a phase of key-file-only reloads) RATE (checks/s)
 # SECONDS (per phase) RELOADS. `KEYS_IN=file` is the issue-19 run; OUT then defaults to
-# target/scale-keys-file so both runs can be kept side by side.
+# target/scale-keys-file so both runs can be kept side by side. CREDENTIALS=N adds N backend
+# credentials (client_credentials, on as many APIs, never fetched) for start-up time and memory:
+# `PROVIDERS=10 CREDENTIALS=100 SKIP_CRITERION=1 OUT=target/scale-credentials loadtest/scale.sh`.
 # Needs python3 with grpcio, xds-protos and cryptography (tests/wire/requirements.txt); uses
 # .venv/bin/python when it exists.
 set -euo pipefail
@@ -31,7 +33,9 @@ if [ -z "${SKIP_SERVER:-}" ]; then
   rm -rf "$OUT/config"
   "$PY" loadtest/scale/gen.py "$OUT/config" --keys "${KEYS:-100000}" --cidrs "${CIDRS:-10000}" \
     --apis "${APIS:-1000}" --providers "${PROVIDERS:-50}" --jwks "${JWKS:-inline}" \
-    --keys-in "${KEYS_IN:-yaml}" > "$OUT/generated.json"
+    --keys-in "${KEYS_IN:-yaml}" --credentials "${CREDENTIALS:-0}" > "$OUT/generated.json"
+  # The generated credentials read their (never used) secret from here.
+  export SCALE_CLIENT_SECRET=${SCALE_CLIENT_SECRET:-scale-secret-never-sent}
   run() {
     "$PY" loadtest/scale/drive.py "$OUT/config" --bin "$BIN" --rate "${RATE:-300}" \
       --seconds "${SECONDS_PER_PHASE:-10}" --reloads "${RELOADS:-10}" --out "$1" > /dev/null

@@ -10,7 +10,7 @@ mod telemetry_common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, get, seen};
+use common::{TestServer, admin_call, create_subscription, get, seen};
 use portcullis::policy::subscription::{format_hash, hash_key};
 use serde_json::{Value, json};
 
@@ -182,14 +182,12 @@ fn an_id_or_key_both_inline_and_in_the_keys_file_is_a_config_error() {
 
 struct Admin {
     base: String,
-    http: reqwest::Client,
 }
 
 impl Admin {
     fn new(srv: &TestServer) -> Admin {
         Admin {
             base: format!("http://{}/admin", srv.running.addrs.http.unwrap()),
-            http: reqwest::Client::new(),
         }
     }
 
@@ -204,19 +202,8 @@ impl Admin {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(
-            method.parse().unwrap(),
-            format!("{}/subscriptions{path}", self.base),
-        );
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
+        let url = format!("{}/subscriptions{path}", self.base);
+        let (status, text) = admin_call(method, &url, token, body).await;
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
@@ -402,26 +389,11 @@ async fn run_time_subscriptions_survive_a_restart_and_configured_ids_take_preced
     ));
     // Two processes in turn on the same embedded store.
     let first = telemetry_common::Serve::start(&yaml, &[]);
-    let http = reqwest::Client::new();
-    let create = |body: Value| {
-        http.post(format!("http://{}/admin/subscriptions", first.http))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-    };
-    let created: Value = create(json!({"id": "fabrikam"}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let base = format!("http://{}/admin/subscriptions", first.http);
+    let created = create_subscription(&base, TOKEN, json!({"id": "fabrikam"})).await;
     let key = created["primary_key"].as_str().unwrap().to_string();
-    let suspended: Value = create(json!({"id": "idle", "state": "suspended"}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let suspended =
+        create_subscription(&base, TOKEN, json!({"id": "idle", "state": "suspended"})).await;
     let idle = suspended["primary_key"].as_str().unwrap().to_string();
     assert_eq!(code_via(first.client().await, &key).await, 0);
     assert_eq!(code_via(first.client().await, &idle).await, 16);
@@ -476,19 +448,10 @@ async fn no_key_or_hash_appears_in_logs_records_or_answers_after_the_creation_an
         store_yaml(dir.path())
     ));
     let srv = telemetry_common::Serve::start(&yaml, &[]);
-    let http = reqwest::Client::new();
     let base = format!("http://{}/admin/subscriptions", srv.http);
-    let send = |m: &str, p: &str, body: Option<Value>| {
-        let mut r = http
-            .request(m.parse().unwrap(), format!("{base}{p}"))
-            .bearer_auth(TOKEN);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        async move {
-            let resp = r.send().await.unwrap();
-            (resp.status().as_u16(), resp.text().await.unwrap())
-        }
+    let send = |m: &'static str, p: &str, body: Option<Value>| {
+        let url = format!("{base}{p}");
+        async move { admin_call(m, &url, Some(TOKEN), body).await }
     };
     let (status, created) = send("POST", "", Some(json!({"id": "secretive"}))).await;
     assert_eq!(status, 201);
@@ -659,16 +622,8 @@ async fn check_and_validate_see_run_time_subscriptions_in_the_store() {
         )
     };
     let serve = telemetry_common::Serve::start(&yaml, &[]);
-    let created: Value = reqwest::Client::new()
-        .post(format!("http://{}/admin/subscriptions", serve.http))
-        .bearer_auth(TOKEN)
-        .json(&json!({"id": "tooling"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let base = format!("http://{}/admin/subscriptions", serve.http);
+    let created = create_subscription(&base, TOKEN, json!({"id": "tooling"})).await;
     let key = created["primary_key"].as_str().unwrap().to_string();
     let header = format!("ocp-apim-subscription-key: {key}");
     let url = "http://api.example.com/orders/1";

@@ -10,6 +10,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use subtle::ConstantTimeEq;
@@ -18,8 +19,8 @@ use super::State;
 use crate::credentials::{AdminError, ConnectionUser};
 use crate::policy::runtime_keys::{Action, SubState, SubscriptionError, View, Which};
 
-/// The routes, to be nested under `/admin`.
-pub fn router() -> Router<Arc<State>> {
+/// The routes, to be nested under `/admin`: every one behind the admin token but the OAuth callback.
+pub fn router(state: Arc<State>) -> Router<Arc<State>> {
     Router::new()
         .route("/credentials", get(list_credentials))
         .route("/credentials/{name}/connections", get(list_connections))
@@ -31,7 +32,6 @@ pub fn router() -> Router<Arc<State>> {
             "/credentials/{name}/connections/{id}",
             axum::routing::delete(delete_connection),
         )
-        .route("/callback", get(callback))
         .route(
             "/subscriptions",
             get(list_subscriptions).post(create_subscription),
@@ -48,6 +48,9 @@ pub fn router() -> Router<Arc<State>> {
             "/subscriptions/{id}/regenerate/{which}",
             post(regenerate_subscription),
         )
+        // A route layer: a path that matches no route stays a plain 404, token or not.
+        .route_layer(middleware::from_fn_with_state(state, authenticated))
+        .route("/callback", get(callback))
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response {
@@ -62,13 +65,42 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response {
         .into_response()
 }
 
-fn error(e: &AdminError) -> Response {
+/// An error the admin API answers with its status and `{"error": message}`.
+trait Problem: std::fmt::Display {
+    fn status(&self) -> u16;
+}
+
+impl Problem for AdminError {
+    fn status(&self) -> u16 {
+        AdminError::status(self)
+    }
+}
+
+impl Problem for SubscriptionError {
+    fn status(&self) -> u16 {
+        SubscriptionError::status(self)
+    }
+}
+
+fn error(e: &impl Problem) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
     json(status, &serde_json::json!({"error": e.to_string()}))
 }
 
-/// Checks the bearer token against the configured digest, in constant time; the refusal to send
-/// when it does not match.
+/// Lets the request through to its handler only with the admin token (checked against the
+/// configured digest, in constant time).
+async fn authenticated(
+    AxState(state): AxState<Arc<State>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match refuse(&state, request.headers()) {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
+    }
+}
+
+/// The refusal to send when the bearer token does not match.
 fn refuse(state: &State, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = state.settings.admin_token_sha256 else {
         return Some(StatusCode::NOT_FOUND.into_response());
@@ -98,10 +130,7 @@ fn refuse(state: &State, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-async fn list_credentials(AxState(state): AxState<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
+async fn list_credentials(AxState(state): AxState<Arc<State>>) -> Response {
     json(
         StatusCode::OK,
         &state.runtime.credentials.admin_credentials().await,
@@ -133,13 +162,9 @@ struct UserQuery {
 
 async fn list_connections(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     query: Result<Query<UserQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     let q = match query {
         Ok(Query(q)) => q,
         Err(e) => return error(&AdminError::BadRequest(e.body_text())),
@@ -172,13 +197,9 @@ struct ConsentBody {
 
 async fn start_consent(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     let body: ConsentBody = if body.iter().all(u8::is_ascii_whitespace) {
         ConsentBody::default()
     } else {
@@ -208,12 +229,8 @@ async fn start_consent(
 
 async fn delete_connection(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     match state
         .runtime
         .credentials
@@ -252,11 +269,6 @@ async fn callback(
     }
 }
 
-fn sub_error(e: &SubscriptionError) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    json(status, &serde_json::json!({"error": e.to_string()}))
-}
-
 /// A subscription as shown: where it comes from, and never a key or a hash.
 fn shown(v: &View) -> serde_json::Value {
     serde_json::json!({
@@ -283,15 +295,11 @@ const PAGE: usize = 1000;
 
 async fn list_subscriptions(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     let q = match query {
         Ok(Query(q)) => q,
-        Err(e) => return sub_error(&SubscriptionError::BadRequest(e.body_text())),
+        Err(e) => return error(&SubscriptionError::BadRequest(e.body_text())),
     };
     let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE);
     let subs = &state.runtime.subscriptions;
@@ -311,14 +319,7 @@ async fn list_subscriptions(
     )
 }
 
-async fn get_subscription(
-    AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
+async fn get_subscription(AxState(state): AxState<Arc<State>>, Path(id): Path<String>) -> Response {
     let policy = state.policy();
     let configured = policy.subscriptions().is_configured(&id);
     match state.runtime.subscriptions.get(&id) {
@@ -338,7 +339,7 @@ async fn get_subscription(
                     "source": "config",
                 }),
             ),
-            None => sub_error(&SubscriptionError::NotFound(id)),
+            None => error(&SubscriptionError::NotFound(id)),
         },
     }
 }
@@ -353,18 +354,11 @@ struct CreateBody {
     state: Option<String>,
 }
 
-async fn create_subscription(
-    AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
+async fn create_subscription(AxState(state): AxState<Arc<State>>, body: Bytes) -> Response {
     let body: CreateBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
-            return sub_error(&SubscriptionError::BadRequest(format!(
+            return error(&SubscriptionError::BadRequest(format!(
                 "the body must be JSON like {{\"id\": \"contoso\", \"scope\": \"product:gold\"}}: {e}"
             )));
         }
@@ -373,7 +367,7 @@ async fn create_subscription(
         None | Some("active") => SubState::Active,
         Some("suspended") => SubState::Suspended,
         Some(_) => {
-            return sub_error(&SubscriptionError::BadRequest(
+            return error(&SubscriptionError::BadRequest(
                 "`state` is `active` or `suspended`".into(),
             ));
         }
@@ -394,18 +388,14 @@ async fn create_subscription(
             shown["secondary_key"] = secondary.expose().into();
             json(StatusCode::CREATED, &shown)
         }
-        Err(e) => sub_error(&e),
+        Err(e) => error(&e),
     }
 }
 
 async fn transition_subscription(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     let Some(action) = Action::parse(&action) else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -414,20 +404,16 @@ async fn transition_subscription(
             state.telemetry.audit(action.as_str(), &view.id, None);
             json(StatusCode::OK, &shown(&view))
         }
-        Err(e) => sub_error(&e),
+        Err(e) => error(&e),
     }
 }
 
 async fn regenerate_subscription(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     Path((id, which)): Path<(String, String)>,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     let Some(which) = Which::parse(&which) else {
-        return sub_error(&SubscriptionError::BadRequest(
+        return error(&SubscriptionError::BadRequest(
             "regenerate `primary` or `secondary`".into(),
         ));
     };
@@ -441,23 +427,19 @@ async fn regenerate_subscription(
             shown[format!("{}_key", which.as_str())] = key.expose().into();
             json(StatusCode::OK, &shown)
         }
-        Err(e) => sub_error(&e),
+        Err(e) => error(&e),
     }
 }
 
 async fn delete_subscription(
     AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(r) = refuse(&state, &headers) {
-        return r;
-    }
     match state.runtime.subscriptions.delete(&id).await {
         Ok(()) => {
             state.telemetry.audit("delete", &id, None);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(e) => sub_error(&e),
+        Err(e) => error(&e),
     }
 }

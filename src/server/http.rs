@@ -143,7 +143,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/authz/", axum::routing::any(forward_auth))
         .route("/authz/{*rest}", axum::routing::any(forward_auth));
     let routes = if admin {
-        routes.nest("/admin", super::admin::router())
+        routes.nest("/admin", super::admin::router(state.clone()))
     } else {
         routes
     };

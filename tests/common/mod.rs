@@ -287,3 +287,33 @@ pub fn serve_refuses(config: &std::path::Path) -> String {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     stderr
 }
+
+/// One admin API call, with a bearer token when given: the status and the body as text.
+pub async fn admin_call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let mut request = reqwest::Client::new().request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let resp = request.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Creates a subscription through the admin API at `base` (`http://.../admin/subscriptions`); the
+/// creation answer, which holds the only copy of its keys.
+pub async fn create_subscription(
+    base: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let (status, text) = admin_call("POST", base, Some(token), Some(body)).await;
+    assert_eq!(status, 201, "{text}");
+    serde_json::from_str(&text).unwrap()
+}

@@ -8,11 +8,12 @@
 //! on the stack (a local reply runs other filters), so state is in a `RefCell` that no borrow
 //! holds across a call into Envoy.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use portcullis_core::check::metadata::MetaValue;
+use portcullis_core::check::metadata::MetaRef;
 use portcullis_core::check::{Decision, Denial, Metadata, Outcome, Reason};
 use portcullis_core::policy::{EvalOptions, PolicySet};
 
@@ -342,18 +343,16 @@ fn set_metadata(s: &Stream<'_>, metadata: &Metadata) {
     if metadata.is_empty() {
         return;
     }
-    let mut strings: Vec<(String, String)> = Vec::new();
-    for (key, value) in metadata.entries().unwrap_or_default() {
-        match value {
-            MetaValue::String(v) => strings.push((key, v)),
-            MetaValue::List(items) => strings.push((key, items.join(" "))),
-            MetaValue::Bool(b) => s.set_metadata_bool(METADATA_NAMESPACE, &key, b),
+    // Borrowed from the decision's buffer (Envoy copies them); only a list is joined anew.
+    let mut strings: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(12);
+    metadata.visit(|key, value| match value {
+        MetaRef::String(v) => strings.push((key, Cow::Borrowed(v))),
+        MetaRef::List(items) => {
+            strings.push((key, Cow::Owned(items.collect::<Vec<_>>().join(" "))));
         }
-    }
-    let refs: Vec<(&str, &str)> = strings
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+        MetaRef::Bool(b) => s.set_metadata_bool(METADATA_NAMESPACE, key, b),
+    });
+    let refs: Vec<(&str, &str)> = strings.iter().map(|(k, v)| (*k, v.as_ref())).collect();
     s.set_metadata_strings(METADATA_NAMESPACE, &refs);
 }
 

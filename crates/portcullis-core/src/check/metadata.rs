@@ -137,36 +137,48 @@ impl Metadata {
     /// their items; `None` when the buffer is not an encoding this module writes.
     pub fn entries(&self) -> Option<Vec<(String, MetaValue)>> {
         let mut out = Vec::new();
+        self.visit(|key, value| {
+            let value = match value {
+                MetaRef::String(v) => MetaValue::String(v.to_string()),
+                MetaRef::Bool(b) => MetaValue::Bool(b),
+                MetaRef::List(items) => MetaValue::List(items.map(str::to_string).collect()),
+            };
+            out.push((key.to_string(), value));
+        })?;
+        Some(out)
+    }
+
+    /// Calls `f` with each entry in order, borrowed from the buffer (nothing is copied: the
+    /// Envoy module hands them straight to Envoy); `None` when the buffer is not an encoding this
+    /// module writes, after the entries before the fault.
+    pub fn visit<'a>(&'a self, mut f: impl FnMut(&'a str, MetaRef<'a>)) -> Option<()> {
         let mut r = Reader(&self.buf);
         while !r.0.is_empty() {
             r.tag(TAG_1_LEN)?;
             let mut entry = Reader(r.bytes()?);
             entry.tag(TAG_1_LEN)?;
-            let key = std::str::from_utf8(entry.bytes()?).ok()?.to_string();
+            let key = entry.str()?;
             entry.tag(TAG_2_LEN)?;
             let mut value = Reader(entry.bytes()?);
             let v = match value.byte()? {
-                TAG_STRING => MetaValue::String(value.string()?),
-                TAG_BOOL => MetaValue::Bool(value.byte()? != 0),
+                TAG_STRING => MetaRef::String(value.str()?),
+                TAG_BOOL => MetaRef::Bool(value.byte()? != 0),
                 TAG_LIST => {
-                    let mut list = Reader(value.bytes()?);
-                    let mut items = Vec::new();
-                    while !list.0.is_empty() {
-                        list.tag(TAG_1_LEN)?;
-                        let mut item = Reader(list.bytes()?);
-                        item.tag(TAG_STRING)?;
-                        items.push(item.string()?);
-                    }
-                    MetaValue::List(items)
+                    let list = Reader(value.bytes()?);
+                    // Checked whole before it is handed out, so that the iterator cannot fail.
+                    list.clone()
+                        .items()
+                        .try_for_each(|item| item.map(drop))
+                        .ok()?;
+                    MetaRef::List(ListItems(list))
                 }
                 _ => return None,
             };
-            out.push((key, v));
+            f(key, v);
         }
-        Some(out)
+        Some(())
     }
 
-    /// The entries as a JSON object (explanations, tests).
     pub fn to_json(&self) -> serde_json::Value {
         let mut map = serde_json::Map::new();
         for (k, v) in self.entries().unwrap_or_default() {
@@ -194,7 +206,53 @@ pub enum MetaValue {
     List(Vec<String>),
 }
 
+/// One entry's value, borrowed from the buffer ([`Metadata::visit`]).
+#[derive(Debug, Clone)]
+pub enum MetaRef<'a> {
+    /// `string_value`.
+    String(&'a str),
+    /// `bool_value`.
+    Bool(bool),
+    /// `list_value` of strings: its items.
+    List(ListItems<'a>),
+}
+
+/// The items of a list value, in order.
+#[derive(Debug, Clone)]
+pub struct ListItems<'a>(Reader<'a>);
+
+impl<'a> Iterator for ListItems<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        // The list was checked whole by `visit`.
+        self.0.items().next().and_then(Result::ok)
+    }
+}
+
+#[derive(Debug, Clone)]
 struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// The string items of a list value; an item that is not one is an `Err` (and the end).
+    fn items(&mut self) -> impl Iterator<Item = Result<&'a str, ()>> + '_ {
+        std::iter::from_fn(move || {
+            if self.0.is_empty() {
+                return None;
+            }
+            let item = (|| {
+                self.tag(TAG_1_LEN)?;
+                let mut item = Reader(self.bytes()?);
+                item.tag(TAG_STRING)?;
+                item.str()
+            })();
+            if item.is_none() {
+                self.0 = &[];
+            }
+            Some(item.ok_or(()))
+        })
+    }
+}
 
 impl<'a> Reader<'a> {
     fn byte(&mut self) -> Option<u8> {
@@ -229,8 +287,8 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn string(&mut self) -> Option<String> {
-        std::str::from_utf8(self.bytes()?).ok().map(str::to_string)
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
     }
 }
 

@@ -101,13 +101,15 @@ impl JwtPolicy {
             ));
         }
         if let Some(rule) = &self.scopes {
-            let granted = token_scopes(claims);
+            let granted = || scope_iter(claims);
+            // Checked on the token's own iterator: nothing is collected on the way to an allow.
             let ok = if rule.all {
-                rule.values.iter().all(|s| granted.contains(&s.as_str()))
+                rule.values.iter().all(|s| granted().any(|g| g == s))
             } else {
-                rule.values.iter().any(|s| granted.contains(&s.as_str()))
+                granted().any(|g| rule.values.iter().any(|s| s == g))
             };
             if !ok {
+                let granted: Vec<&str> = granted().collect();
                 let want = if rule.all { "all of" } else { "one of" };
                 return Err((
                     Reason::InsufficientScope,
@@ -243,10 +245,6 @@ pub(super) fn numeric_date(
 }
 
 /// Scopes from `scp` and `scope`: space-separated strings or arrays of strings.
-pub(super) fn token_scopes(claims: &Map<String, Value>) -> Vec<&str> {
-    scope_iter(claims).collect()
-}
-
 /// The token's scopes (`scp`, then `scope`; space-separated strings or arrays of strings), without
 /// allocating: the `dynamic_metadata` of every allow lists them.
 pub fn scope_iter(claims: &Map<String, Value>) -> impl Iterator<Item = &str> + Clone {

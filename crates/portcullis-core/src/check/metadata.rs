@@ -292,8 +292,15 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Whether `s` holds a control character (`char::is_control`: U+0000-U+001F, U+007F-U+009F).
+/// Values are mostly ASCII, so first a fold over the bytes that the compiler vectorises: no byte
+/// below 0x20, no DEL and no 0xC2 (the lead byte of U+0080-U+00BF) means none; only then the
+/// characters are looked at.
 fn has_control(s: &str) -> bool {
-    s.chars().any(char::is_control)
+    let suspect = s
+        .bytes()
+        .fold(false, |any, b| any | (b < 0x20) | (b == 0x7f) | (b == 0xc2));
+    suspect && s.chars().any(char::is_control)
 }
 
 fn varint_len(mut n: usize) -> usize {
@@ -344,6 +351,31 @@ mod tests {
                 ("long".into(), MetaValue::String(long)),
             ]
         );
+    }
+
+    #[test]
+    fn control_characters_are_found_in_every_encoding() {
+        for bad in [
+            "a\u{0}",
+            "\u{1f}",
+            "x\u{7f}y",
+            "\u{80}",
+            "caf\u{e9}\u{9f}",
+            "\r\n",
+        ] {
+            assert!(has_control(bad), "{bad:?}");
+        }
+        for good in [
+            "",
+            "alice",
+            "caf\u{e9}",
+            "\u{a0}\u{bf}",
+            "\u{100}",
+            "\u{2028}",
+            "\u{10ffff}",
+        ] {
+            assert!(!has_control(good), "{good:?}");
+        }
     }
 
     /// The exact bytes protoc writes for `fields {key: "k" value {string_value: "v"}}`.

@@ -2,6 +2,7 @@
 //! required claims, and how a refusal is shaped into the client's answer (APIM's messages, RFC 6750
 //! challenges).
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -183,7 +184,7 @@ pub(super) fn check_claim_rules(
     rules: &[ClaimRule],
     claims: &Map<String, Value>,
 ) -> Result<(), Refusal> {
-    let values: Vec<Option<Vec<String>>> = rules
+    let values: Vec<Option<Vec<Cow<'_, str>>>> = rules
         .iter()
         .map(|r| claim_values(claims, &r.name, r.separator.as_deref()))
         .collect();
@@ -206,10 +207,11 @@ pub(super) fn check_claim_rules(
         if rule.values.is_empty() {
             continue;
         }
+        let has = |v: &String| have.iter().any(|h| h == v);
         let ok = if rule.any {
-            rule.values.iter().any(|v| have.contains(v))
+            rule.values.iter().any(has)
         } else {
-            rule.values.iter().all(|v| have.contains(v))
+            rule.values.iter().all(has)
         };
         if !ok {
             let shown: String = have
@@ -264,20 +266,21 @@ pub fn scope_iter(claims: &Map<String, Value>) -> impl Iterator<Item = &str> + C
 }
 
 /// A claim's values for `required_claims`: `None` when absent (or null, or an empty array).
-pub(super) fn claim_values(
-    claims: &Map<String, Value>,
+/// Borrowed from the token where they are strings: checked on every request.
+pub(super) fn claim_values<'a>(
+    claims: &'a Map<String, Value>,
     name: &str,
     separator: Option<&str>,
-) -> Option<Vec<String>> {
+) -> Option<Vec<Cow<'a, str>>> {
     let v = crate::check::template::claim(claims, name)?;
     let mut out = Vec::new();
-    let mut push = |v: &Value| match v {
+    let mut push = |v: &'a Value| match v {
         Value::String(s) => match separator {
-            Some(sep) => out.extend(s.split(sep).map(|p| p.trim().to_string())),
-            None => out.push(s.clone()),
+            Some(sep) => out.extend(s.split(sep).map(|p| Cow::Borrowed(p.trim()))),
+            None => out.push(Cow::Borrowed(s.as_str())),
         },
         Value::Null => {}
-        other => out.push(other.to_string()),
+        other => out.push(Cow::Owned(other.to_string())),
     };
     match v {
         Value::Null => return None,

@@ -142,11 +142,12 @@ struct Open {
 /// Checks `text` (already within [`MAX_FILE_BYTES`]) against the shape limits in one pass over
 /// its parser events, building nothing; the number of values, aliases expanded, when it passes.
 /// Every event (with its span) is shown to `visit` on the way, so that another look at the file
-/// (where its substitutions are) costs no second parse.
+/// (where its substitutions are) costs no second parse; when `visit` returns false the scan stops
+/// there, with `Ok(None)`: the rest of the file was not checked.
 pub(super) fn scan_with<'a>(
     text: &'a str,
-    mut visit: impl FnMut(&Event<'a>, &Span),
-) -> Result<u64, Refusal> {
+    mut visit: impl FnMut(&Event<'a>, &Span) -> bool,
+) -> Result<Option<u64>, Refusal> {
     let mut total = Cost::default();
     // What each anchor expands to; an alias adds its anchor's cost without being expanded.
     let mut anchors: HashMap<usize, Cost> = HashMap::new();
@@ -165,7 +166,9 @@ pub(super) fn scan_with<'a>(
                 Refusal::Syntax(e.to_string())
             }
         })?;
-        visit(&event, &span);
+        if !visit(&event, &span) {
+            return Ok(None);
+        }
         let line = span.start.line();
         match event {
             Event::Scalar(value, _, anchor, tag) => {
@@ -218,7 +221,7 @@ pub(super) fn scan_with<'a>(
             return Err(Refusal::Limit(LimitExceeded::Text { line }));
         }
     }
-    Ok(total.values)
+    Ok(Some(total.values))
 }
 
 impl Cost {

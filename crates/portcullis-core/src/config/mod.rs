@@ -231,17 +231,37 @@ pub(crate) fn parse_traced(
     // a value tree (which costs about 1 KiB per subscription key and most of the load time of a
     // large file). Anything else, including every file with an error, takes the tree path below,
     // which substitutes and reports every error with its path.
-    if text.contains("${") {
+    if let Some(last) = text.rfind("${") {
         // Substitutions: the limits scan (which the tree path needs anyway) also finds where they
-        // are, and the streaming parser reads the text with their values written in.
+        // are, and the streaming parser reads the text with their values written in. A value that
+        // is exactly `${...}` has `${` in the text (or a `\` escape in a double-quoted scalar), so
+        // the search ends past the last `${` when no `\` follows it; the scan stops there too
+        // unless the file could hold an alias (whose limits only a whole scan can count): the
+        // streaming parser's budget holds the rest to the same limits, and the tree path, if it
+        // comes to that, scans the whole file.
+        let can_stop = !text.contains('*') && !text[last..].contains('\\');
         let mut sites = splice::Sites::default();
-        let values = match scan_with(text, |event, span| sites.event(event, span)) {
+        let scanned = scan_with(text, |event, span| {
+            if can_stop && span.start.byte_offset().is_some_and(|at| at > last) {
+                return false;
+            }
+            sites.event(event, span);
+            true
+        });
+        let values = match scanned {
             Ok(values) => values,
             Err(errs) => return (Err(errs.into()), Loader::Tree),
         };
         if let Some(source) = load_spliced(text, base_dir, env, digest, sites) {
             return (Ok(source), Loader::Streaming);
         }
+        let values = match values {
+            Some(values) => values,
+            None => match scan_with(text, |_, _| true) {
+                Ok(values) => values.unwrap_or_default(),
+                Err(errs) => return (Err(errs.into()), Loader::Tree),
+            },
+        };
         return (
             parse_tree(text, base_dir, env, digest, values),
             Loader::Tree,
@@ -251,8 +271,8 @@ pub(crate) fn parse_traced(
     // aliases as it goes, and its replay limits are counted in events, not in the values built.
     let mut values = None;
     if text.contains('*') {
-        values = match scan_with(text, |_, _| {}) {
-            Ok(values) => Some(values),
+        values = match scan_with(text, |_, _| true) {
+            Ok(values) => values,
             Err(errs) => return (Err(errs.into()), Loader::Tree),
         };
     }
@@ -271,8 +291,8 @@ pub(crate) fn parse_traced(
     // on the fast path does not pay for it: that parser's budget holds it to the same limits.
     let values = match values {
         Some(v) => v,
-        None => match scan_with(text, |_, _| {}) {
-            Ok(values) => values,
+        None => match scan_with(text, |_, _| true) {
+            Ok(values) => values.unwrap_or_default(),
             Err(errs) => return (Err(errs.into()), Loader::Tree),
         },
     };
@@ -282,11 +302,15 @@ pub(crate) fn parse_traced(
     )
 }
 
-/// [`limits::scan_with`] (the file's number of values), its refusal as the one error of the file.
+/// [`limits::scan_with`] (the file's number of values, `None` when `visit` stopped it), its refusal
+/// as the one error of the file.
 fn scan_with<'a>(
     text: &'a str,
-    visit: impl FnMut(&serde_saphyr::granit_parser::Event<'a>, &serde_saphyr::granit_parser::Span),
-) -> Result<u64, ConfigErrors> {
+    visit: impl FnMut(
+        &serde_saphyr::granit_parser::Event<'a>,
+        &serde_saphyr::granit_parser::Span,
+    ) -> bool,
+) -> Result<Option<u64>, ConfigErrors> {
     limits::scan_with(text, visit).map_err(|refusal| {
         let mut errs = ConfigErrors::default();
         match refusal {
@@ -449,9 +473,9 @@ fn parse_tree(
 fn parse_streaming(text: &str) -> Option<ConfigFile> {
     let mut budget = serde_saphyr::Budget::default();
     // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys.
-    // These repeat the config limits (an event is a value's start or end) that `limits::scan_with`
-    // holds a file with aliases or substitutions to, so that this parser never does more than the
-    // scan allows. The alias limits stay at their defaults.
+    // These repeat the config limits (an event is a value's start or end), so that this parser never
+    // does more than `limits::scan_with` allows, for the files (or the parts of a file) it did not
+    // scan. The alias limits stay at their defaults.
     budget.max_depth = limits::MAX_DEPTH;
     budget.max_nodes = limits::MAX_VALUES as usize;
     budget.max_events = 2 * limits::MAX_VALUES as usize + 16;

@@ -742,6 +742,46 @@ fn what_the_streaming_path_gives_up_on_takes_the_tree_path() {
 }
 
 #[test]
+fn hostile_text_after_the_last_substitution_is_refused_as_before() {
+    // The scan for substitutions stops past the last `${` (when no alias could follow); what it
+    // did not see is held to the limits by the streaming parser's budget, and refused by the tree
+    // path's whole scan with the same message as before.
+    let keys = "identity_providers:\n  - name: i\n    issuer: https://i\n    keys:";
+    for (text, error) in [
+        (
+            format!(
+                "admin: {{token: '${{env:X}}'}}\n{}",
+                deep_flow_seq("bogus", 64_000)
+            ),
+            format!("line 2: {TOO_DEEP}"),
+        ),
+        (
+            format!(
+                "admin: {{token: '${{env:X}}'}}\n{}",
+                deep_block_map("apis", 1_000)
+            ),
+            format!("line 66: {TOO_DEEP}"),
+        ),
+        (
+            format!("admin: {{token: '${{env:X}}'}}\n{}", billion_laughs(keys)),
+            format!("line 12: {TOO_MANY_VALUES}"),
+        ),
+    ] {
+        let errs = finishes(move || {
+            let (result, taken) = parse_traced(&text, Path::new("."), &|_| Some("x".into()));
+            assert_eq!(taken, Loader::Tree);
+            result.unwrap_err().errors.to_string()
+        });
+        assert_eq!(errs, error);
+    }
+    // Within the limits, the same shapes load on the streaming path.
+    let text = format!("admin: {{token: '${{env:X}}'}}\n{}", deep_jwk(64));
+    let (result, taken) = parse_traced(&text, Path::new("."), &|_| Some("x".into()));
+    assert_eq!(taken, Loader::Streaming);
+    assert_eq!(result.unwrap().file.admin.unwrap().token.expose(), "x");
+}
+
+#[test]
 fn a_large_file_with_substitutions_takes_the_streaming_path() {
     // 20,000 subscription keys and 100 credentials whose secrets come from the environment, as
     // `loadtest/scale/gen.py` writes them. The tree path took this file before.

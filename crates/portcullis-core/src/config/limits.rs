@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-use serde_saphyr::granit_parser::{ErrorKind, Event, Options, Parser, StrInput};
+use serde_saphyr::granit_parser::{ErrorKind, Event, Options, Parser, Span, StrInput};
 
 /// The largest config file read, in bytes (64 MiB). The largest policy measured (100,000 keys,
 /// 10,000 CIDRs, 1,000 APIs) is 13 MB.
@@ -141,7 +141,13 @@ struct Open {
 
 /// Checks `text` (already within [`MAX_FILE_BYTES`]) against the shape limits in one pass over
 /// its parser events, building nothing; the number of values, aliases expanded, when it passes.
-pub(super) fn scan(text: &str) -> Result<u64, Refusal> {
+/// Every event (with its span) is shown to `visit` on the way, so that another look at the file
+/// (where its substitutions are) costs no second parse; when `visit` returns false the scan stops
+/// there, with `Ok(None)`: the rest of the file was not checked.
+pub(super) fn scan_with<'a>(
+    text: &'a str,
+    mut visit: impl FnMut(&Event<'a>, &Span) -> bool,
+) -> Result<Option<u64>, Refusal> {
     let mut total = Cost::default();
     // What each anchor expands to; an alias adds its anchor's cost without being expanded.
     let mut anchors: HashMap<usize, Cost> = HashMap::new();
@@ -160,6 +166,9 @@ pub(super) fn scan(text: &str) -> Result<u64, Refusal> {
                 Refusal::Syntax(e.to_string())
             }
         })?;
+        if !visit(&event, &span) {
+            return Ok(None);
+        }
         let line = span.start.line();
         match event {
             Event::Scalar(value, _, anchor, tag) => {
@@ -212,7 +221,7 @@ pub(super) fn scan(text: &str) -> Result<u64, Refusal> {
             return Err(Refusal::Limit(LimitExceeded::Text { line }));
         }
     }
-    Ok(total.values)
+    Ok(Some(total.values))
 }
 
 impl Cost {

@@ -7,6 +7,7 @@
 
 pub mod limits;
 pub mod settings;
+mod splice;
 mod types;
 
 use std::collections::HashSet;
@@ -200,34 +201,89 @@ pub fn parse_pruned(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Source, LoadFailure> {
+    parse_traced(text, base_dir, env).0
+}
+
+/// Which loader read a file: the streaming parser straight from the text, or the serde_yaml value
+/// tree (every file with an error, and the files the streaming path gives up on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loader {
+    Streaming,
+    Tree,
+}
+
+/// [`parse_pruned`], saying which loader read the file.
+pub(crate) fn parse_traced(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Result<Source, LoadFailure>, Loader) {
     if text.len() as u64 > limits::MAX_FILE_BYTES {
         let mut errs = ConfigErrors::default();
         errs.push(
             "",
             format!("the config file is {}", LimitExceeded::FileSize),
         );
-        return Err(errs.into());
+        return (Err(errs.into()), Loader::Tree);
     }
     let digest: [u8; 32] = Sha256::digest(text.as_bytes());
-    // Fast path: a file without substitutions that is valid as it stands is deserialized straight
-    // from the text, without a value tree (which costs about 1 KiB per subscription key and most of
-    // the load time of a large file). Anything else, including every file with an error, takes the
-    // tree path below, which substitutes and reports every error with its path.
+    // Fast path: a file that is valid as it stands is deserialized straight from the text, without
+    // a value tree (which costs about 1 KiB per subscription key and most of the load time of a
+    // large file). Anything else, including every file with an error, takes the tree path below,
+    // which substitutes and reports every error with its path.
+    if let Some(last) = text.rfind("${") {
+        // Substitutions: the limits scan (which the tree path needs anyway) also finds where they
+        // are, and the streaming parser reads the text with their values written in. A value that
+        // is exactly `${...}` has `${` in the text (or a `\` escape in a double-quoted scalar), so
+        // the search ends past the last `${` when no `\` follows it; the scan stops there too
+        // unless the file could hold an alias (whose limits only a whole scan can count): the
+        // streaming parser's budget holds the rest to the same limits, and the tree path, if it
+        // comes to that, scans the whole file.
+        let can_stop = !text.contains('*') && !text[last..].contains('\\');
+        let mut sites = splice::Sites::default();
+        let scanned = scan_with(text, |event, span| {
+            if can_stop && span.start.byte_offset().is_some_and(|at| at > last) {
+                return false;
+            }
+            sites.event(event, span);
+            true
+        });
+        let values = match scanned {
+            Ok(values) => values,
+            Err(errs) => return (Err(errs.into()), Loader::Tree),
+        };
+        if let Some(source) = load_spliced(text, base_dir, env, digest, sites) {
+            return (Ok(source), Loader::Streaming);
+        }
+        let values = match values {
+            Some(values) => values,
+            None => match scan_with(text, |_, _| true) {
+                Ok(values) => values.unwrap_or_default(),
+                Err(errs) => return (Err(errs.into()), Loader::Tree),
+            },
+        };
+        return (
+            parse_tree(text, base_dir, env, digest, values),
+            Loader::Tree,
+        );
+    }
     // A file that could hold an alias (any `*`) is scanned first: the streaming loader expands
     // aliases as it goes, and its replay limits are counted in events, not in the values built.
     let mut values = None;
     if text.contains('*') {
-        values = Some(scan(text)?);
+        values = match scan_with(text, |_, _| true) {
+            Ok(values) => values,
+            Err(errs) => return (Err(errs.into()), Loader::Tree),
+        };
     }
-    if !text.contains("${")
-        && let Some(file) = parse_streaming(text)
-    {
-        return Ok(Source {
+    if let Some(file) = parse_streaming(text) {
+        let source = Source {
             file,
             substituted: HashSet::new(),
             base_dir: base_dir.to_path_buf(),
             digest,
-        });
+        };
+        return (Ok(source), Loader::Streaming);
     }
     // Before a value tree is built, one pass over the parser's events: serde_yaml is slow or
     // explosive on hostile shapes (libyaml is quadratic in flow nesting; aliases are expanded into
@@ -235,20 +291,66 @@ pub fn parse_pruned(
     // on the fast path does not pay for it: that parser's budget holds it to the same limits.
     let values = match values {
         Some(v) => v,
-        None => scan(text)?,
+        None => match scan_with(text, |_, _| true) {
+            Ok(values) => values.unwrap_or_default(),
+            Err(errs) => return (Err(errs.into()), Loader::Tree),
+        },
     };
-    parse_tree(text, base_dir, env, digest, values)
+    (
+        parse_tree(text, base_dir, env, digest, values),
+        Loader::Tree,
+    )
 }
 
-/// [`limits::scan`] (the file's number of values), its refusal as the one error of the file.
-fn scan(text: &str) -> Result<u64, ConfigErrors> {
-    limits::scan(text).map_err(|refusal| {
+/// [`limits::scan_with`] (the file's number of values, `None` when `visit` stopped it), its refusal
+/// as the one error of the file.
+fn scan_with<'a>(
+    text: &'a str,
+    visit: impl FnMut(
+        &serde_saphyr::granit_parser::Event<'a>,
+        &serde_saphyr::granit_parser::Span,
+    ) -> bool,
+) -> Result<Option<u64>, ConfigErrors> {
+    limits::scan_with(text, visit).map_err(|refusal| {
         let mut errs = ConfigErrors::default();
         match refusal {
             limits::Refusal::Limit(limit) => errs.push("", limit.to_string()),
             limits::Refusal::Syntax(e) => errs.push("", format!("not valid YAML: {e}")),
         }
         errs
+    })
+}
+
+/// A file with substitutions on the streaming path: every `${...}` found by the scan resolved and
+/// written into a copy of the text ([`splice`]), which the streaming parser then reads. `None` when
+/// the scan gave up on a substitution, one does not resolve, or the streaming parser refuses the
+/// result: the tree path then loads the file and reports its errors, each with its path. No
+/// resolution error is kept here, and the streaming parser's errors are discarded, so no message
+/// from this path can carry a substituted value.
+fn load_spliced(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    digest: [u8; 32],
+    sites: splice::Sites<'_>,
+) -> Option<Source> {
+    if sites.gave_up {
+        return None;
+    }
+    let mut bytes = 0u64;
+    let values = sites
+        .found
+        .iter()
+        .map(|site| resolve(&site.inner, base_dir, env, &mut bytes).ok())
+        .collect::<Option<Vec<String>>>()?;
+    let spliced = splice::splice(text, &sites.found, &values)?;
+    drop(values);
+    let file = parse_streaming(&spliced)?;
+    Some(Source {
+        file,
+        substituted: sites.found.into_iter().map(|site| site.path).collect(),
+        base_dir: base_dir.to_path_buf(),
+        digest,
     })
 }
 
@@ -265,7 +367,7 @@ fn error_attempts(values: u64) -> u64 {
 }
 
 /// The general path: a serde_yaml value tree, substituted, then shaped with every error recorded;
-/// `values` is the file's number of values, from [`limits::scan`].
+/// `values` is the file's number of values, from [`limits::scan_with`].
 fn parse_tree(
     text: &str,
     base_dir: &Path,
@@ -371,9 +473,9 @@ fn parse_tree(
 fn parse_streaming(text: &str) -> Option<ConfigFile> {
     let mut budget = serde_saphyr::Budget::default();
     // The defaults (a million events, 250,000 nodes) are below a policy of 100,000 subscription keys.
-    // `limits::scan` has already held the file to the config limits; these repeat them (an event
-    // is a value's start or end) so that this parser never does more than the scan allowed. The
-    // alias limits stay at their defaults.
+    // These repeat the config limits (an event is a value's start or end), so that this parser never
+    // does more than `limits::scan_with` allows, for the files (or the parts of a file) it did not
+    // scan. The alias limits stay at their defaults.
     budget.max_depth = limits::MAX_DEPTH;
     budget.max_nodes = limits::MAX_VALUES as usize;
     budget.max_events = 2 * limits::MAX_VALUES as usize + 16;
@@ -448,31 +550,7 @@ fn substitute(value: &mut Value, path: String, cx: &mut Substitution<'_>) {
             let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) else {
                 return;
             };
-            let resolved = if let Some(name) = inner.strip_prefix("env:") {
-                (cx.env)(name).ok_or_else(|| format!("environment variable {name} is not set"))
-            } else if let Some(file) = inner.strip_prefix("file:") {
-                let p = cx.base_dir.join(file);
-                match limits::read_at_most(&p, limits::MAX_SUBSTITUTED_FILE_BYTES) {
-                    Ok(Some(t)) => Ok(t.trim_end_matches(['\r', '\n']).to_string()),
-                    Ok(None) => Err(LimitExceeded::SubstitutedFile {
-                        path: p.display().to_string(),
-                    }
-                    .to_string()),
-                    Err(e) => Err(format!("cannot read {}: {e}", p.display())),
-                }
-            } else {
-                Err(format!(
-                    "unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"
-                ))
-            };
-            let resolved = resolved.and_then(|v| {
-                *cx.bytes = cx.bytes.saturating_add(v.len() as u64);
-                if *cx.bytes > limits::MAX_TEXT_BYTES {
-                    Err(LimitExceeded::SubstitutedText.to_string())
-                } else {
-                    Ok(v)
-                }
-            });
+            let resolved = resolve(inner, cx.base_dir, cx.env, cx.bytes);
             match resolved {
                 Ok(v) => {
                     *s = v;
@@ -506,6 +584,42 @@ fn substitute(value: &mut Value, path: String, cx: &mut Substitution<'_>) {
         Value::Tagged(t) => substitute(&mut t.value, path, cx),
         _ => {}
     }
+}
+
+/// The value of one whole-value substitution, `inner` being what is between `${` and `}`, its
+/// length added to `bytes` and held with it to [`limits::MAX_TEXT_BYTES`]; the error message has
+/// no path (the caller adds it) and never the value.
+fn resolve(
+    inner: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    bytes: &mut u64,
+) -> Result<String, String> {
+    let resolved = if let Some(name) = inner.strip_prefix("env:") {
+        env(name).ok_or_else(|| format!("environment variable {name} is not set"))
+    } else if let Some(file) = inner.strip_prefix("file:") {
+        let p = base_dir.join(file);
+        match limits::read_at_most(&p, limits::MAX_SUBSTITUTED_FILE_BYTES) {
+            Ok(Some(t)) => Ok(t.trim_end_matches(['\r', '\n']).to_string()),
+            Ok(None) => Err(LimitExceeded::SubstitutedFile {
+                path: p.display().to_string(),
+            }
+            .to_string()),
+            Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+        }
+    } else {
+        Err(format!(
+            "unknown substitution `${{{inner}}}`: use ${{env:NAME}} or ${{file:PATH}}"
+        ))
+    };
+    resolved.and_then(|v| {
+        *bytes = bytes.saturating_add(v.len() as u64);
+        if *bytes > limits::MAX_TEXT_BYTES {
+            Err(LimitExceeded::SubstitutedText.to_string())
+        } else {
+            Ok(v)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -456,3 +456,364 @@ fn a_large_file_with_many_errors_reports_the_first_few() {
     ));
     assert_eq!(errs.len(), 201, "{}", errs.len());
 }
+
+// Files with substitutions: the streaming path (values written into the text) and the tree path
+// must give the same `Source`, and the streaming path must be the one taken.
+
+/// Everything a `Source` holds that the loaders decide: the file (secrets included, which its
+/// `Debug` hides) and the substituted paths.
+fn fingerprint(src: &Source) -> String {
+    let f = &src.file;
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    let mut put = |path: String, s: Option<&Secret>| {
+        if let Some(s) = s {
+            secrets.push((path, s.expose().to_string()));
+        }
+    };
+    if let Some(store) = &f.store {
+        put("store.key".into(), Some(&store.key));
+        if let Some(redis) = &store.redis {
+            put("store.redis.url".into(), Some(&redis.url));
+            put("store.redis.password".into(), redis.password.as_ref());
+        }
+    }
+    if let Some(admin) = &f.admin {
+        put("admin.token".into(), Some(&admin.token));
+    }
+    for (i, c) in f.credentials.iter().enumerate() {
+        put(
+            format!("credentials[{i}].client_secret"),
+            c.client_secret.as_ref(),
+        );
+        put(format!("credentials[{i}].token"), c.token.as_ref());
+        put(format!("credentials[{i}].password"), c.password.as_ref());
+        put(
+            format!("credentials[{i}].refresh_token"),
+            c.refresh_token.as_ref(),
+        );
+    }
+    for (i, k) in f.subscriptions.keys.iter().enumerate() {
+        put(
+            format!("subscriptions.keys[{i}].primary"),
+            k.primary.as_ref(),
+        );
+        put(
+            format!("subscriptions.keys[{i}].secondary"),
+            k.secondary.as_ref(),
+        );
+    }
+    for (i, p) in f.identity_providers.iter().enumerate() {
+        if let Some(intro) = &p.introspection {
+            put(
+                format!("identity_providers[{i}].introspection.client_secret"),
+                Some(&intro.client_secret),
+            );
+        }
+    }
+    let mut substituted: Vec<&String> = src.substituted.iter().collect();
+    substituted.sort();
+    format!("{f:#?}\nsecrets: {secrets:#?}\nsubstituted: {substituted:#?}")
+}
+
+/// Loads `text` the normal way (which must take `loader`) and on the tree path; both must agree.
+/// The `Source` of the normal way, or its errors.
+fn both_ways(
+    text: &str,
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    loader: Loader,
+) -> Result<Source, String> {
+    let (traced, taken) = parse_traced(text, dir, env);
+    assert_eq!(taken, loader, "{text}");
+    let tree = parse_tree(text, dir, env, Sha256::digest(text.as_bytes()), 100);
+    match (traced, tree) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(fingerprint(&a), fingerprint(&b), "{text}");
+            assert_eq!(a.digest, b.digest);
+            Ok(a)
+        }
+        (Err(a), Err(b)) => {
+            assert_eq!(a.errors, b.errors, "{text}");
+            Err(a.errors.to_string())
+        }
+        (a, b) => panic!("{text}\nnormal: {a:?}\ntree: {b:?}"),
+    }
+}
+
+/// Values that could break out of a scalar, or bend it, if written in carelessly.
+const AWKWARD: &[&str] = &[
+    "plain",
+    "",
+    " leading and trailing spaces ",
+    "with \"double\" and 'single' quotes",
+    "back\\slash\\",
+    "\\\"",
+    "line one\nline two\n\nafter a blank line",
+    "crlf\r\nand a lone \r",
+    "tab\there",
+    "# not a comment",
+    "key: value",
+    "- not a list",
+    "[not, a, flow, list]",
+    "{not: a map}",
+    "&anchor *alias !tag |",
+    "${env:NOT_SUBSTITUTED_AGAIN}",
+    "null",
+    "~",
+    "true",
+    "0123",
+    "1e3",
+    "ünïcödé, 日本語, emoji 🦀",
+    "\u{0}\u{1}\u{7}\u{8}\u{b}\u{c}\u{1b}\u{7f}",
+    "\u{85}\u{a0}\u{2028}\u{2029}\u{feff}\u{fffe}\u{ffff}\u{10ffff}",
+    "'",
+    "\"",
+    "---",
+    "...",
+    "%YAML 1.2",
+];
+
+fn awkward_env(name: &str) -> Option<String> {
+    let i: usize = name.strip_prefix("AWKWARD_")?.parse().ok()?;
+    AWKWARD.get(i).map(|v| (*v).to_string())
+}
+
+#[test]
+fn substituted_values_of_every_shape_load_the_same_on_both_paths() {
+    // Every awkward value in a secret, a string field, a list entry and a map value, written
+    // plain, single-quoted and double-quoted, in block and flow collections.
+    for (i, &value) in AWKWARD.iter().enumerate() {
+        let text = format!(
+            "admin: {{token: '${{env:AWKWARD_{i}}}'}}\n\
+             store:\n  path: db\n  key: ${{env:AWKWARD_{i}}}\n\
+             unmatched: \"${{env:AWKWARD_{i}}}\"\n\
+             apis:\n  - name: ${{env:AWKWARD_{i}}}\n    match:\n      hosts: [a, '${{env:AWKWARD_{i}}}', \"${{env:AWKWARD_{i}}}\"]\n\
+             \x20     methods:\n        - ${{env:AWKWARD_{i}}}\n    on_allow:\n      set_headers: {{x-a: '${{env:AWKWARD_{i}}}', x-b: c}}\n"
+        );
+        let src = both_ways(&text, Path::new("."), &awkward_env, Loader::Streaming).unwrap();
+        assert_eq!(src.file.admin.as_ref().unwrap().token.expose(), value);
+        assert_eq!(src.file.store.as_ref().unwrap().key.expose(), value);
+        assert_eq!(src.file.unmatched.as_deref(), Some(value));
+        let api = &src.file.apis[0];
+        assert_eq!(api.name, value);
+        assert_eq!(api.matcher.hosts.as_ref().unwrap()[1], value);
+        assert_eq!(api.matcher.methods.as_ref().unwrap()[0], value);
+        assert_eq!(api.on_allow.set_headers["x-a"], value);
+        let mut paths: Vec<_> = src.substituted.iter().map(String::as_str).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "admin.token",
+                "apis[0].match.hosts[1]",
+                "apis[0].match.hosts[2]",
+                "apis[0].match.methods[0]",
+                "apis[0].name",
+                "apis[0].on_allow.set_headers.x-a",
+                "store.key",
+                "unmatched"
+            ]
+        );
+    }
+}
+
+#[test]
+fn substitutions_in_every_position_load_the_same_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "from \"a\" file\\\r\n\n").unwrap();
+    std::fs::write(dir.path().join("ünï.txt"), "ünïcödé\n").unwrap();
+    let env = |name: &str| match name {
+        "SECRET" => Some("s3cret: #1 \"quoted\" \\ ünï".to_string()),
+        "EMPTY" => Some(String::new()),
+        "HOST" => Some("api.example.com".to_string()),
+        _ => awkward_env(name),
+    };
+    let texts = [
+        // Nested maps and lists, block and flow, every quoting, comments and non-ASCII around.
+        "# ünïcödé ${env:IN_A_COMMENT}\n\
+         credentials:\n\
+         \x20 - name: é\n    grant: client_credentials\n    client_secret: ${env:SECRET} # ${env:NOPE}\n\
+         \x20 - {name: b, grant: client_credentials, client_secret: \"${env:SECRET}\", token: '${file:secret.txt}'}\n\
+         \x20 - name: ü\n    grant: basic\n    username: ${file:ünï.txt}\n    password: '${env:EMPTY}'\n\
+         apis:\n\
+         \x20 - name: 日本\n    match:\n      hosts:\n        - ${env:HOST}\n        - \"${env:AWKWARD_6}\"\n\
+         \x20     context_extensions: {ünï: '${env:AWKWARD_21}', k: v}\n\
+         \x20   on_allow:\n      metadata:\n        \"quoted key\": ${env:AWKWARD_3}\n        'ké': \"${env:AWKWARD_4}\"\n\
+         \x20     set_headers:\n        x-a: '${env:AWKWARD_22}'\n",
+        // A value split over lines (the text, not the value, spans them), escapes in the quoted
+        // form, and a document marker.
+        "---\nadmin:\n  token: \"${env:\\\n    SECRET}\"\nstore: {path: db, key: \"\\x24{env:SECRET}\"}\nunmatched:\n  ${env:AWKWARD_0}\n...\n",
+        // Keys and `${` that are not whole values are left alone; anchors and aliases elsewhere
+        // in the file do not matter.
+        "apis:\n  - name: a ${env:SECRET}\n    match: {path_prefix: &p /x}\n    on_allow:\n      set_headers:\n        ${env:SECRET}: x\n        y: ${env:SECRET}\n  - name: b\n    match: {path_prefix: *p}\n",
+        // Identity providers: an introspection secret and a JWK that is any JSON.
+        "identity_providers:\n  - name: i\n    issuer: https://i\n    keys: [{kty: oct, k: '${env:SECRET}', n: [1, '${env:AWKWARD_18}']}]\n    introspection:\n      client_id: c\n      client_secret: ${file:secret.txt}\n",
+        // Subscription keys.
+        "subscriptions:\n  keys:\n    - {id: a, primary: '${env:SECRET}'}\n    - id: b\n      primary: ${env:HOST}\n      secondary: \"${file:secret.txt}\"\n",
+        // A whole-value substitution that is not a string in YAML's eyes is still a string.
+        "unmatched: '${env:AWKWARD_16}'\nlisten: {grpc: '${env:AWKWARD_17}', http: \"${env:AWKWARD_19}\"}\n",
+    ];
+    for text in texts {
+        let src = both_ways(text, dir.path(), &env, Loader::Streaming).unwrap();
+        assert!(!src.substituted.is_empty(), "{text}");
+    }
+    let src = both_ways(texts[0], dir.path(), &env, Loader::Streaming).unwrap();
+    assert_eq!(
+        src.file.credentials[1].token.as_ref().unwrap().expose(),
+        "from \"a\" file\\"
+    );
+    assert_eq!(src.file.credentials[2].username.as_deref(), Some("ünïcödé"));
+    assert!(
+        src.substituted
+            .contains("apis[0].on_allow.metadata.quoted key")
+    );
+    assert!(
+        src.substituted
+            .contains("apis[0].match.context_extensions.ünï")
+    );
+    let src = both_ways(texts[2], dir.path(), &env, Loader::Streaming).unwrap();
+    let paths: Vec<_> = src.substituted.iter().collect();
+    assert_eq!(paths, ["apis[0].on_allow.set_headers.y"]);
+}
+
+#[test]
+fn what_the_streaming_path_gives_up_on_takes_the_tree_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = |name: &str| match name {
+        "SECRET" => Some("s3cret".to_string()),
+        "THREE" => Some("3".to_string()),
+        "TRUE" => Some("true".to_string()),
+        _ => None,
+    };
+    // Loaded the same, by the tree path.
+    for text in [
+        // An anchor or tag on or around a substitution, or an alias that repeats one.
+        "admin: {token: &t '${env:SECRET}'}\n",
+        "admin: &a {token: '${env:SECRET}'}\n",
+        "admin: {token: !!str '${env:SECRET}'}\n",
+        "admin: !!map {token: '${env:SECRET}'}\n",
+        // A block scalar (its span starts after the `|-`).
+        "admin:\n  token: |-\n    ${env:SECRET}\nunmatched: >-\n  ${env:SECRET}\n",
+        // A key that is not plainly a string on the way.
+        "apis:\n  - name: a\n    on_allow: {set_headers: {1: '${env:SECRET}'}}\n",
+        "apis:\n  - name: a\n    on_allow: {set_headers: {'1': '${env:SECRET}'}}\n    match: {context_extensions: {null: '${env:SECRET}'}}\n",
+    ] {
+        let (result, taken) = parse_traced(text, dir.path(), &env);
+        assert_eq!(taken, Loader::Tree, "{text}");
+        let _ = both_ways(text, dir.path(), &env, Loader::Tree);
+        drop(result);
+    }
+    // Errors: reported by the tree path with their paths, as before.
+    for (text, error) in [
+        (
+            "admin: {token: '${env:UNSET}'}\n",
+            "admin.token: environment variable UNSET is not set",
+        ),
+        (
+            "admin: {token: '${file:missing.txt}'}\n",
+            "admin.token: cannot read ",
+        ),
+        (
+            "admin: {token: '${vault:x}'}\n",
+            "admin.token: unknown substitution `${vault:x}`: use ${env:NAME} or ${file:PATH}",
+        ),
+        // A substituted value is a string: not a number or a boolean, even when it reads as one
+        // (the streaming parser would take a quoted "3" as a number; the `!!str` tag stops it).
+        (
+            "client_ip: {trusted_hops: '${env:THREE}'}\n",
+            "client_ip.trusted_hops: invalid type: string \"3\", expected u32",
+        ),
+        (
+            "dynamic_metadata: ${env:TRUE}\n",
+            "dynamic_metadata: invalid type: string \"true\", expected a boolean",
+        ),
+        (
+            "admin: ${env:SECRET}\n",
+            "admin: invalid type: string \"s3cret\", expected struct Admin",
+        ),
+        (
+            "admin: {token: '${env:SECRET}', bogus: 1}\n",
+            "bogus: unknown field `bogus`",
+        ),
+    ] {
+        let errors = both_ways(text, dir.path(), &env, Loader::Tree).unwrap_err();
+        assert!(errors.contains(error), "{text}: {errors}");
+    }
+}
+
+#[test]
+fn hostile_text_after_the_last_substitution_is_refused_as_before() {
+    // The scan for substitutions stops past the last `${` (when no alias could follow); what it
+    // did not see is held to the limits by the streaming parser's budget, and refused by the tree
+    // path's whole scan with the same message as before.
+    let keys = "identity_providers:\n  - name: i\n    issuer: https://i\n    keys:";
+    for (text, error) in [
+        (
+            format!(
+                "admin: {{token: '${{env:X}}'}}\n{}",
+                deep_flow_seq("bogus", 64_000)
+            ),
+            format!("line 2: {TOO_DEEP}"),
+        ),
+        (
+            format!(
+                "admin: {{token: '${{env:X}}'}}\n{}",
+                deep_block_map("apis", 1_000)
+            ),
+            format!("line 66: {TOO_DEEP}"),
+        ),
+        (
+            format!("admin: {{token: '${{env:X}}'}}\n{}", billion_laughs(keys)),
+            format!("line 12: {TOO_MANY_VALUES}"),
+        ),
+    ] {
+        let errs = finishes(move || {
+            let (result, taken) = parse_traced(&text, Path::new("."), &|_| Some("x".into()));
+            assert_eq!(taken, Loader::Tree);
+            result.unwrap_err().errors.to_string()
+        });
+        assert_eq!(errs, error);
+    }
+    // Within the limits, the same shapes load on the streaming path.
+    let text = format!("admin: {{token: '${{env:X}}'}}\n{}", deep_jwk(64));
+    let (result, taken) = parse_traced(&text, Path::new("."), &|_| Some("x".into()));
+    assert_eq!(taken, Loader::Streaming);
+    assert_eq!(result.unwrap().file.admin.unwrap().token.expose(), "x");
+}
+
+#[test]
+fn a_large_file_with_substitutions_takes_the_streaming_path() {
+    // 20,000 subscription keys and 100 credentials whose secrets come from the environment, as
+    // `loadtest/scale/gen.py` writes them. The tree path took this file before.
+    let mut text = String::from("credentials:\n");
+    for i in 0..100 {
+        text.push_str(&format!(
+            "  - name: c{i}\n    grant: client_credentials\n    token_url: https://idp/token\n    client_id: id{i}\n    client_secret: ${{env:SECRET}}\n"
+        ));
+    }
+    text.push_str("subscriptions:\n  keys:\n");
+    for i in 0..20_000 {
+        text.push_str(&format!(
+            "    - {{id: k{i}, scope: all, primary: 'sha256:{i:064x}', secondary: '${{env:SECOND}}'}}\n"
+        ));
+    }
+    let env = |name: &str| Some(format!("value of {name}"));
+    let (source, taken) = parse_traced(&text, Path::new("."), &env);
+    assert_eq!(taken, Loader::Streaming);
+    let source = source.unwrap();
+    assert_eq!(source.substituted.len(), 20_100);
+    assert!(source.substituted.contains("credentials[99].client_secret"));
+    assert!(
+        source
+            .substituted
+            .contains("subscriptions.keys[19999].secondary")
+    );
+    assert_eq!(
+        source.file.subscriptions.keys[19_999]
+            .secondary
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "value of SECOND"
+    );
+}

@@ -37,13 +37,39 @@ pub fn format_hash(hash: &KeyHash) -> String {
     format!("sha256:{}", hex::encode(hash))
 }
 
-/// Parses `sha256:<64 hex digits>`.
+/// Parses `sha256:<64 hex digits>` (either case).
+///
+/// By table, without branches a digit: a keys file of 100,000 lines spent a third of its load in
+/// the `hex` crate's decoder.
 pub fn parse_hash(s: &str) -> Option<KeyHash> {
-    let hex_part = s.strip_prefix("sha256:")?;
+    let hex: &[u8; 64] = s.strip_prefix("sha256:")?.as_bytes().try_into().ok()?;
     let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_part, &mut out).ok()?;
-    Some(out)
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (hi, lo) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+        bad |= hi | lo;
+        *o = (hi << 4) | (lo & 0x0f);
+    }
+    (bad & 0xf0 == 0).then_some(out)
 }
+
+/// The value of each hex digit; `0xff` for every other byte.
+const HEX: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0u8;
+    loop {
+        t[i as usize] = match i {
+            b'0'..=b'9' => i - b'0',
+            b'a'..=b'f' => i - b'a' + 10,
+            b'A'..=b'F' => i - b'A' + 10,
+            _ => 0xff,
+        };
+        if i == 255 {
+            break t;
+        }
+        i += 1;
+    }
+};
 
 /// A subscription's lifecycle state; only `Active` grants access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,11 +375,15 @@ pub enum Clash {
 }
 
 /// Builds a [`KeyTable`] from subscriptions pushed one at a time (no parsed copy of a whole file is
-/// held: each line becomes a few fixed-size values at once).
+/// held: each line becomes a few fixed-size values at once, and is indexed by key and by id as it
+/// is pushed, so nothing is walked a second time).
 #[derive(Debug, Default)]
 pub struct KeyTableBuilder {
     table: KeyTable,
+    /// Keys shared by two subscriptions, as pushed.
     clashes: Vec<Clash>,
+    /// Duplicate ids, as pushed; reported after the shared keys.
+    id_clashes: Vec<Clash>,
     scope_index: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
 }
 
@@ -363,6 +393,7 @@ impl KeyTableBuilder {
         let mut b = KeyTableBuilder::default();
         b.table.entries.reserve_exact(subscriptions);
         b.table.by_hash.reserve(keys);
+        b.table.by_id = hashbrown::HashTable::with_capacity(subscriptions);
         b.scope_index.reserve(16);
         b
     }
@@ -370,27 +401,59 @@ impl KeyTableBuilder {
     /// Adds one subscription; `scope` must be `all`, `product:NAME` or `api:NAME` (else `false`
     /// and nothing is added). Duplicates are found by [`KeyTableBuilder::finish`].
     pub fn push(&mut self, id: &str, state: State, scope: &str, hashes: &[KeyHash]) -> bool {
-        let scope = match self.scope_index.get(scope) {
-            Some(&s) => s,
-            None => {
-                let Some(name) = ScopeName::parse(scope) else {
-                    return false;
-                };
-                let s = u32::try_from(self.table.scopes.len()).unwrap_or(u32::MAX);
-                self.table.scopes.push(name);
-                self.scope_index.insert(Box::from(scope), s);
-                s
-            }
+        let Some(scope) = self.scope(scope).or_else(|| self.add_scope(scope)) else {
+            return false;
         };
-        let idx = u32::try_from(self.table.entries.len()).unwrap_or(u32::MAX);
-        self.table.entries.push(Entry {
+        self.push_scoped(id, state, scope, hashes);
+        true
+    }
+
+    /// The number of a scope already added (its name was checked then).
+    pub fn scope(&self, scope: &str) -> Option<u32> {
+        self.scope_index.get(scope).copied()
+    }
+
+    /// Adds a scope (`all`, `product:NAME` or `api:NAME`, else `None`), its number for
+    /// [`KeyTableBuilder::push_scoped`].
+    pub fn add_scope(&mut self, scope: &str) -> Option<u32> {
+        if let Some(s) = self.scope(scope) {
+            return Some(s);
+        }
+        let name = ScopeName::parse(scope)?;
+        let s = u32::try_from(self.table.scopes.len()).unwrap_or(u32::MAX);
+        self.table.scopes.push(name);
+        self.scope_index.insert(Box::from(scope), s);
+        Some(s)
+    }
+
+    /// [`KeyTableBuilder::push`] with a scope number from [`KeyTableBuilder::scope`] or
+    /// [`KeyTableBuilder::add_scope`].
+    pub fn push_scoped(&mut self, id: &str, state: State, scope: u32, hashes: &[KeyHash]) {
+        use std::hash::BuildHasher;
+        let KeyTable {
+            by_hash,
+            entries,
+            by_id,
+            ids,
+            ..
+        } = &mut self.table;
+        let idx = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        entries.push(Entry {
             id: Arc::from(id),
             scope,
             state,
         });
+        // The first of an id keeps it; the clash is reported by `finish`. One probe.
+        let h = ids.hash_one(id);
+        match by_id.find(h, |&j| &*entries[j as usize].id == id) {
+            Some(&j) => self.id_clashes.push(Clash::Id(idx as usize, j as usize)),
+            None => {
+                by_id.insert_unique(h, idx, |&j| ids.hash_one(&*entries[j as usize].id));
+            }
+        }
         for h in hashes {
             // The first owner keeps the key; the clash is reported by `finish`. One probe.
-            match self.table.by_hash.entry(*h) {
+            match by_hash.entry(*h) {
                 std::collections::hash_map::Entry::Occupied(o) => {
                     if *o.get() != idx {
                         self.clashes
@@ -402,12 +465,6 @@ impl KeyTableBuilder {
                 }
             }
         }
-        true
-    }
-
-    /// Whether a subscription with this scope was pushed already (its name was checked then).
-    pub fn has_scope(&self, scope: &str) -> bool {
-        self.scope_index.contains_key(scope)
     }
 
     /// Number of subscriptions pushed.
@@ -420,26 +477,12 @@ impl KeyTableBuilder {
         self.table.entries.is_empty()
     }
 
-    /// Indexes the ids; every duplicate id and every key shared by two subscriptions, as a
+    /// The table, with every key shared by two subscriptions and then every duplicate id, as a
     /// [`Clash`] naming the later entry first.
     pub fn finish(self) -> (KeyTable, Vec<Clash>) {
         let mut t = self.table;
         let mut clashes = self.clashes;
-        use std::hash::BuildHasher;
-        let mut by_id = hashbrown::HashTable::with_capacity(t.entries.len());
-        let entries = &t.entries;
-        for (i, e) in entries.iter().enumerate() {
-            let h = t.ids.hash_one(&*e.id);
-            match by_id.find(h, |&j: &u32| entries[j as usize].id == e.id) {
-                Some(&j) => clashes.push(Clash::Id(i, j as usize)),
-                None => {
-                    by_id.insert_unique(h, u32::try_from(i).unwrap_or(u32::MAX), |&j: &u32| {
-                        t.ids.hash_one(&*entries[j as usize].id)
-                    });
-                }
-            }
-        }
-        t.by_id = by_id;
+        clashes.extend(self.id_clashes);
         t.entries.shrink_to_fit();
         (t, clashes)
     }
@@ -762,6 +805,34 @@ pub(in crate::policy) fn compile_subscriptions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_parse_as_the_hex_crate_reads_them() {
+        let h = hash_key("k");
+        let lower = format_hash(&h);
+        assert_eq!(parse_hash(&lower), Some(h));
+        let upper = format!("sha256:{}", hex::encode_upper(h));
+        assert_eq!(parse_hash(&upper), Some(h));
+        assert_eq!(parse_hash(&lower[..lower.len() - 1]), None);
+        assert_eq!(parse_hash(&format!("{lower}0")), None);
+        assert_eq!(parse_hash(&lower.replace("sha256:", "sha512:")), None);
+        assert_eq!(parse_hash(&lower["sha256:".len()..]), None);
+        // 64 bytes that are not 64 characters.
+        assert_eq!(parse_hash(&format!("sha256:{}", "\u{e9}".repeat(32))), None);
+        // Every ASCII byte in every position of a pair: the same answer as the hex crate.
+        for b in 0u8..128 {
+            for at in [7, 8, 69, 70] {
+                let mut text = lower.clone().into_bytes();
+                text[at] = b;
+                let text = String::from_utf8(text).unwrap();
+                let mut want = [0u8; 32];
+                let want = hex::decode_to_slice(&text[7..], &mut want)
+                    .ok()
+                    .map(|()| want);
+                assert_eq!(parse_hash(&text), want, "{b} at {at}");
+            }
+        }
+    }
 
     fn resolver() -> ScopeResolver {
         let apis: HashMap<&str, usize> = [("a0", 0), ("a1", 1)].into_iter().collect();

@@ -546,6 +546,29 @@ fn stream<'a>(fe: *mut c_void) -> Stream<'a> {
     }
 }
 
+/// Runs a stream hook; a panic in it is answered with the `Internal` 500 (fail closed: the stream
+/// must not stay parked, nor pass) and the hook returns `on_panic`. Answering can itself not panic
+/// short of an allocation failure, and is guarded too.
+fn deciding<R>(
+    f: &Filter,
+    s: &Stream<'_>,
+    hook: &str,
+    on_panic: R,
+    body: impl FnOnce(&Filter, &Stream<'_>) -> R,
+) -> R {
+    match catch_unwind(AssertUnwindSafe(|| body(f, s))) {
+        Ok(status) => status,
+        Err(_) => {
+            log(
+                LOG_ERROR,
+                &format!("portcullis: panic while deciding (in {hook}); answered 500"),
+            );
+            let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, s)));
+            on_panic
+        }
+    }
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     fe: *mut c_void,
@@ -554,17 +577,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 ) -> i32 {
     // SAFETY: Envoy passes this stream's live filter object.
     let f = unsafe { filter_ref(fm) };
-    let s = stream(fe);
-    match catch_unwind(AssertUnwindSafe(|| f.on_request_headers(&s, end_of_stream))) {
-        Ok(status) => status,
-        Err(_) => {
-            log(LOG_ERROR, "portcullis: panic while deciding; answered 500");
-            // The stream must not stay parked: answer, fail closed (this can itself not panic
-            // short of an allocation failure).
-            let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, &s)));
-            HEADERS_STOP
-        }
-    }
+    deciding(f, &stream(fe), "request_headers", HEADERS_STOP, |f, s| {
+        f.on_request_headers(s, end_of_stream)
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -575,15 +590,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
 ) -> i32 {
     // SAFETY: this stream's live filter object.
     let f = unsafe { filter_ref(fm) };
-    let s = stream(fe);
-    match catch_unwind(AssertUnwindSafe(|| f.on_request_body(&s, end_of_stream))) {
-        Ok(status) => status,
-        Err(_) => {
-            log(LOG_ERROR, "portcullis: panic in request_body; answered 500");
-            let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, &s)));
-            BODY_STOP_NO_BUFFER
-        }
-    }
+    deciding(
+        f,
+        &stream(fe),
+        "request_body",
+        BODY_STOP_NO_BUFFER,
+        |f, s| f.on_request_body(s, end_of_stream),
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -593,18 +606,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
 ) -> i32 {
     // SAFETY: this stream's live filter object.
     let f = unsafe { filter_ref(fm) };
-    let s = stream(fe);
-    match catch_unwind(AssertUnwindSafe(|| f.on_request_trailers(&s))) {
-        Ok(status) => status,
-        Err(_) => {
-            log(
-                LOG_ERROR,
-                "portcullis: panic in request_trailers; answered 500",
-            );
-            let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, &s)));
-            TRAILERS_STOP
-        }
-    }
+    deciding(f, &stream(fe), "request_trailers", TRAILERS_STOP, |f, s| {
+        f.on_request_trailers(s)
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -615,11 +619,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 ) {
     // SAFETY: this stream's live filter object (Envoy does not deliver to a destroyed filter).
     let f = unsafe { filter_ref(fm) };
-    let s = stream(fe);
-    if catch_unwind(AssertUnwindSafe(|| f.on_scheduled(&s, event))).is_err() {
-        log(LOG_ERROR, "portcullis: panic while resuming; answered 500");
-        let _ = catch_unwind(AssertUnwindSafe(|| filter::fail_closed(f, &s)));
-    }
+    deciding(f, &stream(fe), "scheduled", (), |f, s| {
+        f.on_scheduled(s, event)
+    });
 }
 
 #[unsafe(no_mangle)]

@@ -11,9 +11,10 @@ with the one requests.json expects. Any failed call or wrong decision is counted
 
 Phases: (1) start, wait for the gRPC listener, read VmHWM idle; (2) every request once, checked;
 (3) `--seconds` of traffic with no reload (baseline); (3b) with a `keys.txt` beside the config
-(gen.py --keys-in file): the same traffic while the keys file alone is rewritten `--reloads` times
-(one subscription suspended and reactivated in turn, which the watcher reloads without touching the
-policy), then VmHWM; (4) the same traffic while the config is reloaded `--reloads` times
+(gen.py --keys-in file): the same traffic while the keys file alone is replaced `--reloads` times
+(one subscription suspended and reactivated in turn, both versions written beforehand and linked into
+place by an atomic rename, which the watcher reloads without touching the policy), then VmHWM, and
+the 1% slowest checks placed against the nearest replacement and reload (`slowest`); (4) the same traffic while the config is reloaded `--reloads` times
 (alternately rewritten, which the file watcher picks up, and SIGHUP), each reload started after the
 previous one has logged; (5) VmHWM after all of it.
 """
@@ -130,6 +131,21 @@ def summary(lat: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99), "max_ms": max(ms) if ms else None}
 
 
+def slowest(lat: list[tuple[float, float]], writes: list[float], windows: list[tuple[float, float]]) -> list[dict]:
+    """The 1% slowest checks, each placed against the reload it came nearest: milliseconds after the
+    file was written (`after_write_ms`), and after the reload began and ended (from its log line)."""
+    out = []
+    for due, x in sorted(lat, key=lambda t: -t[1])[: max(1, len(lat) // 100)]:
+        k = max((i for i, w in enumerate(writes) if w <= due), default=None)
+        if k is None:
+            out.append({"latency_ms": round(x * 1e3, 2), "before_first_write": True})
+            continue
+        lo, hi = windows[k]
+        out.append({"latency_ms": round(x * 1e3, 2), "after_write_ms": round((due - writes[k]) * 1e3, 1),
+                    "after_reload_start_ms": round((due - lo) * 1e3, 1), "after_reload_end_ms": round((due - hi) * 1e3, 1)})
+    return out
+
+
 async def traffic(target: str, reqs: list[tuple[dict, bytes]], rate: float, seconds: float,
                   during=None) -> dict:
     """Sends `rate` checks a second for `seconds` (open loop, round robin over `reqs`), while
@@ -218,15 +234,25 @@ def main() -> int:
             keys_text = keys_file.read_text()
             # The first `sub-3 active` line (a scope `all` key no request uses) is toggled.
             toggled = keys_text.replace("\nsub-3 active ", "\nsub-3 suspended ", 1)
+            # Both versions are written before the phase and each reload links one into place (an
+            # atomic rename, as a deploy or a ConfigMap swap does): writing 10 MB from this process
+            # during the phase stalled the client's event loop and showed as latency of the checks.
+            versions = []
+            for k, text in enumerate((toggled, keys_text)):
+                v = keys_file.with_name(f"keys.v{k}.txt")
+                v.write_text(text)
+                versions.append(v)
 
             async def key_reloads(start: float) -> dict:
-                durations, windows, cpus = [], [], []
+                durations, windows, cpus, writes = [], [], [], []
                 nxt = len(srv.lines)
                 gap = a.seconds / (a.reloads + 1)
                 for r in range(a.reloads):
                     await asyncio.sleep(max(0.0, start + (r + 1) * gap - time.monotonic()))
                     tmp = keys_file.with_suffix(".tmp")
-                    await asyncio.to_thread(tmp.write_text, toggled if r % 2 == 0 else keys_text)
+                    writes.append(time.monotonic())
+                    tmp.unlink(missing_ok=True)
+                    os.link(versions[r % 2], tmp)
                     os.replace(tmp, keys_file)
                     idx, at, rec = await asyncio.to_thread(srv.wait_for, "subscription keys file reloaded", nxt, 60)
                     nxt = idx + 1
@@ -234,7 +260,7 @@ def main() -> int:
                     durations.append(d)
                     cpus.append(rec.get("cpu_ms"))
                     windows.append((at - (d or 0) / 1e3, at))
-                return {"durations": durations, "windows": windows, "cpu": cpus}
+                return {"durations": durations, "windows": windows, "cpu": cpus, "writes": writes}
 
             kr = asyncio.run(traffic(target, reqs, a.rate, a.seconds, during=key_reloads))
             kwin = kr["side"]["windows"]
@@ -248,8 +274,12 @@ def main() -> int:
                 "checks_during_key_reloads": {**summary([x for _, x in kr["lat"]]), "failures": len(kr["failures"]),
                                               "wrong_decisions": len(kr["wrong"]), "achieved_rps": kr["achieved_rps"]},
                 "checks_while_reloading_keys": summary(kin),
+                "slowest": slowest(kr["lat"], kr["side"]["writes"], kwin),
             }
+            keys_file.unlink()
             keys_file.write_text(keys_text)
+            for v in versions:
+                v.unlink()
             result["rss_after_key_reloads_kib"] = status_kib(srv.proc.pid)
 
         async def reloads(start: float) -> dict:

@@ -17,7 +17,7 @@
 //! A line is at most [`MAX_LINE`] bytes. Every error names `file:line`; none repeats a key field
 //! (a plain key written by mistake must not reach a log).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 
 use super::{Clash, KeyHash, KeyTable, KeyTableBuilder, ScopeResolver, parse_hash, parse_state};
@@ -36,9 +36,9 @@ pub const MAX_ID: usize = 128;
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-~:@".contains(&b))
+        && id.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~' | b':' | b'@')
+        })
 }
 
 /// What reading one line found.
@@ -52,44 +52,65 @@ enum Line<'a> {
     },
 }
 
-/// The fields of a line (at most six are kept, the count is exact), every byte checked first in
-/// one pass that the compiler can vectorize, then split once the line is known to be ASCII.
-fn fields(line: &[u8]) -> Result<([&str; 6], usize), String> {
+/// The position of the first byte that is not printable ASCII, a space or a tab, found in one
+/// pass that the compiler can vectorize.
+fn first_bad_byte(line: &[u8]) -> Option<usize> {
     let allowed = |b: u8| b == b' ' || b == b'\t' || (0x21..=0x7e).contains(&b);
-    if !line.iter().fold(true, |ok, &b| ok & allowed(b))
-        && let Some(i) = line.iter().position(|&b| !allowed(b))
-    {
+    if line.iter().fold(true, |ok, &b| ok & allowed(b)) {
+        return None;
+    }
+    line.iter().position(|&b| !allowed(b))
+}
+
+/// The fields of a checked line, split at runs of spaces and tabs (on bytes: a `char` pattern
+/// decodes every character).
+struct Fields<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let bytes = self.text.as_bytes();
+        let blank = |b: u8| b == b' ' || b == b'\t';
+        let mut from = self.at;
+        while from < bytes.len() && blank(bytes[from]) {
+            from += 1;
+        }
+        let mut to = from;
+        while to < bytes.len() && !blank(bytes[to]) {
+            to += 1;
+        }
+        self.at = to;
+        (from < to).then(|| self.text.get(from..to)).flatten()
+    }
+}
+
+fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
+    if let Some(i) = first_bad_byte(line) {
         return Err(format!(
             "byte {} is not printable ASCII, a space or a tab (a look-alike character, a control character or another encoding)",
             i + 1
         ));
     }
-    // Only printable ASCII, spaces and tabs are left, so `from_utf8` cannot fail.
-    let line = std::str::from_utf8(line).unwrap_or_default();
-    let mut out = [""; 6];
-    let mut n = 0usize;
-    for field in line.split([' ', '\t']).filter(|f| !f.is_empty()) {
-        if n < out.len() {
-            out[n] = field;
-        }
-        n += 1;
-    }
-    Ok((out, n))
-}
-
-fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
-    let (f, n) = fields(line)?;
-    if n == 0 || f[0].starts_with('#') {
+    // Only printable ASCII, spaces and tabs are left, so `from_utf8` cannot fail and every byte
+    // index is a character boundary.
+    let mut f = Fields {
+        text: std::str::from_utf8(line).unwrap_or_default(),
+        at: 0,
+    };
+    let Some(id) = f.next().filter(|id| !id.starts_with('#')) else {
         return Ok(Line::Nothing);
-    }
-    if n < 4 {
+    };
+    let (Some(state), Some(scope), Some(primary)) = (f.next(), f.next(), f.next()) else {
         return Err("a line is `id state scope primary [secondary]`".into());
-    }
-    if n > 5 {
+    };
+    let secondary = f.next();
+    if f.next().is_some() {
         return Err("more than five fields: a line is `id state scope primary [secondary]`".into());
     }
-    let (id, state, scope, primary) = (f[0], f[1], f[2], f[3]);
-    let secondary = (n == 5).then_some(f[4]);
     if !valid_id(id) {
         return Err(format!(
             "the id must be 1 to {MAX_ID} of A-Z a-z 0-9 . _ - ~ : @"
@@ -137,14 +158,115 @@ fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
 /// Counts the lines of `path` (one cheap pass, so the table is sized exactly once).
 fn count_lines(path: &Path) -> std::io::Result<usize> {
     let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; CHUNK];
     let mut n = 1;
     loop {
-        let read = f.read(&mut buf)?;
+        let read = match f.read(&mut buf) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if read == 0 {
             return Ok(n);
         }
-        n += buf[..read].iter().filter(|&&b| b == b'\n').count();
+        n += memchr::memchr_iter(b'\n', &buf[..read]).count();
+    }
+}
+
+/// How much of the file is read at a time.
+const CHUNK: usize = 128 * 1024;
+
+/// One line of the file, its end (`\n` or `\r\n`) taken off.
+enum Next<'a> {
+    Line(&'a [u8]),
+    /// Longer than [`MAX_LINE`]: skipped without being kept.
+    TooLong,
+}
+
+/// The lines of a file, found with `memchr` in a buffer of [`CHUNK`] bytes and handed out as
+/// slices of it (nothing is copied per line; a line cut by the end of a chunk is moved to the
+/// front before the next read).
+struct Lines<R> {
+    src: R,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl<R: Read> Lines<R> {
+    fn new(src: R) -> Self {
+        Lines {
+            src,
+            buf: vec![0u8; CHUNK].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+        }
+    }
+
+    fn next(&mut self) -> std::io::Result<Option<Next<'_>>> {
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
+                let (from, to) = (self.start, self.start + i);
+                self.start = to + 1;
+                let line = &self.buf[from..to];
+                return Ok(Some(fits(line.strip_suffix(b"\r").unwrap_or(line))));
+            }
+            if self.eof {
+                if self.start == self.end {
+                    return Ok(None);
+                }
+                // The last line, without an end.
+                let from = std::mem::replace(&mut self.start, self.end);
+                return Ok(Some(fits(&self.buf[from..self.end])));
+            }
+            if self.end - self.start > MAX_LINE + 1 {
+                // No end within MAX_LINE + 2 bytes: too long, whatever follows.
+                self.skip_line()?;
+                return Ok(Some(Next::TooLong));
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.fill()?;
+        }
+    }
+
+    /// Drops the rest of the current line, its end included.
+    fn skip_line(&mut self) -> std::io::Result<()> {
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
+                self.start += i + 1;
+                return Ok(());
+            }
+            (self.start, self.end) = (0, 0);
+            self.fill()?;
+            if self.eof {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads more after `end`.
+    fn fill(&mut self) -> std::io::Result<()> {
+        loop {
+            match self.src.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(read) => self.end += read,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn fits(line: &[u8]) -> Next<'_> {
+    if line.len() > MAX_LINE {
+        Next::TooLong
+    } else {
+        Next::Line(line)
     }
 }
 
@@ -174,49 +296,27 @@ pub fn load(
         );
         errs
     };
-    let lines = count_lines(path).map_err(io_err)?;
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let mut reader = BufReader::with_capacity(64 * 1024, file);
-    let capacity = lines.min(MAX_SUBSCRIPTIONS);
+    let capacity = count_lines(path).map_err(io_err)?.min(MAX_SUBSCRIPTIONS);
+    let mut lines = Lines::new(std::fs::File::open(path).map_err(io_err)?);
     // One key a line is reserved; a file of key pairs grows the index once.
     let mut builder = KeyTableBuilder::with_capacity(capacity, capacity);
     // Without inline keys (the usual case with a keys file), no line is looked up in them.
     let no_inline = inline.counts() == (0, 0);
     // The line of each subscription, to name both lines of a clash found once all are read.
     let mut line_of: Vec<u32> = Vec::with_capacity(capacity);
-    let mut buf: Vec<u8> = Vec::with_capacity(MAX_LINE + 2);
     let mut n: usize = 0;
-    loop {
-        buf.clear();
-        let read = (&mut reader)
-            .take(MAX_LINE as u64 + 2)
-            .read_until(b'\n', &mut buf)
-            .map_err(io_err)?;
-        if read == 0 {
-            break;
-        }
+    while let Some(next) = lines.next().map_err(io_err)? {
         n += 1;
         let at = || format!("{shown}:{n}");
-        let ended = buf.last() == Some(&b'\n');
-        if ended {
-            buf.pop();
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
-            }
-        }
-        if buf.len() > MAX_LINE {
+        let Next::Line(line) = next else {
             push(
                 &mut errs,
                 at(),
                 format!("the line is longer than {MAX_LINE} bytes"),
             );
-            if !ended {
-                // The rest of the line is skipped without being kept.
-                reader.skip_until(b'\n').map_err(io_err)?;
-            }
             continue;
-        }
-        match parse_line(&buf) {
+        };
+        match parse_line(line) {
             Ok(Line::Nothing) => {}
             Ok(Line::Record {
                 id,
@@ -336,14 +436,16 @@ mod tests {
     #[test]
     fn a_valid_file_with_comments_blank_lines_and_crlf() {
         let text = format!(
-            "# subscriptions of the portal\n\n  \t\nalice active all {} {}\r\nbob\tsuspended\tproduct:gold\t{}\t-\ncarol active api:orders - {}\n",
+            "# subscriptions of the portal\n\n  \t\nalice active all {} {}\r\nbob\tsuspended\tproduct:gold\t{}\t-\ncarol active api:orders - {}\n \t erin  active\t \tall {}\t \n  # an indented comment\n",
             h("a1"),
             h("a2"),
             h("b1"),
-            h("c2")
+            h("c2"),
+            h("e1")
         );
         let t = load_text(text.as_bytes()).unwrap();
-        assert_eq!(t.counts(), (3, 4));
+        assert_eq!(t.counts(), (4, 5));
+        assert_eq!(t.owner(&hash_key("e1")).as_deref(), Some("erin"));
         assert_eq!(t.owner(&hash_key("a2")).as_deref(), Some("alice"));
         assert_eq!(t.owner(&hash_key("c2")).as_deref(), Some("carol"));
         let bob = t.get("bob").unwrap();
@@ -418,6 +520,80 @@ mod tests {
         text.extend(std::iter::repeat_n(b'a', 8 * 1024 * 1024));
         let errs = load_text(&text).unwrap_err();
         assert_eq!(errs, ["keys.txt:2: the line is longer than 1024 bytes"]);
+    }
+
+    /// Hands out its bytes a few at a time, so lines and `\r\n` are cut at every place.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.1 = self.1 % 7 + 1;
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// What the lines of `text` must be: split at `\n`, a `\r` before it taken off, a last
+    /// line without an end kept; `None` for a line longer than `MAX_LINE`.
+    fn expected(text: &[u8]) -> Vec<Option<Vec<u8>>> {
+        let mut out: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        if out.last() == Some(&&b""[..]) {
+            out.pop();
+        }
+        let ended = out.len() < text.split(|&b| b == b'\n').count();
+        let last = out.len().saturating_sub(1);
+        out.iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let l = if i < last || ended {
+                    l.strip_suffix(b"\r").unwrap_or(l)
+                } else {
+                    l
+                };
+                (l.len() <= MAX_LINE).then(|| l.to_vec())
+            })
+            .collect()
+    }
+
+    fn read_all(mut lines: Lines<impl Read>) -> Vec<Option<Vec<u8>>> {
+        let mut got = Vec::new();
+        while let Some(next) = lines.next().unwrap() {
+            got.push(match next {
+                Next::Line(l) => Some(l.to_vec()),
+                Next::TooLong => None,
+            });
+        }
+        got
+    }
+
+    #[test]
+    fn lines_are_the_same_wherever_reads_and_chunks_cut_them() {
+        // Lengths around MAX_LINE (with and without `\r`), enough of them to cross several chunks.
+        let mut text = Vec::new();
+        for i in 0..400usize {
+            let len = [
+                0,
+                1,
+                63,
+                MAX_LINE - 1,
+                MAX_LINE,
+                MAX_LINE + 1,
+                MAX_LINE + 2,
+                3000,
+            ][i % 8]
+                + i % 3;
+            text.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, len));
+            text.extend_from_slice(if i % 5 == 0 { b"\r\n" } else { b"\n" });
+        }
+        for tail in [&b""[..], b"last", b"last\r", &[b'z'; MAX_LINE + 5][..]] {
+            let mut t = text.clone();
+            t.extend_from_slice(tail);
+            let want = expected(&t);
+            assert_eq!(read_all(Lines::new(&t[..])), want);
+            assert_eq!(read_all(Lines::new(Trickle(&t, 0))), want);
+        }
     }
 
     #[test]

@@ -219,6 +219,56 @@ fn store_yaml(dir: &Path) -> String {
 }
 
 #[tokio::test]
+async fn a_reload_that_names_another_keys_file_watches_that_one() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (a, b) = (keys_dir.path().join("a"), keys_dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (first, second) = (a.join("keys-a.txt"), b.join("keys-b.txt"));
+    write_atomically(&first, &format!("alice active all {} -\n", h("alice-1")));
+    write_atomically(&second, &format!("bob active all {} -\n", h("bob-1")));
+    let config =
+        |keys: &Path| api_yaml(&format!("subscriptions:\n  keys_file: {}", keys.display()));
+    let srv = TestServer::start(&config(&first)).await;
+    assert_eq!(code_with(&srv, "alice-1").await, 0);
+    assert_eq!(code_with(&srv, "bob-1").await, 16);
+
+    // The config now names the other file (in another directory): the reload reads it ...
+    srv.write_config(&config(&second));
+    assert!(
+        eventually(&srv, "bob-1", 0).await,
+        "the config reload did not read the new keys file"
+    );
+    assert_eq!(code_with(&srv, "alice-1").await, 16);
+    // ... and a change of it reloads the keys, without a restart (the watch moved with it).
+    write_atomically(
+        &second,
+        &format!(
+            "bob active all {} -\ncarol active all {} -\n",
+            h("bob-1"),
+            h("carol-1")
+        ),
+    );
+    assert!(
+        eventually(&srv, "carol-1", 0).await,
+        "a change of the newly named keys file was not picked up"
+    );
+    // The file named before is no longer followed: its changes grant nothing.
+    write_atomically(
+        &first,
+        &format!(
+            "alice active all {} -\ndan active all {} -\n",
+            h("alice-1"),
+            h("dan-1")
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(code_with(&srv, "dan-1").await, 16);
+    assert_eq!(code_with(&srv, "carol-1").await, 0);
+    srv.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn every_admin_call_and_its_errors() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.txt");

@@ -77,6 +77,8 @@ pub struct State {
     /// Held by a reload of the config or of the keys file, so that a keys file read by one is
     /// never replaced by an older one read by the other.
     reloading: std::sync::Mutex<()>,
+    /// The file watcher, once started: a reload that names another keys file moves it there.
+    watching: std::sync::OnceLock<std::sync::Weak<reload::Watching>>,
     admission: Arc<Semaphore>,
     shutting_down: AtomicBool,
     /// Decision log, metrics and traces.
@@ -195,6 +197,7 @@ pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Runni
         config_path: config_path.to_path_buf(),
         config_digest: std::sync::Mutex::new(src.digest),
         reloading: std::sync::Mutex::new(()),
+        watching: std::sync::OnceLock::new(),
         admission,
         shutting_down: AtomicBool::new(false),
         telemetry,

@@ -2,6 +2,7 @@
 //! whole and swapped in atomically; a broken one is logged with every error while the last good
 //! policy keeps serving.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,9 @@ fn reload_reporting(state: &Arc<State>, force: bool) -> (Result<Summary, ConfigE
         }
     }
     let changed = retired.is_some();
+    if changed && let Some(w) = state.watching.get().and_then(std::sync::Weak::upgrade) {
+        w.follow_keys_file(state);
+    }
     if let Some(old) = retired {
         retire(old);
     }
@@ -167,70 +171,133 @@ enum Changed {
     Keys,
 }
 
+/// The file watcher and the keys file it watches for (which a reload may change).
+pub struct Watching {
+    watcher: std::sync::Mutex<notify::RecommendedWatcher>,
+    /// The config file's directory, always watched.
+    config_dir: PathBuf,
+    /// The keys file whose events reload the keys, and its directory when watched apart.
+    keys: Arc<std::sync::Mutex<Option<PathBuf>>>,
+}
+
+impl Watching {
+    /// Follows the `keys_file` of the policy in service: a reload that names another keys file
+    /// moves the watch there (its directory is watched, the old one's let go).
+    fn follow_keys_file(&self, state: &State) {
+        let now = state
+            .policy()
+            .subscriptions()
+            .keys_file()
+            .map(std::path::Path::to_path_buf);
+        // The name is switched first, and the lock let go before the watcher is touched: notify's
+        // event thread takes it for every event, and `watch` waits for that thread.
+        let old = {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            if *keys == now {
+                return;
+            }
+            std::mem::replace(&mut *keys, now.clone())
+        };
+        let (old_dir, new_dir) = (old.as_deref().map(parent), now.as_deref().map(parent));
+        let mut watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = &old_dir
+            && *d != self.config_dir
+            && new_dir.as_ref() != Some(d)
+        {
+            let _ = watcher.unwatch(d);
+        }
+        if let (Some(new), Some(d)) = (&now, &new_dir) {
+            if *d != self.config_dir
+                && old_dir.as_ref() != Some(d)
+                && let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive)
+            {
+                tracing::warn!(error = %e, dir = %d.display(), "cannot watch the keys file's directory; reload with SIGHUP");
+            }
+            tracing::info!(keys_file = %new.display(), "watching the keys file named by the new configuration");
+        }
+    }
+}
+
+/// The directory of `p` (`.` for a bare file name).
+fn parent(p: &std::path::Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Watches the config file's directory (so atomic renames and Kubernetes ConfigMap symlink swaps
 /// are seen) and reloads on change; and the keys file's, which reloads only the keys. The
-/// returned watcher must be kept alive. The keys file watched is the one configured at start (a
-/// new `keys_file` path is read by every reload, and watched after a restart).
-pub fn watch(state: Arc<State>) -> Option<notify::RecommendedWatcher> {
+/// returned watcher must be kept alive. A reload that names another keys file moves the watch to
+/// it.
+pub fn watch(state: Arc<State>) -> Option<Arc<Watching>> {
     let path = state.config_path().to_path_buf();
-    let parent = |p: &std::path::Path| match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
     let dir = parent(&path);
-    let keys = state
+    let keys_path = state
         .policy()
         .subscriptions()
         .keys_file()
         .map(std::path::Path::to_path_buf);
+    let keys = Arc::new(std::sync::Mutex::new(keys_path.clone()));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Changed>();
     let watched_name = path.file_name().map(|n| n.to_os_string());
-    let keys_name = keys
-        .as_ref()
-        .and_then(|k| k.file_name())
-        .map(|n| n.to_os_string());
-    let mut watcher =
-        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(event) = res {
-                if matches!(event.kind, notify::EventKind::Access(_)) {
-                    return;
-                }
-                let name_is = |want: &Option<std::ffi::OsString>| {
-                    event
-                        .paths
-                        .iter()
-                        .any(|p| want.is_some() && p.file_name().map(|n| n.to_os_string()) == *want)
-                };
-                let symlink_swap = event
+    let keys_now = keys.clone();
+    let watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res {
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let keys_name = keys_now
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .and_then(|k| k.file_name())
+                .map(|n| n.to_os_string());
+            let name_is = |want: &Option<std::ffi::OsString>| {
+                event
                     .paths
                     .iter()
-                    .any(|p| p.to_string_lossy().contains("..data"));
-                if name_is(&watched_name) || symlink_swap {
-                    let _ = tx.send(Changed::Config);
-                }
-                if name_is(&keys_name) || (symlink_swap && keys_name.is_some()) {
-                    let _ = tx.send(Changed::Keys);
-                }
+                    .any(|p| want.is_some() && p.file_name().map(|n| n.to_os_string()) == *want)
+            };
+            let symlink_swap = event
+                .paths
+                .iter()
+                .any(|p| p.to_string_lossy().contains("..data"));
+            if name_is(&watched_name) || symlink_swap {
+                let _ = tx.send(Changed::Config);
             }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
-                return None;
+            if name_is(&keys_name) || (symlink_swap && keys_name.is_some()) {
+                let _ = tx.send(Changed::Keys);
             }
-        };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
-        return None;
-    }
-    if let Some(keys) = &keys {
-        let kdir = parent(keys);
-        if kdir != dir
-            && let Err(e) = watcher.watch(&kdir, RecursiveMode::NonRecursive)
-        {
-            tracing::warn!(error = %e, dir = %kdir.display(), "cannot watch the keys file's directory; reload with SIGHUP");
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            return None;
+        }
+    };
+    let watching = Arc::new(Watching {
+        watcher: std::sync::Mutex::new(watcher),
+        config_dir: dir.clone(),
+        keys,
+    });
+    {
+        let mut watcher = watching.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
+            return None;
+        }
+        if let Some(keys) = &keys_path {
+            let kdir = parent(keys);
+            if kdir != dir
+                && let Err(e) = watcher.watch(&kdir, RecursiveMode::NonRecursive)
+            {
+                tracing::warn!(error = %e, dir = %kdir.display(), "cannot watch the keys file's directory; reload with SIGHUP");
+            }
         }
     }
+    let _ = state.watching.set(Arc::downgrade(&watching));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             // Debounce: collect the rest of the burst.
@@ -252,5 +319,5 @@ pub fn watch(state: Arc<State>) -> Option<notify::RecommendedWatcher> {
             .await;
         }
     });
-    Some(watcher)
+    Some(watching)
 }

@@ -279,6 +279,31 @@ pub fn load(
     resolver: &ScopeResolver,
     inline: &KeyTable,
 ) -> Result<KeyTable, ConfigErrors> {
+    let capacity = count_lines(path)
+        .map_err(|e| read_error(shown, &e))?
+        .min(MAX_SUBSCRIPTIONS);
+    let file = std::fs::File::open(path).map_err(|e| read_error(shown, &e))?;
+    read(file, capacity, shown, resolver, inline)
+}
+
+/// The one error of a file that cannot be read.
+fn read_error(shown: &str, e: &std::io::Error) -> ConfigErrors {
+    let mut errs = ConfigErrors::default();
+    errs.push(
+        "subscriptions.keys_file",
+        format!("cannot read {shown}: {e}"),
+    );
+    errs
+}
+
+/// [`load`] from any reader, with room made for `capacity` subscriptions.
+fn read(
+    src: impl Read,
+    capacity: usize,
+    shown: &str,
+    resolver: &ScopeResolver,
+    inline: &KeyTable,
+) -> Result<KeyTable, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut more = 0usize;
     let mut push = |errs: &mut ConfigErrors, at: String, msg: String| {
@@ -288,16 +313,8 @@ pub fn load(
             more += 1;
         }
     };
-    let io_err = |e: std::io::Error| {
-        let mut errs = ConfigErrors::default();
-        errs.push(
-            "subscriptions.keys_file",
-            format!("cannot read {shown}: {e}"),
-        );
-        errs
-    };
-    let capacity = count_lines(path).map_err(io_err)?.min(MAX_SUBSCRIPTIONS);
-    let mut lines = Lines::new(std::fs::File::open(path).map_err(io_err)?);
+    let io_err = |e: std::io::Error| read_error(shown, &e);
+    let mut lines = Lines::new(src);
     // One key a line is reserved; a file of key pairs grows the index once.
     let mut builder = KeyTableBuilder::with_capacity(capacity, capacity);
     // Without inline keys (the usual case with a keys file), no line is looked up in them.
@@ -593,6 +610,79 @@ mod tests {
             let want = expected(&t);
             assert_eq!(read_all(Lines::new(&t[..])), want);
             assert_eq!(read_all(Lines::new(Trickle(&t, 0))), want);
+        }
+    }
+
+    /// A line as a careless or hostile writer could make it: a valid record, one with a field
+    /// broken, or bytes of any kind.
+    fn any_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let id = "[A-Za-z0-9._~:@-]{1,12}";
+        let state = prop_oneof![
+            Just("active".to_string()),
+            Just("suspended".to_string()),
+            "[a-z]{1,9}"
+        ];
+        let scope = prop_oneof![
+            Just("all".to_string()),
+            Just("api:orders".to_string()),
+            Just("product:gold".to_string()),
+            "(api|product):[a-z]{1,6}",
+            "[ -~]{0,12}"
+        ];
+        let key = prop_oneof![
+            "[a-z0-9]{1,8}".prop_map(|k| format_hash(&hash_key(&k))),
+            Just("-".to_string()),
+            "sha256:[0-9a-fA-F]{60,66}",
+            "[ -~]{0,20}"
+        ];
+        let blank = prop_oneof![Just(" "), Just("\t"), Just("  \t ")];
+        prop_oneof![
+            4 => (id, state, scope, key.clone(), proptest::option::of(key), blank)
+                .prop_map(|(i, st, sc, k1, k2, b)| {
+                    let mut l = format!("{i}{b}{st}{b}{sc}{b}{k1}");
+                    if let Some(k2) = k2 {
+                        l.push_str(b);
+                        l.push_str(&k2);
+                    }
+                    l.into_bytes()
+                }),
+            // Any byte but the line end (the lines are joined with it).
+            1 => proptest::collection::vec(any::<u8>().prop_map(|b| if b == b'\n' { b'\r' } else { b }), 0..40),
+            1 => Just(b"# a comment".to_vec()),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the lines before it, a plain key written in a key field is never repeated
+        /// in an error; no input panics; a file without errors holds one subscription a record.
+        #[test]
+        fn no_line_breaks_the_reader_or_shows_a_plain_key(
+            lines in proptest::collection::vec(any_line(), 0..40),
+            crlf in proptest::bool::ANY,
+            secondary in proptest::bool::ANY,
+        ) {
+            const PLAIN: &str = "plain-Secret-Key-4d2e9a";
+            let end: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+            let mut text = lines.join(end);
+            if !lines.is_empty() {
+                text.extend_from_slice(end);
+            }
+            let last = if secondary {
+                format!("zz-last active all {} {PLAIN}", h("zz"))
+            } else {
+                format!("zz-last active all {PLAIN} -")
+            };
+            text.extend_from_slice(last.as_bytes());
+            let errs = read(&text[..], 8, "keys.txt", &resolver(), &inline()).unwrap_err();
+            let all = errs.to_string();
+            proptest::prop_assert!(!all.contains(PLAIN), "{}", all);
+            proptest::prop_assert!(all.contains(&format!("keys.txt:{}", lines.len() + 1)), "{}", all);
+            // Without the last line: either an error or a table of at most one subscription a line.
+            let without = &text[..text.len() - text.rsplit(|&b| b == b'\n').next().unwrap_or_default().len()];
+            if let Ok(t) = read(without, 8, "keys.txt", &resolver(), &inline()) {
+                proptest::prop_assert!(t.counts().0 <= lines.len());
+            }
         }
     }
 

@@ -492,6 +492,48 @@ def test_a_broken_reload_keeps_the_last_good_policy_and_a_good_one_applies(tmp_p
         jwks.stop()
 
 
+def test_the_keys_file_is_watched_and_reloaded_alone_inside_envoy(tmp_path, backend, pki):
+    """`subscriptions.keys_file` in the module: a change of the keys file alone (the config file
+    unchanged) puts its keys in service, a broken one keeps the last good keys, as in the service."""
+    signer = Signer()
+    jwks = JwksServer(signer.jwks)
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    keys = keys_dir / "keys.txt"
+
+    def write_keys(text: str) -> None:
+        tmp = keys_dir / ".keys.txt.tmp"
+        tmp.write_text(text)
+        tmp.replace(keys)
+
+    write_keys(f"filed active all {key_hash('filed-key-1')} -\n")
+    config = tmp_path / "keys-file.yaml"
+    config.write_text(policy(jwks.url).replace("subscriptions:\n  keys:", f"subscriptions:\n  keys_file: {keys}\n  keys:", 1))
+    envoy = module_envoy(tmp_path, backend, pki, str(config), "envoy-keys-file")
+
+    def status(key: str) -> int:
+        return request(envoy.url("http", "/orders/1"), headers=lb(ALLOWED_CLIENT, ("ocp-apim-subscription-key", key))).status
+
+    try:
+        assert status("filed-key-1") == 200
+        assert status(KEY_TEAM_A) == 200
+        assert status("filed-key-2") == 401
+        write_keys(f"filed active all {key_hash('filed-key-2')} -\n")
+        envoy.process.wait_for("the new keys", lambda: status("filed-key-2") == 200, timeout=20)
+        assert status("filed-key-1") == 401
+        assert status(KEY_TEAM_A) == 200
+        assert "subscription keys file reloaded" in envoy.output()
+        # A broken keys file: refused with its line, the last good keys keep serving.
+        write_keys("filed active all not-a-hash -\n")
+        envoy.process.wait_for("the rejected keys", lambda: "subscription keys file rejected" in envoy.output(), timeout=20)
+        assert f"{keys}:1" in envoy.output() or "keys.txt:1" in envoy.output()
+        assert "not-a-hash" not in envoy.output()
+        assert status("filed-key-2") == 200
+    finally:
+        envoy.stop()
+        jwks.stop()
+
+
 def test_a_panic_inside_the_module_is_a_500_deny_and_envoy_keeps_serving(tmp_path, backend, pki):
     # `test_panic_header` exists in debug builds only (the suite's build): a request carrying it
     # panics inside the filter's request hook.

@@ -177,6 +177,8 @@ pub struct Shared {
     source: ConfigSource,
     digest: Mutex<[u8; 32]>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// The keys file the watcher reloads the keys for (the policy's `subscriptions.keys_file`).
+    keys_file: Arc<Mutex<Option<PathBuf>>>,
     /// `telemetry.decision_log` as the module started.
     pub decision_log: bool,
     /// `telemetry.decision_log_client_ip`.
@@ -263,6 +265,7 @@ impl Shared {
             source: options.source,
             digest: Mutex::new(src.digest),
             watcher: Mutex::new(None),
+            keys_file: Arc::new(Mutex::new(None)),
             decision_log: settings.decision_log,
             decision_log_client_ip: settings.decision_log_client_ip,
             decision_timeout: options.decision_timeout,
@@ -272,6 +275,7 @@ impl Shared {
             let watcher = watch(path, Arc::downgrade(&engine));
             *engine.watcher.lock().unwrap_or_else(|p| p.into_inner()) = watcher;
         }
+        engine.follow_keys_file();
         Ok(engine)
     }
 
@@ -297,6 +301,7 @@ impl Shared {
         match &result {
             Ok(true) => {
                 tracing::info!(summary = %self.policy.load().summary, duration_ms, "portcullis module: configuration reloaded");
+                self.follow_keys_file();
             }
             Ok(false) => {}
             Err(errs) => {
@@ -305,6 +310,73 @@ impl Shared {
             }
         }
         result
+    }
+
+    /// Re-reads `subscriptions.keys_file` alone (as the service does): only the key table is
+    /// swapped; a broken file keeps the last good keys. Runs on a blocking thread of the runtime.
+    pub fn reload_keys(&self) -> Result<Option<(usize, usize)>, ConfigErrors> {
+        let started = Instant::now();
+        let result = self.policy.load().subscriptions().reload_keys_file();
+        let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        match &result {
+            Ok(Some((subscriptions, keys))) => {
+                tracing::info!(
+                    subscriptions,
+                    keys,
+                    duration_ms,
+                    "portcullis module: subscription keys file reloaded"
+                );
+            }
+            Ok(None) => {}
+            Err(errs) => {
+                let errors: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+                tracing::error!(errors = ?errors, duration_ms, "portcullis module: subscription keys file rejected; the last good keys keep serving");
+            }
+        }
+        result
+    }
+
+    /// Points the watcher at the policy's keys file: its name is what keys events match, and its
+    /// directory is watched when it is not the config file's. Called at start and after a reload
+    /// (which may name another file).
+    fn follow_keys_file(&self) {
+        let ConfigSource::File(config) = &self.source else {
+            return;
+        };
+        let now = self
+            .policy
+            .load()
+            .subscriptions()
+            .keys_file()
+            .map(Path::to_path_buf);
+        // The lock is let go before the watcher is touched: notify's event thread takes it for
+        // every event, and `watch` waits for that thread.
+        let old = {
+            let mut keys = self.keys_file.lock().unwrap_or_else(|p| p.into_inner());
+            if *keys == now {
+                return;
+            }
+            std::mem::replace(&mut *keys, now.clone())
+        };
+        let config_dir = parent(config);
+        let (old_dir, new_dir) = (old.as_deref().map(parent), now.as_deref().map(parent));
+        let mut watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(watcher) = watcher.as_mut() else {
+            return;
+        };
+        if let Some(d) = &old_dir
+            && *d != config_dir
+            && new_dir.as_ref() != Some(d)
+        {
+            let _ = watcher.unwatch(d);
+        }
+        if let Some(d) = &new_dir
+            && *d != config_dir
+            && old_dir.as_ref() != Some(d)
+            && let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(error = %e, dir = %d.display(), "portcullis module: cannot watch the keys file's directory; it will be read with the config only");
+        }
     }
 
     fn try_reload(&self, path: &Path) -> Result<bool, ConfigErrors> {
@@ -378,23 +450,42 @@ fn load(source: &ConfigSource) -> Result<config::Source, EngineError> {
 /// and reloads on change, on the engine's runtime. Holds the engine weakly: dropping the filter
 /// config stops it.
 fn watch(path: &Path, engine: Weak<Shared>) -> Option<notify::RecommendedWatcher> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let handle = engine.upgrade()?.handle.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let dir = parent(path);
+    let shared = engine.upgrade()?;
+    let handle = shared.handle.clone();
+    let keys_file = shared.keys_file.clone();
+    drop(shared);
+    // `true` for the config file, `false` for the keys file alone.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let watched_name = path.file_name().map(|n| n.to_os_string());
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
-            if let Ok(event) = res {
-                let relevant = event.paths.iter().any(|p| {
-                    p.file_name().map(|n| n.to_os_string()) == watched_name
-                        || p.to_string_lossy().contains("..data")
-                });
-                if relevant && !matches!(event.kind, notify::EventKind::Access(_)) {
-                    let _ = tx.send(());
-                }
+            let Ok(event) = res else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let keys_name = keys_file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .and_then(|k| k.file_name())
+                .map(|n| n.to_os_string());
+            let name_is = |want: &Option<std::ffi::OsString>| {
+                want.is_some()
+                    && event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().map(|n| n.to_os_string()) == *want)
+            };
+            let swap = event
+                .paths
+                .iter()
+                .any(|p| p.to_string_lossy().contains("..data"));
+            if name_is(&watched_name) || swap {
+                let _ = tx.send(true);
+            }
+            if name_is(&keys_name) || (swap && keys_name.is_some()) {
+                let _ = tx.send(false);
             }
         },
     ) {
@@ -409,19 +500,35 @@ fn watch(path: &Path, engine: Weak<Shared>) -> Option<notify::RecommendedWatcher
         return None;
     }
     handle.spawn(async move {
-        while rx.recv().await.is_some() {
+        while let Some(first) = rx.recv().await {
             tokio::time::sleep(DEBOUNCE).await;
-            while rx.try_recv().is_ok() {}
+            let (mut config, mut keys) = (first, !first);
+            while let Ok(c) = rx.try_recv() {
+                config |= c;
+                keys |= !c;
+            }
             let engine = engine.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(engine) = engine.upgrade() {
-                    let _ = engine.reload();
+                    // A config reload that installed a policy read the keys file with it.
+                    let full = config && matches!(engine.reload(), Ok(true));
+                    if keys && !full {
+                        let _ = engine.reload_keys();
+                    }
                 }
             })
             .await;
         }
     });
     Some(watcher)
+}
+
+/// The directory of `p` (`.` for a bare file name).
+fn parent(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 #[cfg(test)]

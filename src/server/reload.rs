@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 
 use super::State;
-use crate::config::{self, ConfigErrors};
+use crate::config::{self, ConfigErrors, watched};
 use crate::policy::{self, PolicySet, Summary, subscription};
 
 /// Editors and ConfigMap updates produce bursts of events; wait for the burst to end.
@@ -181,8 +181,9 @@ pub struct Watching {
 }
 
 impl Watching {
-    /// Follows the `keys_file` of the policy in service: a reload that names another keys file
-    /// moves the watch there (its directory is watched, the old one's let go).
+    /// Follows the `keys_file` of the policy in service, at start and after a reload that names
+    /// another one: its name is what keys events match, and its directory is watched (the old
+    /// one's let go).
     fn follow_keys_file(&self, state: &State) {
         let now = state
             .policy()
@@ -198,31 +199,19 @@ impl Watching {
             }
             std::mem::replace(&mut *keys, now.clone())
         };
-        let (old_dir, new_dir) = (old.as_deref().map(parent), now.as_deref().map(parent));
+        let (stop, start) = watched::moved(&self.config_dir, old.as_deref(), now.as_deref());
         let mut watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = &old_dir
-            && *d != self.config_dir
-            && new_dir.as_ref() != Some(d)
+        if let Some(d) = stop {
+            let _ = watcher.unwatch(&d);
+        }
+        if let Some(d) = start
+            && let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive)
         {
-            let _ = watcher.unwatch(d);
+            tracing::warn!(error = %e, dir = %d.display(), "cannot watch the keys file's directory; reload with SIGHUP");
         }
-        if let (Some(new), Some(d)) = (&now, &new_dir) {
-            if *d != self.config_dir
-                && old_dir.as_ref() != Some(d)
-                && let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive)
-            {
-                tracing::warn!(error = %e, dir = %d.display(), "cannot watch the keys file's directory; reload with SIGHUP");
-            }
-            tracing::info!(keys_file = %new.display(), "watching the keys file named by the new configuration");
+        if let Some(new) = &now {
+            tracing::info!(keys_file = %new.display(), "watching the keys file");
         }
-    }
-}
-
-/// The directory of `p` (`.` for a bare file name).
-fn parent(p: &std::path::Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
     }
 }
 
@@ -232,41 +221,23 @@ fn parent(p: &std::path::Path) -> PathBuf {
 /// it.
 pub fn watch(state: Arc<State>) -> Option<Arc<Watching>> {
     let path = state.config_path().to_path_buf();
-    let dir = parent(&path);
-    let keys_path = state
-        .policy()
-        .subscriptions()
-        .keys_file()
-        .map(std::path::Path::to_path_buf);
-    let keys = Arc::new(std::sync::Mutex::new(keys_path.clone()));
+    let dir = watched::parent(&path);
+    // Filled by `follow_keys_file` below, once the config's directory is watched.
+    let keys = Arc::new(std::sync::Mutex::new(None));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Changed>();
-    let watched_name = path.file_name().map(|n| n.to_os_string());
+    let config_path = path.clone();
     let keys_now = keys.clone();
     let watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
             if matches!(event.kind, notify::EventKind::Access(_)) {
                 return;
             }
-            let keys_name = keys_now
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .and_then(|k| k.file_name())
-                .map(|n| n.to_os_string());
-            let name_is = |want: &Option<std::ffi::OsString>| {
-                event
-                    .paths
-                    .iter()
-                    .any(|p| want.is_some() && p.file_name().map(|n| n.to_os_string()) == *want)
-            };
-            let symlink_swap = event
-                .paths
-                .iter()
-                .any(|p| p.to_string_lossy().contains("..data"));
-            if name_is(&watched_name) || symlink_swap {
+            let keys = keys_now.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let (config, keys) = watched::touches(&event.paths, &config_path, keys.as_deref());
+            if config {
                 let _ = tx.send(Changed::Config);
             }
-            if name_is(&keys_name) || (symlink_swap && keys_name.is_some()) {
+            if keys {
                 let _ = tx.send(Changed::Keys);
             }
         }
@@ -282,21 +253,16 @@ pub fn watch(state: Arc<State>) -> Option<Arc<Watching>> {
         config_dir: dir.clone(),
         keys,
     });
+    if let Err(e) = watching
+        .watcher
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .watch(&dir, RecursiveMode::NonRecursive)
     {
-        let mut watcher = watching.watcher.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
-            return None;
-        }
-        if let Some(keys) = &keys_path {
-            let kdir = parent(keys);
-            if kdir != dir
-                && let Err(e) = watcher.watch(&kdir, RecursiveMode::NonRecursive)
-            {
-                tracing::warn!(error = %e, dir = %kdir.display(), "cannot watch the keys file's directory; reload with SIGHUP");
-            }
-        }
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
+        return None;
     }
+    watching.follow_keys_file(&state);
     let _ = state.watching.set(Arc::downgrade(&watching));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
-use portcullis_core::config::{self, ConfigErrors};
+use portcullis_core::config::{self, ConfigErrors, watched};
 use portcullis_core::policy::{self, PolicySet, Runtime};
 
 use crate::abi::ConfigHandle;
@@ -358,22 +358,17 @@ impl Shared {
             }
             std::mem::replace(&mut *keys, now.clone())
         };
-        let config_dir = parent(config);
-        let (old_dir, new_dir) = (old.as_deref().map(parent), now.as_deref().map(parent));
+        let (stop, start) =
+            watched::moved(&watched::parent(config), old.as_deref(), now.as_deref());
         let mut watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
         let Some(watcher) = watcher.as_mut() else {
             return;
         };
-        if let Some(d) = &old_dir
-            && *d != config_dir
-            && new_dir.as_ref() != Some(d)
-        {
-            let _ = watcher.unwatch(d);
+        if let Some(d) = stop {
+            let _ = watcher.unwatch(&d);
         }
-        if let Some(d) = &new_dir
-            && *d != config_dir
-            && old_dir.as_ref() != Some(d)
-            && let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive)
+        if let Some(d) = start
+            && let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive)
         {
             tracing::warn!(error = %e, dir = %d.display(), "portcullis module: cannot watch the keys file's directory; it will be read with the config only");
         }
@@ -450,41 +445,26 @@ fn load(source: &ConfigSource) -> Result<config::Source, EngineError> {
 /// and reloads on change, on the engine's runtime. Holds the engine weakly: dropping the filter
 /// config stops it.
 fn watch(path: &Path, engine: Weak<Shared>) -> Option<notify::RecommendedWatcher> {
-    let dir = parent(path);
+    let dir = watched::parent(path);
     let shared = engine.upgrade()?;
     let handle = shared.handle.clone();
     let keys_file = shared.keys_file.clone();
     drop(shared);
     // `true` for the config file, `false` for the keys file alone.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
-    let watched_name = path.file_name().map(|n| n.to_os_string());
+    let config_path = path.to_path_buf();
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
             if matches!(event.kind, notify::EventKind::Access(_)) {
                 return;
             }
-            let keys_name = keys_file
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .and_then(|k| k.file_name())
-                .map(|n| n.to_os_string());
-            let name_is = |want: &Option<std::ffi::OsString>| {
-                want.is_some()
-                    && event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().map(|n| n.to_os_string()) == *want)
-            };
-            let swap = event
-                .paths
-                .iter()
-                .any(|p| p.to_string_lossy().contains("..data"));
-            if name_is(&watched_name) || swap {
+            let keys = keys_file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let (config, keys) = watched::touches(&event.paths, &config_path, keys.as_deref());
+            if config {
                 let _ = tx.send(true);
             }
-            if name_is(&keys_name) || (swap && keys_name.is_some()) {
+            if keys {
                 let _ = tx.send(false);
             }
         },
@@ -521,14 +501,6 @@ fn watch(path: &Path, engine: Weak<Shared>) -> Option<notify::RecommendedWatcher
         }
     });
     Some(watcher)
-}
-
-/// The directory of `p` (`.` for a bare file name).
-fn parent(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod settings;
 mod splice;
 mod types;
+pub mod watched;
 
 use std::collections::HashSet;
 use std::fmt;

@@ -4,7 +4,12 @@
 //! what portcullis adds are told apart. Built with the same protos, runtime and release profile
 //! as portcullis (`cargo build --release --example noop_check`); not a product.
 //!
-//! Usage: `noop_check 127.0.0.1:PORT` (prints `listening ADDR` when ready).
+//! With `--inline`, the same service is served the way portcullis serves its gRPC listener
+//! (hyper with each connection's streams run inside the connection's task,
+//! `portcullis::server::inline`): the scenario `grpc noop inline`, which tells what that transport
+//! saves apart from what portcullis adds.
+//!
+//! Usage: `noop_check 127.0.0.1:PORT [--inline]` (prints `listening ADDR` when ready).
 
 use portcullis::proto::auth::authorization_server::{Authorization, AuthorizationServer};
 use portcullis::proto::auth::{CheckRequest, CheckResponse, OkHttpResponse, check_response};
@@ -54,8 +59,13 @@ impl Authorization for Noop {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: std::net::SocketAddr = std::env::args()
         .nth(1)
-        .ok_or("usage: noop_check 127.0.0.1:PORT")?
+        .ok_or("usage: noop_check 127.0.0.1:PORT [--inline]")?
         .parse()?;
+    let inline = match std::env::args().nth(2).as_deref() {
+        None => false,
+        Some("--inline") => true,
+        Some(other) => return Err(format!("unknown argument {other}").into()),
+    };
     // The same runtime portcullis serves on (`cli::runtime`).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -72,6 +82,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             s
         });
+        if inline {
+            let routes = tonic::service::Routes::new(AuthorizationServer::new(Noop)).prepare();
+            let mut incoming = std::pin::pin!(incoming);
+            while let Some(Ok(tcp)) = incoming.next().await {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    let streams = portcullis::server::inline::InlineStreams::default();
+                    let mut b = hyper::server::conn::http2::Builder::new(streams.clone());
+                    b.timer(hyper_util::rt::TokioTimer::new());
+                    let svc = hyper_util::service::TowerToHyperService::new(routes);
+                    let conn = b.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                    let _ = portcullis::server::inline::Driven::new(conn, streams).await;
+                });
+            }
+            return Ok(());
+        }
         tonic::transport::Server::builder()
             .add_service(AuthorizationServer::new(Noop))
             .serve_with_incoming(incoming)

@@ -371,3 +371,99 @@ async fn mtls_listener_requires_a_client_certificate() {
     );
     srv.running.shutdown().await.unwrap();
 }
+
+/// TLS files that cannot be used stop the start with the file named, whatever is wrong with them.
+#[tokio::test]
+async fn unusable_tls_files_stop_the_start_naming_the_file() {
+    use rcgen::{CertificateParams, KeyPair};
+
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let other_key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(d.join("server.key"), key.serialize_pem()).unwrap();
+    std::fs::write(d.join("other.key"), other_key.serialize_pem()).unwrap();
+    std::fs::write(
+        d.join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .unwrap();
+
+    // (cert_file, key_file, client_ca_file, what the error must name)
+    let cases = [
+        // A key where the certificate should be: no certificate in it.
+        (
+            "server.key",
+            "server.key",
+            None,
+            vec!["server.key", "no certificate"],
+        ),
+        // A certificate where the key should be.
+        (
+            "server.pem",
+            "server.pem",
+            None,
+            vec!["server.pem", "no private key"],
+        ),
+        // A key that is not the certificate's.
+        (
+            "server.pem",
+            "other.key",
+            None,
+            vec![
+                "other.key is not the private key of the certificate in",
+                "server.pem",
+            ],
+        ),
+        // Broken PEM.
+        (
+            "garbage.pem",
+            "server.key",
+            None,
+            vec!["garbage.pem: a PEM section has no END line"],
+        ),
+        (
+            "server.pem",
+            "server.key",
+            Some("garbage.pem"),
+            vec!["garbage.pem: a PEM section has no END line"],
+        ),
+        // A missing file (the config check finds it first).
+        (
+            "server.pem",
+            "missing.key",
+            None,
+            vec!["missing.key", "does not exist"],
+        ),
+    ];
+    for (cert_file, key_file, ca, names) in cases {
+        let ca = ca.map_or(String::new(), |ca| {
+            format!(", client_ca_file: {}/{ca}", d.display())
+        });
+        let yaml = format!(
+            "listen: {{grpc: 127.0.0.1:0, tls: {{cert_file: {d}/{cert_file}, key_file: {d}/{key_file}{ca}}}}}\n{}",
+            config(),
+            d = d.display()
+        );
+        let path = d.join("portcullis.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let err = match portcullis::server::start(&path).await {
+            Ok(running) => {
+                running.shutdown().await.unwrap();
+                panic!("started with {cert_file} and {key_file}");
+            }
+            Err(e) => e.to_string(),
+        };
+        for name in names {
+            assert!(
+                err.contains(name),
+                "{cert_file}/{key_file}: {err:?} does not name {name}"
+            );
+        }
+    }
+}

@@ -3,6 +3,9 @@
 Scenarios (all started at once, measured one after another, interleaved round by round):
   grpc noop           h2load -> a no-op Check server (examples/noop_check.rs: decode, answer OK): the bare
                       transport, the lowest baseline every ratio is also taken against
+  grpc noop inline    the same no-op served on portcullis's own transport (`noop_check --inline`: hyper,
+                      each connection's streams run in the connection's task): what the transport saves
+                      told apart from what portcullis adds
   grpc floor          h2load -> portcullis (loadtest/load/floor.yaml: allow everything) over gRPC
   grpc realistic      h2load -> portcullis (loadtest/load/realistic.yaml) over gRPC
   grpc realistic redis  the same with `store.redis` on a local redis-server (its token shared through Redis)
@@ -719,6 +722,9 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
     ratio("realistic / no-op server throughput (gRPC)", "grpc realistic", "grpc noop", 0.85)
     ratio("p99 realistic / p99 no-op, each at 50% of its saturation (gRPC)", "grpc realistic", "grpc noop", 1.2,
           "p99ratio")
+    ratio("no-op on portcullis's transport / no-op (gRPC)", "grpc noop inline", "grpc noop")
+    ratio("floor / no-op on the same transport throughput (gRPC)", "grpc floor", "grpc noop inline")
+    ratio("realistic / no-op on the same transport throughput (gRPC)", "grpc realistic", "grpc noop inline")
     ratio("realistic / floor throughput (gRPC)", "grpc realistic", "grpc floor", 0.85)
     ratio("realistic on store.redis / realistic throughput (gRPC)", "grpc realistic redis", "grpc realistic", 0.97)
     ratio("p99 realistic - floor at 50% (gRPC)", "grpc realistic", "grpc floor", None, "p99")
@@ -804,7 +810,7 @@ def main() -> int:
     token_port = int(tok.popen.stdout.readline())
     token_stats = f"http://127.0.0.1:{token_port}/stats"
 
-    names = ["grpc noop", "grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac",
+    names = ["grpc noop", "grpc noop inline", "grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac",
              "envoy+floor", "envoy+realistic", "envoy+module realistic", "envoy+realistic all-headers",
              "envoy+realistic allow-list"]
     wanted = [w.strip() for w in os.environ.get("SCENARIOS", ",".join(names)).split(",") if w.strip()]
@@ -828,6 +834,15 @@ def main() -> int:
         noop = start("noop", pinned(SERVER_CPUS) + [NOOP_BIN, f"127.0.0.1:{noop_port}"], logdir, stdout=subprocess.PIPE)
         if not noop.popen.stdout.readline().startswith(b"listening"):
             raise SystemExit("the no-op server did not start")
+    noop_inline_port = None
+    if "grpc noop inline" in wanted:
+        if not os.access(NOOP_BIN, os.X_OK):
+            raise SystemExit(f"missing {NOOP_BIN}: cargo build --release --example noop_check")
+        noop_inline_port = free_port()
+        noop_inline = start("noop inline", pinned(SERVER_CPUS) + [NOOP_BIN, f"127.0.0.1:{noop_inline_port}", "--inline"],
+                            logdir, stdout=subprocess.PIPE)
+        if not noop_inline.popen.stdout.readline().startswith(b"listening"):
+            raise SystemExit("the no-op server (--inline) did not start")
     redis_port = None
     if "grpc realistic redis" in wanted:
         # The same policy with its store on a shared Redis (issue 14): the token is cached locally, so
@@ -866,6 +881,9 @@ def main() -> int:
             continue
         if name == "grpc noop":
             scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{noop_port}{CHECK_PATH}", [noop], None))
+        elif name == "grpc noop inline":
+            scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{noop_inline_port}{CHECK_PATH}",
+                                      [noop_inline], None))
         elif name == "grpc floor":
             scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{floor.grpc_port}{CHECK_PATH}", [floor.proc], floor))
         elif name == "grpc realistic":

@@ -41,34 +41,12 @@ pub async fn serve<I>(
 ) where
     I: futures::Stream<Item = std::io::Result<Tracked<TcpStream>>> + Send,
 {
-    use futures::StreamExt as _;
     let app = router(state.clone());
     let builder = Arc::new(connection_builder(&state.settings.connections));
-    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    // Boxed, not pinned on the stack: dropping it below must close the listening socket.
-    let mut incoming = Box::pin(incoming);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let conn = tokio::select! {
-            () = &mut shutdown => break,
-            conn = incoming.next() => conn,
-        };
-        let Some(Ok(conn)) = conn else {
-            break;
-        };
-        tokio::spawn(serve_connection(
-            conn,
-            app.clone(),
-            builder.clone(),
-            closing_rx.clone(),
-        ));
-    }
-    // Stop accepting (the listening socket closes with the stream), then wait for the open
-    // connections: each finishes its request in flight and closes.
-    drop(incoming);
-    let _ = closing_tx.send(true);
-    drop(closing_rx);
-    closing_tx.closed().await;
+    super::listener::serve_each(incoming, shutdown, move |conn, closing| {
+        serve_connection(conn, app.clone(), builder.clone(), closing)
+    })
+    .await;
 }
 
 fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {

@@ -15,6 +15,7 @@
 //!   the next request within `idle_timeout`. Bytes do not extend it: a trickling client is closed
 //!   on time however slowly it sends.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -312,67 +313,37 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 }
 
-/// What tonic puts in each request's extensions for a [`Tracked`] connection.
-#[derive(Debug, Clone)]
-pub struct TrackedConnectInfo {
-    tcp: tonic::transport::server::TcpConnectInfo,
-    activity: Arc<Activity>,
-}
-
-impl tonic::transport::server::Connected for Tracked<TcpStream> {
-    type ConnectInfo = TrackedConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        TrackedConnectInfo {
-            tcp: self.io.connect_info(),
-            activity: self.activity.clone(),
-        }
-    }
-}
-
-/// The layer that tells a gRPC connection's deadline when its requests start and end.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TrackRequestsLayer;
-
-impl<S> tower::Layer<S> for TrackRequestsLayer {
-    type Service = TrackRequests<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        TrackRequests(inner)
-    }
-}
-
-/// See [`TrackRequestsLayer`].
-#[derive(Debug, Clone)]
-pub struct TrackRequests<S>(S);
-
-impl<S, B> tower::Service<http::Request<B>> for TrackRequests<S>
-where
-    S: tower::Service<http::Request<B>>,
-    S::Future: Send + 'static,
+/// Serves each connection of `incoming` on a task of its own (`serve`, given the connection and a
+/// flag that turns true at shutdown) until `shutdown` resolves; then stops accepting, closes the
+/// listening socket and waits for the open connections to finish their requests and close.
+pub async fn serve_each<I, F, Fut>(
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut serve: F,
+) where
+    I: Stream<Item = io::Result<Tracked<TcpStream>>> + Send,
+    F: FnMut(Tracked<TcpStream>, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+    use futures::StreamExt as _;
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    // Boxed, not pinned on the stack: dropping it below must close the listening socket.
+    let mut incoming = Box::pin(incoming);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            () = &mut shutdown => break,
+            conn = incoming.next() => conn,
+        };
+        let Some(Ok(conn)) = conn else {
+            break;
+        };
+        tokio::spawn(serve(conn, closing_rx.clone()));
     }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let info = req.extensions().get::<TrackedConnectInfo>().cloned();
-        let guard = info.map(|info| {
-            // `tonic::Request::remote_addr` looks for this.
-            req.extensions_mut().insert(info.tcp);
-            info.activity.begin()
-        });
-        let fut = self.0.call(req);
-        Box::pin(async move {
-            let out = fut.await;
-            drop(guard);
-            out
-        })
-    }
+    drop(incoming);
+    let _ = closing_tx.send(true);
+    drop(closing_rx);
+    closing_tx.closed().await;
 }
 
 /// Accepts connections on `listener` up to `cap` at once; past it, each new one is closed at once.

@@ -2,7 +2,9 @@
 
 pub mod admin;
 pub mod grpc;
+mod grpc_listener;
 pub mod http;
+pub mod inline;
 mod listener;
 mod reload;
 
@@ -15,7 +17,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config;
 use crate::config::Settings;
@@ -51,12 +52,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
-    /// TLS files could not be read.
+    /// The TLS files cannot be read or used.
     #[error("TLS: {0}")]
     Tls(String),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// Metrics or the decision log could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(#[from] crate::telemetry::TelemetryError),
@@ -233,7 +231,11 @@ pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Runni
         None => None,
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let tls = settings.tls.as_ref().map(load_tls).transpose()?;
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(grpc_listener::load_tls)
+        .transpose()?;
 
     // Signal handlers exist before the listeners are announced: a SIGTERM sent right after the
     // "listening" line must drain, not be lost.
@@ -266,33 +268,11 @@ pub async fn start_with(config_path: &Path, src: config::Source) -> Result<Runni
     })
 }
 
-fn load_tls(t: &config::TlsFiles) -> Result<ServerTlsConfig, StartError> {
-    let read = |p: &Path| {
-        let max = crate::config::limits::MAX_PEM_FILE_BYTES;
-        match crate::config::limits::read_bytes_at_most(p, max) {
-            Ok(Some(bytes)) => Ok(bytes),
-            Ok(None) => Err(StartError::Tls(format!(
-                "{} is larger than {max} bytes",
-                p.display()
-            ))),
-            Err(e) => Err(StartError::Tls(format!("cannot read {}: {e}", p.display()))),
-        }
-    };
-    let cert = read(&t.cert_file)?;
-    let key = read(&t.key_file)?;
-    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = &t.client_ca_file {
-        // With a client CA, tonic requires a verified client certificate on every connection.
-        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(cfg)
-}
-
 async fn serve(
     state: Arc<State>,
     grpc_listener: TcpListener,
     http_listener: Option<TcpListener>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     signals: Signals,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
@@ -347,40 +327,31 @@ async fn serve(
         );
     }
 
-    let mut builder = Server::builder()
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .http2_max_header_list_size(listener::GRPC_MAX_HEADER_LIST_BYTES)
-        .http2_max_pending_accept_reset_streams(Some(listener::MAX_PENDING_ACCEPT_RESET_STREAMS))
-        .http2_max_local_error_reset_streams(Some(listener::MAX_LOCAL_ERROR_RESET_STREAMS))
-        .layer(listener::TrackRequestsLayer);
-    if let Some(tls) = tls {
-        // The connection deadline already covers the handshake; tonic's own timeout says so too.
-        builder = builder.tls_config(tls.timeout(limits.header_read_timeout))?;
-    }
     let auth = AuthorizationServer::new(grpc::AuthorizationService::new(state.clone()));
+    let services = grpc_listener::Services {
+        check: auth.clone(),
+        routes: tonic::service::Routes::new(auth)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .prepare(),
+    };
     let mut grpc_drain = drain_rx.clone();
-    let grpc = builder
-        .add_service(auth)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            // The builder's `tcp_nodelay` does not reach connections of an incoming stream: the
-            // incoming stream sets it. Without it a response written in two pieces waits ~40 ms for
-            // the client's delayed ACK (Nagle), which turned a 60 us check into a 44 ms one.
-            listener::incoming(
-                "grpc",
-                grpc_listener,
-                cap,
-                listener::Protocol::Http2,
-                limits,
-            ),
-            async move {
-                let _ = grpc_drain.wait_for(|v| *v).await;
-            },
-        );
+    let grpc = grpc_listener::serve(
+        listener::incoming(
+            "grpc",
+            grpc_listener,
+            cap,
+            listener::Protocol::Http2,
+            limits,
+        ),
+        services,
+        tls,
+        limits,
+        async move {
+            let _ = grpc_drain.wait_for(|v| *v).await;
+        },
+    );
 
     let http = async {
         if let Some(listener) = http_listener {
@@ -400,7 +371,7 @@ async fn serve(
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     let result = tokio::select! {
-        (g, ()) = async { tokio::join!(grpc, http) } => g.map_err(StartError::from),
+        ((), ()) = async { tokio::join!(grpc, http) } => Ok(()),
         () = deadline => {
             tracing::warn!("in-flight checks did not finish within {DRAIN_TIMEOUT:?}; exiting");
             Ok(())

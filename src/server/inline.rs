@@ -16,13 +16,14 @@
 //! thread, and a check costs microseconds, so that thread is not the limit.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
+use futures::{FutureExt as _, StreamExt as _};
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -41,6 +42,14 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        // A stream that panics ends alone, as a task of its own would: it is dropped (hyper
+        // resets the HTTP/2 stream, and the proxy fails closed), and the connection's other
+        // checks go on.
+        let fut = AssertUnwindSafe(fut).catch_unwind().map(|r| {
+            if r.is_err() {
+                tracing::error!("an HTTP/2 stream panicked; it was reset");
+            }
+        });
         self.0
             .started
             .lock()
@@ -115,5 +124,99 @@ impl<C: Future> Future for Driven<C> {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hyper::rt::Executor as _;
+
+    use super::*;
+
+    /// A stand-in for a connection: it ends once `done` streams have finished.
+    fn conn_until(done: &Arc<AtomicUsize>, n: usize) -> impl Future<Output = ()> + use<> {
+        let done = done.clone();
+        futures::future::poll_fn(move |cx| {
+            if done.load(Ordering::SeqCst) >= n {
+                Poll::Ready(())
+            } else {
+                // A real connection is woken by its streams' sends; the stand-in polls again.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_waits_does_not_hold_up_the_others() {
+        let streams = InlineStreams::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (done, order) = (done.clone(), order.clone());
+            streams.execute(async move {
+                let _ = held.await;
+                order.lock().unwrap().push("held");
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        for _ in 0..3 {
+            let (done, order) = (done.clone(), order.clone());
+            streams.execute(async move {
+                order.lock().unwrap().push("at once");
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let driven = tokio::spawn(Driven::new(conn_until(&done, 4), streams));
+        while done.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!driven.is_finished());
+        release.send(()).unwrap();
+        driven.await.unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["at once", "at once", "at once", "held"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_panics_ends_alone() {
+        let streams = InlineStreams::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        streams.execute(async { panic!("a bug in one check") });
+        for _ in 0..2 {
+            let done = done.clone();
+            streams.execute(async move {
+                tokio::task::yield_now().await;
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        // The connection's task survives and its other streams finish.
+        tokio::spawn(Driven::new(conn_until(&done, 2), streams))
+            .await
+            .expect("the connection's task did not survive a panicking stream");
+    }
+
+    #[tokio::test]
+    async fn streams_started_while_running_are_run_too() {
+        let streams = InlineStreams::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        let inner = streams.clone();
+        let d = done.clone();
+        streams.execute(async move {
+            // As hyper does: a stream started from inside the connection's poll.
+            let d2 = d.clone();
+            inner.execute(async move {
+                d2.fetch_add(1, Ordering::SeqCst);
+            });
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        tokio::spawn(Driven::new(conn_until(&done, 2), streams))
+            .await
+            .unwrap();
     }
 }

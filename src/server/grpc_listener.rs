@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -48,7 +49,16 @@ pub async fn serve<I, C>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     I: futures::Stream<Item = std::io::Result<Tracked<TcpStream>>> + Send,
-    C: CheckService,
+    // `AuthorizationServer`, or a stand-in.
+    C: tower::Service<
+            hyper::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
 {
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     listener::serve_each(incoming, shutdown, move |conn, closing| {
@@ -88,40 +98,9 @@ pub async fn serve<I, C>(
     .await;
 }
 
-/// The Check service as a connection calls it: `AuthorizationServer`, or a stand-in in tests.
-pub trait CheckService:
-    tower::Service<
-        hyper::Request<Incoming>,
-        Response = http::Response<tonic::body::Body>,
-        Error = std::convert::Infallible,
-        Future: Send,
-    > + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<T> CheckService for T where
-    T: tower::Service<
-            hyper::Request<Incoming>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-            Future: Send,
-        > + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
-
 /// Serves HTTP/2 on `io` until the client closes or, after `closing`, until its streams are done.
-async fn drive<IO, S>(
-    io: IO,
-    service: S,
-    limits: &ConnectionLimits,
-    mut closing: watch::Receiver<bool>,
-) where
+async fn drive<IO, S>(io: IO, service: S, limits: &ConnectionLimits, closing: watch::Receiver<bool>)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = tonic::body::Body> + Send + 'static,
     S::Future: Send + 'static,
@@ -137,21 +116,18 @@ async fn drive<IO, S>(
         .max_pending_accept_reset_streams(listener::MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(listener::MAX_LOCAL_ERROR_RESET_STREAMS);
     let mut conn = Driven::new(builder.serve_connection(TokioIo::new(io), service), streams);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "gRPC connection closed with an error");
-                }
-                return;
-            }
-            _ = closing.wait_for(|c| *c), if !draining => {
-                draining = true;
-                conn.conn().graceful_shutdown();
-            }
-        }
-    }
+    listener::run_until_drained(Pin::new(&mut conn), closing, shut_down, "grpc").await;
+}
+
+/// A connection's graceful shutdown: GOAWAY, then its open checks finish.
+fn shut_down<IO, S>(
+    conn: Pin<&mut Driven<hyper::server::conn::http2::Connection<TokioIo<IO>, S, InlineStreams>>>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = tonic::body::Body> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    conn.get_mut().conn().graceful_shutdown();
 }
 
 /// The gRPC listener's TLS: the server's certificate chain and key, and with a client CA, a

@@ -76,7 +76,7 @@ async fn serve_connection(
     conn: Tracked<TcpStream>,
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut closing: tokio::sync::watch::Receiver<bool>,
+    closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let peer = conn.peer();
     let activity = conn.activity();
@@ -91,22 +91,8 @@ async fn serve_connection(
         }
     });
     let conn = builder.serve_connection(TokioIo::new(conn), service);
-    let mut conn = std::pin::pin!(conn);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "HTTP connection closed with an error");
-                }
-                break;
-            }
-            _ = closing.wait_for(|c| *c), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
+    let conn = std::pin::pin!(conn);
+    super::listener::run_until_drained(conn, closing, |c| c.graceful_shutdown(), "http").await;
 }
 
 /// The HTTP routes.

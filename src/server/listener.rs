@@ -313,6 +313,35 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 }
 
+/// Drives a connection to its end; once `closing` turns true, asks it (once) to finish its requests
+/// and close (`shut_down`: hyper's graceful shutdown).
+pub async fn run_until_drained<C, E>(
+    mut conn: Pin<&mut C>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    shut_down: impl FnOnce(Pin<&mut C>),
+    listener: &'static str,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut shut_down = Some(shut_down);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(listener, error = %e, "connection closed with an error");
+                }
+                return;
+            }
+            _ = closing.wait_for(|c| *c), if shut_down.is_some() => {
+                if let Some(shut_down) = shut_down.take() {
+                    shut_down(conn.as_mut());
+                }
+            }
+        }
+    }
+}
+
 /// Serves each connection of `incoming` on a task of its own (`serve`, given the connection and a
 /// flag that turns true at shutdown) until `shutdown` resolves; then stops accepting, closes the
 /// listening socket and waits for the open connections to finish their requests and close.

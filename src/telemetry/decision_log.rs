@@ -172,7 +172,7 @@ pub(crate) struct Record {
     reason: Option<&'static str>,
     shadow: bool,
     #[serde(serialize_with = "display_opt")]
-    subscription_id: Option<Arc<str>>,
+    subscription_id: Option<crate::policy::subscription::SubscriptionId>,
     subject: Option<String>,
     /// `certificate` (RFC 8705), `dpop` (RFC 9449), `none` or `refused`: never the proof, the
     /// token or the certificate.

@@ -394,7 +394,7 @@ impl PolicySet {
         }
 
         // 2. Subscription key.
-        let mut subscription_id: Option<Arc<str>> = None;
+        let mut subscription_id: Option<subscription::SubscriptionId> = None;
         match api.subscription {
             None => ev.skip("subscription"),
             Some(required) => {

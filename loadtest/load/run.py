@@ -25,7 +25,8 @@ pre-encoded CheckRequest shaped like Envoy's (the same bytes for floor and reali
 Envoy is h2load over HTTP/1.1.
 
 Each scenario is first run at fixed concurrency for saturation (throughput), then at a fixed rate of 50%
-of its own saturation for latency (p50/p99/p99.9 from h2load's per-request log). Every scenario is
+of its own saturation for latency (p50/p99/p99.9 from h2load's per-request log); the no-op server is
+also run at the realistic policy's rate, so that their p99s compare at one rate (SAME_RATE). Every scenario is
 verified before it is measured (a real gRPC client for the direct ones: grpc-status OK and the expected
 headers; an HTTP request for the Envoy ones, plus a request that must be refused), and every measured
 response must be 200. portcullis's own /metrics must show no deny during the measurements.
@@ -321,6 +322,13 @@ class Scenario:
     sat: list[dict] = field(default_factory=list)
     rate: list[dict] = field(default_factory=list)
     headers: dict | None = None    # HTTP request headers, when not the shared benchmark request's
+    # Runs of this scenario at another scenario's latency rate (50% of that one's saturation), by
+    # that scenario's name: issue 18 compares p99s at the same rate (SAME_RATE).
+    same_rate: dict = field(default_factory=dict)
+
+
+# (a, b): b is also measured at a's latency rate, so that their p99s compare at one rate.
+SAME_RATE = [("grpc realistic", "grpc noop")]
 
 
 @dataclass
@@ -592,6 +600,14 @@ def summarise(s: Scenario) -> dict:
         for k, p in (("p50_us", 50), ("p99_us", 99), ("p999_us", 99.9)):
             out[f"rate_{k}"] = pct(merged, p)
             out[f"rate_{k}_rounds"] = [r[k] for r in s.rate]
+    if s.same_rate:
+        out["same_rate"] = {}
+        for other, runs in s.same_rate.items():
+            merged = sorted(x for r in runs for x in r["samples_us"])
+            out["same_rate"][other] = {
+                "target_rps": runs[0]["target_rps"], "rps": statistics.median(r["rps"] for r in runs),
+                **{k: pct(merged, p) for k, p in (("p50_us", 50), ("p99_us", 99), ("p999_us", 99.9))},
+                "p99_us_rounds": [r["p99_us"] for r in runs]}
     out["peak_rss_mib"] = {p.name: round(max(r["peak_rss_mib"][p.name] for r in s.sat + s.rate), 1)
                            for p in s.procs}
     return out
@@ -673,8 +689,14 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
             text = f"{v:.3f}x"
             ok = None if target is None else v >= target
             tgt = "" if target is None else f">= {target}x"
-        elif kind == "p99ratio":
-            v = ra["rate_p99_us"] / rb["rate_p99_us"]
+        elif kind in ("p99ratio", "p99same"):
+            if kind == "p99same":
+                # b's p99 measured at a's rate (SAME_RATE), not at b's own 50%.
+                if a not in rb.get("same_rate", {}):
+                    return
+                v = ra["rate_p99_us"] / rb["same_rate"][a]["p99_us"]
+            else:
+                v = ra["rate_p99_us"] / rb["rate_p99_us"]
             ok = None if target is None else v <= target
             tgt = "" if target is None else f"<= {target}x"
             kind = "ratio"
@@ -720,8 +742,10 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
 
     ratio("floor / no-op server throughput (gRPC)", "grpc floor", "grpc noop", 0.95)
     ratio("realistic / no-op server throughput (gRPC)", "grpc realistic", "grpc noop", 0.85)
-    ratio("p99 realistic / p99 no-op, each at 50% of its saturation (gRPC)", "grpc realistic", "grpc noop", 1.2,
-          "p99ratio")
+    ratio("p99 realistic at 50% of its saturation / p99 no-op at that same rate (gRPC)", "grpc realistic",
+          "grpc noop", 1.2, "p99same")
+    ratio("p99 realistic / p99 no-op, each at 50% of its own saturation (gRPC)", "grpc realistic", "grpc noop",
+          None, "p99ratio")
     ratio("no-op on portcullis's transport / no-op (gRPC)", "grpc noop inline", "grpc noop")
     ratio("floor / no-op on the same transport throughput (gRPC)", "grpc floor", "grpc noop inline")
     ratio("realistic / no-op on the same transport throughput (gRPC)", "grpc realistic", "grpc noop inline")
@@ -767,7 +791,11 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
         v = f"{r['value']:.3f}x" if r["kind"] == "ratio" else f"{r['value']:+.0f} us" if r["b"] else f"{r['value']:.0f} us"
         t = "" if not r["target"] else f"{r['target']} — {'met' if r['met'] else 'MISSED'}"
         lines.append(f"| {r['label']} | {v} | {r.get('rounds_min_median_max') or ''} | {t} |")
-    lines += ["", "Notes: p99 differences compare each scenario at 50% of its own saturation. " +
+    same = [f"{b} at {a}'s rate ({v['rps']:,.0f} req/s): p50 {ms(v['p50_us'])} / p99 {ms(v['p99_us'])} / "
+            f"p99.9 {ms(v['p999_us'])} ms"
+            for b, row in rows.items() for a, v in row.get("same_rate", {}).items()]
+    lines += ["", "Notes: p99 differences compare each scenario at 50% of its own saturation" +
+              (f"; measured at another's rate as well: {'; '.join(same)}. " if same else ". ") +
               meta["notes"], ""]
     return "\n".join(lines), {"meta": meta, "scenarios": rows, "comparisons": ratios}
 
@@ -957,6 +985,14 @@ def main() -> int:
             s.rate.append(r)
             log(f"rate round {rnd + 1}:       {s.name:<22} {r['rps']:>9,.0f} req/s (target {target:,.0f})  "
                 f"p50 {ms(r['p50_us'])}  p99 {ms(r['p99_us'])}  p99.9 {ms(r['p999_us'])} ms")
+        by_name = {s.name: s for s in scenarios}
+        for a, b in SAME_RATE:
+            if a in by_name and b in by_name:
+                target = 0.5 * statistics.median(x["rps"] for x in by_name[a].sat)
+                r = measure(by_name[b], files, RATE_SECONDS, work / "h2load.log", target)
+                by_name[b].same_rate.setdefault(a, []).append(r)
+                log(f"rate round {rnd + 1}:       {b:<22} {r['rps']:>9,.0f} req/s (at {a}'s rate {target:,.0f})  "
+                    f"p50 {ms(r['p50_us'])}  p99 {ms(r['p99_us'])}  p99.9 {ms(r['p999_us'])} ms")
 
     tokens_after = json.loads(http_get(token_stats)[1])["token_requests"]
     redis_note = ""

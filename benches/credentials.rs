@@ -6,7 +6,6 @@
 //! The token endpoint is a local fake (axum on 127.0.0.1) answering `expires_in: 600`; the cache is
 //! warm before measuring, as after start-up.
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -60,7 +59,7 @@ apis:
 }
 
 fn headers() -> Headers {
-    let mut h: Headers = HashMap::new();
+    let mut h = Headers::new();
     for (k, v) in [
         (":authority", "api.example.com"),
         (":method", "GET"),

@@ -3,7 +3,6 @@
 //!
 //!   cargo bench --bench decision
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::hint::black_box;
 use std::path::Path;
@@ -50,7 +49,7 @@ fn policy(apis: usize, keys: usize, cidrs: usize) -> PolicySet {
 }
 
 fn headers(key: &str, path: &str) -> Headers {
-    let mut h: Headers = HashMap::new();
+    let mut h = Headers::new();
     for (k, v) in [
         (":authority", "api.example.com"),
         (":method", "GET"),

@@ -14,7 +14,6 @@ mod fake;
 #[path = "../tests/jwt_common/mod.rs"]
 mod keys;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -88,7 +87,7 @@ fn bench(c: &mut Criterion) {
     claims["scp"] = "orders.read".into();
     claims["roles"] = serde_json::json!(["admin"]);
     let token = key.token(claims);
-    let mut headers = HashMap::new();
+    let mut headers = portcullis::policy::Headers::new();
     headers.insert(
         "authorization".to_string(),
         format!("Bearer {token}").into_bytes().into(),
@@ -144,7 +143,7 @@ fn bench(c: &mut Criterion) {
             "exp": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_secs() + 3600}),
     );
     let (introspected, _runtime) = introspection_policy(&fake);
-    let mut opaque = HashMap::new();
+    let mut opaque = portcullis::policy::Headers::new();
     opaque.insert(
         "authorization".to_string(),
         b"Bearer opaque-bench-token".to_vec().into(),
@@ -188,7 +187,7 @@ fn bench(c: &mut Criterion) {
         )
     };
     let dpop_headers = || {
-        let mut h = HashMap::new();
+        let mut h = portcullis::policy::Headers::new();
         h.insert(
             "authorization".to_string(),
             format!("DPoP {bound}").into_bytes().into(),

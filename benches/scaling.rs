@@ -15,7 +15,6 @@
 #[path = "../tests/jwt_common/mod.rs"]
 mod keys;
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::hint::black_box;
 use std::path::Path;
@@ -111,7 +110,7 @@ fn providers_policy(n: usize, jwks: &[serde_json::Value]) -> PolicySet {
 }
 
 fn headers(extra: Option<(&str, String)>) -> &'static Headers {
-    let mut h: Headers = HashMap::new();
+    let mut h = Headers::new();
     for (k, v) in [
         (":authority", HOST),
         (":method", "GET"),

@@ -16,7 +16,6 @@
 //!   cargo bench --bench telemetry
 //!   PORTCULLIS_BENCH_DECISION_LOG=1 cargo bench --bench telemetry -- decision-log > /dev/null
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Instant;
@@ -80,7 +79,7 @@ fn policy(otlp: Option<&str>, decision_log: bool) -> (PolicySet, Settings) {
 }
 
 fn headers() -> &'static Headers {
-    let mut h: Headers = HashMap::new();
+    let mut h = Headers::new();
     for (k, v) in [
         (":authority", "api.example.com"),
         (":method", "GET"),

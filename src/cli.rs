@@ -330,22 +330,15 @@ fn check(path: &Path, args: CheckArgs) -> ExitCode {
     let target = uri
         .path_and_query()
         .map_or("/".to_string(), |pq| pq.as_str().to_string());
-    let mut headers: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut headers = policy::Headers::new();
     for h in &args.headers {
         let Some((name, value)) = h.split_once(':') else {
             return fail(format!("-H `{h}`: write `name: value`"));
         };
         let name = name.trim().to_ascii_lowercase();
         let value = value.trim().as_bytes();
-        headers
-            .entry(name)
-            .and_modify(|v| {
-                v.push(b',');
-                v.extend_from_slice(value);
-            })
-            .or_insert_with(|| value.to_vec());
+        headers.append(name, value);
     }
-    let headers: policy::Headers = headers.into_iter().map(|(k, v)| (k, v.into())).collect();
     let mut ce = HashMap::new();
     for kv in &args.context_extensions {
         let Some((k, v)) = kv.split_once('=') else {

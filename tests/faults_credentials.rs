@@ -240,7 +240,8 @@ async fn check_grpc(grpc: &str) -> Result<String, String> {
         (":path", "/crm/1"),
         (":authority", "api.example.com"),
     ] {
-        http.headers.insert(k.into(), v.into());
+        http.headers
+            .push(portcullis::policy::RequestHeader::new(k, v));
     }
     req.attributes = Some(portcullis::proto::auth::AttributeContext {
         request: Some(portcullis::proto::auth::attribute_context::Request {

@@ -2,14 +2,15 @@
 //! This file is the one place that maps a decision onto Envoy's ext_authz messages.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use crate::policy::{CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, Reason};
+use crate::policy::{
+    CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, Reason, RequestHeader,
+};
 use crate::proto::auth::authorization_server::Authorization;
 use crate::proto::auth::{
     self, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, attribute_context,
@@ -124,7 +125,7 @@ fn invalid_request(detail: &str) -> Decision {
 
 /// What the adapter computes before borrowing the request as a [`CheckInput`].
 struct Parts<'r> {
-    headers: Cow<'r, Headers>,
+    headers: Cow<'r, [RequestHeader]>,
     peer: Option<IpAddr>,
 }
 
@@ -161,30 +162,24 @@ fn input_parts(req: &CheckRequest) -> Result<Parts<'_>, &'static str> {
     }
     let headers = if http.headers.is_empty() && http.header_map.is_some() {
         // `encode_raw_headers: true`: headers arrive as a list with raw byte values.
-        Cow::Owned(header_map_to_headers(http))
+        Cow::Owned(header_map_to_headers(http).into())
     } else {
-        Cow::Borrowed(&http.headers)
+        Cow::Borrowed(&http.headers[..])
     };
     let peer = attrs.source.as_ref().and_then(peer_ip);
     Ok(Parts { headers, peer })
 }
 
 fn header_map_to_headers(http: &attribute_context::HttpRequest) -> Headers {
-    let mut out: HashMap<String, Vec<u8>> = HashMap::new();
-    for h in http.header_map.iter().flat_map(|m| m.headers.iter()) {
+    let headers = http.header_map.iter().flat_map(|m| m.headers.iter());
+    Headers::folded(headers.map(|h| {
         let value = if h.raw_value.is_empty() {
-            h.value.as_bytes()
+            bytes::Bytes::copy_from_slice(h.value.as_bytes())
         } else {
-            &h.raw_value
+            h.raw_value.clone()
         };
-        out.entry(h.key.to_ascii_lowercase())
-            .and_modify(|v| {
-                v.push(b',');
-                v.extend_from_slice(value);
-            })
-            .or_insert_with(|| value.to_vec());
-    }
-    out.into_iter().map(|(k, v)| (k, v.into())).collect()
+        RequestHeader::new(h.key.to_ascii_lowercase(), value)
+    }))
 }
 
 fn peer_ip(peer: &attribute_context::Peer) -> Option<IpAddr> {

@@ -3,7 +3,6 @@
 //! maps a decision onto an HTTP response.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ use super::listener::Tracked;
 use crate::config::ConnectionLimits;
 use crate::policy::canonical::ForwardAuthSource;
 use crate::policy::{
-    CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, PolicySet, Reason,
+    CheckInput, Decision, Denial, EvalOptions, Headers, Outcome, PolicySet, Reason, RequestHeader,
 };
 use crate::telemetry::{HeaderMapCarrier, Transport};
 
@@ -330,19 +329,16 @@ fn authoritative<'h>(h: &'h HeaderMap, name: &str) -> Result<&'h str, (Reason, S
 }
 
 fn to_headers(h: &HeaderMap) -> Headers {
-    let mut out: HashMap<String, Vec<u8>> = HashMap::with_capacity(h.len());
-    for (name, value) in h {
-        if HOP_HEADERS.contains(&name.as_str()) {
-            continue;
-        }
-        out.entry(name.as_str().to_string())
-            .and_modify(|v| {
-                v.push(b',');
-                v.extend_from_slice(value.as_bytes());
-            })
-            .or_insert_with(|| value.as_bytes().to_vec());
-    }
-    out.into_iter().map(|(k, v)| (k, v.into())).collect()
+    Headers::folded(
+        h.iter()
+            .filter(|(name, _)| !HOP_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| {
+                RequestHeader::new(
+                    bytes::Bytes::copy_from_slice(name.as_str().as_bytes()),
+                    bytes::Bytes::copy_from_slice(value.as_bytes()),
+                )
+            }),
+    )
 }
 
 /// Maps a decision onto a forward-auth response: 200 with the headers to add upstream (and

@@ -81,16 +81,20 @@ pub(crate) fn trace_id(cx: &opentelemetry::Context) -> Option<TraceId> {
 }
 
 /// Request headers as the policy sees them (lower-case names, raw values) as a propagation carrier.
-pub struct HeadersCarrier<'a>(pub &'a crate::policy::Headers);
+pub struct HeadersCarrier<'a>(pub &'a [crate::policy::RequestHeader]);
 
 impl Extractor for HeadersCarrier<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         // Propagators ask with lower-case names, which is how the headers are keyed.
-        self.0.get(key).and_then(|v| std::str::from_utf8(v).ok())
+        let h = self.0.iter().find(|h| h.name == key.as_bytes())?;
+        std::str::from_utf8(&h.value).ok()
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(String::as_str).collect()
+        self.0
+            .iter()
+            .filter_map(|h| std::str::from_utf8(&h.name).ok())
+            .collect()
     }
 }
 

@@ -330,3 +330,64 @@ fn check_shows_the_canonical_reading() {
     assert!(out.contains("SubscriptionKeyNotFound"), "{out}");
     assert!(out.contains("admin.example.com/admin/x"), "{out}");
 }
+
+/// ext_authz's `headers` is a protobuf map, so the wire can carry a name twice; a map decoder keeps
+/// the last entry without a word, while a backend behind a proxy that joined or chose differently
+/// may read the first. A name with upper-case letters is another header to every HTTP reader but
+/// not to a lookup by lower-case name. Both are refused, whatever the entries say.
+#[tokio::test]
+async fn a_header_list_no_proxy_sends_is_refused() {
+    use portcullis::policy::RequestHeader;
+    use prost::Message as _;
+    let p = compile(&layered(""));
+    let with = |extra: Vec<RequestHeader>| {
+        let mut req = request("GET", "api.example.com", "/admin/x", &[]);
+        let http = req
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.headers.extend(extra);
+        // Through the wire format, as the gRPC listener receives it.
+        portcullis::proto::auth::CheckRequest::decode(&req.encode_to_vec()[..]).unwrap()
+    };
+    let key = |v: &str| RequestHeader::new("ocp-apim-subscription-key", v.to_string());
+    // One key: allowed, so the refusals below are about the list alone.
+    let s = decide(&p, &with(vec![key(KEY)])).await;
+    assert_eq!(verdict(&s), "allow admin");
+    // Before: the last entry won, so this was an allow while a first-wins reader saw `bogus`.
+    for twice in [
+        vec![key("bogus"), key(KEY)],
+        vec![key(KEY), key("bogus")],
+        vec![key(KEY), key(KEY)],
+    ] {
+        let s = decide(&p, &with(twice)).await;
+        assert_eq!(verdict(&s), "deny 400 InvalidRequest");
+        let message = s.body.as_ref().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(message, "Bad request: a request header name is repeated.");
+        assert!(!message.contains(KEY) && !message.contains("bogus"));
+    }
+    // Before: a 401 (no lower-case key header); now refused as ambiguous.
+    for name in [
+        "Ocp-Apim-Subscription-Key",
+        "OCP-APIM-SUBSCRIPTION-KEY",
+        "ocp-apim-subscription-key ",
+    ] {
+        let s = decide(&p, &with(vec![key(KEY), RequestHeader::new(name, KEY)])).await;
+        assert_eq!(verdict(&s), "deny 400 InvalidRequest", "{name:?}");
+        let s = decide(&p, &with(vec![RequestHeader::new(name, KEY)])).await;
+        assert_eq!(verdict(&s), "deny 400 InvalidRequest", "{name:?}");
+    }
+    // A name that is not UTF-8 decodes now (it was a failed decode of the whole request) and is
+    // refused with a clear answer.
+    let s = decide(
+        &p,
+        &with(vec![key(KEY), RequestHeader::new(&b"x-\xff"[..], "v")]),
+    )
+    .await;
+    assert_eq!(verdict(&s), "deny 400 InvalidRequest");
+}

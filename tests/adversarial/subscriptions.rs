@@ -27,8 +27,10 @@ async fn code(srv: &TestServer, key: &[u8]) -> i32 {
         .and_then(|a| a.request.as_mut())
         .and_then(|r| r.http.as_mut())
     {
-        http.headers
-            .insert("ocp-apim-subscription-key".into(), key.to_vec().into());
+        http.headers.push(portcullis::policy::RequestHeader::new(
+            "ocp-apim-subscription-key",
+            key.to_vec(),
+        ));
     }
     seen(&client.check(req).await.unwrap().into_inner()).code
 }

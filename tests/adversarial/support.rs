@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use portcullis::config;
-use portcullis::policy::{self, PolicySet, Runtime};
+use portcullis::policy::{self, PolicySet, RequestHeader, Runtime};
 use portcullis::proto::auth::CheckRequest;
 
 use crate::common::{Seen, get, seen};
@@ -68,9 +68,11 @@ pub fn request(method: &str, host: &str, target: &str, headers: &[(&str, &str)])
     http.method = method.to_string();
     http.host = host.to_string();
     http.headers
-        .insert(":method".into(), method.as_bytes().to_vec().into());
+        .retain(|h| h.name != ":method" && h.name != ":authority");
     http.headers
-        .insert(":authority".into(), host.as_bytes().to_vec().into());
+        .push(RequestHeader::new(":method", method.to_string()));
+    http.headers
+        .push(RequestHeader::new(":authority", host.to_string()));
     req
 }
 

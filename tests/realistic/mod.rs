@@ -157,7 +157,7 @@ fn scenario(policy: PolicySet, request: CheckRequest) -> Scenario {
 
 /// The CheckRequest Envoy 1.40 sends for `GET http://api.example.com/orders/1` from 127.0.0.1.
 fn request(extra: &[(&str, &str)], certificate: &str) -> CheckRequest {
-    let mut headers: std::collections::HashMap<String, bytes::Bytes> = [
+    let headers: portcullis::policy::Headers = [
         (":authority", "api.example.com"),
         (":method", "GET"),
         (":path", "/orders/1"),
@@ -171,7 +171,6 @@ fn request(extra: &[(&str, &str)], certificate: &str) -> CheckRequest {
     .chain(extra.iter())
     .map(|(k, v)| ((*k).to_string(), v.as_bytes().to_vec().into()))
     .collect();
-    headers.shrink_to_fit();
     let socket = |ip: &str, port: u32| {
         Some(Address {
             address: Some(address::Address::SocketAddress(SocketAddress {
@@ -200,7 +199,7 @@ fn request(extra: &[(&str, &str)], certificate: &str) -> CheckRequest {
                     path: "/orders/1".into(),
                     scheme: "http".into(),
                     protocol: "HTTP/1.1".into(),
-                    headers,
+                    headers: headers.into(),
                     ..Default::default()
                 }),
                 ..Default::default()

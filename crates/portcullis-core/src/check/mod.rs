@@ -17,7 +17,7 @@ pub use decision::{
 };
 pub use metadata::Metadata;
 pub use reason::Reason;
-pub use request::{CheckInput, Headers};
+pub use request::{BadHeaders, CheckInput, Headers, RequestHeader};
 
 /// Why one check refused a request: the answer the client sees, and a detail for explanations and
 /// logs (never a token, key or secret).

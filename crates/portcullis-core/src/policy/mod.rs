@@ -28,7 +28,7 @@ use crate::check::{Io, Metadata};
 use explain::{Evaluation, Seen};
 
 pub use crate::check::{
-    CheckInput, Decision, Denial, Header, Headers, Outcome, Reason, Step, StepResult,
+    CheckInput, Decision, Denial, Header, Headers, Outcome, Reason, RequestHeader, Step, StepResult,
 };
 use crate::credentials::BackendCredentialPolicy;
 use crate::identity::JwtPolicy;
@@ -241,7 +241,16 @@ impl PolicySet {
         let client_ip = ip::client_ip(self.client_ip, input.peer, input.header("x-forwarded-for"));
         ev.d.facts.client_ip = client_ip;
 
-        let header_bytes = input.header_bytes();
+        let header_bytes = match input.header_bytes() {
+            Ok(n) => n,
+            Err(e) => {
+                ev.fail("request", Reason::InvalidRequest, || e.to_string());
+                ev.d.outcome = Outcome::Deny(
+                    Denial::new(Reason::InvalidRequest).with_message(format!("Bad request: {e}.")),
+                );
+                return Some(self.finish(ev.seen, d));
+            }
+        };
         if header_bytes > self.limits.max_header_bytes {
             ev.fail("limits", Reason::RequestHeadersTooLarge, || {
                 format!(

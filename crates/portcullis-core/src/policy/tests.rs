@@ -53,7 +53,7 @@ impl Req {
             method: "GET",
             host: "api.example.com",
             path: path.into(),
-            headers: HashMap::new(),
+            headers: Headers::new(),
             peer: Some("10.1.2.3".parse().unwrap()),
             cert: String::new(),
             ce: None,

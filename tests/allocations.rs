@@ -15,8 +15,11 @@ const ROUNDS: u64 = 50;
 const WINDOWS: usize = 5;
 
 fn allocations_per_check(rt: &tokio::runtime::Runtime, s: &realistic::Scenario, name: &str) -> u64 {
+    // Decoded from a shared buffer, as tonic decodes: `bytes` fields (header names and values)
+    // become slices of it, not copies.
+    let encoded = bytes::Bytes::from(s.encoded.clone());
     let check = || async {
-        let req = CheckRequest::decode(s.encoded.as_slice()).expect("decodes");
+        let req = CheckRequest::decode(encoded.clone()).expect("decodes");
         let resp = portcullis::server::grpc::decide(&s.policy, &req).await;
         assert_eq!(
             resp.status.as_ref().map(|s| s.code),
@@ -83,8 +86,8 @@ fn allocations_per_check_stay_within_budget() {
     );
 }
 
-const FLOOR_BUDGET: u64 = 33;
-const REALISTIC_BUDGET: u64 = 56;
+const FLOOR_BUDGET: u64 = 16;
+const REALISTIC_BUDGET: u64 = 35;
 /// Allocations the `dynamic_metadata` Struct adds to an allow (issue target: at most 10).
 const METADATA_BUDGET: u64 = 1;
 /// Allocations a cached verified chain (`client_certificate.trust`) adds to an allow.

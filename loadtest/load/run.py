@@ -34,6 +34,12 @@ response must be 200. portcullis's own /metrics must show no deny during the mea
 Settings (environment):
   PORTCULLIS_BIN   binary under test (default target/release/portcullis)
   ENVOY_CONFIG_BIN the binary whose `envoy-config` generates the allow-list filter (default PORTCULLIS_BIN)
+  BASELINE_BIN     another build to compare with in the same run (say, a copy of target/release from
+                   before a change, with libportcullis_envoy.so and examples/noop_check beside it):
+                   adds "<scenario> @baseline" for grpc noop, grpc floor, grpc realistic and
+                   envoy+module realistic, measured in the same interleaved rounds, and the ratios
+                   "<scenario> / <scenario> @baseline" (sequential runs on a noisy machine differ more
+                   than most changes do)
   ENVOY_BIN        default .venv/bin/envoy
   SAT_SECONDS=4 RATE_SECONDS=6 ROUNDS=3 WARMUP_SECONDS=1   per measurement; rounds interleave scenarios
                    (throughput: median of the rounds; latency: percentiles of all rounds' requests)
@@ -96,6 +102,9 @@ PORTCULLIS_BIN = os.environ.get("PORTCULLIS_BIN") or str(ROOT / "target/release/
 ENVOY_CONFIG_BIN = os.environ.get("ENVOY_CONFIG_BIN") or PORTCULLIS_BIN
 MODULE_SO = os.environ.get("PORTCULLIS_ENVOY_MODULE") or str(Path(PORTCULLIS_BIN).parent / "libportcullis_envoy.so")
 NOOP_BIN = os.environ.get("NOOP_BIN") or str(Path(PORTCULLIS_BIN).parent / "examples" / "noop_check")
+BASELINE_BIN = os.environ.get("BASELINE_BIN") or None
+# Scenarios that BASELINE_BIN adds a "@baseline" twin of.
+BASELINE_SCENARIOS = ["grpc noop", "grpc floor", "grpc realistic", "envoy+module realistic"]
 ENVOY_BIN = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv/bin/envoy")
 SAT_SECONDS = env_float("SAT_SECONDS", 4)
 RATE_SECONDS = env_float("RATE_SECONDS", 6)
@@ -351,11 +360,12 @@ class Portcullis:
         return int(allow), int(other)
 
 
-def start_portcullis(name: str, config: Path, logdir: Path, extra_env: dict) -> Portcullis:
+def start_portcullis(name: str, config: Path, logdir: Path, extra_env: dict,
+                     binary: str = PORTCULLIS_BIN) -> Portcullis:
     grpc_port, http_port = free_port(), free_port()
     env = dict(os.environ, LOAD_GRPC_LISTEN=f"127.0.0.1:{grpc_port}", LOAD_HTTP_LISTEN=f"127.0.0.1:{http_port}",
                **extra_env)
-    proc = start(name, [PORTCULLIS_BIN, "serve", "--config", str(config)], logdir, env=env)
+    proc = start(name, [binary, "serve", "--config", str(config)], logdir, env=env)
     wait_until(f"{name} /readyz", lambda: http_get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200)
     return Portcullis(proc, grpc_port, http_port)
 
@@ -782,6 +792,12 @@ def report(rows: dict[str, dict], meta: dict) -> tuple[str, dict]:
     cpu_ratio("portcullis CPU/request over backend Envoy's, allow-list / all-headers", "envoy+realistic allow-list",
               "envoy+realistic all-headers", "portcullis", None, control="backend envoy")
     ratio("Envoy jwt_authn+rbac / Envoy (no authz) throughput", "envoy jwt_authn+rbac", "envoy")
+    # BASELINE_BIN: this build against the other one, scenario by scenario, in the same rounds.
+    for n, proc in (("grpc noop", "noop"), ("grpc floor", "portcullis"), ("grpc realistic", "portcullis"),
+                    ("envoy+module realistic", "envoy")):
+        ratio(f"{n} / {n} @baseline throughput", n, f"{n} @baseline")
+        cpu_ratio(f"{'front Envoy' if proc == 'envoy' else proc} CPU/request, {n} / {n} @baseline", n,
+                  f"{n} @baseline", proc, None)
     if "grpc realistic" in rows:
         p99 = rows["grpc realistic"]["rate_p99_us"]
         ratios.insert(2, {"label": "p99 realistic at 50% of saturation (gRPC)", "value": p99, "target": "<= 1000 us",
@@ -841,6 +857,8 @@ def main() -> int:
     names = ["grpc noop", "grpc noop inline", "grpc floor", "grpc realistic", "grpc realistic redis", "envoy", "envoy jwt_authn+rbac",
              "envoy+floor", "envoy+realistic", "envoy+module realistic", "envoy+realistic all-headers",
              "envoy+realistic allow-list"]
+    if BASELINE_BIN:
+        names += [f"{n} @baseline" for n in BASELINE_SCENARIOS]
     wanted = [w.strip() for w in os.environ.get("SCENARIOS", ",".join(names)).split(",") if w.strip()]
     if set(wanted) - set(names) or not wanted:
         raise SystemExit(f"unknown SCENARIOS {sorted(set(wanted) - set(names))}; known: {names}")
@@ -871,6 +889,23 @@ def main() -> int:
                             logdir, stdout=subprocess.PIPE)
         if not noop_inline.popen.stdout.readline().startswith(b"listening"):
             raise SystemExit("the no-op server (--inline) did not start")
+    base = {}  # the baseline build's servers, by scenario
+    if BASELINE_BIN:
+        base_dir = Path(BASELINE_BIN).parent
+        if "grpc noop @baseline" in wanted:
+            port = free_port()
+            p = start("noop @baseline", pinned(SERVER_CPUS) + [str(base_dir / "examples" / "noop_check"),
+                                                              f"127.0.0.1:{port}"], logdir, stdout=subprocess.PIPE)
+            if not p.popen.stdout.readline().startswith(b"listening"):
+                raise SystemExit("the baseline no-op server did not start")
+            base["grpc noop @baseline"] = (p, port, None)
+        if "grpc floor @baseline" in wanted:
+            pc = start_portcullis("portcullis floor @baseline", HERE / "floor.yaml", logdir, {}, BASELINE_BIN)
+            base["grpc floor @baseline"] = (pc.proc, pc.grpc_port, pc)
+        if "grpc realistic @baseline" in wanted:
+            pc = start_portcullis("portcullis realistic @baseline", HERE / "realistic.yaml", logdir, realistic_env,
+                                  BASELINE_BIN)
+            base["grpc realistic @baseline"] = (pc.proc, pc.grpc_port, pc)
     redis_port = None
     if "grpc realistic redis" in wanted:
         # The same policy with its store on a shared Redis (issue 14): the token is cached locally, so
@@ -907,7 +942,10 @@ def main() -> int:
     for name in names:
         if name not in wanted:
             continue
-        if name == "grpc noop":
+        if name in base:
+            proc, port, pc = base[name]
+            scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{port}{CHECK_PATH}", [proc], pc))
+        elif name == "grpc noop":
             scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{noop_port}{CHECK_PATH}", [noop], None))
         elif name == "grpc noop inline":
             scenarios.append(Scenario(name, "grpc", f"http://127.0.0.1:{noop_inline_port}{CHECK_PATH}",
@@ -936,12 +974,14 @@ def main() -> int:
             scenarios.append(s)
         elif name == "envoy+floor":
             scenarios.append(front(name, "front-ext-authz.yaml", {"PORTCULLIS_PORT": floor.grpc_port}, floor))
-        elif name == "envoy+module realistic":
-            if not os.path.isfile(MODULE_SO):
-                raise SystemExit(f"missing {MODULE_SO}: cargo build --release -p portcullis-envoy")
+        elif name in ("envoy+module realistic", "envoy+module realistic @baseline"):
+            so = MODULE_SO if name == "envoy+module realistic" else str(Path(BASELINE_BIN).parent /
+                                                                        "libportcullis_envoy.so")
+            if not os.path.isfile(so):
+                raise SystemExit(f"missing {so}: cargo build --release -p portcullis-envoy")
             # The module reads realistic.yaml itself: the harness's values go into Envoy's environment
             # (`listen` is unused by the module, but its placeholders must resolve).
-            env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(Path(MODULE_SO).parent),
+            env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(Path(so).parent),
                        LOAD_GRPC_LISTEN="127.0.0.1:0", LOAD_HTTP_LISTEN="127.0.0.1:0", **realistic_env)
             scenarios.append(front(name, "front-module.yaml", {"PORTCULLIS_CONFIG": HERE / "realistic.yaml"},
                                    None, env))
@@ -959,7 +999,8 @@ def main() -> int:
             verify_grpc(s, body, m, realistic=s.name.startswith("grpc realistic"))
         else:
             verify_http(s, m, must_refuse=s.name in ("envoy jwt_authn+rbac", "envoy+realistic",
-                                                     "envoy+module realistic") or
+                                                     "envoy+module realistic",
+                                                     "envoy+module realistic @baseline") or
                         s.name.startswith("envoy+realistic "),
                         needs_cert=s.name.startswith(("envoy+realistic", "envoy+module")))
     tokens_before = json.loads(http_get(token_stats)[1])["token_requests"]
